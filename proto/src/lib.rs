@@ -1,0 +1,17 @@
+//! pylon's protocol definitions (`pylon.v1`) and the policy resource model
+//! shared by the sidecar and the control plane.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod policy;
+
+/// The classic greeter service: the sample app of the demo and benchmarks.
+pub mod helloworld {
+    tonic::include_proto!("helloworld");
+}
+
+/// `pylon.v1` messages and services.
+pub mod v1 {
+    tonic::include_proto!("pylon.v1");
+}

@@ -1,0 +1,205 @@
+//! The admin HTTP server (loopback): liveness, readiness, the config dump
+//! and drain.
+//!
+//! `/ready` answers 200 once the listeners are bound, the identity is loaded
+//! and a policy is installed, and 503 again while draining. `/config` is
+//! JSON describing the policy in force: version, routes, backends and their
+//! endpoints.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::UNIX_EPOCH;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use pylon_proto::policy::BackendTls;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::identity::IdentityStore;
+use crate::policy::PolicyStore;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::stopped;
+
+/// Addresses the sidecar's listeners are bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub admin: SocketAddr,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+}
+
+/// What the admin server reports on and acts upon.
+pub struct AdminState {
+    pub addrs: BoundAddrs,
+    pub policy: Arc<PolicyStore>,
+    pub identity: Arc<IdentityStore>,
+    pub listening: AtomicBool,
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl AdminState {
+    fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if *self.shutdown.borrow() {
+            reasons.push("draining".to_string());
+        }
+        if !self.listening.load(Ordering::Acquire) {
+            reasons.push("listeners not bound yet".to_string());
+        }
+        if !self.policy.installed() {
+            let why = match self.policy.status().last_error {
+                Some(errors) => format!("no policy installed: {}", errors.join("; ")),
+                None => "no policy installed yet".to_string(),
+            };
+            reasons.push(why);
+        }
+        reasons
+    }
+}
+
+/// Serves the admin API until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let mut shutdown = state.shutdown.subscribe();
+    let server = crate::proxy::http_server();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                let state = state.clone();
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, req)) }
+                });
+                let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+}
+
+fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            let reasons = state.not_ready_reasons();
+            if reasons.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", reasons.join(", ")),
+                )
+            }
+        }
+        (&Method::GET, "/config") => {
+            let mut resp = Response::new(ProxyBody::full(config_dump(state).to_string()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        (&Method::POST, "/drain") => {
+            tracing::info!("drain requested on the admin API");
+            state.shutdown.send_replace(true);
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (_, "/live" | "/ready" | "/config" | "/drain") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The JSON served at `/config`.
+pub fn config_dump(state: &AdminState) -> Value {
+    let snapshot = state.policy.load_full();
+    let status = state.policy.status();
+    let mut routes: Vec<Value> = Vec::new();
+    for (host, rule) in snapshot.routes.describe() {
+        let existing = routes.iter_mut().find(|r| {
+            r["route"].as_str() == Some(&rule.route)
+                && r["rule"].as_u64() == Some(rule.index as u64)
+        });
+        if let Some(r) = existing {
+            if let Some(hosts) = r["hostnames"].as_array_mut() {
+                hosts.push(json!(host));
+            }
+            continue;
+        }
+        let backends: Vec<Value> = rule
+            .weighted_backends()
+            .map(|(w, b)| json!({ "backend": &*b.name, "weight": w }))
+            .collect();
+        routes.push(json!({
+            "route": &*rule.route,
+            "rule": rule.index,
+            "hostnames": [host],
+            "backends": backends,
+        }));
+    }
+    let backends: Vec<Value> = snapshot
+        .backends
+        .values()
+        .map(|b| {
+            let endpoints: Vec<Value> = b
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr().to_string(),
+                        "state": "active",
+                        "connections": e.open_connections(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*b.name,
+                "protocol": b.protocol.map(|p| p.as_str()),
+                "tls": match &b.tls {
+                    BackendTls::Mesh { identity } => json!({ "mode": "mesh", "identity": identity }),
+                    BackendTls::Disabled => json!({ "mode": "disabled" }),
+                },
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({
+        "identity": state.identity.spiffe_id(),
+        "listeners": {
+            "admin": state.addrs.admin.to_string(),
+            "outbound": state.addrs.outbound.to_string(),
+            "inbound": state.addrs.inbound.to_string(),
+        },
+        "policy": {
+            "source": state.policy.source(),
+            "installed": state.policy.installed(),
+            "version": snapshot.version,
+            "resources": snapshot.resources.len(),
+            "appliedAt": status.last_applied.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+            "lastError": status.last_error,
+            "lastRejectedVersion": status.last_rejected_version,
+        },
+        "routes": routes,
+        "backends": backends,
+    })
+}

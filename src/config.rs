@@ -1,0 +1,601 @@
+//! Bootstrap configuration: `pylon.yaml`, overridden key by key from the
+//! environment, validated once at start.
+//!
+//! Every key has an environment name made from its path
+//! (`identity.files.trustBundle` → `PYLON_IDENTITY_FILES_TRUST_BUNDLE`), so an
+//! injected container needs no file. Validation reports every problem at once.
+//! Relative paths in the file are resolved against the file's directory,
+//! relative paths from the environment against the working directory.
+//!
+//! Not here: policy (see `policy`), which is data streamed or watched at run
+//! time rather than read once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Every key the bootstrap file may hold, and how to read it.
+const KEYS: &[(&str, KeyKind)] = &[
+    ("admin.listen", KeyKind::Addr),
+    ("outbound.listen", KeyKind::Addr),
+    ("inbound.listen", KeyKind::Addr),
+    ("inbound.app", KeyKind::Addr),
+    ("identity.files.cert", KeyKind::Path),
+    ("identity.files.key", KeyKind::Path),
+    ("identity.files.trustBundle", KeyKind::Path),
+    ("identity.controlPlane.tokenFile", KeyKind::Path),
+    ("policy.file", KeyKind::Path),
+    ("policy.controlPlane", KeyKind::Marker),
+    ("controlPlane.address", KeyKind::Text),
+    ("controlPlane.caFile", KeyKind::Path),
+    ("controlPlane.tokenFile", KeyKind::Path),
+    ("telemetry.serviceName", KeyKind::Text),
+    ("telemetry.otlp.endpoint", KeyKind::Text),
+    ("telemetry.sampling", KeyKind::Ratio),
+    ("stateDir", KeyKind::Path),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Addr,
+    Path,
+    Text,
+    Ratio,
+    /// An object whose presence is the setting (`policy.controlPlane: {}`).
+    Marker,
+}
+
+/// The validated bootstrap configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub outbound: OutboundConfig,
+    pub inbound: InboundConfig,
+    pub identity: IdentitySource,
+    pub policy: PolicySource,
+    pub telemetry: Option<TelemetryConfig>,
+    pub control_plane: Option<ControlPlaneConfig>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub listen: SocketAddr,
+    /// Where the local application listens.
+    pub app: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        trust_bundle: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub service_name: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    pub sampling: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    pub address: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    let mut out = String::from("PYLON");
+    for segment in key.split('.') {
+        out.push('_');
+        for c in segment.chars() {
+            if c.is_ascii_uppercase() {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+    }
+    out
+}
+
+/// Where a raw value came from, so relative paths resolve correctly.
+#[derive(Debug, Clone)]
+enum Origin {
+    File,
+    Env(String),
+}
+
+impl Config {
+    /// Reads `path` (if any), applies the process environment, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("PYLON_"))
+            .collect();
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigErrors(vec![format!("{}: {e}", p.display())]))?;
+                let base = p.parent().unwrap_or(Path::new("."));
+                Config::from_parts(&text, base, &env)
+            }
+            None => Config::from_parts("", Path::new("."), &env),
+        }
+    }
+
+    /// Parses `yaml`, overlays `env`, validates. Relative file paths resolve
+    /// against `base`.
+    pub fn from_parts(
+        yaml: &str,
+        base: &Path,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut raw: BTreeMap<String, (Value, Origin)> = BTreeMap::new();
+
+        let doc: Value = if yaml.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_saphyr::from_str(yaml).map_err(|e| ConfigErrors(vec![format!("{e}")]))?
+        };
+        match doc {
+            Value::Null => {}
+            Value::Object(map) => flatten("", map, &mut raw),
+            other => errors.push(format!(
+                "the configuration must be a mapping, found {}",
+                type_name(&other)
+            )),
+        }
+        for (key, _) in KEYS {
+            if let Some(v) = env.get(&env_name(key)) {
+                raw.insert(
+                    key.to_string(),
+                    (Value::String(v.clone()), Origin::Env(env_name(key))),
+                );
+            }
+        }
+
+        let mut r = Reader {
+            raw,
+            base,
+            errors: &mut errors,
+        };
+        let admin = AdminConfig {
+            listen: r.addr("admin.listen", "127.0.0.1:15000"),
+        };
+        let outbound = OutboundConfig {
+            listen: r.addr("outbound.listen", "127.0.0.1:15001"),
+        };
+        let inbound = InboundConfig {
+            listen: r.addr("inbound.listen", "0.0.0.0:15006"),
+            app: r.addr("inbound.app", "127.0.0.1:8080"),
+        };
+
+        let cert = r.path("identity.files.cert");
+        let key = r.path("identity.files.key");
+        let bundle = r.path("identity.files.trustBundle");
+        let cp_token = r.path("identity.controlPlane.tokenFile");
+        let identity = match (cert, key, bundle) {
+            (Some(cert), Some(key), Some(trust_bundle)) => Some(IdentitySource::Files {
+                cert,
+                key,
+                trust_bundle,
+            }),
+            (None, None, None) => {
+                r.errors.push(if cp_token.is_some() || r.present("identity.controlPlane") {
+                    "identity.controlPlane: certificates from the control plane are not available in this version; use identity.files".into()
+                } else {
+                    "identity: required: set identity.files.cert, identity.files.key and identity.files.trustBundle".into()
+                });
+                None
+            }
+            (c, k, b) => {
+                for (name, v) in [
+                    ("cert", c.is_none()),
+                    ("key", k.is_none()),
+                    ("trustBundle", b.is_none()),
+                ] {
+                    if v {
+                        r.errors.push(format!(
+                            "identity.files.{name}: required with the other identity.files keys"
+                        ));
+                    }
+                }
+                None
+            }
+        };
+
+        let policy_file = r.path("policy.file");
+        let policy_cp = r.marker("policy.controlPlane");
+        let policy = match (policy_file, policy_cp) {
+            (Some(_), true) => {
+                r.errors.push(
+                    "policy: set one of policy.file and policy.controlPlane, not both".into(),
+                );
+                None
+            }
+            (Some(file), false) => Some(PolicySource::File(file)),
+            (None, true) => {
+                r.errors.push("policy.controlPlane: policy from the control plane is not available in this version; use policy.file".into());
+                None
+            }
+            (None, false) => {
+                r.errors.push("policy: required: set policy.file".into());
+                None
+            }
+        };
+
+        let control_plane = {
+            let address = r.text("controlPlane.address");
+            let ca_file = r.path("controlPlane.caFile");
+            let token_file = r.path("controlPlane.tokenFile");
+            (address.is_some() || ca_file.is_some() || token_file.is_some()).then_some(
+                ControlPlaneConfig {
+                    address,
+                    ca_file,
+                    token_file,
+                },
+            )
+        };
+        let telemetry = {
+            let service_name = r.text("telemetry.serviceName");
+            let otlp_endpoint = r.text("telemetry.otlp.endpoint");
+            let sampling = r.ratio("telemetry.sampling");
+            (service_name.is_some() || otlp_endpoint.is_some() || sampling.is_some()).then_some(
+                TelemetryConfig {
+                    service_name,
+                    otlp_endpoint,
+                    sampling,
+                },
+            )
+        };
+        let state_dir = r.path("stateDir");
+
+        for (key, _) in &r.raw {
+            let known = KEYS
+                .iter()
+                .any(|(k, _)| k == key || k.starts_with(&format!("{key}.")));
+            if !known {
+                r.errors.push(format!("{key}: unknown key"));
+            }
+        }
+
+        let listens = [
+            ("admin.listen", admin.listen),
+            ("outbound.listen", outbound.listen),
+            ("inbound.listen", inbound.listen),
+        ];
+        for (i, (a, addr_a)) in listens.iter().enumerate() {
+            for (b, addr_b) in &listens[i + 1..] {
+                if addr_a == addr_b && addr_a.port() != 0 {
+                    errors.push(format!("{b}: {addr_b} is also {a}"));
+                }
+            }
+        }
+
+        match (identity, policy) {
+            (Some(identity), Some(policy)) if errors.is_empty() => Ok(Config {
+                admin,
+                outbound,
+                inbound,
+                identity,
+                policy,
+                telemetry,
+                control_plane,
+                state_dir,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+/// Pulls typed values out of the raw key map, consuming each key it reads
+/// (what remains afterwards is unknown) and recording every problem.
+struct Reader<'a> {
+    raw: BTreeMap<String, (Value, Origin)>,
+    base: &'a Path,
+    errors: &'a mut Vec<String>,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, key: &str) -> Option<(Value, Origin)> {
+        self.raw.remove(key)
+    }
+
+    fn present(&self, prefix: &str) -> bool {
+        self.raw
+            .keys()
+            .any(|k| k == prefix || k.starts_with(&format!("{prefix}.")))
+    }
+
+    fn problem(&mut self, key: &str, origin: &Origin, msg: impl fmt::Display) {
+        match origin {
+            Origin::File => self.errors.push(format!("{key}: {msg}")),
+            Origin::Env(var) => self.errors.push(format!("{key} (from {var}): {msg}")),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Option<(String, Origin)> {
+        let (v, origin) = self.take(key)?;
+        match v {
+            Value::String(s) if !s.trim().is_empty() => Some((s, origin)),
+            Value::String(_) => {
+                self.problem(key, &origin, "must not be empty");
+                None
+            }
+            other => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!("expected a string, found {}", type_name(&other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        let fallback = default
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some((s, origin)) = self.string(key) else {
+            return fallback;
+        };
+        match s.trim().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(key, &origin, format!("{s:?} is not an ip:port address"));
+                fallback
+            }
+        }
+    }
+
+    fn path(&mut self, key: &str) -> Option<PathBuf> {
+        let (s, origin) = self.string(key)?;
+        let p = PathBuf::from(s);
+        Some(match origin {
+            Origin::File if p.is_relative() => self.base.join(p),
+            _ => p,
+        })
+    }
+
+    fn text(&mut self, key: &str) -> Option<String> {
+        self.string(key).map(|(s, _)| s)
+    }
+
+    fn ratio(&mut self, key: &str) -> Option<f64> {
+        let (v, origin) = self.take(key)?;
+        let n = match &v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (0.0..=1.0).contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!("expected a number from 0 to 1, found {v}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn marker(&mut self, key: &str) -> bool {
+        let Some((v, origin)) = self.take(key) else {
+            return false;
+        };
+        match v {
+            Value::Object(m) if m.is_empty() => true,
+            Value::Null => true,
+            Value::Bool(b) => b,
+            Value::String(s) if matches!(s.as_str(), "true" | "1" | "{}") => true,
+            Value::String(s) if matches!(s.as_str(), "false" | "0" | "") => false,
+            other => {
+                self.problem(key, &origin, format!("expected {{}}, found {other}"));
+                false
+            }
+        }
+    }
+}
+
+fn flatten(
+    prefix: &str,
+    map: serde_json::Map<String, Value>,
+    out: &mut BTreeMap<String, (Value, Origin)>,
+) {
+    for (k, v) in map {
+        let key = if prefix.is_empty() {
+            k
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let is_leaf = KEYS.iter().any(|(known, _)| *known == key);
+        match v {
+            Value::Object(m) if !is_leaf && !m.is_empty() => flatten(&key, m, out),
+            v => {
+                out.insert(key, (v, Origin::File));
+            }
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const GOOD: &str = "
+admin: { listen: \"127.0.0.1:25000\" }
+outbound: { listen: \"127.0.0.1:25001\" }
+inbound: { listen: \"0.0.0.0:25006\", app: \"127.0.0.1:9090\" }
+identity:
+  files: { cert: id.pem, key: id.key, trustBundle: /etc/pylon/bundle.pem }
+policy:
+  file: policy.yaml
+stateDir: /var/lib/pylon
+";
+
+    #[test]
+    fn env_names_follow_the_key_path() {
+        assert_eq!(env_name("admin.listen"), "PYLON_ADMIN_LISTEN");
+        assert_eq!(env_name("inbound.app"), "PYLON_INBOUND_APP");
+        assert_eq!(
+            env_name("identity.files.trustBundle"),
+            "PYLON_IDENTITY_FILES_TRUST_BUNDLE"
+        );
+        assert_eq!(env_name("stateDir"), "PYLON_STATE_DIR");
+    }
+
+    #[test]
+    fn reads_every_key_and_resolves_relative_paths_against_the_file() {
+        let c = Config::from_parts(GOOD, Path::new("/etc/pylon"), &env(&[])).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:25000".parse().unwrap());
+        assert_eq!(c.inbound.app, "127.0.0.1:9090".parse().unwrap());
+        let IdentitySource::Files {
+            cert, trust_bundle, ..
+        } = &c.identity;
+        assert_eq!(cert, Path::new("/etc/pylon/id.pem"));
+        assert_eq!(trust_bundle, Path::new("/etc/pylon/bundle.pem"));
+        let PolicySource::File(p) = &c.policy;
+        assert_eq!(p, Path::new("/etc/pylon/policy.yaml"));
+        assert_eq!(c.state_dir.as_deref(), Some(Path::new("/var/lib/pylon")));
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_needs_no_file() {
+        let e = env(&[
+            ("PYLON_INBOUND_APP", "127.0.0.1:7000"),
+            ("PYLON_ADMIN_LISTEN", "127.0.0.1:7001"),
+        ]);
+        let c = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.inbound.app, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:7001".parse().unwrap());
+
+        let e = env(&[
+            ("PYLON_IDENTITY_FILES_CERT", "a.pem"),
+            ("PYLON_IDENTITY_FILES_KEY", "a.key"),
+            ("PYLON_IDENTITY_FILES_TRUST_BUNDLE", "b.pem"),
+            ("PYLON_POLICY_FILE", "p.yaml"),
+        ]);
+        let c = Config::from_parts("", Path::new("/x"), &e).unwrap();
+        assert_eq!(c.outbound.listen, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.inbound.listen, "0.0.0.0:15006".parse().unwrap());
+        let PolicySource::File(p) = &c.policy;
+        assert_eq!(p, Path::new("p.yaml"), "env paths stay relative to the cwd");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let yaml = "
+admin: { listen: nowhere }
+outbound: { listen: 5 }
+inbound: { app: \"127.0.0.1:99999\" }
+identity:
+  files: { cert: id.pem }
+polcy: { file: x }
+telemetry: { sampling: 2 }
+";
+        let e = env(&[("PYLON_ADMIN_LISTEN", "also-bad")]);
+        let errs = Config::from_parts(yaml, Path::new("/x"), &e).unwrap_err().0;
+        let expected = [
+            "admin.listen (from PYLON_ADMIN_LISTEN): \"also-bad\" is not an ip:port address",
+            "outbound.listen: expected a string, found a number",
+            "inbound.app: \"127.0.0.1:99999\" is not an ip:port address",
+            "identity.files.key: required with the other identity.files keys",
+            "identity.files.trustBundle: required with the other identity.files keys",
+            "policy: required: set policy.file",
+            "telemetry.sampling: expected a number from 0 to 1, found 2",
+            "polcy.file: unknown key",
+        ];
+        for want in expected {
+            assert!(
+                errs.iter().any(|e| e == want),
+                "missing {want:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn later_sources_are_refused_with_a_clear_reason() {
+        let yaml = "
+identity: { controlPlane: { tokenFile: /t } }
+policy: { controlPlane: {} }
+";
+        let errs = Config::from_parts(yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        assert!(errs[0].starts_with("identity.controlPlane: "), "{errs:?}");
+        assert!(errs[1].starts_with("policy.controlPlane: "), "{errs:?}");
+    }
+
+    #[test]
+    fn listeners_must_not_collide() {
+        let yaml = GOOD.replace("25001", "25000");
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errs,
+            vec!["outbound.listen: 127.0.0.1:25000 is also admin.listen"]
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! pylon: a service-mesh sidecar proxy for gRPC and HTTP.
+//!
+//! Start with [`sidecar::Sidecar`], which wires the modules together:
+//! [`config`] (bootstrap), [`identity`] (certificates, mTLS, SPIFFE),
+//! [`policy`] (snapshots and their sources), [`routing`] (request → rule →
+//! backend), [`proxy`] (listeners, inbound and outbound paths, connection
+//! pools) and [`admin`] (health, readiness, config dump, drain).
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod admin;
+pub mod config;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod routing;
+pub mod sidecar;

@@ -1,0 +1,103 @@
+//! The `pylon` command: `pylon proxy` runs a sidecar, `pylon demo` a small
+//! mesh on loopback.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pylon::config::Config;
+use pylon::sidecar::Sidecar;
+
+#[derive(Parser)]
+#[command(
+    name = "pylon",
+    version,
+    about = "A service-mesh sidecar proxy for gRPC and HTTP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a sidecar.
+    Proxy {
+        /// The bootstrap configuration file; every key can also be set by
+        /// environment (PYLON_ADMIN_LISTEN, PYLON_INBOUND_APP, ...).
+        #[arg(long, short, env = "PYLON_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PYLON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pylon: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Proxy { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("pylon: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(run_proxy(config))
+        }
+    }
+}
+
+async fn run_proxy(config: Config) -> ExitCode {
+    let sidecar = match Sidecar::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pylon: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        _ = stop_signal() => tracing::info!("stop signal received; draining"),
+        _ = sidecar.draining() => {}
+    }
+    sidecar.stop().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The policy file source: load at start, then watch and reload on change.
+//!
+//! The file is polled (metadata every tick, full content on a change of
+//! mtime, size or inode, and every few seconds regardless), which follows
+//! atomic renames and Kubernetes ConfigMap symlink swaps alike and needs no
+//! platform notification API. A reload happens only when the content hash
+//! differs from the installed version.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{PolicyStore, content_version};
+
+/// How often the file's metadata is checked.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Every this many ticks the content is read even if metadata looks unchanged
+/// (coarse mtimes, same-size rewrites).
+const FULL_READ_EVERY: u32 = 25;
+/// Larger policy files are refused rather than read into memory.
+pub const MAX_POLICY_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+async fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = tokio::fs::metadata(path).await.ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// Reads the file and applies it if its content changed. Returns the
+/// content version seen, or `None` if the file could not be read.
+async fn reload(path: &Path, store: &PolicyStore, installed: Option<&str>) -> Option<String> {
+    let bytes = match read_bounded(path).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the policy file; keeping the current policy");
+            return None;
+        }
+    };
+    let version = content_version(&bytes);
+    if installed == Some(version.as_str()) {
+        return Some(version);
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(_) => {
+            tracing::error!(path = %path.display(), "the policy file is not UTF-8; keeping the current policy");
+            return Some(version);
+        }
+    };
+    match store.apply(&text, version.clone()) {
+        Ok(()) => tracing::info!(path = %path.display(), %version, "policy installed"),
+        Err(errors) => {
+            tracing::error!(
+                path = %path.display(),
+                %version,
+                count = errors.len(),
+                "policy rejected; keeping the current policy"
+            );
+            for e in &errors {
+                tracing::error!("  {e}");
+            }
+        }
+    }
+    Some(version)
+}
+
+async fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    let len = tokio::fs::metadata(path).await?.len();
+    if len > MAX_POLICY_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{len} bytes is more than the {MAX_POLICY_BYTES} bytes a policy file may hold"
+        )));
+    }
+    tokio::fs::read(path).await
+}
+
+/// Loads `path` now, then keeps it in force: runs until the task is dropped.
+pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
+    let mut seen_stamp = stamp(&path).await;
+    let mut seen_version = reload(&path, &store, None).await;
+    let mut tick = 0u32;
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        tick = tick.wrapping_add(1);
+        let now = stamp(&path).await;
+        if now == seen_stamp && tick % FULL_READ_EVERY != 0 {
+            continue;
+        }
+        if now.is_none() {
+            if seen_stamp.is_some() {
+                tracing::warn!(path = %path.display(), "the policy file is gone; keeping the current policy");
+            }
+            seen_stamp = None;
+            continue;
+        }
+        seen_stamp = now;
+        if let Some(v) = reload(&path, &store, seen_version.as_deref()).await {
+            seen_version = Some(v);
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The sidecar's live policy: an immutable [`Snapshot`] behind one `ArcSwap`.
+//!
+//! A new policy is parsed, validated and compiled off the request path, then
+//! installed with a single store. Requests in flight keep the `Arc`s they
+//! took from the snapshot they started with, so a swap never disturbs them.
+//! A policy that fails to parse or compile is logged with all its errors and
+//! the previous snapshot stays in force.
+//!
+//! Sources feed [`PolicyStore::apply`]: today the watched file ([`file`]).
+
+pub mod compile;
+pub mod file;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, Guard};
+use pylon_proto::policy::Resource;
+
+use crate::identity::IdentityStore;
+use crate::proxy::backend::Backend;
+use crate::routing::RouteTable;
+
+/// A compiled policy: what every request reads.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Content hash (file source) of the policy this was compiled from.
+    pub version: String,
+    pub resources: Vec<Resource>,
+    pub routes: RouteTable,
+    /// By `namespace/name`.
+    pub backends: BTreeMap<String, Arc<Backend>>,
+}
+
+/// The outcome of the last attempt to install a policy, for `/config` and
+/// readiness.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyStatus {
+    pub last_applied: Option<SystemTime>,
+    pub last_error: Option<Vec<String>>,
+    pub last_rejected_version: Option<String>,
+}
+
+/// The current snapshot and how it got there.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: ArcSwap<Snapshot>,
+    installed: AtomicBool,
+    status: Mutex<ApplyStatus>,
+    identity: Arc<IdentityStore>,
+    source: String,
+}
+
+impl PolicyStore {
+    /// An empty store (no route for anything) until a policy is applied.
+    pub fn new(identity: Arc<IdentityStore>, source: String) -> Arc<Self> {
+        Arc::new(PolicyStore {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            installed: AtomicBool::new(false),
+            status: Mutex::new(ApplyStatus::default()),
+            identity,
+            source,
+        })
+    }
+
+    /// The current snapshot. Cheap; hold it only while routing a request.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Whether any policy has been installed yet.
+    pub fn installed(&self) -> bool {
+        self.installed.load(Ordering::Acquire)
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn status(&self) -> ApplyStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Parses, validates and compiles `yaml`, then installs it. On any
+    /// error nothing changes and every problem is returned.
+    pub fn apply(&self, yaml: &str, version: String) -> Result<(), Vec<String>> {
+        let result = pylon_proto::policy::parse(yaml)
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
+            .and_then(|resources| {
+                compile::compile(
+                    resources,
+                    version.clone(),
+                    &self.current.load(),
+                    &self.identity,
+                )
+            });
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(snapshot) => {
+                self.current.store(Arc::new(snapshot));
+                self.installed.store(true, Ordering::Release);
+                *status = ApplyStatus {
+                    last_applied: Some(SystemTime::now()),
+                    last_error: None,
+                    last_rejected_version: None,
+                };
+                Ok(())
+            }
+            Err(errors) => {
+                status.last_error = Some(errors.clone());
+                status.last_rejected_version = Some(version);
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// A short stable hash of policy text, used as its version.
+pub fn content_version(bytes: &[u8]) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's SipHash keys.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}

@@ -1,0 +1,71 @@
+//! The one body type the proxy sends, in both directions: a body streamed
+//! from the other side, a small body the proxy made itself, or nothing.
+//!
+//! An enum rather than a boxed trait object, so forwarding a request costs
+//! no allocation for its body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::pool::PooledBody;
+
+#[derive(Debug)]
+pub enum ProxyBody {
+    Empty,
+    Full(Option<Bytes>),
+    Incoming(Incoming),
+    /// An HTTP/1 response body whose connection goes back to its pool once
+    /// the body has been read to the end.
+    Pooled(PooledBody),
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ProxyBody::Full(Some(bytes.into()))
+    }
+}
+
+impl From<Incoming> for ProxyBody {
+    fn from(b: Incoming) -> Self {
+        ProxyBody::Incoming(b)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Pooled(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Pooled(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! Connections to one endpoint: connect (plain TCP or mesh mTLS), then reuse.
+//!
+//! HTTP/2 uses one multiplexed connection per endpoint, replaced when it
+//! closes; concurrent callers wait for a single connect and share its
+//! outcome. HTTP/1.1 keeps a bounded stack of idle connections; a connection
+//! returns to it when its response body has been read to the end.
+//!
+//! A request that a pooled connection never took (it closed first) is sent
+//! once more on a fresh connection: it never reached the server, so this is
+//! always safe. Nothing else is retried here.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::headers::Wire;
+use crate::identity::tls::{IdentityMismatch, find_identity_mismatch};
+
+/// How long a TCP connect (plus TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle HTTP/1.1 connections kept per endpoint.
+const H1_MAX_IDLE: usize = 64;
+/// An idle HTTP/1.1 connection older than this is closed instead of reused.
+const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 PING interval on pooled connections, to find dead peers.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// How connections to an endpoint are made.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Plain,
+    /// mTLS; the config's verifier checks the peer's SPIFFE ID.
+    Mesh(Arc<ClientConfig>),
+}
+
+impl Transport {
+    fn same_as(&self, other: &Transport) -> bool {
+        match (self, other) {
+            (Transport::Plain, Transport::Plain) => true,
+            (Transport::Mesh(a), Transport::Mesh(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// Why a connection could not be made. Cheap to clone: every caller waiting
+/// on one HTTP/2 connect gets the same answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect failed: {0}")]
+    Io(Arc<std::io::Error>),
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(Arc<std::io::Error>),
+    #[error("{0}")]
+    Identity(IdentityMismatch),
+    #[error("the peer did not negotiate HTTP/2 (ALPN h2)")]
+    NoH2,
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(Arc<hyper::Error>),
+}
+
+/// Why a request failed at this endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error(transparent)]
+    Http(hyper::Error),
+}
+
+/// The connections to one endpoint address.
+pub struct Endpoint {
+    addr: SocketAddr,
+    transport: Transport,
+    h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    /// Held while an HTTP/2 connect is under way; holds the last attempt's
+    /// error. `h2_attempts` counts finished attempts, so a caller that waited
+    /// on one takes its outcome instead of connecting again.
+    h2_connect: tokio::sync::Mutex<Option<ConnectError>>,
+    h2_attempts: AtomicU64,
+    h1_idle: Arc<IdleH1>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
+        Arc::new(Endpoint {
+            addr,
+            transport,
+            h2: ArcSwapOption::empty(),
+            h2_connect: tokio::sync::Mutex::new(None),
+            h2_attempts: AtomicU64::new(0),
+            h1_idle: Arc::new(IdleH1::default()),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether this endpoint's connections can serve `addr` over `transport`
+    /// (so a policy reload can keep them).
+    pub fn reusable_for(&self, addr: SocketAddr, transport: &Transport) -> bool {
+        self.addr == addr && self.transport.same_as(transport)
+    }
+
+    /// Number of open connections (HTTP/2 plus idle HTTP/1.1).
+    pub fn open_connections(&self) -> usize {
+        let h2 = self.h2.load().as_ref().is_some_and(|s| !s.is_closed());
+        usize::from(h2) + self.h1_idle.len()
+    }
+
+    /// Sends `req`, already rewritten for `wire`.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        wire: Wire,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        match wire {
+            Wire::Http2 => self.send_h2(req).await,
+            Wire::Http1 => self.send_h1(req).await,
+        }
+    }
+
+    async fn send_h2(&self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, SendError> {
+        let mut retried = false;
+        loop {
+            let mut sender = self.h2_sender().await.map_err(SendError::Connect)?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(ProxyBody::Incoming)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, ConnectError> {
+        if let Some(s) = self.h2.load().as_deref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let seen = self.h2_attempts.load(Ordering::Acquire);
+        let mut last_error = self.h2_connect.lock().await;
+        if let Some(s) = self.h2.load().as_deref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        if self.h2_attempts.load(Ordering::Acquire) != seen
+            && let Some(e) = last_error.as_ref()
+        {
+            // Someone connected (and failed) while we waited: share that
+            // outcome rather than queueing one connect timeout after another.
+            return Err(e.clone());
+        }
+        let result = self.connect_h2().await;
+        *last_error = result.as_ref().err().cloned();
+        self.h2_attempts.fetch_add(1, Ordering::Release);
+        let sender = result?;
+        self.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<ProxyBody>, ConnectError> {
+        match self.connect_io().await? {
+            Io::Plain(tcp) => handshake_h2(tcp).await,
+            Io::Tls(tls) => handshake_h2(*tls).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.h1_idle.take().await {
+                Some(s) => (s, true),
+                None => (self.connect_h1().await.map_err(SendError::Connect)?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = PooledBody {
+                        body,
+                        ret: Some((sender, self.h1_idle.clone())),
+                        done: false,
+                    };
+                    return Ok(Response::from_parts(parts, ProxyBody::Pooled(body)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A reused connection that closed before taking the
+                    // request; a fresh one is tried at most once per idle one.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
+        let tcp = match self.connect_io().await? {
+            Io::Plain(tcp) => tcp,
+            // Mesh connections are HTTP/2 only (ALPN h2).
+            Io::Tls(_) => return Err(ConnectError::NoH2),
+        };
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP/1.1 upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_io(&self) -> Result<Io, ConnectError> {
+        let connect = async {
+            let tcp = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| ConnectError::Io(Arc::new(e)))?;
+            let _ = tcp.set_nodelay(true);
+            match &self.transport {
+                Transport::Plain => Ok(Io::Plain(tcp)),
+                Transport::Mesh(config) => {
+                    // The verifier checks the SPIFFE ID; the IP only keeps
+                    // SNI out of the ClientHello.
+                    let name = ServerName::IpAddress(self.addr.ip().into());
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| match find_identity_mismatch(&e) {
+                            Some(m) => ConnectError::Identity(m.clone()),
+                            None => ConnectError::Tls(Arc::new(e)),
+                        })?;
+                    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                        return Err(ConnectError::NoH2);
+                    }
+                    Ok(Io::Tls(Box::new(tls)))
+                }
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout(CONNECT_TIMEOUT))?
+    }
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn handshake_h2<T>(io: T) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Idle HTTP/1.1 connections of one endpoint, most recently used on top.
+#[derive(Default)]
+struct IdleH1 {
+    stack: Mutex<Vec<(Instant, http1::SendRequest<ProxyBody>)>>,
+}
+
+impl IdleH1 {
+    fn len(&self) -> usize {
+        self.stack.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn put(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut stack = self.stack.lock().unwrap_or_else(|e| e.into_inner());
+        if stack.len() < H1_MAX_IDLE {
+            stack.push((Instant::now(), sender));
+        }
+    }
+
+    fn pop(&self) -> Option<(Instant, http1::SendRequest<ProxyBody>)> {
+        self.stack.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// An idle connection ready for a request, if any is left.
+    async fn take(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        while let Some((since, mut sender)) = self.pop() {
+            if sender.is_closed() || since.elapsed() > H1_IDLE_TIMEOUT {
+                continue;
+            }
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+}
+
+/// An HTTP/1.1 response body; its connection goes back to the idle stack
+/// once the body has been read to the end (not if it is dropped early).
+pub struct PooledBody {
+    body: Incoming,
+    ret: Option<(http1::SendRequest<ProxyBody>, Arc<IdleH1>)>,
+    done: bool,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.done = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if (self.done || self.body.is_end_stream())
+            && let Some((sender, idle)) = self.ret.take()
+        {
+            idle.put(sender);
+        }
+    }
+}

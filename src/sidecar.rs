@@ -1,0 +1,149 @@
+//! Wires one sidecar together: identity, policy source, listeners, admin,
+//! and the orderly stop (stop accepting, finish in-flight, exit).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState, BoundAddrs};
+use crate::config::{Config, IdentitySource, PolicySource};
+use crate::identity::{IdentityStore, tls};
+use crate::policy::{self, PolicyStore};
+use crate::proxy::accept_loop;
+use crate::proxy::inbound::Inbound;
+use crate::proxy::outbound::Outbound;
+
+/// How long in-flight requests may take to finish once a drain starts.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("identity: {}", .0.join("; "))]
+    Identity(Vec<String>),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub addrs: BoundAddrs,
+    pub policy: Arc<PolicyStore>,
+    shutdown: watch::Sender<bool>,
+    /// Listeners and admin: they end on the shutdown signal.
+    tasks: JoinSet<()>,
+    /// The policy source: runs until aborted.
+    policy_task: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecar {
+    /// Loads the identity, binds every listener, starts the policy source
+    /// and begins serving. Returns once the listeners are bound.
+    pub async fn start(config: Config) -> Result<Sidecar, StartError> {
+        let identity = match &config.identity {
+            IdentitySource::Files {
+                cert,
+                key,
+                trust_bundle,
+            } => {
+                IdentityStore::load_files(cert, key, trust_bundle).map_err(StartError::Identity)?
+            }
+        };
+        tracing::info!(identity = %identity.spiffe_id(), "identity loaded");
+        let server_tls = tls::server_config(&identity)?;
+
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let admin_l = bind("admin", config.admin.listen).await?;
+        let outbound_l = bind("outbound", config.outbound.listen).await?;
+        let inbound_l = bind("inbound", config.inbound.listen).await?;
+        let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
+        let addrs = BoundAddrs {
+            admin: local(&admin_l, config.admin.listen),
+            outbound: local(&outbound_l, config.outbound.listen),
+            inbound: local(&inbound_l, config.inbound.listen),
+        };
+
+        let (shutdown, _) = watch::channel(false);
+        let PolicySource::File(policy_path) = &config.policy;
+        let policy = PolicyStore::new(identity.clone(), format!("file:{}", policy_path.display()));
+        let policy_task = tokio::spawn(policy::file::watch(policy_path.clone(), policy.clone()));
+        let mut tasks = JoinSet::new();
+
+        let state = Arc::new(AdminState {
+            addrs,
+            policy: policy.clone(),
+            identity: identity.clone(),
+            listening: Default::default(),
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(admin::serve(admin_l, state.clone()));
+
+        let outbound = Outbound::new(policy.clone());
+        tasks.spawn(accept_loop(
+            outbound_l,
+            shutdown.subscribe(),
+            DRAIN_TIMEOUT,
+            move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
+        ));
+        let inbound = Inbound::new(server_tls, config.inbound.app);
+        tasks.spawn(accept_loop(
+            inbound_l,
+            shutdown.subscribe(),
+            DRAIN_TIMEOUT,
+            move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
+        ));
+        state.listening.store(true, Ordering::Release);
+        tracing::info!(
+            "listening admin={} outbound={} inbound={} app={}",
+            addrs.admin,
+            addrs.outbound,
+            addrs.inbound,
+            config.inbound.app
+        );
+        Ok(Sidecar {
+            addrs,
+            policy,
+            shutdown,
+            tasks,
+            policy_task,
+        })
+    }
+
+    /// Starts draining: listeners close, open connections finish what they
+    /// are doing (bounded by [`DRAIN_TIMEOUT`]).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves when a drain has been requested (signal or `POST /drain`).
+    pub async fn draining(&self) {
+        crate::proxy::stopped(&mut self.shutdown.subscribe()).await;
+    }
+
+    /// Drains and waits for the listeners to finish.
+    pub async fn stop(mut self) {
+        self.shutdown();
+        while self.tasks.join_next().await.is_some() {}
+        self.policy_task.abort();
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.policy_task.abort();
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: real sidecar processes, real servers and clients on
+//! loopback, mTLS between the sidecars.
+
+mod common;
+
+mod grpc;
