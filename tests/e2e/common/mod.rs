@@ -1,5 +1,8 @@
 //! Shared test helpers: temporary directories, certificates, sidecar
 //! processes, a two-sidecar mesh, and small HTTP clients.
+//!
+//! Shared by several test crates, each of which uses only part of it.
+#![allow(dead_code)]
 
 pub mod echo;
 pub mod http;
