@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -46,6 +47,9 @@ use futures_util::StreamExt;
 pub struct HttpApp {
     pub addr: SocketAddr,
     pub gate: Arc<Notify>,
+    /// Bytes of `/big` bodies handed to the server so far: how far a
+    /// response got before flow control stopped it.
+    pub produced: Arc<AtomicUsize>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,17 +57,18 @@ pub async fn start_http_app() -> HttpApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let gate = Arc::new(Notify::new());
-    let g = gate.clone();
+    let produced = Arc::new(AtomicUsize::new(0));
+    let (g, p) = (gate.clone(), produced.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let gate = g.clone();
+            let (gate, produced) = (g.clone(), p.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let gate = gate.clone();
-                    async move { Ok::<_, Infallible>(app(req, gate).await) }
+                    let (gate, produced) = (gate.clone(), produced.clone());
+                    async move { Ok::<_, Infallible>(app(req, gate, produced).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -74,11 +79,12 @@ pub async fn start_http_app() -> HttpApp {
     HttpApp {
         addr,
         gate,
+        produced,
         _task: task,
     }
 }
 
-async fn app(req: Request<Incoming>, gate: Arc<Notify>) -> Response<Body> {
+async fn app(req: Request<Incoming>, gate: Arc<Notify>, produced: Arc<AtomicUsize>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/headers" => {
@@ -99,6 +105,7 @@ async fn app(req: Request<Incoming>, gate: Arc<Notify>) -> Response<Body> {
             const CHUNK: usize = 64 * 1024;
             let chunks = futures_util::stream::iter((0..n).step_by(CHUNK).map(move |start| {
                 let len = CHUNK.min(n - start);
+                produced.fetch_add(len, Ordering::Relaxed);
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
                     vec![b'x'; len],
                 )))
