@@ -72,6 +72,28 @@ impl DevCa {
         })
     }
 
+    /// An in-memory identity for `spiffe_id` issued by this CA, trusting the
+    /// roots of `trusted` (pass `&[self]` for the usual case).
+    pub fn identity_store(
+        &self,
+        spiffe_id: &str,
+        trusted: &[&DevCa],
+    ) -> Result<std::sync::Arc<super::IdentityStore>, String> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let leaf = self.issue(spiffe_id).map_err(|e| e.to_string())?;
+        let chain = super::certs_from_pem(&leaf.cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let credentials = super::credentials_from(chain, key, &super::provider())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in trusted {
+            for cert in super::certs_from_pem(ca.cert_pem())? {
+                roots.add(cert).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(super::IdentityStore::new(credentials, roots))
+    }
+
     /// Issues a leaf for `spiffe_id` and writes it, its key and this CA's
     /// root into `dir` as `<name>.pem`, `<name>.key` and `<name>-bundle.pem`.
     pub fn write_identity(
