@@ -58,7 +58,11 @@ fn read(yaml: &str, cross: bool) -> Result<Vec<Resource>, PolicyErrors> {
         }
     }
     // Set checks on a partial set would report references to resources that
-    // failed to decode, so they only run when every document is valid.
+    // failed to decode, so only references are checked then, from the raw
+    // documents (see `raw_reference_problems`).
+    if cross && !errors.is_empty() {
+        errors.extend(raw_reference_problems(&docs));
+    }
     if cross && errors.is_empty() {
         // Every document decoded, so resources and documents line up.
         for (i, mut e) in validate::check_set(&resources) {
@@ -78,6 +82,75 @@ fn read(yaml: &str, cross: bool) -> Result<Vec<Resource>, PolicyErrors> {
     } else {
         Err(PolicyErrors::sorted(errors))
     }
+}
+
+/// Dangling backendRefs, read from the raw documents so that a route with
+/// other problems, or a set where some document failed to decode, still gets
+/// them reported. A Backend that failed to decode still counts as defined
+/// when its name can be read; when some document's kind or Backend name
+/// cannot be read at all, nothing is reported (it might be the missing one).
+fn raw_reference_problems(docs: &[node::Document]) -> Vec<(usize, PolicyError)> {
+    fn namespace_of(root: &node::SNode) -> &str {
+        node::find_str(root, "metadata.namespace").unwrap_or(DEFAULT_NAMESPACE)
+    }
+    let mut backends = std::collections::HashSet::new();
+    for doc in docs {
+        match (
+            node::find_str(&doc.root, "kind"),
+            node::find_str(&doc.root, "metadata.name"),
+        ) {
+            (Some("Backend"), Some(name)) => {
+                backends.insert((namespace_of(&doc.root), name));
+            }
+            (Some("Backend") | None, _) => return Vec::new(),
+            _ => {}
+        }
+    }
+    let mut problems = Vec::new();
+    for doc in docs {
+        let kind = match node::find_str(&doc.root, "kind") {
+            Some("GRPCRoute") => Kind::GrpcRoute,
+            Some("HTTPRoute") => Kind::HttpRoute,
+            _ => continue,
+        };
+        let Some(name) = node::find_str(&doc.root, "metadata.name") else {
+            continue;
+        };
+        let ns = namespace_of(&doc.root);
+        for i in 0.. {
+            if node::find(&doc.root, &format!("spec.rules[{i}]")).is_none() {
+                break;
+            }
+            for j in 0.. {
+                let path = format!("spec.rules[{i}].backendRefs[{j}]");
+                if node::find(&doc.root, &path).is_none() {
+                    break;
+                }
+                let name_path = format!("{path}.name");
+                let Some(target) = node::find_str(&doc.root, &name_path) else {
+                    continue;
+                };
+                let target_ns =
+                    node::find_str(&doc.root, &format!("{path}.namespace")).unwrap_or(ns);
+                if backends.contains(&(target_ns, target)) {
+                    continue;
+                }
+                let where_ = if target_ns == ns {
+                    String::new()
+                } else {
+                    format!(" in namespace {target_ns:?}")
+                };
+                let mut e = PolicyError::new(
+                    display_name(kind, ns, name),
+                    name_path.clone(),
+                    format!("no Backend {target:?}{where_}"),
+                );
+                e.line = node::find(&doc.root, &name_path).and_then(node::line_of);
+                problems.push((doc.number, e));
+            }
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -269,7 +269,10 @@ spec:
 ";
     assert_eq!(
         errors(&format!("{BACKEND_B}---\n{route}")),
-        ["GRPCRoute/greeter: spec.rules[0].retry.attempts: must be ≥ 1 (line 16)"]
+        [
+            "GRPCRoute/greeter: spec.rules[0].backendRefs[1].name: no Backend \"x\" (line 14)",
+            "GRPCRoute/greeter: spec.rules[0].retry.attempts: must be ≥ 1 (line 16)",
+        ]
     );
     let fixed = route.replace("attempts: 0", "attempts: 1");
     assert_eq!(
@@ -347,6 +350,7 @@ spec:
         "GRPCRoute/r: spec.rules[0].matches[0].method.type: only Exact is supported (line 8)",
         "GRPCRoute/r: spec.rules[0].backendRefs[0].weight: must not be negative (line 9)",
         "GRPCRoute/r: spec.rules[0].backendRefs[1].name: required (line 9)",
+        "GRPCRoute/r: spec.rules[0].backendRefs[0].name: no Backend \"b\" (line 9)",
         "GRPCRoute/r: spec.rules[0].timeouts.request: invalid duration \"1.5s\": fractional values are not allowed; use a smaller unit (1500ms, not 1.5s) (line 10)",
         "GRPCRoute/r: spec.rules[0].retry.attempts: must be ≤ 10 (line 11)",
         "GRPCRoute/r: spec.rules[0].retry.codes[0]: unknown gRPC status \"NOPE\" (expected a name such as UNAVAILABLE) (line 11)",
@@ -1744,4 +1748,34 @@ fn model_built_in_code_round_trips() {
     let yaml = to_yaml(std::slice::from_ref(&r));
     assert!(yaml.contains("request: 2h"), "{yaml}");
     assert_eq!(parse_documents(&yaml), Ok(vec![r]));
+}
+
+#[test]
+fn references_are_checked_even_when_some_document_fails() {
+    let yaml = "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {name: a}
+spec: {endpoints: {static: [\"10.0.0.1:80\"]}, colour: red}
+---
+apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  rules:
+    - backendRefs: [{name: a}, {name: missing}]
+";
+    let errs = errors(yaml);
+    assert_eq!(
+        errs,
+        [
+            "Backend/a: spec.colour: unknown field \"colour\" (expected one of: protocol, endpoints, tls) (line 4)",
+            "HTTPRoute/r: spec.rules[0].backendRefs[1].name: no Backend \"missing\" (line 11)",
+        ]
+    );
+
+    // A document whose kind cannot be read might be the missing Backend:
+    // no reference is reported then.
+    let unknown = format!("metadata: {{name: missing}}\n---\n{yaml}");
+    let errs = errors(&unknown);
+    assert!(errs.iter().all(|e| !e.contains("no Backend")), "{errs:?}");
 }

@@ -19,6 +19,8 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct EchoService {
+    /// Sent back in the `x-served-by` response header.
+    name: &'static str,
     cancelled: mpsc::UnboundedSender<()>,
 }
 
@@ -54,8 +56,10 @@ fn fail(req: &EchoRequest) -> Option<Status> {
     })
 }
 
-fn with_echoed_headers<T>(md: &MetadataMap, body: T) -> Response<T> {
+fn with_echoed_headers<T>(name: &'static str, md: &MetadataMap, body: T) -> Response<T> {
     let mut resp = Response::new(body);
+    resp.metadata_mut()
+        .insert("x-served-by", MetadataValue::from_static(name));
     for kv in md.iter() {
         match kv {
             KeyAndValueRef::Ascii(k, v) if k.as_str().starts_with("x-") => {
@@ -89,6 +93,7 @@ impl Echo for EchoService {
             return Err(status);
         }
         Ok(with_echoed_headers(
+            self.name,
             &md,
             EchoReply {
                 payload: req.payload,
@@ -112,6 +117,7 @@ impl Echo for EchoService {
             payload.extend_from_slice(&msg.payload);
         }
         Ok(with_echoed_headers(
+            self.name,
             &md,
             EchoReply {
                 payload,
@@ -150,7 +156,11 @@ impl Echo for EchoService {
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(with_echoed_headers(&md, Box::pin(stream) as ReplyStream))
+        Ok(with_echoed_headers(
+            self.name,
+            &md,
+            Box::pin(stream) as ReplyStream,
+        ))
     }
 
     type BidiStream = ReplyStream;
@@ -171,7 +181,11 @@ impl Echo for EchoService {
                 metadata: metadata.clone(),
             })
         });
-        Ok(with_echoed_headers(&md, Box::pin(stream) as ReplyStream))
+        Ok(with_echoed_headers(
+            self.name,
+            &md,
+            Box::pin(stream) as ReplyStream,
+        ))
     }
 }
 
@@ -183,12 +197,20 @@ pub struct EchoApp {
 }
 
 pub async fn start_echo() -> EchoApp {
+    start_named_echo("echo").await
+}
+
+/// An Echo server that names itself `name` in `x-served-by`.
+pub async fn start_named_echo(name: &'static str) -> EchoApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, cancelled) = mpsc::unbounded_channel();
-    let svc = EchoServer::new(EchoService { cancelled: tx })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let svc = EchoServer::new(EchoService {
+        name,
+        cancelled: tx,
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
