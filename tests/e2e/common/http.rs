@@ -84,7 +84,11 @@ pub async fn start_http_app() -> HttpApp {
     }
 }
 
-async fn app(req: Request<Incoming>, gate: Arc<Notify>, produced: Arc<AtomicUsize>) -> Response<Body> {
+async fn app(
+    req: Request<Incoming>,
+    gate: Arc<Notify>,
+    produced: Arc<AtomicUsize>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/headers" => {
