@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use crate::identity::IdentityStore;
 use crate::policy::PolicyStore;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::stopped;
 
 /// Addresses the sidecar's listeners are bound to.
 #[derive(Debug, Clone, Copy)]
@@ -63,26 +62,28 @@ impl AdminState {
     }
 }
 
-/// Serves the admin API until `shutdown` turns true.
+/// Serves the admin API until the task is dropped (it outlives a drain, so
+/// that `/ready` can say so).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    let mut shutdown = state.shutdown.subscribe();
     let server = crate::proxy::http_server();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
-                let state = state.clone();
-                let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req)) }
-                });
-                let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
             }
-            _ = stopped(&mut shutdown) => break,
-        }
+        };
+        let state = state.clone();
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req)) }
+        });
+        let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
     }
 }
 

@@ -40,10 +40,11 @@ pub struct Sidecar {
     pub addrs: BoundAddrs,
     pub policy: Arc<PolicyStore>,
     shutdown: watch::Sender<bool>,
-    /// Listeners and admin: they end on the shutdown signal.
+    /// The listeners: they end on the shutdown signal, once drained.
     tasks: JoinSet<()>,
-    /// The policy source: runs until aborted.
-    policy_task: tokio::task::JoinHandle<()>,
+    /// The policy source and the admin server: run until aborted, so that
+    /// `/ready` keeps answering (503) while a drain is under way.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Sidecar {
@@ -80,7 +81,10 @@ impl Sidecar {
         let (shutdown, _) = watch::channel(false);
         let PolicySource::File(policy_path) = &config.policy;
         let policy = PolicyStore::new(identity.clone(), format!("file:{}", policy_path.display()));
-        let policy_task = tokio::spawn(policy::file::watch(policy_path.clone(), policy.clone()));
+        let mut background = vec![tokio::spawn(policy::file::watch(
+            policy_path.clone(),
+            policy.clone(),
+        ))];
         let mut tasks = JoinSet::new();
 
         let state = Arc::new(AdminState {
@@ -90,7 +94,7 @@ impl Sidecar {
             listening: Default::default(),
             shutdown: shutdown.clone(),
         });
-        tasks.spawn(admin::serve(admin_l, state.clone()));
+        background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
 
         let outbound = Outbound::new(policy.clone());
         tasks.spawn(accept_loop(
@@ -119,7 +123,7 @@ impl Sidecar {
             policy,
             shutdown,
             tasks,
-            policy_task,
+            background,
         })
     }
 
@@ -138,12 +142,13 @@ impl Sidecar {
     pub async fn stop(mut self) {
         self.shutdown();
         while self.tasks.join_next().await.is_some() {}
-        self.policy_task.abort();
     }
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        self.policy_task.abort();
+        for task in &self.background {
+            task.abort();
+        }
     }
 }

@@ -5,5 +5,6 @@ mod common;
 
 mod grpc;
 mod http;
+mod lifecycle;
 mod policy;
 mod tls;

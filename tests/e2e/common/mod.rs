@@ -92,10 +92,20 @@ impl SidecarProc {
     }
 
     pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> SidecarProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pylon"))
-            .arg("proxy")
-            .arg("--config")
-            .arg(config)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon"));
+        cmd.arg("proxy").arg("--config").arg(config);
+        Self::spawn_cmd(cmd, env)
+    }
+
+    /// Starts `pylon proxy` configured by the environment alone.
+    pub fn spawn_without_config(env: &[(&str, &str)]) -> SidecarProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon"));
+        cmd.arg("proxy").env_remove("PYLON_CONFIG");
+        Self::spawn_cmd(cmd, env)
+    }
+
+    fn spawn_cmd(mut cmd: Command, env: &[(&str, &str)]) -> SidecarProc {
+        let mut child = cmd
             .envs(env.iter().copied())
             .env("PYLON_LOG", "info,pylon=debug")
             .stdin(Stdio::null())
@@ -205,13 +215,8 @@ impl SidecarProc {
         self.logs.lock().unwrap().join("\n")
     }
 
-    /// Sends SIGTERM and waits for the process to exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        self.child.wait().unwrap()
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
