@@ -289,7 +289,7 @@ impl Config {
         };
         let state_dir = r.path("stateDir");
 
-        for (key, _) in &r.raw {
+        for key in r.raw.keys() {
             let known = KEYS
                 .iter()
                 .any(|(k, _)| k == key || k.starts_with(&format!("{key}.")));

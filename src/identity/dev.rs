@@ -83,7 +83,8 @@ impl DevCa {
         use rustls_pki_types::pem::PemObject;
         let leaf = self.issue(spiffe_id).map_err(|e| e.to_string())?;
         let chain = super::certs_from_pem(&leaf.cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let key =
+            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).map_err(|e| e.to_string())?;
         let credentials = super::credentials_from(chain, key, &super::provider())?;
         let mut roots = rustls::RootCertStore::empty();
         for ca in trusted {

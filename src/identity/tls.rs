@@ -217,8 +217,11 @@ struct SpiffeClientVerifier {
     store: Arc<IdentityStore>,
     /// The webpki verifier for the trust bundle it was built from; rebuilt
     /// when the store's bundle is replaced.
-    cached: Mutex<Option<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>>,
+    cached: Mutex<Option<VerifierFor>>,
 }
+
+/// A webpki client verifier and the trust bundle it was built from.
+type VerifierFor = (Arc<RootCertStore>, Arc<dyn ClientCertVerifier>);
 
 impl SpiffeClientVerifier {
     fn webpki(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {

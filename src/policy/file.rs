@@ -96,7 +96,7 @@ pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
         interval.tick().await;
         tick = tick.wrapping_add(1);
         let now = stamp(&path).await;
-        if now == seen_stamp && tick % FULL_READ_EVERY != 0 {
+        if now == seen_stamp && !tick.is_multiple_of(FULL_READ_EVERY) {
             continue;
         }
         if now.is_none() {

@@ -52,6 +52,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     te_trailers
 }
 
+/// Readies an upstream response for the caller: hop-by-hop fields removed,
+/// and the HTTP version left for this hop's server to choose (a response
+/// carries the version of whoever sends it, here the proxy).
+pub fn response_for_caller<B>(resp: &mut http::Response<B>) {
+    strip_hop_by_hop(resp.headers_mut());
+    *resp.version_mut() = Version::default();
+}
+
 /// Where a request goes next and how it is spoken there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {

@@ -25,8 +25,8 @@ use super::backend::upstream_error;
 use super::body::ProxyBody;
 use super::error::{ProxyError, is_grpc};
 use super::headers::{
-    Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, rewrite_for,
-    strip_hop_by_hop,
+    Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
+    rewrite_for, strip_hop_by_hop,
 };
 use super::http_server;
 use super::pool::{Endpoint, Transport};
@@ -132,7 +132,7 @@ impl Inbound {
             .send(req, wire)
             .await
             .map_err(|e| upstream_error(&self.app_name, self.app.addr(), e))?;
-        strip_hop_by_hop(resp.headers_mut());
+        response_for_caller(&mut resp);
         Ok(resp)
     }
 }

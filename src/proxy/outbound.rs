@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, is_grpc};
-use super::headers::{request_authority, strip_hop_by_hop};
+use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
 use super::{http_server, original_dst};
 use crate::policy::PolicyStore;
 use crate::routing::RequestView;
@@ -98,7 +98,7 @@ impl Outbound {
         let mut resp = backend
             .forward(req, authority.as_ref(), te_trailers)
             .await?;
-        strip_hop_by_hop(resp.headers_mut());
+        response_for_caller(&mut resp);
         Ok(resp)
     }
 }

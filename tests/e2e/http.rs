@@ -11,7 +11,10 @@ use crate::common::http::{channel_body, empty, full, h2c, http1, start_http_app,
 use crate::common::{CLIENT_ID, Mesh, PATIENCE};
 
 fn get(path: &str, host: &str) -> Request<crate::common::http::Body> {
-    Request::get(path).header("host", host).body(empty()).unwrap()
+    Request::get(path)
+        .header("host", host)
+        .body(empty())
+        .unwrap()
 }
 
 #[tokio::test]
@@ -28,8 +31,14 @@ async fn http1_keep_alive_reaches_the_app_as_http1() {
         let body = text(resp).await;
         assert!(body.contains("version: HTTP/1.1"), "{body}");
         assert!(body.contains("host: web.test"), "{body}");
-        assert!(body.contains(&format!("x-pylon-peer-identity: {CLIENT_ID}")), "{body}");
-        assert!(!body.contains("x-pylon-orig-proto"), "internal header leaked: {body}");
+        assert!(
+            body.contains(&format!("x-pylon-peer-identity: {CLIENT_ID}")),
+            "{body}"
+        );
+        assert!(
+            !body.contains("x-pylon-orig-proto"),
+            "internal header leaked: {body}"
+        );
     }
 }
 
@@ -38,7 +47,9 @@ async fn h2c_reaches_the_app_as_http2() {
     let app = start_http_app().await;
     let mesh = Mesh::start(app.addr).await;
     let mut conn = h2c(mesh.client.outbound).await;
-    let req = Request::get("http://web.test/headers").body(empty()).unwrap();
+    let req = Request::get("http://web.test/headers")
+        .body(empty())
+        .unwrap();
     let resp = conn.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), Version::HTTP_2);
@@ -58,12 +69,21 @@ async fn hop_by_hop_fields_stop_at_the_proxy_and_identity_cannot_be_forged() {
         .header("x-private", "secret")
         .header("proxy-connection", "keep-alive")
         .header("upgrade", "websocket")
-        .header("x-pylon-peer-identity", "spiffe://pylon.test/ns/default/sa/admin")
+        .header(
+            "x-pylon-peer-identity",
+            "spiffe://pylon.test/ns/default/sa/admin",
+        )
         .header("x-kept", "yes")
         .body(empty())
         .unwrap();
     let body = text(conn.send_request(req).await.unwrap()).await;
-    for gone in ["x-private", "keep-alive:", "proxy-connection", "upgrade", "sa/admin"] {
+    for gone in [
+        "x-private",
+        "keep-alive:",
+        "proxy-connection",
+        "upgrade",
+        "sa/admin",
+    ] {
         assert!(!body.contains(gone), "{gone} crossed the proxy: {body}");
     }
     assert!(body.contains("x-kept: yes"), "{body}");
@@ -105,7 +125,9 @@ async fn request_and_response_bodies_stream_without_buffering() {
         .unwrap();
     let send = tokio::spawn(async move {
         for i in 0..5 {
-            tx.send(Frame::data(Bytes::from(format!("chunk-{i};")))).await.unwrap();
+            tx.send(Frame::data(Bytes::from(format!("chunk-{i};"))))
+                .await
+                .unwrap();
         }
         tx
     });
@@ -140,9 +162,14 @@ async fn large_bodies_both_ways() {
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got.len(), size);
 
-    let upload: Bytes = (0..size).map(|i| (i % 253) as u8).collect::<Vec<u8>>().into();
+    let upload: Bytes = (0..size)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let mut conn = h2c(mesh.client.outbound).await;
-    let req = Request::post("http://web.test/echo").body(full(upload.clone())).unwrap();
+    let req = Request::post("http://web.test/echo")
+        .body(full(upload.clone()))
+        .unwrap();
     let resp = conn.send_request(req).await.unwrap();
     let echoed = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(echoed == upload, "48 MiB upload changed in transit");
@@ -200,7 +227,10 @@ async fn http2_flow_control_bounds_what_is_in_flight() {
 #[tokio::test]
 async fn proxy_errors_are_json_with_x_pylon_error() {
     let app = start_http_app().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mesh = Mesh::start_with(app.addr, |_| {
         format!(
             "apiVersion: pylon.dev/v1
@@ -228,14 +258,18 @@ spec:
     assert_eq!(resp.headers()["content-type"], "application/json");
     let json: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
     assert_eq!(json["error"]["code"], "no-route");
-    assert!(json["error"]["message"].as_str().unwrap().contains("nowhere.test/x"));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere.test/x")
+    );
 
     let resp = conn.send_request(get("/x", "down.test")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["x-pylon-error"], "connect-failed");
     let json: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
     assert_eq!(json["error"]["code"], "connect-failed");
-
 }
 
 #[tokio::test]

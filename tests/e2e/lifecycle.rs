@@ -90,7 +90,11 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
     std::fs::write(&empty_policy, "").unwrap();
     let dead: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     let server_cfg = dir.path().join("server.yaml");
-    std::fs::write(&server_cfg, sidecar_config(&server_files, &empty_policy, dead)).unwrap();
+    std::fs::write(
+        &server_cfg,
+        sidecar_config(&server_files, &empty_policy, dead),
+    )
+    .unwrap();
     let app_addr = app.addr.to_string();
     let server = SidecarProc::spawn_with_env(&server_cfg, &[("PYLON_INBOUND_APP", &app_addr)]);
 
@@ -102,8 +106,14 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
         ("PYLON_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
         ("PYLON_OUTBOUND_LISTEN", "127.0.0.1:0".to_string()),
         ("PYLON_INBOUND_LISTEN", "127.0.0.1:0".to_string()),
-        ("PYLON_IDENTITY_FILES_CERT", client_files.cert.display().to_string()),
-        ("PYLON_IDENTITY_FILES_KEY", client_files.key.display().to_string()),
+        (
+            "PYLON_IDENTITY_FILES_CERT",
+            client_files.cert.display().to_string(),
+        ),
+        (
+            "PYLON_IDENTITY_FILES_KEY",
+            client_files.key.display().to_string(),
+        ),
         (
             "PYLON_IDENTITY_FILES_TRUST_BUNDLE",
             client_files.trust_bundle.display().to_string(),
@@ -134,25 +144,42 @@ async fn post_drain_and_sigterm_finish_in_flight_requests_then_exit() {
 
     // A response in flight: its first chunk arrived, the rest is held.
     let mut conn = http1(mesh.client.outbound).await;
-    let req = Request::get("/gate").header("host", "web.test").body(empty()).unwrap();
+    let req = Request::get("/gate")
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
     let resp = conn.send_request(req).await.unwrap();
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, Bytes::from_static(b"first"));
 
     // Drain the client sidecar and terminate the server sidecar.
-    let (status, _) = admin_request(mesh.client.admin, "POST", "/drain").await.unwrap();
+    let (status, _) = admin_request(mesh.client.admin, "POST", "/drain")
+        .await
+        .unwrap();
     assert_eq!(status, 202);
     let (status, text) = admin_get(mesh.client.admin, "/ready").await.unwrap();
     assert_eq!(status, 503);
     assert!(text.contains("draining"), "{text}");
     let server_pid = mesh.server.pid();
-    assert!(Command::new("kill").args(["-TERM", &server_pid.to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &server_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
 
     // New connections are refused once the listener closes...
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while tokio::net::TcpStream::connect(mesh.client.outbound).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "the outbound listener stayed open");
+    while tokio::net::TcpStream::connect(mesh.client.outbound)
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbound listener stayed open"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // ...while the request in flight completes.

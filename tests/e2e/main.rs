@@ -8,3 +8,4 @@ mod http;
 mod lifecycle;
 mod policy;
 mod tls;
+mod transparent;

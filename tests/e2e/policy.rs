@@ -73,14 +73,21 @@ spec:
         "GRPCRoute/echo: spec.rules[0].timeoutz: unknown field \"timeoutz\"",
     ];
     for want in expect {
-        assert!(errors.iter().any(|e| e.starts_with(want)), "missing {want:?} in {errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in {errors:#?}"
+        );
     }
     assert_eq!(
         config["policy"]["version"],
         pylon::policy::content_version(v2.as_bytes())
     );
     let status = client.unary(EchoRequest::default()).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented, "the last good policy is still in force");
+    assert_eq!(
+        status.code(),
+        Code::Unimplemented,
+        "the last good policy is still in force"
+    );
 
     // A good file again.
     mesh.set_policy(&mesh_policy(mesh.server.inbound)).await;
@@ -125,7 +132,13 @@ async fn requests_in_flight_finish_on_the_snapshot_they_started_with() {
 }
 
 /// A client policy that splits `echo.test` between backends `a` and `b`.
-fn split_policy(a: std::net::SocketAddr, b: std::net::SocketAddr, wa: u32, wb: u32, round: u32) -> String {
+fn split_policy(
+    a: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    wa: u32,
+    wb: u32,
+    round: u32,
+) -> String {
     format!(
         "# round {round}
 apiVersion: pylon.dev/v1
@@ -161,8 +174,20 @@ async fn fifty_policy_rewrites_under_continuous_load_lose_no_request() {
     let app_b = start_named_echo("b").await;
     let dir = TempDir::new("rewrites");
     let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
-    let server_a = server_sidecar(&ca, dir.path(), "a", "spiffe://pylon.test/ns/default/sa/echo-a", app_a.addr);
-    let server_b = server_sidecar(&ca, dir.path(), "b", "spiffe://pylon.test/ns/default/sa/echo-b", app_b.addr);
+    let server_a = server_sidecar(
+        &ca,
+        dir.path(),
+        "a",
+        "spiffe://pylon.test/ns/default/sa/echo-a",
+        app_a.addr,
+    );
+    let server_b = server_sidecar(
+        &ca,
+        dir.path(),
+        "b",
+        "spiffe://pylon.test/ns/default/sa/echo-b",
+        app_b.addr,
+    );
     let first = split_policy(server_a.inbound, server_b.inbound, 1, 1, 0);
     let (client, policy_path) = client_sidecar(&ca, dir.path(), &first);
     for s in [&server_a, &server_b, &client] {
@@ -180,10 +205,18 @@ async fn fifty_policy_rewrites_under_continuous_load_lose_no_request() {
             while !stop.load(Ordering::Relaxed) {
                 match echo.unary(EchoRequest::default()).await {
                     Ok(resp) => {
-                        let by = resp.metadata().get("x-served-by").unwrap().to_str().unwrap().to_string();
+                        let by = resp
+                            .metadata()
+                            .get("x-served-by")
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                            .to_string();
                         *served.entry(by).or_default() += 1;
                     }
-                    Err(status) => failures.push(format!("{:?}: {}", status.code(), status.message())),
+                    Err(status) => {
+                        failures.push(format!("{:?}: {}", status.code(), status.message()))
+                    }
                 }
             }
             (served, failures)
@@ -220,9 +253,21 @@ async fn fifty_policy_rewrites_under_continuous_load_lose_no_request() {
         failures.extend(f);
     }
     let total: u64 = served.values().sum();
-    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), total + failures.len() as u64, &failures[..failures.len().min(5)]);
-    assert!(served.get("a").copied().unwrap_or(0) > 0 && served.get("b").copied().unwrap_or(0) > 0, "{served:?}");
-    assert!(total >= 100, "only {total} requests ran during the rewrites");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        served.get("a").copied().unwrap_or(0) > 0 && served.get("b").copied().unwrap_or(0) > 0,
+        "{served:?}"
+    );
+    assert!(
+        total >= 100,
+        "only {total} requests ran during the rewrites"
+    );
     let (status, _) = admin_get(client.admin, "/ready").await.unwrap();
     assert_eq!(status, 200);
 }
@@ -249,7 +294,10 @@ async fn readiness_waits_for_a_policy_and_config_describes_it() {
     assert_eq!(config["policy"]["installed"], true);
     assert_eq!(config["policy"]["resources"], 3);
     let routes = config["routes"].as_array().unwrap();
-    let echo = routes.iter().find(|r| r["route"] == "GRPCRoute/echo").unwrap();
+    let echo = routes
+        .iter()
+        .find(|r| r["route"] == "GRPCRoute/echo")
+        .unwrap();
     assert_eq!(echo["hostnames"], serde_json::json!(["echo.test"]));
     assert_eq!(echo["backends"][0]["backend"], "Backend/app");
     assert_eq!(echo["backends"][0]["weight"], 1);
@@ -257,5 +305,8 @@ async fn readiness_waits_for_a_policy_and_config_describes_it() {
     assert_eq!(backend["name"], "Backend/app");
     assert_eq!(backend["tls"]["mode"], "mesh");
     assert_eq!(backend["tls"]["identity"], SERVER_ID);
-    assert_eq!(backend["endpoints"][0]["address"], server.inbound.to_string());
+    assert_eq!(
+        backend["endpoints"][0]["address"],
+        server.inbound.to_string()
+    );
 }

@@ -42,15 +42,22 @@ async fn a_mesh_certificate_gets_through_and_its_identity_reaches_the_app() {
     let mesh = Mesh::start(app.addr).await;
     let store = mesh.ca.identity_store(CLIENT_ID, &[&mesh.ca]).unwrap();
     let config = client_config(&store, SERVER_ID).unwrap();
-    let (status, body) = h2_over_tls(config.clone(), mesh.server.inbound).await.unwrap();
+    let (status, body) = h2_over_tls(config.clone(), mesh.server.inbound)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
-    assert!(body.contains(&format!("x-pylon-peer-identity: {CLIENT_ID}")), "{body}");
+    assert!(
+        body.contains(&format!("x-pylon-peer-identity: {CLIENT_ID}")),
+        "{body}"
+    );
     assert!(body.contains("version: HTTP/2.0"), "{body}");
 
     // HTTP/1.1 over mTLS reaches the app as HTTP/1.1.
     let mut h1 = (*config).clone();
     h1.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(mesh.server.inbound).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.server.inbound)
+        .await
+        .unwrap();
     let tls = TlsConnector::from(Arc::new(h1))
         .connect(ServerName::IpAddress(mesh.server.inbound.ip().into()), tcp)
         .await
@@ -59,7 +66,10 @@ async fn a_mesh_certificate_gets_through_and_its_identity_reaches_the_app() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::get("/headers").header("host", "web.test").body(empty()).unwrap();
+    let req = Request::get("/headers")
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
     let body = text(sender.send_request(req).await.unwrap()).await;
     assert!(body.contains("version: HTTP/1.1"), "{body}");
 }
@@ -69,8 +79,12 @@ async fn a_plaintext_client_is_refused() {
     let app = start_http_app().await;
     let mesh = Mesh::start(app.addr).await;
 
-    let mut tcp = tokio::net::TcpStream::connect(mesh.server.inbound).await.unwrap();
-    tcp.write_all(b"GET /headers HTTP/1.1\r\nhost: web.test\r\n\r\n").await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(mesh.server.inbound)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /headers HTTP/1.1\r\nhost: web.test\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = Vec::new();
     let _ = tcp.read_to_end(&mut answer).await;
     assert!(
@@ -79,12 +93,16 @@ async fn a_plaintext_client_is_refused() {
         String::from_utf8_lossy(&answer)
     );
 
-    let tcp = tokio::net::TcpStream::connect(mesh.server.inbound).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.server.inbound)
+        .await
+        .unwrap();
     let outcome = async {
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        sender.send_request(Request::get("http://web.test/headers").body(empty())?).await?;
+        sender
+            .send_request(Request::get("http://web.test/headers").body(empty())?)
+            .await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
@@ -101,7 +119,10 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let store = rogue.identity_store(CLIENT_ID, &[&mesh.ca]).unwrap();
     let config = client_config(&store, SERVER_ID).unwrap();
     let outcome = h2_over_tls(config, mesh.server.inbound).await;
-    assert!(outcome.is_err(), "a foreign client certificate got through: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "a foreign client certificate got through: {outcome:?}"
+    );
 }
 
 /// Accepts any server certificate: for a client that presents no
@@ -157,7 +178,10 @@ async fn a_client_without_a_certificate_is_refused() {
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let outcome = h2_over_tls(Arc::new(config), mesh.server.inbound).await;
-    assert!(outcome.is_err(), "a client without a certificate got through: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "a client without a certificate got through: {outcome:?}"
+    );
 }
 
 #[tokio::test]
@@ -168,7 +192,11 @@ async fn a_server_certificate_from_another_ca_fails_the_call() {
     let rogue = DevCa::new("rogue root").unwrap();
     // The server claims the right SPIFFE ID, with a certificate of another CA.
     let server = server_sidecar(&rogue, dir.path(), "server", SERVER_ID, app.addr);
-    let (client, _) = client_sidecar(&mesh_ca, dir.path(), &crate::common::mesh_policy(server.inbound));
+    let (client, _) = client_sidecar(
+        &mesh_ca,
+        dir.path(),
+        &crate::common::mesh_policy(server.inbound),
+    );
     client.wait_ready().await;
     let mut echo = echo_client(client.outbound, "echo.test").await;
     let status = echo
@@ -176,5 +204,8 @@ async fn a_server_certificate_from_another_ca_fails_the_call() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    assert_eq!(status.metadata().get("x-pylon-error").unwrap(), "tls-failed");
+    assert_eq!(
+        status.metadata().get("x-pylon-error").unwrap(),
+        "tls-failed"
+    );
 }

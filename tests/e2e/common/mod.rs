@@ -104,6 +104,11 @@ impl SidecarProc {
         Self::spawn_cmd(cmd, env)
     }
 
+    /// Starts a prepared command line that runs `pylon proxy`.
+    pub fn spawn_command(cmd: Command) -> SidecarProc {
+        Self::spawn_cmd(cmd, &[])
+    }
+
     fn spawn_cmd(mut cmd: Command, env: &[(&str, &str)]) -> SidecarProc {
         let mut child = cmd
             .envs(env.iter().copied())

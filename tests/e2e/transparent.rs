@@ -1,0 +1,254 @@
+//! Transparent mode: iptables REDIRECTs an app's connections to the
+//! outbound listener; the sidecar routes by authority, else by the original
+//! destination (`SO_ORIGINAL_DST`).
+//!
+//! Runs in a network namespace of its own, so it needs root, `ip` and
+//! `iptables`; without them it says so and returns.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use pylon::identity::dev::DevCa;
+
+use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, sidecar_config};
+
+/// A network namespace with loopback up; deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let name = format!("pylon-tp-{}-{}", std::process::id(), fastrand::u32(..));
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+        let ns = Netns(name);
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        // An extra local address, so connections to it stay inside.
+        ns.run(&["ip", "addr", "add", "10.0.0.7/32", "dev", "lo"]);
+        ns.run(&["ip", "addr", "add", "10.0.0.8/32", "dev", "lo"]);
+        Some(ns)
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+
+    fn run(&self, argv: &[&str]) -> String {
+        let out = self.cmd(argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{argv:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("which")
+        .arg(program)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn redirected_connections_route_by_authority_then_original_destination() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    if !(root && have("ip") && have("iptables") && have("curl") && have("python3")) {
+        eprintln!("SKIPPED: transparent mode needs root, ip, iptables, curl and python3");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("SKIPPED: cannot create a network namespace here");
+        return;
+    };
+    let dir = TempDir::new("transparent");
+    std::fs::write(dir.path().join("hello.txt"), "hello from the app\n").unwrap();
+
+    // The app: a plain HTTP server inside the namespace.
+    let mut server = ns
+        .cmd("python3")
+        .args([
+            "-u",
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Killed(server);
+    let app_port: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "port")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+
+    let ca = DevCa::new("pylon test root").unwrap();
+    let id = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: web }}
+spec:
+  protocol: http1
+  endpoints: {{ static: [\"127.0.0.1:{app_port}\"] }}
+---
+apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: {{ name: by-authority }}
+spec:
+  hostnames: [\"web.test\"]
+  rules: [{{ backendRefs: [{{ name: web }}] }}]
+---
+apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: {{ name: by-address }}
+spec:
+  hostnames: [\"10.0.0.7:80\"]
+  rules: [{{ backendRefs: [{{ name: web }}] }}]
+"
+        ),
+    )
+    .unwrap();
+    let cfg = dir.path().join("pylon.yaml");
+    std::fs::write(
+        &cfg,
+        sidecar_config(&id, &policy, "127.0.0.1:9".parse().unwrap()),
+    )
+    .unwrap();
+    let mut cmd = ns.cmd(env!("CARGO_BIN_EXE_pylon"));
+    cmd.args(["proxy", "--config"]).arg(&cfg);
+    let sidecar = SidecarProc::spawn_command(cmd);
+    let outbound_port = sidecar.outbound.port().to_string();
+
+    // Wait for readiness from inside the namespace.
+    let ready_url = format!("http://{}/ready", sidecar.admin);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while ns
+        .cmd("curl")
+        .args(["-sf", &ready_url])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready:\n{}",
+            sidecar.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Redirect what the app sends to port 80 of 10.0.0.7 and 10.0.0.8, and
+    // to 127.0.0.1:18080, to the outbound listener.
+    for (dst, port) in [
+        ("10.0.0.7", "80"),
+        ("10.0.0.8", "80"),
+        ("127.0.0.1", "18080"),
+    ] {
+        ns.run(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            dst,
+            "--dport",
+            port,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &outbound_port,
+        ]);
+    }
+
+    let curl = |args: &[&str]| -> (String, String) {
+        let out = ns
+            .cmd("curl")
+            .args(["-s", "-D", "-", "--max-time", "20"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.to_string(), body.to_string())
+    };
+
+    // The authority names a route.
+    let (head, body) = curl(&["-H", "Host: web.test", "http://127.0.0.1:18080/hello.txt"]);
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "{head}\n{}",
+        sidecar.logs()
+    );
+    assert_eq!(body, "hello from the app\n");
+
+    // The authority names nothing; the original destination does.
+    let (head, body) = curl(&[
+        "--resolve",
+        "unrouted.test:80:10.0.0.7",
+        "http://unrouted.test/hello.txt",
+    ]);
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "{head}\n{}",
+        sidecar.logs()
+    );
+    assert_eq!(body, "hello from the app\n");
+
+    // Neither does: the proxy's own 404.
+    let (head, _) = curl(&[
+        "--resolve",
+        "unrouted.test:80:10.0.0.8",
+        "http://unrouted.test/hello.txt",
+    ]);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-pylon-error: no-route"),
+        "{head}"
+    );
+}
