@@ -149,11 +149,15 @@ impl Endpoint {
     async fn send_h2(&self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, SendError> {
         let mut retried = false;
         loop {
-            let mut sender = self.h2_sender().await.map_err(SendError::Connect)?;
+            let conn = self.h2_sender().await.map_err(SendError::Connect)?;
+            let mut sender = http2::SendRequest::clone(&conn);
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(ProxyBody::Incoming)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !retried => {
+                        // The connection refuses new streams (GOAWAY, or it
+                        // is closing): stop handing it out.
+                        self.h2.compare_and_swap(&conn, None::<Arc<_>>);
                         retried = true;
                         req = unsent;
                     }
@@ -163,18 +167,18 @@ impl Endpoint {
         }
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, ConnectError> {
-        if let Some(s) = self.h2.load().as_deref()
+    async fn h2_sender(&self) -> Result<Arc<http2::SendRequest<ProxyBody>>, ConnectError> {
+        if let Some(s) = self.h2.load_full()
             && !s.is_closed()
         {
-            return Ok(s.clone());
+            return Ok(s);
         }
         let seen = self.h2_attempts.load(Ordering::Acquire);
         let mut last_error = self.h2_connect.lock().await;
-        if let Some(s) = self.h2.load().as_deref()
+        if let Some(s) = self.h2.load_full()
             && !s.is_closed()
         {
-            return Ok(s.clone());
+            return Ok(s);
         }
         if self.h2_attempts.load(Ordering::Acquire) != seen
             && let Some(e) = last_error.as_ref()
@@ -186,8 +190,8 @@ impl Endpoint {
         let result = self.connect_h2().await;
         *last_error = result.as_ref().err().cloned();
         self.h2_attempts.fetch_add(1, Ordering::Release);
-        let sender = result?;
-        self.h2.store(Some(Arc::new(sender.clone())));
+        let sender = Arc::new(result?);
+        self.h2.store(Some(sender.clone()));
         Ok(sender)
     }
 

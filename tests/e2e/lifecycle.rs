@@ -192,3 +192,52 @@ async fn post_drain_and_sigterm_finish_in_flight_requests_then_exit() {
         assert!(status.success(), "{status:?}\n{}", sidecar.logs());
     }
 }
+
+#[tokio::test]
+async fn a_restarted_peer_gets_new_connections_without_failed_calls() {
+    let app = start_echo().await;
+    let mut mesh = Mesh::start(app.addr).await;
+    let mut echo = echo_client(mesh.client.outbound, "echo.test").await;
+    echo.unary(pylon_proto::v1::EchoRequest::default())
+        .await
+        .unwrap();
+
+    // The server sidecar stops (GOAWAY on the pooled connection) and a new
+    // one takes over the same address.
+    let inbound = mesh.server.inbound;
+    let pid = mesh.server.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(mesh.server.wait_exit().success());
+    let files = mesh
+        .ca
+        .write_identity(mesh.dir.path(), "server2", SERVER_ID)
+        .unwrap();
+    let policy = mesh.dir.path().join("server2-policy.yaml");
+    std::fs::write(&policy, "").unwrap();
+    let cfg = mesh.dir.path().join("server2.yaml");
+    let yaml = sidecar_config(&files, &policy, app.addr).replace(
+        "inbound: { listen: \"127.0.0.1:0\"",
+        &format!("inbound: {{ listen: \"{inbound}\""),
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let restarted = SidecarProc::spawn(&cfg);
+    assert_eq!(restarted.inbound, inbound);
+    restarted.wait_ready().await;
+
+    for _ in 0..20 {
+        echo.unary(pylon_proto::v1::EchoRequest::default())
+            .await
+            .unwrap_or_else(|s| {
+                panic!(
+                    "call after the restart failed: {s:?}\n{}",
+                    mesh.client.logs()
+                )
+            });
+    }
+}
