@@ -113,6 +113,11 @@ impl IdentityStore {
         &self.provider
     }
 
+    /// The signature algorithms peers' certificates are verified with.
+    pub fn signature_algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
+
     /// Replaces the certificate presented in new handshakes.
     pub fn set_credentials(&self, credentials: Credentials) {
         self.credentials.store(Arc::new(credentials));

@@ -155,16 +155,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        let algs = self
-            .store
-            .crypto_provider()
-            .signature_verification_algorithms;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.store.roots(),
             intermediates,
             now,
-            algs.all,
+            self.store.signature_algorithms().all,
         )?;
         let actual = spiffe_id_of(end_entity).map_err(|e| other_cert_error(NoSpiffeId(e)))?;
         if actual != self.expected {
@@ -182,11 +178,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = &self
-            .store
-            .crypto_provider()
-            .signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, algs)
+        verify_tls12_signature(message, cert, dss, self.store.signature_algorithms())
     }
 
     fn verify_tls13_signature(
@@ -195,18 +187,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = &self
-            .store
-            .crypto_provider()
-            .signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, algs)
+        verify_tls13_signature(message, cert, dss, self.store.signature_algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.store
-            .crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.store.signature_algorithms().supported_schemes()
     }
 }
 
@@ -267,11 +252,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = &self
-            .store
-            .crypto_provider()
-            .signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, algs)
+        verify_tls12_signature(message, cert, dss, self.store.signature_algorithms())
     }
 
     fn verify_tls13_signature(
@@ -280,17 +261,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = &self
-            .store
-            .crypto_provider()
-            .signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, algs)
+        verify_tls13_signature(message, cert, dss, self.store.signature_algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.store
-            .crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.store.signature_algorithms().supported_schemes()
     }
 }

@@ -99,6 +99,15 @@ impl ProxyError {
     }
 }
 
+/// The caller's response: the upstream's, or the proxy's own answer to the
+/// failure, as gRPC (`grpc`) or HTTP.
+pub fn respond(result: Result<Response<ProxyBody>, ProxyError>, grpc: bool) -> Response<ProxyBody> {
+    result.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, code = e.code(), "request failed in the proxy");
+        e.to_response(grpc)
+    })
+}
+
 /// A trailers-only gRPC response: HTTP 200 whose single HEADERS frame ends
 /// the stream and carries the status.
 pub fn grpc_status_response(

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::backend::upstream_error;
 use super::body::ProxyBody;
-use super::error::{ProxyError, is_grpc};
+use super::error::{ProxyError, is_grpc, respond};
 use super::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
@@ -92,13 +92,7 @@ impl Inbound {
 
     async fn handle(&self, req: Request<Incoming>, identity: HeaderValue) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        match self.forward(req, identity).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::debug!(error = %e, "inbound request failed");
-                e.to_response(grpc)
-            }
-        }
+        respond(self.forward(req, identity).await, grpc)
     }
 
     async fn forward(

@@ -18,7 +18,7 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::error::{ProxyError, is_grpc};
+use super::error::{ProxyError, is_grpc, respond};
 use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
 use super::{http_server, original_dst};
 use crate::policy::PolicyStore;
@@ -53,13 +53,7 @@ impl Outbound {
 
     async fn handle(&self, req: Request<Incoming>, dst: Option<SocketAddr>) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        match self.route(req, grpc, dst).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::debug!(error = %e, "outbound request failed");
-                e.to_response(grpc)
-            }
-        }
+        respond(self.route(req, grpc, dst).await, grpc)
     }
 
     async fn route(

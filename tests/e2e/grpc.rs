@@ -9,7 +9,7 @@ use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::{Code, Request};
 
 use crate::common::echo::{echo_client, start_echo};
-use crate::common::{CLIENT_ID, Mesh, PATIENCE, SERVER_ID};
+use crate::common::{CLIENT_ID, Mesh, PATIENCE, SERVER_ID, backend_yaml, route_yaml};
 
 fn req(payload: &[u8]) -> EchoRequest {
     EchoRequest {
@@ -291,23 +291,8 @@ async fn no_route_is_unimplemented_with_x_pylon_error() {
 }
 
 fn backend_policy(endpoint: &str, identity: &str) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: app }}
-spec:
-  endpoints: {{ static: [\"{endpoint}\"] }}
-  tls: {{ mode: mesh, identity: \"{identity}\" }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: echo }}
-spec:
-  hostnames: [\"echo.test\"]
-  rules:
-    - backendRefs: [{{ name: app }}]
-"
-    )
+    backend_yaml("app", &[endpoint.to_string()], Some(identity))
+        + &route_yaml("GRPCRoute", "echo", "echo.test", &[("app", 1)])
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 
 use crate::common::http::{channel_body, empty, full, h2c, http1, start_http_app, text};
-use crate::common::{CLIENT_ID, Mesh, PATIENCE};
+use crate::common::{CLIENT_ID, Mesh, PATIENCE, backend_yaml, route_yaml};
 
 fn get(path: &str, host: &str) -> Request<crate::common::http::Body> {
     Request::get(path)
@@ -232,22 +232,8 @@ async fn proxy_errors_are_json_with_x_pylon_error() {
         .local_addr()
         .unwrap();
     let mesh = Mesh::start_with(app.addr, |_| {
-        format!(
-            "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: down }}
-spec:
-  endpoints: {{ static: [\"{closed}\"] }}
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: down }}
-spec:
-  hostnames: [\"down.test\"]
-  rules:
-    - backendRefs: [{{ name: down }}]
-"
-        )
+        backend_yaml("down", &[closed.to_string()], None)
+            + &route_yaml("HTTPRoute", "down", "down.test", &[("down", 1)])
     })
     .await;
     let mut conn = http1(mesh.client.outbound).await;

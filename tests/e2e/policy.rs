@@ -12,20 +12,12 @@ use tonic::Code;
 
 use crate::common::echo::{echo_client, start_echo, start_named_echo};
 use crate::common::{
-    Mesh, PATIENCE, SERVER_ID, TempDir, admin_get, client_sidecar, mesh_policy, server_sidecar,
-    set_policy, write_atomic,
+    Mesh, PATIENCE, SERVER_ID, TempDir, admin_get, backend_yaml, client_sidecar, mesh_policy,
+    route_yaml, server_sidecar, set_policy, write_atomic,
 };
 
 fn backend_only(inbound: std::net::SocketAddr) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: app }}
-spec:
-  endpoints: {{ static: [\"{inbound}\"] }}
-  tls: {{ mode: mesh, identity: \"{SERVER_ID}\" }}
-"
-    )
+    backend_yaml("app", &[inbound.to_string()], Some(SERVER_ID))
 }
 
 #[tokio::test]
@@ -139,33 +131,18 @@ fn split_policy(
     wb: u32,
     round: u32,
 ) -> String {
-    format!(
-        "# round {round}
-apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: a }}
-spec:
-  protocol: grpc
-  endpoints: {{ static: [\"{a}\"] }}
-  tls: {{ mode: mesh, identity: \"spiffe://pylon.test/ns/default/sa/echo-a\" }}
----
-apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: b }}
-spec:
-  protocol: grpc
-  endpoints: {{ static: [\"{b}\"] }}
-  tls: {{ mode: mesh, identity: \"spiffe://pylon.test/ns/default/sa/echo-b\" }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: echo }}
-spec:
-  hostnames: [\"echo.test\"]
-  rules:
-    - backendRefs: [{{ name: a, weight: {wa} }}, {{ name: b, weight: {wb} }}]
-"
-    )
+    format!("# round {round}\n")
+        + &backend_yaml(
+            "a",
+            &[a.to_string()],
+            Some("spiffe://pylon.test/ns/default/sa/echo-a"),
+        )
+        + &backend_yaml(
+            "b",
+            &[b.to_string()],
+            Some("spiffe://pylon.test/ns/default/sa/echo-b"),
+        )
+        + &route_yaml("GRPCRoute", "echo", "echo.test", &[("a", wa), ("b", wb)])
 }
 
 #[tokio::test]

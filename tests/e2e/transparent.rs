@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use pylon::identity::dev::DevCa;
 
-use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, sidecar_config};
+use crate::common::{
+    CLIENT_ID, PATIENCE, SidecarProc, TempDir, backend_yaml, route_yaml, sidecar_config,
+};
 
 /// A network namespace with loopback up; deleted on drop.
 struct Netns(String);
@@ -125,29 +127,9 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
-        format!(
-            "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: web }}
-spec:
-  protocol: http1
-  endpoints: {{ static: [\"127.0.0.1:{app_port}\"] }}
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: by-authority }}
-spec:
-  hostnames: [\"web.test\"]
-  rules: [{{ backendRefs: [{{ name: web }}] }}]
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: by-address }}
-spec:
-  hostnames: [\"10.0.0.7:80\"]
-  rules: [{{ backendRefs: [{{ name: web }}] }}]
-"
-        ),
+        backend_yaml("web", &[format!("127.0.0.1:{app_port}")], None)
+            + &route_yaml("HTTPRoute", "by-authority", "web.test", &[("web", 1)])
+            + &route_yaml("HTTPRoute", "by-address", "10.0.0.7:80", &[("web", 1)]),
     )
     .unwrap();
     let cfg = dir.path().join("pylon.yaml");

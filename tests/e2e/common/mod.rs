@@ -265,35 +265,50 @@ pub async fn admin_request(
     Ok((status, body))
 }
 
+/// A Backend document with static endpoints; mTLS to peers proving
+/// `identity` when one is given, plaintext otherwise.
+pub fn backend_yaml(name: &str, endpoints: &[String], identity: Option<&str>) -> String {
+    let tls = identity.map_or(String::new(), |id| {
+        format!("  tls: {{ mode: mesh, identity: \"{id}\" }}\n")
+    });
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: {name} }}
+spec:
+  endpoints: {{ static: {endpoints:?} }}
+{tls}---
+"
+    )
+}
+
+/// A GRPCRoute or HTTPRoute document sending `hostname` to weighted backends.
+pub fn route_yaml(kind: &str, name: &str, hostname: &str, backends: &[(&str, u32)]) -> String {
+    let refs: Vec<String> = backends
+        .iter()
+        .map(|(b, w)| format!("{{ name: {b}, weight: {w} }}"))
+        .collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: {kind}
+metadata: {{ name: {name} }}
+spec:
+  hostnames: [\"{hostname}\"]
+  rules:
+    - backendRefs: [{}]
+---
+",
+        refs.join(", ")
+    )
+}
+
 /// The policy the client sidecar of a [`Mesh`] starts with: `echo.test`
 /// (gRPC) and `web.test` (HTTP) both go to the app behind the server
 /// sidecar, over mTLS.
 pub fn mesh_policy(server_inbound: SocketAddr) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: app }}
-spec:
-  endpoints: {{ static: [\"{server_inbound}\"] }}
-  tls: {{ mode: mesh, identity: \"{SERVER_ID}\" }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: echo }}
-spec:
-  hostnames: [\"echo.test\"]
-  rules:
-    - backendRefs: [{{ name: app }}]
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: web }}
-spec:
-  hostnames: [\"web.test\"]
-  rules:
-    - backendRefs: [{{ name: app }}]
-"
-    )
+    backend_yaml("app", &[server_inbound.to_string()], Some(SERVER_ID))
+        + &route_yaml("GRPCRoute", "echo", "echo.test", &[("app", 1)])
+        + &route_yaml("HTTPRoute", "web", "web.test", &[("app", 1)])
 }
 
 /// Starts a sidecar in front of `app` with identity `id` and an empty
