@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{
-    BackendRef, BackendSpec, BackendTls, Endpoints, FaultInjection, GrpcRouteSpec, HeaderMatch,
-    HttpRouteSpec, Resource, Retry, Spec, Timeouts,
+    BackendRef, BackendSpec, BackendTls, Endpoints, GrpcRouteMatch, HeaderMatch, HttpRouteMatch,
+    Resource, RouteSpec, Spec,
 };
 
 use super::Snapshot;
@@ -59,10 +59,8 @@ pub fn compile(
     });
     for r in ordered {
         let result = match &r.spec {
-            Spec::GrpcRoute(spec) => grpc_rules(spec)
-                .and_then(|rules| add_route(&mut routes, r, &spec.hostnames, rules, &backends)),
-            Spec::HttpRoute(spec) => http_rules(spec)
-                .and_then(|rules| add_route(&mut routes, r, &spec.hostnames, rules, &backends)),
+            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends),
+            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -165,112 +163,87 @@ fn compile_headers(headers: &[HeaderMatch]) -> Result<Vec<(HeaderName, HeaderVal
         .collect()
 }
 
-/// One route rule, whatever its kind, with its matches already turned into
-/// matchers (a method string that is no method is reported with its path).
-struct RuleInput<'a> {
-    backend_refs: &'a [BackendRef],
-    timeouts: Option<Timeouts>,
-    retry: Option<Retry>,
-    fault_injection: Option<FaultInjection>,
-    matches: Vec<(Matcher, &'a [HeaderMatch])>,
+/// How a match of one route kind becomes a routing matcher.
+trait RouteMatch {
     /// The matcher of a rule without matches.
-    match_all: Matcher,
+    fn match_all() -> Matcher;
+    /// This match's matcher; an error names the field (`method: ...`).
+    fn matcher(&self) -> Result<Matcher, String>;
+    fn headers(&self) -> &[HeaderMatch];
 }
 
-fn grpc_rules(spec: &GrpcRouteSpec) -> Result<Vec<RuleInput<'_>>, String> {
-    Ok(spec
-        .rules
-        .iter()
-        .map(|rule| RuleInput {
-            backend_refs: &rule.backend_refs,
-            timeouts: rule.timeouts,
-            retry: rule.retry.clone(),
-            fault_injection: rule.fault_injection.clone(),
-            matches: rule
-                .matches
-                .iter()
-                .map(|m| {
-                    let matcher = Matcher::Grpc {
-                        service: m.method.as_ref().and_then(|mm| mm.service.clone()),
-                        method: m.method.as_ref().and_then(|mm| mm.method.clone()),
-                    };
-                    (matcher, m.headers.as_slice())
-                })
-                .collect(),
-            match_all: Matcher::Grpc {
-                service: None,
-                method: None,
-            },
+impl RouteMatch for GrpcRouteMatch {
+    fn match_all() -> Matcher {
+        Matcher::Grpc {
+            service: None,
+            method: None,
+        }
+    }
+
+    fn matcher(&self) -> Result<Matcher, String> {
+        Ok(Matcher::Grpc {
+            service: self.method.as_ref().and_then(|m| m.service.clone()),
+            method: self.method.as_ref().and_then(|m| m.method.clone()),
         })
-        .collect())
+    }
+
+    fn headers(&self) -> &[HeaderMatch] {
+        &self.headers
+    }
 }
 
-fn http_rules(spec: &HttpRouteSpec) -> Result<Vec<RuleInput<'_>>, String> {
-    spec.rules
-        .iter()
-        .enumerate()
-        .map(|(i, rule)| {
-            let matches = rule
-                .matches
-                .iter()
-                .enumerate()
-                .map(|(j, m)| {
-                    let method = m
-                        .method
-                        .as_deref()
-                        .map(|s| Method::from_bytes(s.as_bytes()))
-                        .transpose()
-                        .map_err(|_| {
-                            format!("spec.rules[{i}].matches[{j}].method: not a method")
-                        })?;
-                    let matcher = Matcher::Http {
-                        path: m.path.clone(),
-                        method,
-                    };
-                    Ok((matcher, m.headers.as_slice()))
-                })
-                .collect::<Result<_, String>>()?;
-            Ok(RuleInput {
-                backend_refs: &rule.backend_refs,
-                timeouts: rule.timeouts,
-                retry: rule.retry.clone(),
-                fault_injection: rule.fault_injection.clone(),
-                matches,
-                match_all: Matcher::Http {
-                    path: None,
-                    method: None,
-                },
-            })
+impl RouteMatch for HttpRouteMatch {
+    fn match_all() -> Matcher {
+        Matcher::Http {
+            path: None,
+            method: None,
+        }
+    }
+
+    fn matcher(&self) -> Result<Matcher, String> {
+        let method = self
+            .method
+            .as_deref()
+            .map(|s| Method::from_bytes(s.as_bytes()))
+            .transpose()
+            .map_err(|_| "method: not an HTTP method".to_string())?;
+        Ok(Matcher::Http {
+            path: self.path.clone(),
+            method,
         })
-        .collect()
+    }
+
+    fn headers(&self) -> &[HeaderMatch] {
+        &self.headers
+    }
 }
 
-fn add_route(
+fn add_route<M: RouteMatch>(
     routes: &mut RouteTable,
     r: &Resource,
-    hostnames: &[String],
-    rules: Vec<RuleInput<'_>>,
+    spec: &RouteSpec<M>,
     backends: &BTreeMap<String, Arc<Backend>>,
 ) -> Result<(), String> {
     let name: Arc<str> = r.display_name().into();
-    for (i, rule) in rules.into_iter().enumerate() {
-        let weighted = resolve_refs(rule.backend_refs, &r.metadata.namespace, backends)
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends)
             .map_err(|e| format!("spec.rules[{i}].backendRefs: {e}"))?;
         let compiled = Arc::new(Rule::new(
             name.clone(),
             i,
             weighted,
             rule.timeouts,
-            rule.retry,
-            rule.fault_injection,
+            rule.retry.clone(),
+            rule.fault_injection.clone(),
         ));
         if rule.matches.is_empty() {
-            routes.add(hostnames, rule.match_all, vec![], &compiled);
+            routes.add(&spec.hostnames, M::match_all(), vec![], &compiled);
         }
-        for (j, (matcher, headers)) in rule.matches.into_iter().enumerate() {
-            let headers = compile_headers(headers)
-                .map_err(|e| format!("spec.rules[{i}].matches[{j}].headers: {e}"))?;
-            routes.add(hostnames, matcher, headers, &compiled);
+        for (j, m) in rule.matches.iter().enumerate() {
+            let at = format!("spec.rules[{i}].matches[{j}]");
+            let matcher = m.matcher().map_err(|e| format!("{at}.{e}"))?;
+            let headers = compile_headers(m.headers()).map_err(|e| format!("{at}.headers: {e}"))?;
+            routes.add(&spec.hostnames, matcher, headers, &compiled);
         }
     }
     Ok(())

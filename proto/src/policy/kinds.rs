@@ -80,8 +80,8 @@ fn resource(d: &mut Decoder, root: &Val<'_>) -> Option<Resource> {
         .zip(kind)
         .and_then(|(v, kind)| match kind {
             Kind::Backend => backend(d, &v).map(Spec::Backend),
-            Kind::GrpcRoute => grpc_route(d, &v).map(Spec::GrpcRoute),
-            Kind::HttpRoute => http_route(d, &v).map(Spec::HttpRoute),
+            Kind::GrpcRoute => route(d, &v, grpc_match).map(Spec::GrpcRoute),
+            Kind::HttpRoute => route(d, &v, http_match).map(Spec::HttpRoute),
             Kind::BackendTrafficPolicy => traffic_policy(d, &v).map(Spec::BackendTrafficPolicy),
             Kind::AuthorizationPolicy => authorization(d, &v).map(Spec::AuthorizationPolicy),
         });
@@ -190,23 +190,12 @@ fn tls(d: &mut Decoder, at: &Val<'_>) -> Option<BackendTls> {
 
 // ---------------------------------------------------------------- routes
 
-/// What GRPC and HTTP rules share besides their matches.
-struct RuleCommon {
-    backend_refs: Vec<BackendRef>,
-    timeouts: Option<Timeouts>,
-    retry: Option<Retry>,
-    fault_injection: Option<FaultInjection>,
-}
-
-/// A route's rules, each with the kind's own matches.
-type Rules<M> = Vec<(Vec<M>, RuleCommon)>;
-
 /// A route spec with the kind's own match decoder: hostnames and rules.
 fn route<M>(
     d: &mut Decoder,
     at: &Val<'_>,
     matcher: impl Fn(&mut Decoder, &Val<'_>) -> Option<M>,
-) -> Option<(Vec<String>, Rules<M>)> {
+) -> Option<RouteSpec<M>> {
     let o = d.obj(at, &["hostnames", "rules"])?;
     let hostnames = d.opt(&o, "hostnames", |d, v| {
         d.each(v, |d, h| d.string_with(h, route_hostname))
@@ -228,46 +217,19 @@ fn route<M>(
             let timeouts = d.opt(&o, "timeouts", timeouts);
             let retry = d.opt(&o, "retry", retry);
             let fault_injection = d.opt(&o, "faultInjection", fault_injection);
-            let common = RuleCommon {
+            Some(RouteRule {
+                matches: matches?.unwrap_or_default(),
                 backend_refs: backend_refs?,
                 timeouts: timeouts?,
                 retry: retry?,
                 fault_injection: fault_injection?,
-            };
-            Some((matches?.unwrap_or_default(), common))
+            })
         })
     });
-    Some((hostnames?.unwrap_or_default(), rules?))
-}
-
-fn grpc_route(d: &mut Decoder, at: &Val<'_>) -> Option<GrpcRouteSpec> {
-    let (hostnames, rules) = route(d, at, grpc_match)?;
-    let rules = rules
-        .into_iter()
-        .map(|(matches, c)| GrpcRouteRule {
-            matches,
-            backend_refs: c.backend_refs,
-            timeouts: c.timeouts,
-            retry: c.retry,
-            fault_injection: c.fault_injection,
-        })
-        .collect();
-    Some(GrpcRouteSpec { hostnames, rules })
-}
-
-fn http_route(d: &mut Decoder, at: &Val<'_>) -> Option<HttpRouteSpec> {
-    let (hostnames, rules) = route(d, at, http_match)?;
-    let rules = rules
-        .into_iter()
-        .map(|(matches, c)| HttpRouteRule {
-            matches,
-            backend_refs: c.backend_refs,
-            timeouts: c.timeouts,
-            retry: c.retry,
-            fault_injection: c.fault_injection,
-        })
-        .collect();
-    Some(HttpRouteSpec { hostnames, rules })
+    Some(RouteSpec {
+        hostnames: hostnames?.unwrap_or_default(),
+        rules: rules?,
+    })
 }
 
 fn grpc_match(d: &mut Decoder, at: &Val<'_>) -> Option<GrpcRouteMatch> {

@@ -179,22 +179,29 @@ pub enum BackendTls {
 
 // ---------------------------------------------------------------- routes
 
+/// GRPCRoute and HTTPRoute share their shape; only the matches differ.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GrpcRouteSpec {
+pub struct RouteSpec<M> {
     /// Empty: the route applies to every authority.
     pub hostnames: Vec<String>,
-    pub rules: Vec<GrpcRouteRule>,
+    pub rules: Vec<RouteRule<M>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct GrpcRouteRule {
-    /// Empty: the rule matches every gRPC request.
-    pub matches: Vec<GrpcRouteMatch>,
+pub struct RouteRule<M> {
+    /// Empty: the rule matches every request of its kind (every gRPC call
+    /// for a GRPCRoute, `PathPrefix /` for an HTTPRoute).
+    pub matches: Vec<M>,
     pub backend_refs: Vec<BackendRef>,
     pub timeouts: Option<Timeouts>,
     pub retry: Option<Retry>,
     pub fault_injection: Option<FaultInjection>,
 }
+
+pub type GrpcRouteSpec = RouteSpec<GrpcRouteMatch>;
+pub type GrpcRouteRule = RouteRule<GrpcRouteMatch>;
+pub type HttpRouteSpec = RouteSpec<HttpRouteMatch>;
+pub type HttpRouteRule = RouteRule<HttpRouteMatch>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GrpcRouteMatch {
@@ -214,23 +221,6 @@ pub struct GrpcMethodMatch {
 pub struct HeaderMatch {
     pub name: String,
     pub value: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpRouteSpec {
-    /// Empty: the route applies to every authority.
-    pub hostnames: Vec<String>,
-    pub rules: Vec<HttpRouteRule>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpRouteRule {
-    /// Empty: the rule matches every request (`PathPrefix /`).
-    pub matches: Vec<HttpRouteMatch>,
-    pub backend_refs: Vec<BackendRef>,
-    pub timeouts: Option<Timeouts>,
-    pub retry: Option<Retry>,
-    pub fault_injection: Option<FaultInjection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

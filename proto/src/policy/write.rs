@@ -163,24 +163,8 @@ fn resource(r: &Resource) -> Out {
         .opt("annotations", labels(&m.annotations));
     let spec = match &r.spec {
         Spec::Backend(s) => backend(s),
-        Spec::GrpcRoute(s) => route(&s.hostnames, &s.rules, |rule| {
-            rule_common(
-                M::default().list("matches", &rule.matches, grpc_match),
-                &rule.backend_refs,
-                &rule.timeouts,
-                &rule.retry,
-                &rule.fault_injection,
-            )
-        }),
-        Spec::HttpRoute(s) => route(&s.hostnames, &s.rules, |rule| {
-            rule_common(
-                M::default().list("matches", &rule.matches, http_match),
-                &rule.backend_refs,
-                &rule.timeouts,
-                &rule.retry,
-                &rule.fault_injection,
-            )
-        }),
+        Spec::GrpcRoute(s) => route(s, grpc_match),
+        Spec::HttpRoute(s) => route(s, http_match),
         Spec::BackendTrafficPolicy(s) => traffic_policy(s),
         Spec::AuthorizationPolicy(s) => authorization(s),
     };
@@ -216,19 +200,21 @@ fn backend(s: &BackendSpec) -> M {
         .opt("tls", tls)
 }
 
-fn route<R>(hostnames: &[String], rules: &[R], rule: impl Fn(&R) -> Out) -> M {
+fn route<T>(spec: &RouteSpec<T>, matcher: fn(&T) -> Out) -> M {
+    let rules = spec.rules.iter().map(|r| route_rule(r, matcher)).collect();
     M::default()
-        .strings("hostnames", hostnames)
-        .set("rules", Out::List(rules.iter().map(rule).collect()))
+        .strings("hostnames", &spec.hostnames)
+        .set("rules", Out::List(rules))
 }
 
-fn rule_common(
-    m: M,
-    refs: &[BackendRef],
-    timeouts: &Option<Timeouts>,
-    retry: &Option<Retry>,
-    fault: &Option<FaultInjection>,
-) -> Out {
+fn route_rule<T>(rule: &RouteRule<T>, matcher: fn(&T) -> Out) -> Out {
+    let m = M::default().list("matches", &rule.matches, matcher);
+    let (refs, timeouts, retry, fault) = (
+        &rule.backend_refs,
+        &rule.timeouts,
+        &rule.retry,
+        &rule.fault_injection,
+    );
     let backend_ref = |b: &BackendRef| {
         M::default()
             .set("name", &b.name)
