@@ -7,5 +7,6 @@ mod grpc;
 mod http;
 mod lifecycle;
 mod policy;
+mod routing;
 mod tls;
 mod transparent;
