@@ -1,1 +1,513 @@
-fn main() {}
+//! The mesh benchmark: `helloworld.Greeter/SayHello` measured **direct** and
+//! **through the two-hop mTLS mesh**, in one run, with the ratios between
+//! them.
+//!
+//! The greeter and the load generator run in this process; the two sidecars
+//! are real `pylon proxy` processes (the binary cargo builds for benches),
+//! configured from files in a scratch directory:
+//!
+//! ```text
+//! direct:  load generator ──h2c──▶ greeter
+//! mesh:    load generator ──h2c──▶ pylon (client) ══mTLS══▶ pylon (server) ──h2c──▶ greeter
+//! ```
+//!
+//! For each path: a warm-up, a max-throughput run (closed loop, N concurrent
+//! calls) and a fixed-rate run (open loop, latency from the intended send
+//! time). Settings come from the environment (see `benches/README.md`).
+//! Everything shares the machine's cores, so the numbers describe this
+//! machine, not the proxy alone.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pylon::admin::BoundAddrs;
+use pylon::demo::greeter::RunningGreeter;
+use pylon::demo::{
+    CLIENT_ID, GREETER_AUTHORITY, GREETER_ID, Identities, ScratchDir, client_policy,
+};
+use pylon::identity::dev::IdentityFiles;
+use pylon::loadgen::{Latency, Load, LoadGenerator, Report, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// How long a sidecar may take to bind its listeners or become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_POLL: Duration = Duration::from_millis(20);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sidecar log lines kept to explain a failure.
+const LOG_TAIL: usize = 50;
+const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(64).expect("64 is not zero");
+const DEFAULT_RPS: NonZeroU32 = NonZeroU32::new(2000).expect("2000 is not zero");
+const DEFAULT_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(4).expect("4 is not zero");
+
+/// What to run, from the environment.
+struct Settings {
+    /// Length of each measured run (`PYLON_BENCH_SECS`).
+    measure: Duration,
+    /// Max-throughput warm-up before each path (`PYLON_BENCH_WARMUP_SECS`).
+    warmup: Duration,
+    /// Concurrent calls of the max-throughput runs (`PYLON_BENCH_CONCURRENCY`).
+    concurrency: NonZeroUsize,
+    /// Rate of the fixed-rate runs (`PYLON_BENCH_RPS`).
+    rps: NonZeroU32,
+    /// HTTP/2 connections from the load generator (`PYLON_BENCH_CONNECTIONS`).
+    connections: NonZeroUsize,
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Settings> {
+        Ok(Settings {
+            measure: Duration::from_secs(env_or("PYLON_BENCH_SECS", 10u64)?),
+            warmup: Duration::from_secs(env_or("PYLON_BENCH_WARMUP_SECS", 2u64)?),
+            concurrency: env_or("PYLON_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY)?,
+            rps: env_or("PYLON_BENCH_RPS", DEFAULT_RPS)?,
+            connections: env_or("PYLON_BENCH_CONNECTIONS", DEFAULT_CONNECTIONS)?,
+        })
+    }
+}
+
+/// `name` parsed from the environment, or `default` when unset.
+fn env_or<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => bail!("{name}: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    let load_before = load_average();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let greeter = runtime.block_on(RunningGreeter::start(loopback))?;
+
+    // Processes and files are set up outside the runtime: this part blocks.
+    let scratch = ScratchDir::create("bench")?;
+    let mesh = ProcessMesh::spawn(scratch.path(), greeter.addr)?;
+
+    let (direct, meshed) = runtime.block_on(async {
+        mesh.wait_ready().await?;
+        let direct = measure("direct", greeter.addr, &settings).await?;
+        let meshed = measure("mesh", mesh.client.addrs.outbound, &settings).await?;
+        anyhow::Ok((direct, meshed))
+    })?;
+    drop(mesh);
+    runtime.block_on(greeter.stop())?;
+    drop(scratch);
+
+    print_results(&settings, &direct, &meshed);
+    if let (Some(before), Some(after)) = (load_before, load_average()) {
+        println!();
+        println!("load average (1, 5, 15 min) before: {before}, after: {after}");
+    }
+    Ok(())
+}
+
+/// The machine's load averages (Linux), to tell whether other work shared
+/// the cores during the run.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// The reports of one path.
+struct Measured {
+    max_throughput: Report,
+    fixed_rate: Report,
+}
+
+async fn measure(label: &str, addr: SocketAddr, settings: &Settings) -> anyhow::Result<Measured> {
+    let target = Target {
+        addr,
+        authority: GREETER_AUTHORITY.to_string(),
+        connections: settings.connections,
+        request_timeout: REQUEST_TIMEOUT,
+    };
+    let generator = LoadGenerator::connect(&target).await?;
+    let closed_loop = Load::MaxThroughput {
+        concurrency: settings.concurrency,
+    };
+    eprintln!("{label}: warm-up, {}s", settings.warmup.as_secs());
+    run_for(&generator, closed_loop, settings.warmup).await?;
+    eprintln!(
+        "{label}: max throughput, {} concurrent, {}s",
+        settings.concurrency,
+        settings.measure.as_secs()
+    );
+    let max_throughput = run_for(&generator, closed_loop, settings.measure).await?;
+    eprintln!("{label}:   {}", one_line(&max_throughput));
+    eprintln!(
+        "{label}: fixed rate, {} rps, {}s",
+        settings.rps,
+        settings.measure.as_secs()
+    );
+    let open_loop = Load::FixedRate {
+        rps: settings.rps,
+        // Enough for a second of backlog: beyond that the path is not
+        // keeping up and skipping says so.
+        max_outstanding: settings.rps,
+    };
+    let fixed_rate = run_for(&generator, open_loop, settings.measure).await?;
+    eprintln!("{label}:   {}", one_line(&fixed_rate));
+    Ok(Measured {
+        max_throughput,
+        fixed_rate,
+    })
+}
+
+async fn run_for(
+    generator: &LoadGenerator,
+    load: Load,
+    length: Duration,
+) -> anyhow::Result<Report> {
+    let run = generator.start(load);
+    tokio::time::sleep(length).await;
+    Ok(run.finish().await?)
+}
+
+fn one_line(r: &Report) -> String {
+    let p = |pick: fn(&Latency) -> Duration| r.latency.as_ref().map_or("-".into(), |l| ms(pick(l)));
+    format!(
+        "{:.0} rps, {} ok, {} errors, p50 {} ms, p99 {} ms",
+        r.rps(),
+        r.ok,
+        r.error_count(),
+        p(|l| l.p50),
+        p(|l| l.p99)
+    )
+}
+
+/// Two `pylon proxy` processes: `client` routes `greeter` over mTLS to
+/// `server`, which forwards to the greeter.
+struct ProcessMesh {
+    client: SidecarProcess,
+    server: SidecarProcess,
+}
+
+impl ProcessMesh {
+    /// Writes identities, policies and configs into `dir` and starts both
+    /// processes. Blocking.
+    fn spawn(dir: &Path, greeter: SocketAddr) -> anyhow::Result<ProcessMesh> {
+        let identities = Identities::issue(dir)?;
+        let server_policy = dir.join("server-policy.yaml");
+        std::fs::write(&server_policy, "")?;
+        let server_config = dir.join("server.yaml");
+        std::fs::write(
+            &server_config,
+            sidecar_config(&identities.greeter, &server_policy, greeter),
+        )?;
+        let server = SidecarProcess::spawn("server", &server_config)?;
+
+        let client_policy_path = dir.join("client-policy.yaml");
+        std::fs::write(&client_policy_path, client_policy(server.addrs.inbound))?;
+        // Nothing calls the client sidecar's inbound side.
+        let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let client_config = dir.join("client.yaml");
+        std::fs::write(
+            &client_config,
+            sidecar_config(&identities.client, &client_policy_path, no_app),
+        )?;
+        let client = SidecarProcess::spawn("client", &client_config)?;
+        Ok(ProcessMesh { client, server })
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.server.wait_ready().await?;
+        self.client.wait_ready().await
+    }
+}
+
+/// A bootstrap config whose listeners all take free loopback ports.
+fn sidecar_config(identity: &IdentityFiles, policy: &Path, app: SocketAddr) -> String {
+    format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}
+outbound: {{ listen: \"127.0.0.1:0\" }}
+inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
+identity:
+  files: {{ cert: {:?}, key: {:?}, trustBundle: {:?} }}
+policy:
+  file: {:?}
+",
+        identity.cert, identity.key, identity.trust_bundle, policy
+    )
+}
+
+/// A `pylon proxy` process; killed on drop.
+struct SidecarProcess {
+    name: &'static str,
+    child: Child,
+    addrs: BoundAddrs,
+    /// The last lines it logged.
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl SidecarProcess {
+    /// Starts `pylon proxy --config <config>` and waits until it has logged
+    /// its bound addresses. Blocking.
+    fn spawn(name: &'static str, config: &Path) -> anyhow::Result<SidecarProcess> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pylon"))
+            .arg("proxy")
+            .arg("--config")
+            .arg(config)
+            // Warnings, plus the line that reports the bound addresses.
+            .env("PYLON_LOG", "warn,pylon::sidecar=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start pylon proxy")?;
+        let Some(stderr) = child.stderr.take() else {
+            bail!("pylon proxy has no stderr pipe");
+        };
+        let log_tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
+        let (listening, listening_line) = mpsc::channel();
+        let tail = log_tail.clone();
+        // Drains stderr for the life of the process, so that it never blocks
+        // on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening admin=") {
+                    let _ = listening.send(line.clone());
+                }
+                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                if tail.len() == LOG_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+        let bound = listening_line
+            .recv_timeout(START_TIMEOUT)
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the {name} sidecar did not report its listeners:\n{}",
+                    joined(&log_tail)
+                )
+            })
+            .and_then(|line| parse_listening(&line));
+        match bound {
+            Ok(addrs) => Ok(SidecarProcess {
+                name,
+                child,
+                addrs,
+                log_tail,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until `GET /ready` answers 200.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut poll = tokio::time::interval(READY_POLL);
+        loop {
+            poll.tick().await;
+            if let Ok(200) = admin_status(self.addrs.admin, "/ready").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} sidecar never became ready:\n{}",
+                    self.name,
+                    self.recent_logs()
+                );
+            }
+        }
+    }
+
+    fn recent_logs(&self) -> String {
+        joined(&self.log_tail)
+    }
+}
+
+fn joined(lines: &Mutex<VecDeque<String>>) -> String {
+    let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+    Vec::from(lines.clone()).join("\n")
+}
+
+/// The addresses in `listening admin=A outbound=B inbound=C app=D`.
+fn parse_listening(line: &str) -> anyhow::Result<BoundAddrs> {
+    let field = |key: &str| -> anyhow::Result<SocketAddr> {
+        let start = line
+            .find(&format!("{key}="))
+            .with_context(|| format!("no {key}= in {line:?}"))?
+            + key.len()
+            + 1;
+        let value = line[start..].split_whitespace().next().unwrap_or_default();
+        value
+            .parse()
+            .with_context(|| format!("{key}={value:?} in {line:?}"))
+    };
+    Ok(BoundAddrs {
+        admin: field("admin")?,
+        outbound: field("outbound")?,
+        inbound: field("inbound")?,
+    })
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HTTP status of `GET path` on an admin address.
+async fn admin_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).await?;
+    let status = String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(status)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
+    let cpus = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
+    println!();
+    println!(
+        "pylon mesh benchmark: helloworld.Greeter/SayHello, {cpus} CPUs, {} HTTP/2 connections from the load generator",
+        settings.connections
+    );
+    println!("  direct: load generator → greeter");
+    println!(
+        "  mesh:   load generator → pylon proxy (client) ══mTLS══▶ pylon proxy (server) → greeter"
+    );
+    println!("          (sidecar identities {CLIENT_ID} and {GREETER_ID})");
+    println!();
+    println!(
+        "max throughput: {} concurrent calls, {}s after a {}s warm-up",
+        settings.concurrency,
+        settings.measure.as_secs(),
+        settings.warmup.as_secs()
+    );
+    print_table(&direct.max_throughput, &mesh.max_throughput);
+    println!();
+    println!(
+        "fixed rate: {} rps for {}s, latency from the intended send time",
+        settings.rps,
+        settings.measure.as_secs()
+    );
+    print_table(&direct.fixed_rate, &mesh.fixed_rate);
+    println!();
+    println!("mesh vs direct");
+    println!(
+        "  throughput (max)             {:.2}× direct",
+        mesh.max_throughput.rps() / direct.max_throughput.rps()
+    );
+    println!(
+        "  added latency at {:>5} rps   {}",
+        settings.rps,
+        added(&direct.fixed_rate, &mesh.fixed_rate)
+    );
+    println!(
+        "  added latency at max load    {}",
+        added(&direct.max_throughput, &mesh.max_throughput)
+    );
+    for (label, r) in [("direct", &direct.fixed_rate), ("mesh", &mesh.fixed_rate)] {
+        let achieved = r.rps() / f64::from(settings.rps.get());
+        if r.error_count() > 0 || achieved < 0.95 {
+            println!(
+                "  note: {label} did not sustain {} rps ({:.0} achieved, {} errors): its fixed-rate latency includes queueing",
+                settings.rps,
+                r.rps(),
+                r.error_count()
+            );
+        }
+    }
+}
+
+fn print_table(direct: &Report, mesh: &Report) {
+    println!(
+        "  {:<7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "", "rps", "success", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    for (label, r) in [("direct", direct), ("mesh", mesh)] {
+        let success = r
+            .success_percent()
+            .map_or("-".into(), |p| format!("{p:.2}%"));
+        let latency = match &r.latency {
+            Some(l) => [l.p50, l.p90, l.p99, l.p999, l.max].map(ms),
+            None => std::array::from_fn(|_| "-".to_string()),
+        };
+        println!(
+            "  {:<7} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            label,
+            r.rps(),
+            success,
+            latency[0],
+            latency[1],
+            latency[2],
+            latency[3],
+            latency[4],
+            r.error_count()
+        );
+    }
+}
+
+/// How much later the mesh answered than the direct path, at p50 and p99.
+fn added(direct: &Report, mesh: &Report) -> String {
+    match (&direct.latency, &mesh.latency) {
+        (Some(d), Some(m)) => {
+            let delta = |a: Duration, b: Duration| (b.as_secs_f64() - a.as_secs_f64()) * 1000.0;
+            format!(
+                "p50 {:+.3} ms, p99 {:+.3} ms",
+                delta(d.p50, m.p50),
+                delta(d.p99, m.p99)
+            )
+        }
+        _ => "- (no successful calls)".to_string(),
+    }
+}

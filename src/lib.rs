@@ -5,13 +5,18 @@
 //! [`policy`] (snapshots and their sources), [`routing`] (request → rule →
 //! backend), [`proxy`] (listeners, inbound and outbound paths, connection
 //! pools) and [`admin`] (health, readiness, config dump, drain).
+//!
+//! [`loadgen`] (a gRPC load generator) and [`demo`] (`pylon demo`: a mesh on
+//! loopback with live traffic) serve the showcase and the benchmarks.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod identity;
+pub mod loadgen;
 pub mod policy;
 pub mod proxy;
 pub mod routing;

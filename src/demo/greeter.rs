@@ -1,0 +1,87 @@
+//! The sample service of `pylon demo` and the mesh benchmark:
+//! `helloworld.Greeter/SayHello`, answering `Hello, <name>`.
+//!
+//! It does no work beyond formatting the reply, so what a load generator
+//! measures against it is the cost of the path to it (gRPC, HTTP/2, and the
+//! mesh when there is one), not of the service.
+
+use std::net::SocketAddr;
+
+use pylon_proto::helloworld::greeter_server::{Greeter, GreeterServer};
+use pylon_proto::helloworld::{HelloReply, HelloRequest};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+/// `SayHello` → `Hello, <name>`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HelloGreeter;
+
+#[tonic::async_trait]
+impl Greeter for HelloGreeter {
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(HelloReply {
+            message: format!("Hello, {name}"),
+        }))
+    }
+}
+
+/// A [`HelloGreeter`] served over h2c on a background task.
+pub struct RunningGreeter {
+    pub addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningGreeter {
+    /// Binds `addr` (port 0 for a free one) and starts serving.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<RunningGreeter> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (shutdown, stop_requested) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GreeterServer::new(HelloGreeter))
+                .serve_with_incoming_shutdown(incoming, async {
+                    // A dropped sender stops the server as well.
+                    let _ = stop_requested.await;
+                }),
+        );
+        Ok(RunningGreeter {
+            addr,
+            shutdown,
+            server,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish, and returns how
+    /// serving ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.server.await??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn says_hello_to_the_caller_by_name() {
+        let reply = HelloGreeter
+            .say_hello(Request::new(HelloRequest {
+                name: "mesh".into(),
+            }))
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().message, "Hello, mesh");
+    }
+}
