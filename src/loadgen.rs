@@ -42,9 +42,9 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Tokio's timer has millisecond resolution: the fixed-rate scheduler wakes
 /// up to this much before a request is due and sends everything due within
-/// that window. Each call is measured from the later of its intended and its
-/// actual send time, so timer granularity is not counted as latency while any
-/// real stall is.
+/// that window. Each call is measured from its actual send time, but never
+/// from later than one lead past its intended time: timer granularity is not
+/// counted as latency, while a stall (in the target or the generator) is.
 const SCHEDULE_LEAD: Duration = Duration::from_millis(1);
 
 /// Latencies are recorded in microseconds between these bounds (larger
@@ -375,7 +375,7 @@ async fn drive_fixed_rate(
                 stats.record_error(slot, ErrorKind::Skipped);
                 continue;
             };
-            let measured_from = Instant::now().max(start + schedule.offset(i));
+            let measured_from = Instant::now().min(start + schedule.offset(i) + SCHEDULE_LEAD);
             let mut client = clients[slot].clone();
             let stats = stats.clone();
             tokio::spawn(async move {
