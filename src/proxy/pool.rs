@@ -187,7 +187,9 @@ impl Endpoint {
             // outcome rather than queueing one connect timeout after another.
             return Err(e.clone());
         }
-        let result = self.connect_h2().await;
+        // Boxed: a connect (TCP, TLS, HTTP/2 handshake) is a large future, and
+        // rare; kept inline it would bloat every request's future.
+        let result = Box::pin(self.connect_h2()).await;
         *last_error = result.as_ref().err().cloned();
         self.h2_attempts.fetch_add(1, Ordering::Release);
         let sender = Arc::new(result?);
@@ -209,7 +211,12 @@ impl Endpoint {
         loop {
             let (mut sender, reused) = match self.h1_idle.take().await {
                 Some(s) => (s, true),
-                None => (self.connect_h1().await.map_err(SendError::Connect)?, false),
+                None => (
+                    Box::pin(self.connect_h1())
+                        .await
+                        .map_err(SendError::Connect)?,
+                    false,
+                ),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
