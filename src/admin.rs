@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::UNIX_EPOCH;
 
+use crate::resilience::outlier::EndpointState;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -101,6 +102,22 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                 )
             }
         }
+        (&Method::GET, "/metrics") => {
+            let snapshot = state.policy.load_full();
+            let now = tokio::time::Instant::now();
+            for backend in snapshot.backends.values() {
+                let ejected = i64::try_from(backend.ejected(now)).unwrap_or(i64::MAX);
+                backend.metrics.ejections_active.set(ejected);
+            }
+            let mut resp = Response::new(ProxyBody::full(state.policy.metrics().encode()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
         (&Method::GET, "/config") => {
             let mut resp = Response::new(ProxyBody::full(config_dump(state).to_string()));
             resp.headers_mut().insert(
@@ -114,7 +131,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             state.shutdown.send_replace(true);
             text(StatusCode::ACCEPTED, "draining\n")
         }
-        (_, "/live" | "/ready" | "/config" | "/drain") => {
+        (_, "/live" | "/ready" | "/config" | "/metrics" | "/drain") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -158,25 +175,38 @@ pub fn config_dump(state: &AdminState) -> Value {
             "backends": backends,
         }));
     }
+    let now = tokio::time::Instant::now();
     let backends: Vec<Value> = snapshot
         .backends
         .values()
         .map(|b| {
+            let config = b.config();
             let endpoints: Vec<Value> = b
                 .endpoints()
                 .iter()
                 .map(|e| {
+                    let (state, ejected_for_ms) = match e.health.state(now) {
+                        EndpointState::Active => ("active", None),
+                        EndpointState::Probation => ("probation", None),
+                        EndpointState::Ejected { remaining } => {
+                            ("ejected", Some(remaining.as_millis() as u64))
+                        }
+                    };
                     json!({
                         "address": e.addr().to_string(),
-                        "state": "active",
-                        "connections": e.open_connections(),
+                        "state": state,
+                        "ejectedForMs": ejected_for_ms,
+                        "ejections": e.health.ejections_total(),
+                        "inFlight": e.load.in_flight(),
+                        "connections": e.pool.open_connections(),
                     })
                 })
                 .collect();
             json!({
                 "name": &*b.name,
-                "protocol": b.protocol.map(|p| p.as_str()),
-                "tls": match &b.tls {
+                "protocol": config.protocol.map(|p| p.as_str()),
+                "loadBalancer": config.load_balancer.as_str(),
+                "tls": match &config.tls {
                     BackendTls::Mesh { identity } => json!({ "mode": "mesh", "identity": identity }),
                     BackendTls::Disabled => json!({ "mode": "disabled" }),
                 },

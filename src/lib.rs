@@ -4,7 +4,9 @@
 //! [`config`] (bootstrap), [`identity`] (certificates, mTLS, SPIFFE),
 //! [`policy`] (snapshots and their sources), [`routing`] (request → rule →
 //! backend), [`proxy`] (listeners, inbound and outbound paths, connection
-//! pools) and [`admin`] (health, readiness, config dump, drain).
+//! pools), [`resilience`] (rate limits, retry budgets, bulkheads, outlier
+//! ejection and endpoint choice), [`telemetry`] (metrics) and [`admin`]
+//! (health, readiness, config dump, drain).
 //!
 //! [`loadgen`] (a gRPC load generator) and [`demo`] (`pylon demo`: a mesh on
 //! loopback with live traffic) serve the showcase and the benchmarks.
@@ -19,5 +21,7 @@ pub mod identity;
 pub mod loadgen;
 pub mod policy;
 pub mod proxy;
+pub mod resilience;
 pub mod routing;
 pub mod sidecar;
+pub mod telemetry;

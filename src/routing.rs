@@ -23,6 +23,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{FaultInjection, PathMatch, Retry, Timeouts};
 
 use crate::proxy::backend::Backend;
+use crate::telemetry::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
 
 /// A compiled route rule: where matching requests go, and the per-route
 /// policy the layers below read.
@@ -37,6 +39,16 @@ pub struct Rule {
     pub timeouts: Option<Timeouts>,
     pub retry: Option<Retry>,
     pub fault_injection: Option<FaultInjection>,
+    pub fault_delays: Counter,
+    pub fault_aborts: Counter,
+}
+
+/// A rule's policy besides its backends.
+#[derive(Debug, Clone, Default)]
+pub struct RulePolicy {
+    pub timeouts: Option<Timeouts>,
+    pub retry: Option<Retry>,
+    pub fault_injection: Option<FaultInjection>,
 }
 
 impl Rule {
@@ -44,9 +56,8 @@ impl Rule {
         route: Arc<str>,
         index: usize,
         weighted: Vec<(u32, Arc<Backend>)>,
-        timeouts: Option<Timeouts>,
-        retry: Option<Retry>,
-        fault_injection: Option<FaultInjection>,
+        policy: RulePolicy,
+        metrics: &Metrics,
     ) -> Self {
         let mut total = 0u32;
         let backends = weighted
@@ -58,13 +69,15 @@ impl Rule {
             })
             .collect();
         Rule {
+            fault_delays: metrics.fault(&route, "delay"),
+            fault_aborts: metrics.fault(&route, "abort"),
             route,
             index,
             backends,
             total_weight: total,
-            timeouts,
-            retry,
-            fault_injection,
+            timeouts: policy.timeouts,
+            retry: policy.retry,
+            fault_injection: policy.fault_injection,
         }
     }
 
@@ -395,7 +408,13 @@ mod tests {
 
     fn rule(name: &str) -> Arc<Rule> {
         let b = Backend::for_tests(name);
-        Arc::new(Rule::new(name.into(), 0, vec![(1, b)], None, None, None))
+        Arc::new(Rule::new(
+            name.into(),
+            0,
+            vec![(1, b)],
+            RulePolicy::default(),
+            &Metrics::new(),
+        ))
     }
 
     fn view<'a>(
@@ -571,9 +590,8 @@ mod tests {
             "r".into(),
             0,
             vec![(3, a.clone()), (1, b), (0, Backend::for_tests("c"))],
-            None,
-            None,
-            None,
+            RulePolicy::default(),
+            &Metrics::new(),
         );
         fastrand::seed(7);
         let picks_a = (0..4000)
@@ -589,9 +607,8 @@ mod tests {
             "r".into(),
             0,
             vec![(0, Backend::for_tests("z"))],
-            None,
-            None,
-            None,
+            RulePolicy::default(),
+            &Metrics::new(),
         );
         assert!(none.pick_backend().is_none());
     }

@@ -17,6 +17,7 @@ use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::telemetry::metrics::Metrics;
 
 /// How long in-flight requests may take to finish once a drain starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -80,7 +81,12 @@ impl Sidecar {
 
         let (shutdown, _) = watch::channel(false);
         let PolicySource::File(policy_path) = &config.policy;
-        let policy = PolicyStore::new(identity.clone(), format!("file:{}", policy_path.display()));
+        let metrics = Metrics::new();
+        let policy = PolicyStore::new(
+            identity.clone(),
+            metrics.clone(),
+            format!("file:{}", policy_path.display()),
+        );
         let mut background = vec![tokio::spawn(policy::file::watch(
             policy_path.clone(),
             policy.clone(),
@@ -103,7 +109,11 @@ impl Sidecar {
             DRAIN_TIMEOUT,
             move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
         ));
-        let inbound = Inbound::new(server_tls, config.inbound.app);
+        let inbound = Inbound::new(
+            server_tls,
+            config.inbound.app,
+            policy.inbound_limits().clone(),
+        );
         tasks.spawn(accept_loop(
             inbound_l,
             shutdown.subscribe(),

@@ -146,6 +146,18 @@ pub fn credentials_from(
     })
 }
 
+/// The Kubernetes service account a SPIFFE ID names
+/// (`spiffe://<trust domain>/ns/<namespace>/sa/<name>`), as (namespace, name).
+pub fn service_account(spiffe_id: &str) -> Option<(String, String)> {
+    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => {
+            Some((ns.to_string(), sa.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// The single `spiffe://` URI SAN of a certificate.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<String, String> {
     use x509_parser::extensions::GeneralName;

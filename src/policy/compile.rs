@@ -1,48 +1,113 @@
 //! Policy resources → [`Snapshot`]: names resolved once, routes indexed,
-//! backends' live state (endpoints and their connections, TLS configs)
-//! carried over from the previous snapshot wherever it still applies.
+//! each Backend joined with its BackendTrafficPolicy.
+//!
+//! Compiling changes nothing that is live: backends that exist in the
+//! previous snapshot are reused (their state survives the reload) but their
+//! new configuration is only returned as [`BackendUpdate`]s, applied by the
+//! caller once the whole policy compiled. A policy that fails leaves every
+//! backend as it was.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{
-    BackendRef, BackendSpec, BackendTls, Endpoints, GrpcRouteMatch, HeaderMatch, HttpRouteMatch,
-    Resource, RouteSpec, Spec,
+    BackendRef, BackendSpec, BackendTls, BackendTrafficPolicySpec, Endpoints, GrpcRouteMatch,
+    HeaderMatch, HttpRouteMatch, Resource, RouteSpec, Spec, TargetKind,
 };
 
-use super::Snapshot;
+use super::{InboundPolicy, Snapshot};
 use crate::identity::{IdentityStore, tls};
-use crate::proxy::backend::Backend;
-use crate::proxy::pool::{Endpoint, Transport};
-use crate::routing::{Matcher, RouteTable, Rule};
+use crate::proxy::backend::{Backend, BackendConfig};
+use crate::proxy::pool::Transport;
+use crate::routing::{Matcher, RouteTable, Rule, RulePolicy};
+use crate::telemetry::metrics::Metrics;
 
-/// Compiles validated resources. `prev` lends its live state.
+/// What compiling needs besides the resources.
+pub struct CompileContext<'a> {
+    pub identity: &'a Arc<IdentityStore>,
+    pub metrics: &'a Metrics,
+    /// This workload's service account (namespace, name), from its SPIFFE
+    /// ID: a BackendTrafficPolicy targeting it protects the local app.
+    pub service_account: Option<(String, String)>,
+}
+
+/// New configuration for a backend, applied once the policy compiled.
+pub struct BackendUpdate {
+    pub backend: Arc<Backend>,
+    pub config: BackendConfig,
+    pub endpoints: Endpoints,
+}
+
+/// Compiles validated resources. `prev` lends its backends.
 pub fn compile(
     resources: Vec<Resource>,
     version: String,
     prev: &Snapshot,
-    identity: &Arc<IdentityStore>,
-) -> Result<Snapshot, Vec<String>> {
+    ctx: &CompileContext<'_>,
+) -> Result<(Snapshot, Vec<BackendUpdate>), Vec<String>> {
     let mut errors = Vec::new();
     let mut tls_configs: HashMap<String, Arc<rustls::ClientConfig>> = prev
         .backends
         .values()
-        .filter_map(|b| match (&b.tls, b.transport()) {
-            (BackendTls::Mesh { identity }, Transport::Mesh(c)) => {
-                Some((identity.clone(), c.clone()))
+        .filter_map(|b| {
+            let config = b.config();
+            match (&config.tls, &config.transport) {
+                (BackendTls::Mesh { identity }, Transport::Mesh(c)) => {
+                    Some((identity.clone(), c.clone()))
+                }
+                _ => None,
             }
-            _ => None,
         })
         .collect();
 
+    // BackendTrafficPolicies by the backend (or service account) they target.
+    let mut traffic: HashMap<String, &BackendTrafficPolicySpec> = HashMap::new();
+    let mut inbound = InboundPolicy::default();
+    for r in &resources {
+        if let Spec::BackendTrafficPolicy(spec) = &r.spec {
+            for t in &spec.target_refs {
+                match t.kind {
+                    TargetKind::Backend => {
+                        traffic.insert(format!("{}/{}", r.metadata.namespace, t.name), spec);
+                    }
+                    TargetKind::ServiceAccount => {
+                        let own = ctx
+                            .service_account
+                            .as_ref()
+                            .is_some_and(|(ns, sa)| *ns == r.metadata.namespace && *sa == t.name);
+                        if own {
+                            inbound = InboundPolicy {
+                                max_parallel_requests: spec
+                                    .circuit_breaker
+                                    .and_then(|c| c.max_parallel_requests),
+                                rate_limit: spec.rate_limit,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     let mut backends = BTreeMap::new();
+    let mut updates = Vec::new();
     for r in &resources {
         if let Spec::Backend(spec) = &r.spec {
             let key = format!("{}/{}", r.metadata.namespace, r.metadata.name);
-            match compile_backend(r, spec, prev.backends.get(&key), &mut tls_configs, identity) {
-                Ok(b) => {
-                    backends.insert(key, Arc::new(b));
+            let config = backend_config(spec, traffic.get(&key).copied(), &mut tls_configs, ctx);
+            match config {
+                Ok(config) => {
+                    let backend = match prev.backends.get(&key) {
+                        Some(b) => b.clone(),
+                        None => Backend::new(r.display_name().into(), config.clone(), ctx.metrics),
+                    };
+                    backends.insert(key, backend.clone());
+                    updates.push(BackendUpdate {
+                        backend,
+                        config,
+                        endpoints: spec.endpoints.clone(),
+                    });
                 }
                 Err(e) => errors.push(format!("{}: {e}", r.display_name())),
             }
@@ -59,8 +124,8 @@ pub fn compile(
     });
     for r in ordered {
         let result = match &r.spec {
-            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends),
-            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends),
+            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx.metrics),
+            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx.metrics),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -72,28 +137,29 @@ pub fn compile(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Snapshot {
+    let snapshot = Snapshot {
         version,
         resources,
         routes,
         backends,
-    })
+        inbound,
+    };
+    Ok((snapshot, updates))
 }
 
-fn compile_backend(
-    r: &Resource,
+fn backend_config(
     spec: &BackendSpec,
-    prev: Option<&Arc<Backend>>,
+    traffic: Option<&BackendTrafficPolicySpec>,
     tls_configs: &mut HashMap<String, Arc<rustls::ClientConfig>>,
-    identity: &Arc<IdentityStore>,
-) -> Result<Backend, String> {
+    ctx: &CompileContext<'_>,
+) -> Result<BackendConfig, String> {
     let transport = match &spec.tls {
         BackendTls::Disabled => Transport::Plain,
         BackendTls::Mesh { identity: expected } => {
             let config = match tls_configs.get(expected) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = tls::client_config(identity, expected)
+                    let c = tls::client_config(ctx.identity, expected)
                         .map_err(|e| format!("spec.tls: {e}"))?;
                     tls_configs.insert(expected.clone(), c.clone());
                     c
@@ -102,36 +168,16 @@ fn compile_backend(
             Transport::Mesh(config)
         }
     };
-    let addrs: &[std::net::SocketAddr] = match &spec.endpoints {
-        Endpoints::Static(addrs) => addrs,
-        Endpoints::Dns { hostname, .. } => {
-            tracing::warn!(
-                backend = %r.display_name(),
-                %hostname,
-                "DNS endpoints are not resolved by this version; the backend has no endpoint"
-            );
-            &[]
-        }
-    };
-    let endpoints = addrs
-        .iter()
-        .map(|&addr| {
-            prev.and_then(|b| {
-                b.endpoints()
-                    .iter()
-                    .find(|e| e.reusable_for(addr, &transport))
-                    .cloned()
-            })
-            .unwrap_or_else(|| Endpoint::new(addr, transport.clone()))
-        })
-        .collect();
-    Ok(Backend::new(
-        r.display_name().into(),
-        spec.protocol,
-        spec.tls.clone(),
+    Ok(BackendConfig {
+        protocol: spec.protocol,
+        tls: spec.tls.clone(),
         transport,
-        endpoints,
-    ))
+        load_balancer: traffic.and_then(|t| t.load_balancer).unwrap_or_default(),
+        rate_limit: traffic.and_then(|t| t.rate_limit),
+        circuit_breaker: traffic.and_then(|t| t.circuit_breaker).unwrap_or_default(),
+        outlier_detection: traffic.and_then(|t| t.outlier_detection),
+        retry_budget: traffic.and_then(|t| t.retry_budget),
+    })
 }
 
 fn resolve_refs(
@@ -223,19 +269,18 @@ fn add_route<M: RouteMatch>(
     r: &Resource,
     spec: &RouteSpec<M>,
     backends: &BTreeMap<String, Arc<Backend>>,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     let name: Arc<str> = r.display_name().into();
     for (i, rule) in spec.rules.iter().enumerate() {
         let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends)
             .map_err(|e| format!("spec.rules[{i}].backendRefs: {e}"))?;
-        let compiled = Arc::new(Rule::new(
-            name.clone(),
-            i,
-            weighted,
-            rule.timeouts,
-            rule.retry.clone(),
-            rule.fault_injection.clone(),
-        ));
+        let policy = RulePolicy {
+            timeouts: rule.timeouts,
+            retry: rule.retry.clone(),
+            fault_injection: rule.fault_injection.clone(),
+        };
+        let compiled = Arc::new(Rule::new(name.clone(), i, weighted, policy, metrics));
         if rule.matches.is_empty() {
             routes.add(&spec.hostnames, M::match_all(), vec![], &compiled);
         }

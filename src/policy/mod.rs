@@ -21,7 +21,9 @@ use pylon_proto::policy::Resource;
 
 use crate::identity::IdentityStore;
 use crate::proxy::backend::Backend;
+use crate::proxy::inbound::InboundLimits;
 use crate::routing::RouteTable;
+use crate::telemetry::metrics::Metrics;
 
 /// A compiled policy: what every request reads.
 #[derive(Debug, Default)]
@@ -32,6 +34,16 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// By `namespace/name`.
     pub backends: BTreeMap<String, Arc<Backend>>,
+    /// The protection of the local app (a BackendTrafficPolicy targeting
+    /// this workload's service account).
+    pub inbound: InboundPolicy,
+}
+
+/// Limits on calls into the local app.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InboundPolicy {
+    pub max_parallel_requests: Option<u32>,
+    pub rate_limit: Option<pylon_proto::policy::RateLimit>,
 }
 
 /// The outcome of the last attempt to install a policy, for `/config` and
@@ -44,25 +56,45 @@ pub struct ApplyStatus {
 }
 
 /// The current snapshot and how it got there.
-#[derive(Debug)]
 pub struct PolicyStore {
     current: ArcSwap<Snapshot>,
     installed: AtomicBool,
     status: Mutex<ApplyStatus>,
     identity: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    inbound: Arc<InboundLimits>,
     source: String,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl PolicyStore {
     /// An empty store (no route for anything) until a policy is applied.
-    pub fn new(identity: Arc<IdentityStore>, source: String) -> Arc<Self> {
+    pub fn new(identity: Arc<IdentityStore>, metrics: Arc<Metrics>, source: String) -> Arc<Self> {
         Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             installed: AtomicBool::new(false),
             status: Mutex::new(ApplyStatus::default()),
+            inbound: Arc::new(InboundLimits::new(&metrics)),
             identity,
+            metrics,
             source,
         })
+    }
+
+    /// The protection of the local app, configured by policy.
+    pub fn inbound_limits(&self) -> &Arc<InboundLimits> {
+        &self.inbound
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The current snapshot. Cheap; hold it only while routing a request.
@@ -93,19 +125,25 @@ impl PolicyStore {
     /// Parses, validates and compiles `yaml`, then installs it. On any
     /// error nothing changes and every problem is returned.
     pub fn apply(&self, yaml: &str, version: String) -> Result<(), Vec<String>> {
+        let ctx = compile::CompileContext {
+            identity: &self.identity,
+            metrics: &self.metrics,
+            service_account: crate::identity::service_account(&self.identity.spiffe_id()),
+        };
         let result = pylon_proto::policy::parse(yaml)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
             .and_then(|resources| {
-                compile::compile(
-                    resources,
-                    version.clone(),
-                    &self.current.load(),
-                    &self.identity,
-                )
+                compile::compile(resources, version.clone(), &self.current.load(), &ctx)
             });
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Ok(snapshot) => {
+            Ok((snapshot, updates)) => {
+                // The policy compiled whole: now its backends change.
+                for u in updates {
+                    u.backend.apply(u.config);
+                    u.backend.set_endpoints(&u.endpoints);
+                }
+                self.inbound.apply(&snapshot.inbound);
                 self.current.store(Arc::new(snapshot));
                 self.installed.store(true, Ordering::Release);
                 *status = ApplyStatus {

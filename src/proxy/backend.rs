@@ -1,74 +1,273 @@
-//! A Backend as the data path sees it: its endpoints with their connection
-//! pools, how to reach them, and which protocol to speak.
+//! A Backend as the data path sees it: its endpoints (connections, health,
+//! load), how to reach them, which protocol to speak, and the resilience
+//! state that policy configures (retry budget, bulkhead, rate limit, outlier
+//! detection).
 //!
-//! A `Backend` belongs to one policy snapshot; its endpoints (and so its
-//! connections) are carried over to the next snapshot when the address and
-//! transport stay the same, so a reload opens no new connection.
+//! A `Backend` outlives policy snapshots: a reload that keeps a backend
+//! (same namespace and name) keeps this object, so its counters, ejections,
+//! permits, latency estimates and connections carry over, and its limits are
+//! adjusted in place ([`Backend::apply`]). In-flight calls keep the `Arc`s
+//! they hold.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::Scheme;
 use http::{Request, Response, Version};
-use pylon_proto::policy::{BackendTls, Protocol};
+use pylon_proto::policy::{
+    BackendTls, CircuitBreaker, Endpoints, LoadBalancerType, OutlierDetection, Protocol, RateLimit,
+};
+use tokio::time::Instant;
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{ORIG_PROTO_HTTP1, Wire, X_PYLON_ORIG_PROTO, rewrite_for};
-use super::pool::{ConnectError, Endpoint, SendError, Transport};
+use super::pool::{ConnectError, EndpointPool, SendError, Transport};
+use crate::resilience::balancer::{self, Candidate, EndpointLoad};
+use crate::resilience::budget::RetryBudget;
+use crate::resilience::bulkhead::{Bulkhead, ConnectionLimit};
+use crate::resilience::outlier::{EndpointHealth, Outcome, OutlierDetector};
+use crate::resilience::ratelimit::RateLimiter;
+use crate::telemetry::metrics::{BackendMetrics, Metrics};
+
+/// One endpoint of a backend: its connections and what the balancer and the
+/// outlier detector know of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub pool: Arc<EndpointPool>,
+    pub health: EndpointHealth,
+    pub load: Arc<EndpointLoad>,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        self.pool.addr()
+    }
+}
+
+impl Candidate for Endpoint {
+    fn load(&self) -> &EndpointLoad {
+        &self.load
+    }
+
+    fn health(&self) -> &EndpointHealth {
+        &self.health
+    }
+}
+
+/// What policy says about a backend, swapped whole on reload.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub protocol: Option<Protocol>,
+    pub tls: BackendTls,
+    pub transport: Transport,
+    pub load_balancer: LoadBalancerType,
+    pub rate_limit: Option<RateLimit>,
+    pub circuit_breaker: CircuitBreaker,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub retry_budget: Option<pylon_proto::policy::RetryBudget>,
+}
 
 #[derive(Debug)]
 pub struct Backend {
-    /// `Backend/greeter`, for errors and the config dump.
+    /// `Backend/greeter`, for errors, metrics and the config dump.
     pub name: Arc<str>,
-    pub protocol: Option<Protocol>,
-    pub tls: BackendTls,
-    transport: Transport,
-    endpoints: Vec<Arc<Endpoint>>,
-    next: AtomicUsize,
+    config: ArcSwap<BackendConfig>,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    pub budget: RetryBudget,
+    pub bulkhead: Arc<Bulkhead>,
+    connections: Arc<ConnectionLimit>,
+    rate_limiter: RateLimiter,
+    outlier: OutlierDetector,
+    round_robin: AtomicUsize,
+    pub metrics: BackendMetrics,
+    /// Background work owned by this backend (outlier sweeps, DNS), ended
+    /// when the backend is dropped.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
 }
 
 impl Backend {
-    pub fn new(
-        name: Arc<str>,
-        protocol: Option<Protocol>,
-        tls: BackendTls,
-        transport: Transport,
-        endpoints: Vec<Arc<Endpoint>>,
-    ) -> Self {
-        Backend {
+    /// A backend with no endpoint yet; [`Backend::apply`] configures it.
+    pub fn new(name: Arc<str>, config: BackendConfig, metrics: &Metrics) -> Arc<Backend> {
+        let backend = Arc::new(Backend {
+            metrics: metrics.backend(&name),
+            budget: RetryBudget::new(config.retry_budget),
+            bulkhead: Arc::new(Bulkhead::new(
+                config.circuit_breaker.max_parallel_requests,
+                config.circuit_breaker.max_pending_requests,
+            )),
+            connections: Arc::new(ConnectionLimit::new(config.circuit_breaker.max_connections)),
+            rate_limiter: RateLimiter::new(config.rate_limit.unwrap_or(RateLimit {
+                requests_per_second: u32::MAX,
+                burst: u32::MAX,
+            })),
+            outlier: OutlierDetector::new(config.outlier_detection),
+            round_robin: AtomicUsize::new(0),
+            config: ArcSwap::from_pointee(config),
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
             name,
-            protocol,
-            tls,
-            transport,
-            endpoints,
-            next: AtomicUsize::new(0),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&backend);
+            backend.own_task(runtime.spawn(sweep_outliers(weak)).abort_handle());
+        }
+        backend
+    }
+
+    /// Keeps `task` running while this backend lives.
+    pub fn own_task(&self, task: tokio::task::AbortHandle) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+    }
+
+    pub fn config(&self) -> Arc<BackendConfig> {
+        self.config.load_full()
+    }
+
+    /// Installs new policy: limits change in place, in-flight calls keep
+    /// their permits; endpoints are kept where address and transport stay.
+    pub fn apply(&self, config: BackendConfig) {
+        self.budget.set_budget(config.retry_budget);
+        self.bulkhead.set_limits(
+            config.circuit_breaker.max_parallel_requests,
+            config.circuit_breaker.max_pending_requests,
+        );
+        self.connections
+            .set_max(config.circuit_breaker.max_connections);
+        if let Some(limit) = config.rate_limit {
+            self.rate_limiter.set_limit(limit);
+        }
+        self.outlier.configure(config.outlier_detection);
+        let transport_changed = !self.config.load().transport.same_as(&config.transport);
+        self.config.store(Arc::new(config));
+        if transport_changed {
+            let addrs: Vec<SocketAddr> = self.endpoints().iter().map(|e| e.addr()).collect();
+            self.endpoints.store(Arc::new(Vec::new()));
+            self.set_addresses(&addrs);
         }
     }
 
-    pub fn transport(&self) -> &Transport {
-        &self.transport
+    /// The endpoint set becomes `addrs`; endpoints that remain keep their
+    /// connections, health and load.
+    pub fn set_addresses(&self, addrs: &[SocketAddr]) {
+        let transport = self.config.load().transport.clone();
+        let current = self.endpoints.load();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|&addr| {
+                current
+                    .iter()
+                    .find(|e| e.pool.reusable_for(addr, &transport))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint {
+                            pool: EndpointPool::new(
+                                addr,
+                                transport.clone(),
+                                self.connections.clone(),
+                            ),
+                            health: EndpointHealth::new(),
+                            load: Arc::new(EndpointLoad::new()),
+                        })
+                    })
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
-    }
-
-    /// Round robin over the endpoints.
-    fn pick(&self) -> Option<&Arc<Endpoint>> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// Installs the endpoints policy names: static addresses now, DNS names
+    /// as they resolve.
+    pub fn set_endpoints(&self, endpoints: &Endpoints) {
+        match endpoints {
+            Endpoints::Static(addrs) => self.set_addresses(addrs),
+            Endpoints::Dns { hostname, .. } => {
+                tracing::warn!(
+                    backend = %self.name,
+                    %hostname,
+                    "DNS endpoints are not resolved by this version; the backend has no endpoint"
+                );
+                self.set_addresses(&[]);
+            }
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// The rate limit's verdict for one more call now.
+    pub fn admit(&self, now: Instant) -> Result<(), ProxyError> {
+        if self.config.load().rate_limit.is_none() {
+            return Ok(());
+        }
+        self.rate_limiter.try_acquire(now).map_err(|retry_after| {
+            self.metrics.rate_limited.inc();
+            ProxyError::RateLimited {
+                backend: self.name.clone(),
+                retry_after,
+            }
+        })
+    }
+
+    /// An endpoint for the next attempt, avoiding `tried` where possible.
+    pub fn pick(&self, now: Instant, tried: &[SocketAddr]) -> Result<Arc<Endpoint>, ProxyError> {
+        let endpoints = self.endpoints.load();
+        if endpoints.is_empty() {
+            return Err(ProxyError::NoEndpoint {
+                backend: self.name.clone(),
+            });
+        }
+        let lb = self.config.load().load_balancer;
+        balancer::pick(lb, &self.round_robin, &endpoints, now, |e| {
+            tried.contains(&e.addr())
+        })
+        .cloned()
+        .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+            backend: self.name.clone(),
+        })
+    }
+
+    /// Records how an attempt on `endpoint` went, for outlier detection.
+    pub fn observe(&self, endpoint: &Endpoint, outcome: Outcome, now: Instant) {
+        let endpoints = self.endpoints.load();
+        let all = endpoints.iter().map(|e| &e.health);
+        if self.outlier.observe(&endpoint.health, outcome, all, now) {
+            self.metrics.ejections.inc();
+            tracing::warn!(backend = %self.name, endpoint = %endpoint.addr(), "endpoint ejected");
+        }
+    }
+
+    /// Endpoints ejected now.
+    pub fn ejected(&self, now: Instant) -> usize {
+        let endpoints = self.endpoints.load();
+        self.outlier
+            .ejected_count(endpoints.iter().map(|e| &e.health), now)
     }
 
     /// The wire protocol of the next hop for a caller that spoke `caller`.
     /// Mesh hops are always HTTP/2; a plaintext backend speaks its declared
     /// protocol, or the caller's when none is declared.
-    fn wire(&self, caller: Version) -> Wire {
-        match (&self.transport, self.protocol) {
+    fn wire(config: &BackendConfig, caller: Version) -> Wire {
+        match (&config.transport, config.protocol) {
             (Transport::Mesh(_), _) => Wire::Http2,
             (Transport::Plain, Some(Protocol::Http1)) => Wire::Http1,
             (Transport::Plain, Some(Protocol::Http2 | Protocol::Grpc)) => Wire::Http2,
@@ -77,21 +276,18 @@ impl Backend {
         }
     }
 
-    /// Sends a request (hop-by-hop fields already removed) to one endpoint.
-    pub async fn forward(
+    /// Sends one attempt (hop-by-hop fields already removed) to `endpoint`.
+    pub async fn send(
         &self,
+        endpoint: &Endpoint,
         mut req: Request<ProxyBody>,
         authority: Option<&http::uri::Authority>,
         te_trailers: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Some(endpoint) = self.pick() else {
-            return Err(ProxyError::NoEndpoint {
-                backend: self.name.clone(),
-            });
-        };
+        let config = self.config.load();
         let caller = req.version();
-        let wire = self.wire(caller);
-        let scheme = match self.transport {
+        let wire = Self::wire(&config, caller);
+        let scheme = match config.transport {
             Transport::Mesh(_) => {
                 if caller != Version::HTTP_2 {
                     req.headers_mut()
@@ -101,8 +297,10 @@ impl Backend {
             }
             Transport::Plain => Scheme::HTTP,
         };
+        drop(config);
         rewrite_for(&mut req, wire, scheme, authority, te_trailers);
         endpoint
+            .pool
             .send(req, wire)
             .await
             .map_err(|e| upstream_error(&self.name, endpoint.addr(), e))
@@ -110,13 +308,39 @@ impl Backend {
 
     #[cfg(test)]
     pub fn for_tests(name: &str) -> Arc<Backend> {
-        Arc::new(Backend::new(
+        Backend::new(
             name.into(),
-            None,
-            BackendTls::Disabled,
-            Transport::Plain,
-            vec![],
-        ))
+            BackendConfig {
+                protocol: None,
+                tls: BackendTls::Disabled,
+                transport: Transport::Plain,
+                load_balancer: LoadBalancerType::default(),
+                rate_limit: None,
+                circuit_breaker: CircuitBreaker::default(),
+                outlier_detection: None,
+                retry_budget: None,
+            },
+            &Metrics::new(),
+        )
+    }
+}
+
+/// How often a backend without outlier detection checks whether it got some.
+const IDLE_SWEEP: Duration = Duration::from_secs(10);
+
+/// Every `interval` of the backend's outlier detection: returns and decays.
+/// Ends when the backend is gone.
+async fn sweep_outliers(backend: Weak<Backend>) {
+    loop {
+        let interval = match backend.upgrade() {
+            Some(b) => b.outlier.config().map_or(IDLE_SWEEP, |c| c.interval),
+            None => return,
+        };
+        tokio::time::sleep(interval.max(Duration::from_millis(10))).await;
+        let Some(b) = backend.upgrade() else { return };
+        let now = Instant::now();
+        let endpoints = b.endpoints.load();
+        b.outlier.sweep(endpoints.iter().map(|e| &e.health), now);
     }
 }
 
@@ -138,6 +362,10 @@ pub fn upstream_error(backend: &Arc<str>, addr: SocketAddr, e: SendError) -> Pro
             backend,
             addr,
             timeout,
+        },
+        SendError::Connect(ConnectError::Overflow) => ProxyError::Overflow {
+            backend,
+            what: "connections",
         },
         SendError::Connect(error @ (ConnectError::Tls(_) | ConnectError::NoH2)) => {
             ProxyError::Tls {

@@ -12,6 +12,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::pool::PooledBody;
+use super::replay::ReplayBody;
+use super::tracked::TrackedBody;
+
+/// Errors of any body the proxy forwards.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -21,6 +26,10 @@ pub enum ProxyBody {
     /// An HTTP/1 response body whose connection goes back to its pool once
     /// the body has been read to the end.
     Pooled(PooledBody),
+    /// A request body under a retry policy: recorded for replay.
+    Replay(ReplayBody),
+    /// A routed call's response: deadline enforced, end observed.
+    Tracked(Box<TrackedBody>),
 }
 
 impl ProxyBody {
@@ -37,18 +46,21 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx),
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match self.get_mut() {
+            ProxyBody::Empty => return Poll::Ready(None),
+            ProxyBody::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::Tracked(b) => Pin::new(b.as_mut()).poll_frame(cx),
+        };
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -57,6 +69,8 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
+            ProxyBody::Replay(b) => b.is_end_stream(),
+            ProxyBody::Tracked(b) => b.is_end_stream(),
         }
     }
 
@@ -66,6 +80,8 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
+            ProxyBody::Replay(b) => b.size_hint(),
+            ProxyBody::Tracked(b) => b.size_hint(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
-use pylon_proto::policy::GrpcCode;
+use pylon_proto::policy::{AbortStatus, GrpcCode};
 
 use super::body::ProxyBody;
 use super::pool::ConnectError;
@@ -57,6 +57,41 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("{backend}: every endpoint is ejected")]
+    NoHealthyEndpoint { backend: Arc<str> },
+    #[error("deadline of {timeout:?} exceeded{}", on_backend(backend))]
+    DeadlineExceeded {
+        backend: Option<Arc<str>>,
+        timeout: Duration,
+    },
+    #[error("{backend}: {addr}: no response within the attempt timeout of {timeout:?}")]
+    AttemptTimeout {
+        backend: Arc<str>,
+        addr: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("{backend}: bulkhead full ({what})")]
+    Overflow {
+        backend: Arc<str>,
+        what: &'static str,
+    },
+    #[error("{backend}: rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        backend: Arc<str>,
+        retry_after: Duration,
+    },
+    #[error("{route}: fault injected")]
+    FaultAbort {
+        route: Arc<str>,
+        status: AbortStatus,
+    },
+}
+
+fn on_backend(backend: &Option<Arc<str>>) -> String {
+    backend
+        .as_ref()
+        .map(|b| format!(" waiting for {b}"))
+        .unwrap_or_default()
 }
 
 impl ProxyError {
@@ -71,12 +106,28 @@ impl ProxyError {
             ProxyError::Tls { .. } => "tls-failed",
             ProxyError::IdentityMismatch { .. } => "identity-mismatch",
             ProxyError::Upstream { .. } => "upstream-failed",
+            ProxyError::NoHealthyEndpoint { .. } => "no-healthy-endpoint",
+            ProxyError::DeadlineExceeded { .. } => "deadline-exceeded",
+            ProxyError::AttemptTimeout { .. } => "attempt-timeout",
+            ProxyError::Overflow { .. } => "overflow",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::FaultAbort { .. } => "fault-injected",
         }
     }
 
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             ProxyError::NoRoute { .. } => GrpcCode::Unimplemented,
+            ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
+                GrpcCode::DeadlineExceeded
+            }
+            ProxyError::Overflow { .. } | ProxyError::RateLimited { .. } => {
+                GrpcCode::ResourceExhausted
+            }
+            ProxyError::FaultAbort { status, .. } => match *status {
+                AbortStatus::Grpc(code) => code,
+                AbortStatus::Http(status) => grpc_code_for_http(status),
+            },
             _ => GrpcCode::Unavailable,
         }
     }
@@ -84,18 +135,93 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::FaultAbort { status, .. } => match *status {
+                AbortStatus::Http(status) => {
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                }
+                AbortStatus::Grpc(code) => http_status_for_grpc(code),
+            },
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// Whether the failure happened before the request could reach any
+    /// server, so sending it again is always safe.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Tls { .. }
+                | ProxyError::IdentityMismatch { .. }
+        ) || matches!(self, ProxyError::Upstream { source, .. } if refused_stream(source))
     }
 
     /// The response for a caller that spoke gRPC (`grpc`) or plain HTTP.
     pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
         let message = format!("pylon: {self}");
-        if grpc {
+        let mut resp = if grpc {
             grpc_status_response(self.grpc_code(), &message, self.code())
         } else {
             http_error_response(self.http_status(), self.code(), &message)
+        };
+        if let ProxyError::RateLimited { retry_after, .. } = self {
+            // Whole seconds, rounded up: never invite a caller back early.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        resp
+    }
+}
+
+/// Whether an HTTP/2 stream was refused by the server (REFUSED_STREAM):
+/// the server promises it did not process the request.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The gRPC status a gRPC client derives from an HTTP status (gRPC's
+/// HTTP-to-gRPC mapping).
+pub fn grpc_code_for_http(status: u16) -> GrpcCode {
+    match status {
+        400 => GrpcCode::Internal,
+        401 => GrpcCode::Unauthenticated,
+        403 => GrpcCode::PermissionDenied,
+        404 => GrpcCode::Unimplemented,
+        429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+        _ => GrpcCode::Unknown,
+    }
+}
+
+/// An HTTP status for a gRPC code, for HTTP callers of a gRPC-only fault.
+pub fn http_status_for_grpc(code: GrpcCode) -> StatusCode {
+    match code {
+        GrpcCode::Ok => StatusCode::OK,
+        GrpcCode::InvalidArgument | GrpcCode::OutOfRange | GrpcCode::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        GrpcCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+        GrpcCode::PermissionDenied => StatusCode::FORBIDDEN,
+        GrpcCode::NotFound => StatusCode::NOT_FOUND,
+        GrpcCode::AlreadyExists | GrpcCode::Aborted => StatusCode::CONFLICT,
+        GrpcCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        GrpcCode::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        GrpcCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        GrpcCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        GrpcCode::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -29,24 +29,110 @@ use super::headers::{
     rewrite_for, strip_hop_by_hop,
 };
 use super::http_server;
-use super::pool::{Endpoint, Transport};
+use super::pool::{EndpointPool, Transport};
+use arc_swap::ArcSwap;
+use pylon_proto::policy::RateLimit;
+use tokio::time::Instant;
+
+use super::tracked::{BodyEnd, OnEnd, TrackedBody};
 use crate::identity::spiffe_id_of;
+use crate::policy::InboundPolicy;
+use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
+use crate::resilience::ratelimit::RateLimiter;
+use crate::telemetry::metrics::{BackendMetrics, Metrics};
 
 /// How long a caller may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     tls: TlsAcceptor,
-    app: Arc<Endpoint>,
+    app: Arc<EndpointPool>,
     app_name: Arc<str>,
+    limits: Arc<InboundLimits>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
+/// The protection of the local app: a cap on calls in flight and a rate
+/// limit, set by a BackendTrafficPolicy that targets this workload's service
+/// account. State survives policy reloads; limits change in place.
+pub struct InboundLimits {
+    policy: ArcSwap<InboundPolicy>,
+    bulkhead: Arc<Bulkhead>,
+    rate: RateLimiter,
+    metrics: BackendMetrics,
+}
+
+const INBOUND: &str = "inbound";
+
+impl InboundLimits {
+    pub fn new(metrics: &Metrics) -> Self {
+        InboundLimits {
+            policy: ArcSwap::from_pointee(InboundPolicy::default()),
+            bulkhead: Arc::new(Bulkhead::new(None, None)),
+            rate: RateLimiter::new(RateLimit {
+                requests_per_second: u32::MAX,
+                burst: u32::MAX,
+            }),
+            metrics: metrics.backend(INBOUND),
+        }
+    }
+
+    pub fn apply(&self, policy: &InboundPolicy) {
+        self.bulkhead.set_limits(policy.max_parallel_requests, None);
+        if let Some(limit) = policy.rate_limit {
+            self.rate.set_limit(limit);
+        }
+        self.policy.store(Arc::new(*policy));
+    }
+
+    /// Admits one call now, or says why not. The permit (when a cap is set)
+    /// must live as long as the call.
+    async fn admit(&self) -> Result<Option<BulkheadPermit>, ProxyError> {
+        let policy = self.policy.load();
+        let now = Instant::now();
+        if policy.rate_limit.is_some()
+            && let Err(retry_after) = self.rate.try_acquire(now)
+        {
+            self.metrics.rate_limited.inc();
+            return Err(ProxyError::RateLimited {
+                backend: INBOUND.into(),
+                retry_after,
+            });
+        }
+        if policy.max_parallel_requests.is_none() {
+            return Ok(None);
+        }
+        // No waiting room: the app's protection fails fast.
+        match self.bulkhead.acquire(now).await {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                self.metrics.overflow.inc();
+                Err(ProxyError::Overflow {
+                    backend: INBOUND.into(),
+                    what: "parallel requests",
+                })
+            }
+        }
+    }
+}
+
+/// A bulkhead permit held until the response body ends.
+struct HeldPermit(#[allow(dead_code)] BulkheadPermit);
+
+impl OnEnd for HeldPermit {
+    fn on_end(self: Box<Self>, _end: BodyEnd) {}
+}
+
 impl Inbound {
-    pub fn new(tls: Arc<rustls::ServerConfig>, app: SocketAddr) -> Arc<Self> {
+    pub fn new(
+        tls: Arc<rustls::ServerConfig>,
+        app: SocketAddr,
+        limits: Arc<InboundLimits>,
+    ) -> Arc<Self> {
         Arc::new(Inbound {
+            limits,
             tls: TlsAcceptor::from(tls),
-            app: Endpoint::new(app, Transport::Plain),
+            app: EndpointPool::new(app, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
             app_name: format!("inbound app {app}").into(),
             server: http_server(),
         })
@@ -100,6 +186,7 @@ impl Inbound {
         mut req: Request<Incoming>,
         identity: HeaderValue,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let permit = self.limits.admit().await?;
         let authority = request_authority(&req);
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
@@ -127,6 +214,19 @@ impl Inbound {
             .await
             .map_err(|e| upstream_error(&self.app_name, self.app.addr(), e))?;
         response_for_caller(&mut resp);
+        if let Some(permit) = permit {
+            let grpc = is_grpc(resp.headers());
+            resp = resp.map(|body| {
+                let held: Box<dyn OnEnd> = Box::new(HeldPermit(permit));
+                ProxyBody::Tracked(Box::new(TrackedBody::new(
+                    body,
+                    None,
+                    None,
+                    grpc,
+                    Some(held),
+                )))
+            });
+        }
         Ok(resp)
     }
 }

@@ -10,11 +10,15 @@
 
 pub mod backend;
 pub mod body;
+pub mod call;
+pub mod deadline;
 pub mod error;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod replay;
+pub mod tracked;
 
 use std::future::Future;
 use std::net::SocketAddr;

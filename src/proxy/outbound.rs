@@ -18,6 +18,7 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::call::{CallRequest, call};
 use super::error::{ProxyError, is_grpc, respond};
 use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
 use super::{http_server, original_dst};
@@ -64,7 +65,7 @@ impl Outbound {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let authority = request_authority(&req)
             .or_else(|| dst.and_then(|d| Authority::try_from(d.to_string()).ok()));
-        let backend = {
+        let (rule, backend) = {
             let snapshot = self.policy.load();
             let view = RequestView {
                 method: req.method(),
@@ -81,17 +82,22 @@ impl Outbound {
                         .map_or_else(String::new, |a| a.to_string()),
                     path: req.uri().path().to_string(),
                 })?;
-            rule.pick_backend()
+            let backend = rule
+                .pick_backend()
                 .cloned()
                 .ok_or_else(|| ProxyError::NoBackend {
                     route: rule.route.clone(),
-                })?
+                })?;
+            (rule.clone(), backend)
         };
         let te_trailers = strip_hop_by_hop(req.headers_mut());
-        let req = req.map(ProxyBody::Incoming);
-        let mut resp = backend
-            .forward(req, authority.as_ref(), te_trailers)
-            .await?;
+        let input = CallRequest {
+            req,
+            grpc,
+            authority: authority.as_ref(),
+            te_trailers,
+        };
+        let mut resp = call(&rule, backend, input).await?;
         response_for_caller(&mut resp);
         Ok(resp)
     }

@@ -1,4 +1,5 @@
-//! Connections to one endpoint: connect (plain TCP or mesh mTLS), then reuse.
+//! Connections to one endpoint address: connect (plain TCP or mesh mTLS),
+//! then reuse.
 //!
 //! HTTP/2 uses one multiplexed connection per endpoint, replaced when it
 //! closes; concurrent callers wait for a single connect and share its
@@ -30,6 +31,7 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::headers::Wire;
 use crate::identity::tls::{IdentityMismatch, find_identity_mismatch};
+use crate::resilience::bulkhead::{ConnectionGuard, ConnectionLimit};
 
 /// How long a TCP connect (plus TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -49,7 +51,9 @@ pub enum Transport {
 }
 
 impl Transport {
-    fn same_as(&self, other: &Transport) -> bool {
+    /// Whether connections made for `other` serve this transport too (the
+    /// same TLS config, or both plaintext).
+    pub fn same_as(&self, other: &Transport) -> bool {
         match (self, other) {
             (Transport::Plain, Transport::Plain) => true,
             (Transport::Mesh(a), Transport::Mesh(b)) => Arc::ptr_eq(a, b),
@@ -74,6 +78,8 @@ pub enum ConnectError {
     NoH2,
     #[error("HTTP handshake failed: {0}")]
     Handshake(Arc<hyper::Error>),
+    #[error("the backend's maxConnections are all open")]
+    Overflow,
 }
 
 /// Why a request failed at this endpoint.
@@ -86,7 +92,7 @@ pub enum SendError {
 }
 
 /// The connections to one endpoint address.
-pub struct Endpoint {
+pub struct EndpointPool {
     addr: SocketAddr,
     transport: Transport,
     h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
@@ -96,19 +102,22 @@ pub struct Endpoint {
     h2_connect: tokio::sync::Mutex<Option<ConnectError>>,
     h2_attempts: AtomicU64,
     h1_idle: Arc<IdleH1>,
+    /// The backend-wide cap on open connections (`maxConnections`).
+    limit: Arc<ConnectionLimit>,
 }
 
-impl std::fmt::Debug for Endpoint {
+impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
+        f.debug_struct("EndpointPool")
             .field("addr", &self.addr)
             .finish()
     }
 }
 
-impl Endpoint {
-    pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
-        Arc::new(Endpoint {
+impl EndpointPool {
+    pub fn new(addr: SocketAddr, transport: Transport, limit: Arc<ConnectionLimit>) -> Arc<Self> {
+        Arc::new(EndpointPool {
+            limit,
             addr,
             transport,
             h2: ArcSwapOption::empty(),
@@ -198,9 +207,10 @@ impl Endpoint {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<ProxyBody>, ConnectError> {
-        match self.connect_io().await? {
-            Io::Plain(tcp) => handshake_h2(tcp).await,
-            Io::Tls(tls) => handshake_h2(*tls).await,
+        let (io, guard) = self.connect_io().await?;
+        match io {
+            Io::Plain(tcp) => handshake_h2(tcp, guard).await,
+            Io::Tls(tls) => handshake_h2(*tls, guard).await,
         }
     }
 
@@ -239,7 +249,8 @@ impl Endpoint {
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<ProxyBody>, ConnectError> {
-        let tcp = match self.connect_io().await? {
+        let (io, guard) = self.connect_io().await?;
+        let tcp = match io {
             Io::Plain(tcp) => tcp,
             // Mesh connections are HTTP/2 only (ALPN h2).
             Io::Tls(_) => return Err(ConnectError::NoH2),
@@ -249,6 +260,7 @@ impl Endpoint {
             .await
             .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
         tokio::spawn(async move {
+            let _open = guard;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTP/1.1 upstream connection ended");
             }
@@ -256,7 +268,10 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn connect_io(&self) -> Result<Io, ConnectError> {
+    /// A new connection, counted against the backend's `maxConnections`
+    /// for as long as the returned guard lives.
+    async fn connect_io(&self) -> Result<(Io, ConnectionGuard), ConnectError> {
+        let guard = self.limit.try_open().ok_or(ConnectError::Overflow)?;
         let connect = async {
             let tcp = TcpStream::connect(self.addr)
                 .await
@@ -282,9 +297,10 @@ impl Endpoint {
                 }
             }
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let io = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| ConnectError::Timeout(CONNECT_TIMEOUT))?
+            .map_err(|_| ConnectError::Timeout(CONNECT_TIMEOUT))??;
+        Ok((io, guard))
     }
 }
 
@@ -293,7 +309,10 @@ enum Io {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-async fn handshake_h2<T>(io: T) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
+async fn handshake_h2<T>(
+    io: T,
+    guard: ConnectionGuard,
+) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -307,6 +326,7 @@ where
         .await
         .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
     tokio::spawn(async move {
+        let _open = guard;
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
         }

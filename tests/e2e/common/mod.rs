@@ -4,6 +4,7 @@
 //! Shared by several test crates, each of which uses only part of it.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod echo;
 pub mod http;
 
