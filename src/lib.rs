@@ -5,6 +5,8 @@
 //! [`policy`] (snapshots and their sources), [`routing`] (request → rule →
 //! backend), [`proxy`] (listeners, inbound and outbound paths, connection
 //! pools) and [`admin`] (health, readiness, config dump, drain).
+//! [`discovery`] resolves backend hostnames and keeps their endpoints
+//! current.
 //!
 //! [`loadgen`] (a gRPC load generator) and [`demo`] (`pylon demo`: a mesh on
 //! loopback with live traffic) serve the showcase and the benchmarks.
@@ -15,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod identity;
 pub mod loadgen;
 pub mod policy;
