@@ -12,9 +12,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use pylon_proto::policy::{format_duration, parse_duration};
 use serde_json::Value;
 
 /// Every key the bootstrap file may hold, and how to read it.
@@ -36,6 +38,10 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("telemetry.otlp.endpoint", KeyKind::Text),
     ("telemetry.sampling", KeyKind::Ratio),
     ("stateDir", KeyKind::Path),
+    ("dns.nameservers", KeyKind::List),
+    ("dns.searchDomains", KeyKind::List),
+    ("dns.minTtl", KeyKind::Duration),
+    ("dns.maxTtl", KeyKind::Duration),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +52,11 @@ enum KeyKind {
     Ratio,
     /// An object whose presence is the setting (`policy.controlPlane: {}`).
     Marker,
+    /// A YAML list of strings, or one comma-separated string (the only way
+    /// the environment can spell a list).
+    List,
+    /// `5s`, `1m30s`, `250ms`: the policy duration syntax.
+    Duration,
 }
 
 /// The validated bootstrap configuration.
@@ -59,6 +70,8 @@ pub struct Config {
     pub telemetry: Option<TelemetryConfig>,
     pub control_plane: Option<ControlPlaneConfig>,
     pub state_dir: Option<PathBuf>,
+    /// Always present; the defaults when the file has no `dns` section.
+    pub dns: DnsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +117,38 @@ pub struct ControlPlaneConfig {
     pub address: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+}
+
+/// How backend hostnames are resolved (`dns.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask, port 53 unless given. Empty: the system
+    /// configuration (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Domains appended to names that are not fully qualified (no trailing
+    /// dot). Empty: the system's search list when the system configuration
+    /// is used, none otherwise.
+    pub search_domains: Vec<String>,
+    /// Floor of the re-resolution interval, whatever the record TTL says.
+    pub min_ttl: Duration,
+    /// Ceiling of the re-resolution interval, and of the failure backoff.
+    pub max_ttl: Duration,
+}
+
+impl DnsConfig {
+    pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(300);
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            search_domains: Vec::new(),
+            min_ttl: Self::DEFAULT_MIN_TTL,
+            max_ttl: Self::DEFAULT_MAX_TTL,
+        }
+    }
 }
 
 /// Every problem found in a configuration.
@@ -288,6 +333,7 @@ impl Config {
             )
         };
         let state_dir = r.path("stateDir");
+        let dns = r.dns();
 
         for key in r.raw.keys() {
             let known = KEYS
@@ -321,6 +367,7 @@ impl Config {
                 telemetry,
                 control_plane,
                 state_dir,
+                dns,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -421,6 +468,109 @@ impl Reader<'_> {
         }
     }
 
+    /// A list of strings, each read with `parse`; problems are reported per
+    /// item (`key[1]: ...`). Absent, null or an empty string is an empty list.
+    fn list<T>(&mut self, key: &str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+        let Some((v, origin)) = self.take(key) else {
+            return Vec::new();
+        };
+        let items: Vec<Value> = match v {
+            Value::Null => Vec::new(),
+            Value::String(s) if s.trim().is_empty() => Vec::new(),
+            Value::String(s) => s.split(',').map(|i| Value::String(i.into())).collect(),
+            Value::Array(items) => items,
+            other => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!(
+                        "expected a list or a comma-separated string, found {}",
+                        type_name(&other)
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let item_key = format!("{key}[{i}]");
+            match item {
+                Value::String(s) if s.trim().is_empty() => {
+                    self.problem(&item_key, &origin, "must not be empty")
+                }
+                Value::String(s) => match parse(s.trim()) {
+                    Ok(t) => out.push(t),
+                    Err(e) => self.problem(&item_key, &origin, e),
+                },
+                other => self.problem(
+                    &item_key,
+                    &origin,
+                    format!("expected a string, found {}", type_name(&other)),
+                ),
+            }
+        }
+        out
+    }
+
+    /// A duration, `default` when absent; `None` after reporting a problem.
+    fn duration(&mut self, key: &str, default: Duration) -> Option<Duration> {
+        let Some((v, origin)) = self.take(key) else {
+            return Some(default);
+        };
+        match v {
+            Value::String(s) => match parse_duration(s.trim()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.problem(key, &origin, e);
+                    None
+                }
+            },
+            other => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!(
+                        "expected a duration such as 5s, found {}",
+                        type_name(&other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn dns(&mut self) -> DnsConfig {
+        let nameservers = self.list("dns.nameservers", parse_nameserver);
+        let search_domains = self.list("dns.searchDomains", parse_domain);
+        let min_ttl = self.duration("dns.minTtl", DnsConfig::DEFAULT_MIN_TTL);
+        let max_ttl = self.duration("dns.maxTtl", DnsConfig::DEFAULT_MAX_TTL);
+        // Record TTLs are whole seconds; a floor below one second would turn
+        // a zero TTL into a busy loop of queries.
+        let min_ttl = min_ttl.filter(|&d| {
+            let ok = d >= Duration::from_secs(1);
+            if !ok {
+                self.errors
+                    .push(format!("dns.minTtl: {} is below 1s", format_duration(d)));
+            }
+            ok
+        });
+        if let (Some(min), Some(max)) = (min_ttl, max_ttl)
+            && min > max
+        {
+            self.errors.push(format!(
+                "dns.minTtl: {} is greater than dns.maxTtl ({})",
+                format_duration(min),
+                format_duration(max)
+            ));
+        }
+        DnsConfig {
+            nameservers,
+            search_domains,
+            min_ttl: min_ttl.unwrap_or(DnsConfig::DEFAULT_MIN_TTL),
+            max_ttl: max_ttl.unwrap_or(DnsConfig::DEFAULT_MAX_TTL),
+        }
+    }
+
     fn marker(&mut self, key: &str) -> bool {
         let Some((v, origin)) = self.take(key) else {
             return false;
@@ -458,6 +608,52 @@ fn flatten(
             }
         }
     }
+}
+
+/// `10.0.0.10`, `10.0.0.10:5353`, `::1`, `[::1]` or `[::1]:5353`; port 53
+/// unless given.
+fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(s);
+    let addr = match (s.parse::<SocketAddr>(), bare.parse::<IpAddr>()) {
+        (Ok(addr), _) => addr,
+        (Err(_), Ok(ip)) => SocketAddr::new(ip, 53),
+        (Err(_), Err(_)) => return Err(format!("{s:?} is not an ip or ip:port address")),
+    };
+    if addr.port() == 0 {
+        return Err(format!("{s:?}: port must not be 0"));
+    }
+    Ok(addr)
+}
+
+/// A DNS domain name (letters, digits, `-` and `_`; labels of 1 to 63
+/// characters; 253 at most); one trailing dot is allowed and kept.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("{s:?} is not a domain name: {why}"));
+    let name = s.strip_suffix('.').unwrap_or(s);
+    if name.len() > 253 {
+        return bad("longer than 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return bad("empty label");
+        }
+        if label.len() > 63 {
+            return bad("a label is longer than 63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("only letters, digits, '-' and '_' are allowed");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label must not start or end with '-'");
+        }
+    }
+    Ok(s.to_string())
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -502,6 +698,8 @@ stateDir: /var/lib/pylon
             "PYLON_IDENTITY_FILES_TRUST_BUNDLE"
         );
         assert_eq!(env_name("stateDir"), "PYLON_STATE_DIR");
+        assert_eq!(env_name("dns.searchDomains"), "PYLON_DNS_SEARCH_DOMAINS");
+        assert_eq!(env_name("dns.minTtl"), "PYLON_DNS_MIN_TTL");
     }
 
     #[test]
@@ -597,5 +795,145 @@ policy: { controlPlane: {} }
             errs,
             vec!["outbound.listen: 127.0.0.1:25000 is also admin.listen"]
         );
+    }
+
+    #[test]
+    fn dns_defaults_when_the_section_is_absent() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.dns, DnsConfig::default());
+        assert!(
+            c.dns.nameservers.is_empty(),
+            "empty means the system resolver"
+        );
+        assert_eq!(c.dns.min_ttl, Duration::from_secs(5));
+        assert_eq!(c.dns.max_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn dns_section_reads_lists_and_durations() {
+        let yaml = format!(
+            "{GOOD}
+dns:
+  nameservers: [\"10.0.0.10\", \"127.0.0.1:5353\", \"::1\", \"[fd00::1]:5300\", \"[fd00::2]\"]
+  searchDomains: [default.svc.cluster.local, svc.cluster.local.]
+  minTtl: 1s
+  maxTtl: 1m30s
+"
+        );
+        let c = Config::from_parts(&yaml, Path::new("/x"), &env(&[])).unwrap();
+        let want: Vec<SocketAddr> = [
+            "10.0.0.10:53",
+            "127.0.0.1:5353",
+            "[::1]:53",
+            "[fd00::1]:5300",
+            "[fd00::2]:53",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        assert_eq!(c.dns.nameservers, want);
+        assert_eq!(
+            c.dns.search_domains,
+            ["default.svc.cluster.local", "svc.cluster.local."]
+        );
+        assert_eq!(c.dns.min_ttl, Duration::from_secs(1));
+        assert_eq!(c.dns.max_ttl, Duration::from_secs(90));
+
+        // A comma-separated string is a list in the file too.
+        let yaml = format!("{GOOD}\ndns: {{ searchDomains: \"a.example, b.example\" }}\n");
+        let c = Config::from_parts(&yaml, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.dns.search_domains, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn dns_lists_come_from_the_environment_comma_separated() {
+        let yaml = format!("{GOOD}\ndns: {{ nameservers: [\"10.9.9.9\"], maxTtl: 60s }}\n");
+        let e = env(&[
+            ("PYLON_DNS_NAMESERVERS", "127.0.0.1:5353, 10.0.0.10"),
+            (
+                "PYLON_DNS_SEARCH_DOMAINS",
+                "svc.cluster.local,cluster.local",
+            ),
+            ("PYLON_DNS_MIN_TTL", "2s"),
+        ]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(
+            c.dns.nameservers,
+            [
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.10:53".parse().unwrap()
+            ],
+            "the environment replaces the file's list"
+        );
+        assert_eq!(c.dns.search_domains, ["svc.cluster.local", "cluster.local"]);
+        assert_eq!(c.dns.min_ttl, Duration::from_secs(2));
+        assert_eq!(c.dns.max_ttl, Duration::from_secs(60));
+
+        // An empty variable clears the file's list: back to the system resolver.
+        let c = Config::from_parts(
+            &yaml,
+            Path::new("/x"),
+            &env(&[("PYLON_DNS_NAMESERVERS", "")]),
+        )
+        .unwrap();
+        assert!(c.dns.nameservers.is_empty());
+    }
+
+    #[test]
+    fn dns_reports_every_problem_at_once() {
+        let yaml = format!(
+            "{GOOD}
+dns:
+  nameservers: [nowhere, 5, \"10.0.0.1:0\", \"\", \"10.0.0.2\"]
+  searchDomains: \"ok.example,bad..name,-x.example\"
+  minTtl: 500ms
+  maxTtl: 5
+  retries: 3
+"
+        );
+        let e = env(&[("PYLON_DNS_SEARCH_DOMAINS", "fine.example,sp ace")]);
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        let expected = [
+            "dns.nameservers[0]: \"nowhere\" is not an ip or ip:port address",
+            "dns.nameservers[1]: expected a string, found a number",
+            "dns.nameservers[2]: \"10.0.0.1:0\": port must not be 0",
+            "dns.nameservers[3]: must not be empty",
+            "dns.searchDomains[1]: \"bad..name\" is not a domain name: empty label",
+            "dns.searchDomains[2]: \"-x.example\" is not a domain name: a label must not start or end with '-'",
+            "dns.minTtl: 500ms is below 1s",
+            "dns.maxTtl: expected a duration such as 5s, found a number",
+            "dns.retries: unknown key",
+        ];
+        for want in expected {
+            assert!(
+                errs.iter().any(|e| e == want),
+                "missing {want:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &e)
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter().any(|e| e
+                == "dns.searchDomains[1] (from PYLON_DNS_SEARCH_DOMAINS): \"sp ace\" is not a domain name: only letters, digits, '-' and '_' are allowed"),
+            "{errs:#?}"
+        );
+
+        let e = env(&[("PYLON_DNS_MIN_TTL", "10m"), ("PYLON_DNS_MAX_TTL", "2x")]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        assert_eq!(
+            errs,
+            [format!(
+                "dns.maxTtl (from PYLON_DNS_MAX_TTL): {}",
+                parse_duration("2x").unwrap_err()
+            )]
+        );
+        let e = env(&[("PYLON_DNS_MIN_TTL", "10m")]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        assert_eq!(errs, ["dns.minTtl: 10m is greater than dns.maxTtl (5m)"]);
     }
 }

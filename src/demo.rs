@@ -25,7 +25,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use crate::config::{
-    AdminConfig, Config, IdentitySource, InboundConfig, OutboundConfig, PolicySource,
+    AdminConfig, Config, DnsConfig, IdentitySource, InboundConfig, OutboundConfig, PolicySource,
 };
 use crate::identity::dev::{DevCa, IdentityFiles};
 use crate::loadgen::{Load, LoadGenerator, Progress, Report, Target};
@@ -293,6 +293,7 @@ fn sidecar_config(identity: &IdentityFiles, policy: PathBuf, app: SocketAddr) ->
         telemetry: None,
         control_plane: None,
         state_dir: None,
+        dns: DnsConfig::default(),
     }
 }
 

@@ -7,6 +7,8 @@
 //! pools), [`resilience`] (rate limits, retry budgets, bulkheads, outlier
 //! ejection and endpoint choice), [`telemetry`] (metrics) and [`admin`]
 //! (health, readiness, config dump, drain).
+//! [`discovery`] resolves backend hostnames and keeps their endpoints
+//! current.
 //!
 //! [`loadgen`] (a gRPC load generator) and [`demo`] (`pylon demo`: a mesh on
 //! loopback with live traffic) serve the showcase and the benchmarks.
@@ -17,6 +19,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod identity;
 pub mod loadgen;
 pub mod policy;
