@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::{self, AdminState, BoundAddrs};
 use crate::config::{Config, IdentitySource, PolicySource};
+use crate::discovery::Dns;
 use crate::identity::{IdentityStore, tls};
 use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
@@ -34,6 +35,8 @@ pub enum StartError {
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("DNS resolver: {0}")]
+    Dns(String),
 }
 
 /// A running sidecar.
@@ -82,9 +85,16 @@ impl Sidecar {
         let (shutdown, _) = watch::channel(false);
         let PolicySource::File(policy_path) = &config.policy;
         let metrics = Metrics::new();
+        let dns_config = config.dns.clone();
+        // Reading the system resolver configuration touches files.
+        let dns = tokio::task::spawn_blocking(move || Dns::new(&dns_config))
+            .await
+            .map_err(|e| StartError::Dns(e.to_string()))?
+            .map_err(StartError::Dns)?;
         let policy = PolicyStore::new(
             identity.clone(),
             metrics.clone(),
+            Arc::new(dns),
             format!("file:{}", policy_path.display()),
         );
         let mut background = vec![tokio::spawn(policy::file::watch(

@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, Guard};
 use pylon_proto::policy::Resource;
 
+use crate::discovery::Dns;
 use crate::identity::IdentityStore;
 use crate::proxy::backend::Backend;
 use crate::proxy::inbound::InboundLimits;
@@ -62,6 +63,7 @@ pub struct PolicyStore {
     status: Mutex<ApplyStatus>,
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
+    dns: Arc<Dns>,
     inbound: Arc<InboundLimits>,
     source: String,
 }
@@ -76,7 +78,12 @@ impl std::fmt::Debug for PolicyStore {
 
 impl PolicyStore {
     /// An empty store (no route for anything) until a policy is applied.
-    pub fn new(identity: Arc<IdentityStore>, metrics: Arc<Metrics>, source: String) -> Arc<Self> {
+    pub fn new(
+        identity: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+        dns: Arc<Dns>,
+        source: String,
+    ) -> Arc<Self> {
         Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             installed: AtomicBool::new(false),
@@ -84,6 +91,7 @@ impl PolicyStore {
             inbound: Arc::new(InboundLimits::new(&metrics)),
             identity,
             metrics,
+            dns,
             source,
         })
     }
@@ -141,7 +149,7 @@ impl PolicyStore {
                 // The policy compiled whole: now its backends change.
                 for u in updates {
                     u.backend.apply(u.config);
-                    u.backend.set_endpoints(&u.endpoints);
+                    u.backend.set_endpoints(&u.endpoints, &self.dns);
                 }
                 self.inbound.apply(&snapshot.inbound);
                 self.current.store(Arc::new(snapshot));

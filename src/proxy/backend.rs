@@ -26,6 +26,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{ORIG_PROTO_HTTP1, Wire, X_PYLON_ORIG_PROTO, rewrite_for};
 use super::pool::{ConnectError, EndpointPool, SendError, Transport};
+use crate::discovery::{self, Dns};
 use crate::resilience::balancer::{self, Candidate, EndpointLoad};
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::bulkhead::{Bulkhead, ConnectionLimit};
@@ -84,9 +85,11 @@ pub struct Backend {
     outlier: OutlierDetector,
     round_robin: AtomicUsize,
     pub metrics: BackendMetrics,
-    /// Background work owned by this backend (outlier sweeps, DNS), ended
-    /// when the backend is dropped.
+    /// Background work owned by this backend (outlier sweeps), ended when
+    /// the backend is dropped.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The DNS name being watched for endpoints, and the watching task.
+    dns_watch: Mutex<Option<((String, u16), tokio::task::AbortHandle)>>,
 }
 
 impl Drop for Backend {
@@ -97,6 +100,10 @@ impl Drop for Backend {
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
         {
+            t.abort();
+        }
+        let watch = self.dns_watch.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = watch.take() {
             t.abort();
         }
     }
@@ -122,6 +129,7 @@ impl Backend {
             config: ArcSwap::from_pointee(config),
             endpoints: ArcSwap::from_pointee(Vec::new()),
             tasks: Mutex::new(Vec::new()),
+            dns_watch: Mutex::new(None),
             name,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -194,18 +202,39 @@ impl Backend {
         self.endpoints.store(Arc::new(next));
     }
 
-    /// Installs the endpoints policy names: static addresses now, DNS names
-    /// as they resolve.
-    pub fn set_endpoints(&self, endpoints: &Endpoints) {
+    /// Installs the endpoints policy names: static addresses now; a DNS
+    /// name is watched (re-resolved at its TTL) by a task this backend owns,
+    /// kept across reloads that name the same host and port.
+    pub fn set_endpoints(self: &Arc<Self>, endpoints: &Endpoints, dns: &Arc<Dns>) {
+        let mut watch = self.dns_watch.lock().unwrap_or_else(|e| e.into_inner());
         match endpoints {
-            Endpoints::Static(addrs) => self.set_addresses(addrs),
-            Endpoints::Dns { hostname, .. } => {
-                tracing::warn!(
-                    backend = %self.name,
-                    %hostname,
-                    "DNS endpoints are not resolved by this version; the backend has no endpoint"
-                );
-                self.set_addresses(&[]);
+            Endpoints::Static(addrs) => {
+                if let Some((_, task)) = watch.take() {
+                    task.abort();
+                }
+                self.set_addresses(addrs);
+            }
+            Endpoints::Dns { hostname, port } => {
+                let target = (hostname.clone(), *port);
+                if watch.as_ref().is_some_and(|(t, _)| *t == target) {
+                    return;
+                }
+                if let Some((_, task)) = watch.take() {
+                    task.abort();
+                }
+                let weak = Arc::downgrade(self);
+                let task = tokio::spawn(discovery::watch(
+                    dns.clone(),
+                    hostname.clone(),
+                    *port,
+                    move |addrs| {
+                        if let Some(backend) = weak.upgrade() {
+                            tracing::info!(backend = %backend.name, endpoints = ?addrs, "endpoints resolved");
+                            backend.set_addresses(&addrs);
+                        }
+                    },
+                ));
+                *watch = Some((target, task.abort_handle()));
             }
         }
     }

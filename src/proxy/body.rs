@@ -52,15 +52,14 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
-            ProxyBody::Empty => return Poll::Ready(None),
-            ProxyBody::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Tracked(b) => Pin::new(b.as_mut()).poll_frame(cx),
-        };
-        polled
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -7,6 +7,7 @@ mod grpc;
 mod http;
 mod lifecycle;
 mod policy;
+mod resilience;
 mod routing;
 mod tls;
 mod transparent;

@@ -12,6 +12,7 @@
 //!   14, or HTTP 503), later ones succeed.
 //! - `pushback=MS`: failures carry `grpc-retry-pushback-ms: MS`.
 //! - `hang`: never answer; the server counts it when the caller gives up.
+//! - `hang-first=N;key=K`: the first N requests with key K hang.
 //! - `reset`: reset the stream.
 //! - `delay=MS`: answer after MS milliseconds.
 //!
@@ -36,6 +37,8 @@ pub struct Seen {
     pub attempt: Option<String>,
     pub grpc_timeout: Option<String>,
     pub key: Option<String>,
+    /// Bytes of request body received (filled in once read to the end).
+    pub body_len: Option<usize>,
 }
 
 #[derive(Default)]
@@ -44,6 +47,7 @@ struct State {
     mode: Mutex<String>,
     seen: Mutex<Vec<Seen>>,
     failures_by_key: Mutex<HashMap<String, usize>>,
+    hangs_by_key: Mutex<HashMap<String, usize>>,
     cancelled: AtomicUsize,
 }
 
@@ -61,7 +65,12 @@ impl Drop for ChaosServer {
 
 impl ChaosServer {
     pub async fn start(name: &str) -> ChaosServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on `addr` (another loopback address, say, with port 0).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> ChaosServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             name: name.to_string(),
@@ -147,12 +156,30 @@ async fn handle(
         attempt: header("x-pylon-attempt"),
         grpc_timeout: header("grpc-timeout"),
         key: key.clone(),
+        body_len: None,
     });
+
+    // The whole request is read first, as a server that fails after doing
+    // its work would.
+    let index = state.seen.lock().unwrap().len() - 1;
+    let request = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    state.seen.lock().unwrap()[index].body_len = Some(request.len());
 
     if let Some(ms) = number(&spec, "delay") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if directive(&spec, "hang").is_some() {
+    let hang_first = number(&spec, "hang-first").is_some_and(|n| {
+        let mut by_key = state.hangs_by_key.lock().unwrap();
+        let count = by_key.entry(key.clone().unwrap_or_default()).or_default();
+        *count += 1;
+        (*count as u64) <= n
+    });
+    if directive(&spec, "hang").is_some() || hang_first {
         let _guard = CancelGuard(state.clone(), false);
         std::future::pending::<()>().await;
     }
@@ -213,14 +240,9 @@ async fn handle(
 
     let name = state.name.clone();
     if grpc {
-        // Echo the request's gRPC messages (an EchoRequest with only a
-        // payload reads as an EchoReply with that payload).
-        let request = req
-            .into_body()
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        // Echo the last gRPC message of the request (an EchoRequest with only
+        // a payload reads as an EchoReply with that payload).
+        let request = last_grpc_message(&request);
         let (tx, body) = channel_body();
         tokio::spawn(async move {
             let _ = tx.send(Frame::data(request)).await;
@@ -235,9 +257,22 @@ async fn handle(
             .insert("x-served-by", HeaderValue::from_str(&name).unwrap());
         return Ok(resp);
     }
-    let _ = req.into_body().collect().await;
     let mut resp = Response::new(full(format!("ok from {name}")));
     resp.headers_mut()
         .insert("x-served-by", HeaderValue::from_str(&name).unwrap());
     Ok(resp)
+}
+
+/// The last length-prefixed message of a gRPC body.
+fn last_grpc_message(body: &bytes::Bytes) -> bytes::Bytes {
+    let mut at = 0;
+    let mut last = bytes::Bytes::new();
+    while body.len() >= at + 5 {
+        let len =
+            u32::from_be_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]]) as usize;
+        let end = (at + 5 + len).min(body.len());
+        last = body.slice(at..end);
+        at = end;
+    }
+    last
 }

@@ -1,0 +1,816 @@
+//! The resilience stack against servers that misbehave on command: what the
+//! caller sees, what the servers saw (attempts, deadlines) and the metrics.
+//!
+//! Most tests put one sidecar in front of plaintext chaos servers: the
+//! outbound stack is the subject, mTLS is proven elsewhere.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pylon_proto::v1::EchoRequest;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Status};
+
+use crate::common::chaos::ChaosServer;
+use crate::common::echo::{echo_client, start_echo};
+use crate::common::{PATIENCE, SidecarProc, TempDir, admin_get, client_sidecar, set_policy};
+
+type Client = pylon_proto::v1::echo_client::EchoClient<tonic::transport::Channel>;
+
+/// One sidecar with `policy`, plus its scratch directory.
+struct Fixture {
+    _dir: TempDir,
+    sidecar: SidecarProc,
+    policy: PathBuf,
+}
+
+impl Fixture {
+    async fn start(policy: &str) -> Fixture {
+        let dir = TempDir::new("resilience");
+        let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+        let (sidecar, policy_path) = client_sidecar(&ca, dir.path(), policy);
+        sidecar.wait_ready().await;
+        Fixture {
+            _dir: dir,
+            sidecar,
+            policy: policy_path,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        echo_client(self.sidecar.outbound, "svc.test").await
+    }
+
+    async fn metrics(&self) -> String {
+        admin_get(self.sidecar.admin, "/metrics").await.unwrap().1
+    }
+
+    /// The value of one sample line of `/metrics`, 0 if absent.
+    async fn metric(&self, sample: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map_or(0, |v| v as u64)
+    }
+
+    async fn endpoints(&self) -> Vec<serde_json::Value> {
+        let config = self.sidecar.config().await;
+        config["backends"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// A plaintext gRPC backend `svc` over `endpoints`.
+fn backend(endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: svc }}
+spec:
+  protocol: grpc
+  endpoints: {{ static: [{}] }}
+---
+",
+        list.join(", ")
+    )
+}
+
+/// A GRPCRoute `svc.test` → `svc` whose one rule carries `rule` (YAML
+/// lines indented for the rule's mapping, e.g. `retry: {...}`).
+fn route(rule: &str) -> String {
+    let extra: String = rule
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: GRPCRoute
+metadata: {{ name: svc }}
+spec:
+  hostnames: [\"svc.test\"]
+  rules:
+    - backendRefs: [{{ name: svc }}]
+{extra}---
+"
+    )
+}
+
+/// A BackendTrafficPolicy for `svc` with `spec` lines.
+fn traffic(spec: &str) -> String {
+    let extra: String = spec
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: {{ name: svc }}
+spec:
+  targetRefs: [{{ kind: Backend, name: svc }}]
+{extra}---
+"
+    )
+}
+
+fn chaos(directives: &str, payload: &[u8]) -> Request<EchoRequest> {
+    let mut r = Request::new(EchoRequest {
+        payload: payload.to_vec(),
+        ..Default::default()
+    });
+    if !directives.is_empty() {
+        r.metadata_mut()
+            .insert("x-chaos", MetadataValue::try_from(directives).unwrap());
+    }
+    r
+}
+
+fn pylon_error(status: &Status) -> Option<String> {
+    status
+        .metadata()
+        .get("x-pylon-error")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+const RETRY_UNAVAILABLE: &str =
+    "retry: { attempts: 3, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 5ms } }";
+
+#[tokio::test]
+async fn retries_mask_failures_and_mark_each_attempt() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(&(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE))).await;
+    let mut client = f.client().await;
+    let reply = client
+        .unary(chaos("fail-first=2;key=k1", b"hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload, b"hello");
+    let attempts: Vec<Option<String>> = server.seen().iter().map(|s| s.attempt.clone()).collect();
+    assert_eq!(
+        attempts,
+        vec![Some("1".into()), Some("2".into()), Some("3".into())]
+    );
+    assert_eq!(
+        f.metric("pylon_retries_total{backend=\"Backend/svc\"}")
+            .await,
+        2
+    );
+    assert_eq!(
+        f.metric("pylon_backend_requests_total{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_retried_without_a_policy_or_outside_its_codes() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(&(backend(&[server.addr]) + &route(""))).await;
+    let mut client = f.client().await;
+    let status = client
+        .unary(chaos("fail-first=1;key=k", b""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(pylon_error(&status), None, "the app's own answer");
+    assert_eq!(server.requests(), 1);
+
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE)),
+    )
+    .await;
+    let status = client.unary(chaos("status=13", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(server.requests(), 2, "INTERNAL is not in the retry codes");
+}
+
+#[tokio::test]
+async fn exhausted_retries_return_the_last_answer() {
+    let server = ChaosServer::start("a").await;
+    server.set_mode("status=14");
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route(
+                "retry: { attempts: 2, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
+            )),
+    )
+    .await;
+    let status = f.client().await.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "chaos");
+    assert_eq!(server.requests(), 3);
+    assert_eq!(
+        f.metric("pylon_retries_exhausted_total{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_status_in_trailers_is_retried_and_pushback_is_honoured() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route(
+                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
+            )),
+    )
+    .await;
+    let mut client = f.client().await;
+    let status = client
+        .unary(chaos("trailer-status=14", b""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        server.requests(),
+        2,
+        "headers, then UNAVAILABLE in trailers: retried once"
+    );
+
+    let status = client
+        .unary(chaos("status=14;pushback=-1", b""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(server.requests(), 3, "negative pushback: no retry");
+
+    let reply = client
+        .unary(chaos("fail-first=1;key=p;pushback=20", b"ok"))
+        .await;
+    assert_eq!(reply.unwrap().into_inner().payload, b"ok");
+    assert_eq!(server.requests(), 5);
+}
+
+#[tokio::test]
+async fn connect_failures_are_retried_on_another_endpoint() {
+    let good = ChaosServer::start("good").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The codes do not list UNAVAILABLE: a request that never reached a
+    // server is always safe to send again.
+    let f = Fixture::start(
+        &(backend(&[closed, good.addr])
+            + &route("retry: { attempts: 1, codes: [RESOURCE_EXHAUSTED], backoff: { base: 1ms, max: 2ms } }")),
+    )
+    .await;
+    let mut client = f.client().await;
+    for i in 0..20 {
+        let reply = client.unary(chaos("", format!("{i}").as_bytes())).await;
+        assert_eq!(
+            reply.unwrap().into_inner().payload,
+            format!("{i}").as_bytes()
+        );
+    }
+    assert_eq!(good.requests(), 20);
+}
+
+#[tokio::test]
+async fn a_retry_prefers_an_endpoint_not_yet_tried() {
+    let bad = ChaosServer::start("bad").await;
+    bad.set_mode("status=14");
+    let good = ChaosServer::start("good").await;
+    let f = Fixture::start(
+        &(backend(&[bad.addr, good.addr])
+            + &route(
+                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
+            )),
+    )
+    .await;
+    let mut client = f.client().await;
+    for _ in 0..30 {
+        client.unary(chaos("", b"x")).await.unwrap();
+    }
+    assert_eq!(good.requests(), 30);
+    assert!(
+        bad.requests() > 0,
+        "P2C sent some first tries to the bad endpoint"
+    );
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries() {
+    let server = ChaosServer::start("a").await;
+    server.set_mode("status=14");
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route(RETRY_UNAVAILABLE)
+            + &traffic("retryBudget: { percent: 0, minRetriesPerSecond: 1 }")),
+    )
+    .await;
+    let mut client = f.client().await;
+    for _ in 0..20 {
+        let status = client.unary(chaos("", b"")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            pylon_error(&status),
+            None,
+            "the caller gets the last real answer"
+        );
+    }
+    // 1 retry per second over the 10 s window: 10 retries in all.
+    assert_eq!(server.requests(), 20 + 10);
+    assert_eq!(
+        f.metric("pylon_retries_total{backend=\"Backend/svc\"}")
+            .await,
+        10
+    );
+    assert!(
+        f.metric("pylon_retries_budget_denied_total{backend=\"Backend/svc\"}")
+            .await
+            >= 10
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_are_replayed_up_to_the_limit() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(&(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE))).await;
+    let mut client = f.client().await;
+
+    // A small client stream is replayed whole on the retry.
+    let parts: Vec<EchoRequest> = (0..10)
+        .map(|i| EchoRequest {
+            payload: format!("part{i};").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let mut req = Request::new(futures_util::stream::iter(parts));
+    req.metadata_mut().insert(
+        "x-chaos",
+        MetadataValue::from_static("fail-first=1;key=small"),
+    );
+    let reply = client.client_stream(req).await.unwrap().into_inner();
+    let seen = server.seen();
+    assert_eq!(
+        reply.payload, b"part9;",
+        "the server echoes the last message"
+    );
+    assert_eq!(seen.len(), 2);
+    // Each message: 5 bytes of framing, 2 of protobuf tag and length, 6 of payload.
+    assert_eq!(seen[0].body_len, Some(10 * 13));
+    assert_eq!(
+        seen[1].body_len,
+        Some(10 * 13),
+        "the retry got the whole body again"
+    );
+
+    // A body over 64 KiB is sent once and not retried.
+    let big = vec![7u8; 100 * 1024];
+    let status = client
+        .unary(chaos("fail-first=1;key=big", &big))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(server.requests(), 3);
+}
+
+#[tokio::test]
+async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(&(backend(&[server.addr]) + &route(""))).await;
+    let mut client = f.client().await;
+
+    // The caller's deadline. A raw HTTP/2 call, since a client library
+    // that enforced it itself would give up at the same moment as the proxy.
+    let mut h2 = crate::common::http::h2c(f.sidecar.outbound).await;
+    let req = http::Request::post("http://svc.test/pylon.v1.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .header("x-chaos", "hang")
+        .body(crate::common::http::full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "4");
+    assert_eq!(resp.headers()["x-pylon-error"], "deadline-exceeded");
+    let seen = server.seen();
+    let forwarded = seen[0]
+        .grpc_timeout
+        .clone()
+        .expect("grpc-timeout forwarded");
+    let forwarded =
+        pylon::proxy::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+    assert!(forwarded <= Duration::from_millis(300), "{forwarded:?}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.cancelled() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream call was never reset"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The route's deadline, when the caller sets none.
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[server.addr]) + &route("timeouts: { request: 200ms }")),
+    )
+    .await;
+    let status = client.unary(chaos("hang", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(pylon_error(&status).as_deref(), Some("deadline-exceeded"));
+    let forwarded = server.seen()[1]
+        .grpc_timeout
+        .clone()
+        .expect("grpc-timeout set from the route");
+    let forwarded =
+        pylon::proxy::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+    assert!(forwarded <= Duration::from_millis(200), "{forwarded:?}");
+    assert!(
+        f.metric("pylon_timeouts_total{backend=\"Backend/svc\",kind=\"request\"}")
+            .await
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_timeout_retries_with_the_time_that_remains() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route(
+                "timeouts: { request: 5s, backendRequest: 200ms }
+retry: { attempts: 2, codes: [DEADLINE_EXCEEDED], backoff: { base: 1ms, max: 2ms } }",
+            )),
+    )
+    .await;
+    let reply = f
+        .client()
+        .await
+        .unary(chaos("hang-first=1;key=t", b"late"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload, b"late");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    let t = |i: usize| {
+        pylon::proxy::deadline::parse_grpc_timeout(
+            &seen[i].grpc_timeout.clone().unwrap().parse().unwrap(),
+        )
+        .unwrap()
+    };
+    assert!(
+        t(1) < t(0),
+        "the second attempt gets less time: {:?} then {:?}",
+        t(0),
+        t(1)
+    );
+    assert!(t(0) <= Duration::from_secs(5));
+    assert_eq!(
+        f.metric("pylon_timeouts_total{backend=\"Backend/svc\",kind=\"attempt\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_route_deadline_ends_a_stream_that_outlives_it() {
+    let mut app = start_echo().await;
+    let f = Fixture::start(&(backend(&[app.addr]) + &route("timeouts: { request: 300ms }"))).await;
+    let mut client = f.client().await;
+    let mut stream = client
+        .server_stream(EchoRequest {
+            payload: b"tick".to_vec(),
+            count: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => received += 1,
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert!(received > 0);
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(pylon_error(&status).as_deref(), Some("deadline-exceeded"));
+    tokio::time::timeout(PATIENCE, app.cancelled.recv())
+        .await
+        .expect("the app's stream was reset")
+        .unwrap();
+}
+
+const EJECT: &str = "outlierDetection: { consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }";
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_while_retries_keep_callers_whole() {
+    let bad = ChaosServer::start("bad").await;
+    bad.set_mode("status=14");
+    let good1 = ChaosServer::start("good1").await;
+    let good2 = ChaosServer::start("good2").await;
+    let f = Fixture::start(
+        &(backend(&[bad.addr, good1.addr, good2.addr])
+            + &route(RETRY_UNAVAILABLE)
+            + &traffic(EJECT)),
+    )
+    .await;
+    let mut client = f.client().await;
+    for _ in 0..60 {
+        client.unary(chaos("", b"x")).await.unwrap();
+    }
+    let endpoints = f.endpoints().await;
+    let bad_ep = endpoints
+        .iter()
+        .find(|e| e["address"] == bad.addr.to_string())
+        .unwrap();
+    assert_eq!(bad_ep["state"], "ejected", "{endpoints:#?}");
+    assert_eq!(bad_ep["ejections"], 1);
+    assert_eq!(bad.requests(), 3, "three failures, then no more traffic");
+    for _ in 0..30 {
+        client.unary(chaos("", b"x")).await.unwrap();
+    }
+    assert_eq!(bad.requests(), 3);
+    assert_eq!(
+        f.metric("pylon_outlier_ejections_total{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+    assert_eq!(
+        f.metric("pylon_outlier_ejections_active{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn when_every_endpoint_is_ejected_calls_fail_fast_until_one_returns() {
+    let a = ChaosServer::start("a").await;
+    let b = ChaosServer::start("b").await;
+    a.set_mode("status=14");
+    b.set_mode("status=14");
+    let f = Fixture::start(
+        &(backend(&[a.addr, b.addr])
+            + &route("")
+            + &traffic("outlierDetection: { consecutive5xxErrors: 1, interval: 100ms, baseEjectionTime: 1s, maxEjectionPercent: 100 }")),
+    )
+    .await;
+    let mut client = f.client().await;
+    for _ in 0..2 {
+        let _ = client.unary(chaos("", b"")).await;
+    }
+    let status = client.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(pylon_error(&status).as_deref(), Some("no-healthy-endpoint"));
+    assert_eq!(a.requests() + b.requests(), 2);
+
+    // Healed, they come back after their ejection time, on probation.
+    a.set_mode("ok");
+    b.set_mode("ok");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if client.unary(chaos("", b"back")).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the endpoints never returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let states: Vec<String> = f
+        .endpoints()
+        .await
+        .iter()
+        .map(|e| e["state"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        states.iter().all(|s| s != "ejected" || states.len() > 1),
+        "{states:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_bulkhead_fails_fast_with_overflow() {
+    let server = ChaosServer::start("a").await;
+    server.set_mode("hang");
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route("")
+            + &traffic("circuitBreaker: { maxParallelRequests: 2 }")),
+    )
+    .await;
+    let client = f.client().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = client.clone();
+        held.push(tokio::spawn(async move { c.unary(chaos("", b"")).await }));
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.requests() < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = client.clone().unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(pylon_error(&status).as_deref(), Some("overflow"));
+    assert_eq!(
+        server.requests(),
+        2,
+        "the refused call never left the sidecar"
+    );
+    assert_eq!(
+        f.metric("pylon_bulkhead_overflow_total{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn the_rate_limit_refuses_with_retry_after() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route("")
+            + &traffic("rateLimit: { requestsPerSecond: 1, burst: 2 }")),
+    )
+    .await;
+    let mut client = f.client().await;
+    client.unary(chaos("", b"")).await.unwrap();
+    client.unary(chaos("", b"")).await.unwrap();
+    let status = client.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(pylon_error(&status).as_deref(), Some("rate-limited"));
+    let retry_after: u64 = status
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    assert_eq!(server.requests(), 2);
+    assert_eq!(
+        f.metric("pylon_rate_limited_total{backend=\"Backend/svc\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn least_request_favours_the_faster_endpoint_and_round_robin_alternates() {
+    let slow = ChaosServer::start("slow").await;
+    slow.set_mode("delay=50");
+    let fast = ChaosServer::start("fast").await;
+    let f = Fixture::start(&(backend(&[slow.addr, fast.addr]) + &route(""))).await;
+    let mut client = f.client().await;
+    for _ in 0..100 {
+        client.unary(chaos("", b"")).await.unwrap();
+    }
+    assert!(
+        fast.requests() >= 90,
+        "fast {} slow {}",
+        fast.requests(),
+        slow.requests()
+    );
+
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[slow.addr, fast.addr])
+            + &route("")
+            + &traffic("loadBalancer: { type: RoundRobin }")),
+    )
+    .await;
+    let (s0, f0) = (slow.requests(), fast.requests());
+    for _ in 0..20 {
+        client.unary(chaos("", b"")).await.unwrap();
+    }
+    assert_eq!((slow.requests() - s0, fast.requests() - f0), (10, 10));
+}
+
+#[tokio::test]
+async fn faults_are_injected_as_configured() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route("faultInjection: { abort: { grpcStatus: UNAVAILABLE, percent: 100 } }")),
+    )
+    .await;
+    let mut client = f.client().await;
+    let status = client.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(pylon_error(&status).as_deref(), Some("fault-injected"));
+    assert_eq!(server.requests(), 0);
+
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[server.addr])
+            + &route("faultInjection: { delay: { fixedDelay: 5s, percent: 100 } }\ntimeouts: { request: 200ms }")),
+    )
+    .await;
+    let status = client.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[server.addr])
+            + &route("faultInjection: { abort: { grpcStatus: UNAVAILABLE, percent: 50 } }")),
+    )
+    .await;
+    let mut aborted = 0;
+    for _ in 0..200 {
+        if client.unary(chaos("", b"")).await.is_err() {
+            aborted += 1;
+        }
+    }
+    assert!(
+        (60..140).contains(&aborted),
+        "{aborted} of 200 aborted at 50 %"
+    );
+    assert_eq!(
+        f.metric("pylon_faults_injected_total{route=\"GRPCRoute/svc\",fault=\"abort\"}")
+            .await,
+        1 + aborted
+    );
+}
+
+#[tokio::test]
+async fn ejections_and_permits_survive_a_reload() {
+    let bad = ChaosServer::start("bad").await;
+    bad.set_mode("status=14");
+    let good = ChaosServer::start("good").await;
+    let policy = |extra_route: &str| {
+        backend(&[bad.addr, good.addr])
+            + &route(RETRY_UNAVAILABLE)
+            + &traffic(&format!(
+                "{EJECT}\ncircuitBreaker: {{ maxParallelRequests: 1 }}"
+            ))
+            + extra_route
+    };
+    let f = Fixture::start(&policy("")).await;
+    let mut client = f.client().await;
+    while bad.requests() < 3 {
+        client.unary(chaos("", b"")).await.unwrap();
+    }
+    // A call holds the single bulkhead slot across the reload.
+    let before = good.requests();
+    let mut holder = client.clone();
+    let held = tokio::spawn(async move { holder.unary(chaos("hang", b"")).await });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while good.requests() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &policy(
+            "apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: { name: other }
+spec:
+  hostnames: [\"other.test\"]
+  rules: [{ backendRefs: [{ name: svc }] }]
+",
+        ),
+    )
+    .await;
+    let endpoints = f.endpoints().await;
+    let bad_ep = endpoints
+        .iter()
+        .find(|e| e["address"] == bad.addr.to_string())
+        .unwrap();
+    assert_eq!(
+        bad_ep["state"], "ejected",
+        "the ejection survived the reload: {endpoints:#?}"
+    );
+    let status = client.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(
+        pylon_error(&status).as_deref(),
+        Some("overflow"),
+        "the slot is still held"
+    );
+    held.abort();
+}
