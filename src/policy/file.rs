@@ -4,7 +4,8 @@
 //! mtime, size or inode, and every few seconds regardless), which follows
 //! atomic renames and Kubernetes ConfigMap symlink swaps alike and needs no
 //! platform notification API. A reload happens only when the content hash
-//! differs from the installed version.
+//! differs from the installed version, and only once the file has stopped
+//! changing (so a file rewritten in place is not read half-written).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +18,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Every this many ticks the content is read even if metadata looks unchanged
 /// (coarse mtimes, same-size rewrites).
 const FULL_READ_EVERY: u32 = 25;
+/// How long a changed file must stay unchanged before it is read.
+const SETTLE: Duration = Duration::from_millis(50);
 /// Larger policy files are refused rather than read into memory.
 pub const MAX_POLICY_BYTES: u64 = 16 << 20;
 
@@ -105,6 +108,15 @@ pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
             }
             seen_stamp = None;
             continue;
+        }
+        if now != seen_stamp {
+            // A file written in place (truncate, then write) can be caught
+            // half-written, and an empty or truncated policy may well be
+            // valid. Read only once the file has stopped changing.
+            tokio::time::sleep(SETTLE).await;
+            if stamp(&path).await != now {
+                continue;
+            }
         }
         seen_stamp = now;
         if let Some(v) = reload(&path, &store, seen_version.as_deref()).await {

@@ -265,7 +265,14 @@ impl Backend {
                 backend: self.name.clone(),
             });
         }
-        let lb = self.config.load().load_balancer;
+        // Retries choose by least request among the endpoints not yet
+        // tried, so they do not consume round-robin turns (which would skew
+        // where first tries land).
+        let lb = if tried.is_empty() {
+            self.config.load().load_balancer
+        } else {
+            LoadBalancerType::LeastRequest
+        };
         balancer::pick(lb, &self.round_robin, &endpoints, now, |e| {
             tried.contains(&e.addr())
         })

@@ -284,11 +284,14 @@ async fn a_retry_prefers_an_endpoint_not_yet_tried() {
     let bad = ChaosServer::start("bad").await;
     bad.set_mode("status=14");
     let good = ChaosServer::start("good").await;
+    // Round robin sends every other first try to the bad endpoint; each
+    // retry must then go to the other one.
     let f = Fixture::start(
         &(backend(&[bad.addr, good.addr])
             + &route(
                 "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
-            )),
+            )
+            + &traffic("loadBalancer: { type: RoundRobin }")),
     )
     .await;
     let mut client = f.client().await;
@@ -296,10 +299,7 @@ async fn a_retry_prefers_an_endpoint_not_yet_tried() {
         client.unary(chaos("", b"x")).await.unwrap();
     }
     assert_eq!(good.requests(), 30);
-    assert!(
-        bad.requests() > 0,
-        "P2C sent some first tries to the bad endpoint"
-    );
+    assert_eq!(bad.requests(), 15);
 }
 
 #[tokio::test]
@@ -512,7 +512,10 @@ async fn a_route_deadline_ends_a_stream_that_outlives_it() {
         .unwrap();
 }
 
-const EJECT: &str = "outlierDetection: { consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }";
+/// Outlier detection, with round robin so that a bad endpoint's share of
+/// first tries does not depend on latency estimates.
+const EJECT: &str = "loadBalancer: { type: RoundRobin }
+outlierDetection: { consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }";
 
 #[tokio::test]
 async fn a_failing_endpoint_is_ejected_while_retries_keep_callers_whole() {
@@ -813,4 +816,263 @@ spec:
         "the slot is still held"
     );
     held.abort();
+}
+
+/// A plaintext HTTP/1.1 backend `web` and a route `web.test` to it.
+fn web_policy(endpoint: SocketAddr, rule: &str, traffic_spec: &str) -> String {
+    let rule: String = rule
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    let mut yaml = format!(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: web }}
+spec:
+  protocol: http1
+  endpoints: {{ static: [\"{endpoint}\"] }}
+---
+apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: {{ name: web }}
+spec:
+  hostnames: [\"web.test\"]
+  rules:
+    - backendRefs: [{{ name: web }}]
+{rule}---
+"
+    );
+    if !traffic_spec.is_empty() {
+        yaml += &format!(
+            "apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: {{ name: web }}
+spec:
+  targetRefs: [{{ kind: Backend, name: web }}]
+  {traffic_spec}
+"
+        );
+    }
+    yaml
+}
+
+async fn http_get(sidecar: &SidecarProc, chaos: &str) -> http::Response<hyper::body::Incoming> {
+    let mut conn = crate::common::http::http1(sidecar.outbound).await;
+    let req = http::Request::get("/x")
+        .header("host", "web.test")
+        .header("x-chaos", chaos)
+        .body(crate::common::http::empty())
+        .unwrap();
+    conn.send_request(req).await.unwrap()
+}
+
+#[tokio::test]
+async fn http_callers_get_http_statuses_for_timeouts_limits_and_retries() {
+    let server = ChaosServer::start("web").await;
+    let f = Fixture::start(&web_policy(
+        server.addr,
+        "timeouts: { request: 200ms }\nretry: { attempts: 1, codes: [503], backoff: { base: 1ms, max: 2ms } }",
+        "rateLimit: { requestsPerSecond: 1, burst: 2 }",
+    ))
+    .await;
+
+    let resp = http_get(&f.sidecar, "hang").await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-pylon-error"], "deadline-exceeded");
+
+    let resp = http_get(&f.sidecar, "fail-first=1;key=h").await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "a 503 is retried when the policy lists it"
+    );
+    assert_eq!(server.seen().last().unwrap().attempt.as_deref(), Some("2"));
+
+    let resp = http_get(&f.sidecar, "").await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-pylon-error"], "rate-limited");
+    assert!(resp.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn max_connections_caps_connections_to_a_backend() {
+    let server = ChaosServer::start("web").await;
+    server.set_mode("hang");
+    let f = Fixture::start(&web_policy(
+        server.addr,
+        "",
+        "circuitBreaker: { maxConnections: 1 }",
+    ))
+    .await;
+    // HTTP/1.1 needs a connection per call in flight: the first holds the
+    // only one allowed.
+    let sidecar_outbound = f.sidecar.outbound;
+    let held = tokio::spawn(async move {
+        let mut conn = crate::common::http::http1(sidecar_outbound).await;
+        let req = http::Request::get("/x")
+            .header("host", "web.test")
+            .body(crate::common::http::empty())
+            .unwrap();
+        conn.send_request(req).await
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.requests() < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resp = http_get(&f.sidecar, "").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-pylon-error"], "overflow");
+    assert_eq!(server.requests(), 1);
+    held.abort();
+}
+
+#[tokio::test]
+async fn the_local_app_is_protected_by_its_service_account_policy() {
+    use crate::common::{Mesh, SERVER_ID};
+    let app = ChaosServer::start("app").await;
+    let mesh = Mesh::start(app.addr).await;
+    // The server sidecar's own policy: its service account is `echo`.
+    assert!(SERVER_ID.ends_with("/ns/default/sa/echo"));
+    let server_policy = mesh.dir.path().join("server-policy.yaml");
+    let protect = "apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: { name: protect-echo }
+spec:
+  targetRef: { kind: ServiceAccount, name: echo }
+  circuitBreaker: { maxParallelRequests: 1 }
+  rateLimit: { requestsPerSecond: 1, burst: 2 }
+";
+    set_policy(&mesh.server, &server_policy, protect).await;
+
+    let client = echo_client(mesh.client.outbound, "echo.test").await;
+    app.set_mode("hang");
+    let mut holder = client.clone();
+    let held = tokio::spawn(async move { holder.unary(chaos("", b"")).await });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while app.requests() < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = client.clone().unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(pylon_error(&status).as_deref(), Some("overflow"));
+    held.abort();
+
+    // The burst of 2 is spent (the held call and the refused one took a
+    // token each): the next call is rate limited.
+    let status = client.clone().unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(pylon_error(&status).as_deref(), Some("rate-limited"));
+    assert_eq!(app.requests(), 1, "refused calls never reached the app");
+    let metrics = admin_get(mesh.server.admin, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("pylon_rate_limited_total{backend=\"inbound\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pylon_bulkhead_overflow_total{backend=\"inbound\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn dns_endpoints_follow_the_records_and_keep_the_last_good_set() {
+    use pylon::discovery::testing::TestDnsServer;
+    let dns = TestDnsServer::start().await.unwrap();
+    let first = ChaosServer::start("first").await;
+    let port = first.addr.port();
+    let second =
+        ChaosServer::start_on("second", format!("127.0.0.2:{port}").parse().unwrap()).await;
+    dns.set("svc.mesh.test", vec!["127.0.0.1".parse().unwrap()], 1);
+
+    let dir = TempDir::new("dns");
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let files = ca
+        .write_identity(dir.path(), "client", crate::common::CLIENT_ID)
+        .unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_path,
+        format!(
+            "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: svc }}
+spec:
+  protocol: grpc
+  endpoints: {{ dns: {{ hostname: svc.mesh.test, port: {port} }} }}
+---
+"
+        ) + &route(""),
+    )
+    .unwrap();
+    let cfg = dir.path().join("pylon.yaml");
+    let yaml = crate::common::sidecar_config(&files, &policy_path, "127.0.0.1:9".parse().unwrap())
+        + &format!("dns: {{ nameservers: [\"{}\"], minTtl: 1s }}\n", dns.addr());
+    std::fs::write(&cfg, yaml).unwrap();
+    let sidecar = SidecarProc::spawn(&cfg);
+    sidecar.wait_ready().await;
+    let endpoints_are = |want: String| {
+        let sidecar = &sidecar;
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let c = sidecar.config().await;
+                let got: Vec<String> = c["backends"][0]["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["address"].as_str().unwrap().to_string())
+                    .collect();
+                if got == vec![want.clone()] {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "endpoints {got:?}, want {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    endpoints_are(format!("127.0.0.1:{port}")).await;
+    let mut client = echo_client(sidecar.outbound, "svc.test").await;
+    let served_by = |r: &tonic::Response<pylon_proto::v1::EchoReply>| {
+        r.metadata()
+            .get("x-served-by")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        served_by(&client.unary(chaos("", b"")).await.unwrap()),
+        "first"
+    );
+
+    dns.set("svc.mesh.test", vec!["127.0.0.2".parse().unwrap()], 1);
+    endpoints_are(format!("127.0.0.2:{port}")).await;
+    assert_eq!(
+        served_by(&client.unary(chaos("", b"")).await.unwrap()),
+        "second"
+    );
+
+    // Resolution fails: the last good set stays.
+    dns.fail("svc.mesh.test");
+    let before = dns.queries("svc.mesh.test");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while dns.queries("svc.mesh.test") < before + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no re-resolution attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    endpoints_are(format!("127.0.0.2:{port}")).await;
+    assert_eq!(
+        served_by(&client.unary(chaos("", b"")).await.unwrap()),
+        "second"
+    );
+    let _ = second;
 }
