@@ -1,6 +1,8 @@
-//! The mesh benchmark: `helloworld.Greeter/SayHello` measured **direct** and
-//! **through the two-hop mTLS mesh**, in one run, with the ratios between
-//! them.
+//! The mesh benchmark: `helloworld.Greeter/SayHello` measured **direct**,
+//! **through the two-hop mTLS mesh** with bare forwarding, and through the
+//! mesh with the **full resilience stack** on (deadline, retries with a
+//! budget and body replay, outlier detection, bulkhead, least-request
+//! balancing), in one run, with the ratios between them.
 //!
 //! The greeter and the load generator run in this process; the two sidecars
 //! are real `pylon proxy` processes (the binary cargo builds for benches),
@@ -9,6 +11,8 @@
 //! ```text
 //! direct:  load generator ──h2c──▶ greeter
 //! mesh:    load generator ──h2c──▶ pylon (client) ══mTLS══▶ pylon (server) ──h2c──▶ greeter
+//! mesh+r:  the same through a second client sidecar whose route has the
+//!          resilience policy of `pylon demo`
 //! ```
 //!
 //! For each path: a warm-up, a max-throughput run (closed loop, N concurrent
@@ -36,6 +40,7 @@ use pylon::admin::BoundAddrs;
 use pylon::demo::greeter::RunningGreeter;
 use pylon::demo::{
     CLIENT_ID, GREETER_AUTHORITY, GREETER_ID, Identities, ScratchDir, client_policy,
+    resilient_client_policy,
 };
 use pylon::identity::dev::IdentityFiles;
 use pylon::loadgen::{Latency, Load, LoadGenerator, Report, Target};
@@ -116,17 +121,18 @@ fn run() -> anyhow::Result<()> {
     let scratch = ScratchDir::create("bench")?;
     let mesh = ProcessMesh::spawn(scratch.path(), greeter.addr)?;
 
-    let (direct, meshed) = runtime.block_on(async {
+    let (direct, meshed, resilient) = runtime.block_on(async {
         mesh.wait_ready().await?;
         let direct = measure("direct", greeter.addr, &settings).await?;
         let meshed = measure("mesh", mesh.client.addrs.outbound, &settings).await?;
-        anyhow::Ok((direct, meshed))
+        let resilient = measure("mesh+r", mesh.resilient.addrs.outbound, &settings).await?;
+        anyhow::Ok((direct, meshed, resilient))
     })?;
     drop(mesh);
     runtime.block_on(greeter.stop())?;
     drop(scratch);
 
-    print_results(&settings, &direct, &meshed);
+    print_results(&settings, &direct, &meshed, &resilient);
     if let (Some(before), Some(after)) = (load_before, load_average()) {
         println!();
         println!("load average (1, 5, 15 min) before: {before}, after: {after}");
@@ -213,10 +219,12 @@ fn one_line(r: &Report) -> String {
     )
 }
 
-/// Two `pylon proxy` processes: `client` routes `greeter` over mTLS to
-/// `server`, which forwards to the greeter.
+/// `pylon proxy` processes: `client` routes `greeter` over mTLS to
+/// `server`, which forwards to the greeter; `resilient` does the same with
+/// the resilience policy on.
 struct ProcessMesh {
     client: SidecarProcess,
+    resilient: SidecarProcess,
     server: SidecarProcess,
 }
 
@@ -235,7 +243,7 @@ impl ProcessMesh {
         let server = SidecarProcess::spawn("server", &server_config)?;
 
         let client_policy_path = dir.join("client-policy.yaml");
-        std::fs::write(&client_policy_path, client_policy(server.addrs.inbound))?;
+        std::fs::write(&client_policy_path, client_policy(&[server.addrs.inbound]))?;
         // Nothing calls the client sidecar's inbound side.
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let client_config = dir.join("client.yaml");
@@ -244,12 +252,29 @@ impl ProcessMesh {
             sidecar_config(&identities.client, &client_policy_path, no_app),
         )?;
         let client = SidecarProcess::spawn("client", &client_config)?;
-        Ok(ProcessMesh { client, server })
+
+        let resilient_policy = dir.join("resilient-policy.yaml");
+        std::fs::write(
+            &resilient_policy,
+            resilient_client_policy(&[server.addrs.inbound]),
+        )?;
+        let resilient_config = dir.join("resilient.yaml");
+        std::fs::write(
+            &resilient_config,
+            sidecar_config(&identities.client, &resilient_policy, no_app),
+        )?;
+        let resilient = SidecarProcess::spawn("resilient client", &resilient_config)?;
+        Ok(ProcessMesh {
+            client,
+            resilient,
+            server,
+        })
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         self.server.wait_ready().await?;
-        self.client.wait_ready().await
+        self.client.wait_ready().await?;
+        self.resilient.wait_ready().await
     }
 }
 
@@ -414,7 +439,7 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
-fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
+fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured, resilient: &Measured) {
     let cpus = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
     println!();
     println!(
@@ -425,6 +450,10 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
     println!(
         "  mesh:   load generator → pylon proxy (client) ══mTLS══▶ pylon proxy (server) → greeter"
     );
+    println!(
+        "  mesh+r: the same, the client's route with deadline, retries + budget, outlier detection,"
+    );
+    println!("          bulkhead and least-request balancing");
     println!("          (sidecar identities {CLIENT_ID} and {GREETER_ID})");
     println!();
     println!(
@@ -433,14 +462,22 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
         settings.measure.as_secs(),
         settings.warmup.as_secs()
     );
-    print_table(&direct.max_throughput, &mesh.max_throughput);
+    print_table(&[
+        ("direct", &direct.max_throughput),
+        ("mesh", &mesh.max_throughput),
+        ("mesh+r", &resilient.max_throughput),
+    ]);
     println!();
     println!(
         "fixed rate: {} rps for {}s, latency from the intended send time",
         settings.rps,
         settings.measure.as_secs()
     );
-    print_table(&direct.fixed_rate, &mesh.fixed_rate);
+    print_table(&[
+        ("direct", &direct.fixed_rate),
+        ("mesh", &mesh.fixed_rate),
+        ("mesh+r", &resilient.fixed_rate),
+    ]);
     println!();
     println!("mesh vs direct");
     println!(
@@ -456,7 +493,27 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
         "  added latency at max load    {}",
         added(&direct.max_throughput, &mesh.max_throughput)
     );
-    for (label, r) in [("direct", &direct.fixed_rate), ("mesh", &mesh.fixed_rate)] {
+    println!();
+    println!("resilience stack vs bare forwarding (mesh+r vs mesh)");
+    let ratio = resilient.max_throughput.rps() / mesh.max_throughput.rps();
+    println!(
+        "  throughput (max)             {ratio:.3}× bare ({:+.1} %; target: no more than 10 % lost)",
+        (ratio - 1.0) * 100.0
+    );
+    println!(
+        "  added latency at {:>5} rps   {}",
+        settings.rps,
+        added(&mesh.fixed_rate, &resilient.fixed_rate)
+    );
+    println!(
+        "  added latency at max load    {}",
+        added(&mesh.max_throughput, &resilient.max_throughput)
+    );
+    for (label, r) in [
+        ("direct", &direct.fixed_rate),
+        ("mesh", &mesh.fixed_rate),
+        ("mesh+r", &resilient.fixed_rate),
+    ] {
         let achieved = r.rps() / f64::from(settings.rps.get());
         if r.error_count() > 0 || achieved < 0.95 {
             println!(
@@ -469,12 +526,12 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured) {
     }
 }
 
-fn print_table(direct: &Report, mesh: &Report) {
+fn print_table(rows: &[(&str, &Report)]) {
     println!(
         "  {:<7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "", "rps", "success", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
     );
-    for (label, r) in [("direct", direct), ("mesh", mesh)] {
+    for &(label, r) in rows {
         let success = r
             .success_percent()
             .map_or("-".into(), |p| format!("{p:.2}%"));

@@ -1,13 +1,19 @@
-//! `pylon demo`: a two-sidecar mTLS mesh on loopback inside one process,
-//! with live gRPC traffic and a running table of what it measures.
+//! `pylon demo`: an mTLS mesh on loopback inside one process, with live gRPC
+//! traffic, a fault injected and healed, and a running table of what it
+//! measures.
 //!
-//! It makes a throwaway CA and two SPIFFE identities in a scratch directory,
-//! starts the sample [`greeter`], a server sidecar in front of it and a
-//! client sidecar that routes the authority `greeter` to the server sidecar
-//! over mTLS, then sends `SayHello` at a fixed rate through the client
-//! sidecar ([`crate::loadgen`]) and prints one row per second until
-//! `--duration` has passed or Ctrl-C. On the way out it stops the load, the
-//! sidecars and the greeter, and removes the scratch directory.
+//! It makes a throwaway CA and SPIFFE identities in a scratch directory,
+//! starts three instances of the sample [`greeter`], each behind its own
+//! server sidecar, and a client sidecar that routes the authority `greeter`
+//! to all three over mTLS with retries, a retry budget and outlier ejection.
+//! It sends `SayHello` at a fixed rate through the client sidecar
+//! ([`crate::loadgen`]) and prints one row per second: rate, success,
+//! latency, retries sent and endpoints ejected. At 5 s the third greeter
+//! starts failing: retries mask it and outlier detection ejects it, so
+//! success stays at about 100 %. At 20 s it heals and returns after its
+//! ejection. It runs until `--duration` has passed or Ctrl-C; on the way out
+//! it stops the load, the sidecars and the greeters, and removes the scratch
+//! directory.
 //!
 //! It does not use a control plane: policy comes from files in the scratch
 //! directory, identities from [`DevCa`]. The pieces the mesh benchmark
@@ -48,6 +54,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_POLL: Duration = Duration::from_millis(10);
 const ROW_INTERVAL: Duration = Duration::from_secs(1);
+/// Greeter instances, each behind its own server sidecar.
+const GREETERS: usize = 3;
+/// When the last greeter starts failing, and when it heals.
+const FAULT_AT: Duration = Duration::from_secs(5);
+const HEAL_AT: Duration = Duration::from_secs(20);
 
 /// `pylon demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -110,16 +121,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tokio::pin!(deadline);
     let mut rows = tokio::time::interval_at(Instant::now() + ROW_INTERVAL, ROW_INTERVAL);
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests"
+        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  {}",
+        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests", "retries", "ejected", "event"
     );
+    let started = Instant::now();
+    let faulty = mesh.greeters.last();
+    let mut fault = Fault::Pending;
+    let mut retries_before = 0;
     let why = loop {
         tokio::select! {
             // Rows before the deadline, so that the last second is printed
             // when both fall due together.
             biased;
             () = &mut ctrl_c => break "Ctrl-C",
-            _ = rows.tick() => print_row(&run.progress()),
+            _ = rows.tick() => {
+                let elapsed = started.elapsed();
+                let event = match (fault, faulty) {
+                    (Fault::Pending, Some(g)) if elapsed >= FAULT_AT => {
+                        g.set_failing(true);
+                        fault = Fault::Failing;
+                        format!("greeter {GREETERS} starts failing (UNAVAILABLE)")
+                    }
+                    (Fault::Failing, Some(g)) if elapsed >= HEAL_AT => {
+                        g.set_failing(false);
+                        fault = Fault::Healed;
+                        format!("greeter {GREETERS} heals")
+                    }
+                    _ => String::new(),
+                };
+                let (retries, ejected) = mesh.backend_counts();
+                print_row(&run.progress(), retries - retries_before, ejected, &event);
+                retries_before = retries;
+            }
             () = &mut deadline => break "duration reached",
         }
     };
@@ -134,6 +167,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the demo's fault stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Pending,
+    Failing,
+    Healed,
+}
+
 /// Resolves on Ctrl-C; never if the signal cannot be listened for.
 async fn ctrl_c() {
     if let Err(e) = tokio::signal::ctrl_c().await {
@@ -142,17 +183,18 @@ async fn ctrl_c() {
     }
 }
 
-/// The client sidecar's policy: authority `greeter` goes to the server
-/// sidecar at `server_inbound` over mTLS, which must present
-/// [`GREETER_ID`].
-pub fn client_policy(server_inbound: SocketAddr) -> String {
+/// The client sidecar's plain policy: authority `greeter` goes to the
+/// server sidecars at `endpoints` over mTLS, which must present
+/// [`GREETER_ID`]; no resilience policy (the benchmark's baseline).
+pub fn client_policy(endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
         "apiVersion: pylon.dev/v1
 kind: Backend
 metadata: {{ name: greeter }}
 spec:
   protocol: grpc
-  endpoints: {{ static: [\"{server_inbound}\"] }}
+  endpoints: {{ static: [{}] }}
   tls: {{ mode: mesh, identity: \"{GREETER_ID}\" }}
 ---
 apiVersion: pylon.dev/v1
@@ -162,8 +204,30 @@ spec:
   hostnames: [\"{GREETER_AUTHORITY}\"]
   rules:
     - backendRefs: [{{ name: greeter }}]
-"
+",
+        list.join(", ")
     )
+}
+
+/// [`client_policy`] with the resilience stack switched on: a deadline,
+/// retries on UNAVAILABLE within a budget, outlier ejection, a bulkhead and
+/// least-request balancing.
+pub fn resilient_client_policy(endpoints: &[SocketAddr]) -> String {
+    client_policy(endpoints)
+        + "      timeouts: { request: 2s }
+      retry: { attempts: 2, codes: [UNAVAILABLE], backoff: { base: 5ms, max: 50ms } }
+---
+apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: { name: greeter }
+spec:
+  targetRefs: [{ kind: Backend, name: greeter }]
+  loadBalancer: { type: LeastRequest }
+  circuitBreaker: { maxParallelRequests: 1024, maxPendingRequests: 128 }
+  outlierDetection: { consecutive5xxErrors: 5, consecutiveGatewayErrors: 3, interval: 1s,
+                      baseEjectionTime: 5s, maxEjectionTime: 30s, maxEjectionPercent: 50 }
+  retryBudget: { percent: 20, minRetriesPerSecond: 10 }
+"
 }
 
 /// The greeter's and the client's identity files, from one throwaway CA.
@@ -218,34 +282,40 @@ impl Drop for ScratchDir {
     }
 }
 
-/// The greeter and its two sidecars, in this process.
+/// The greeters, their sidecars and the client sidecar, in this process.
 struct DemoMesh {
-    greeter: RunningGreeter,
-    server: Sidecar,
+    greeters: Vec<RunningGreeter>,
+    servers: Vec<Sidecar>,
     client: Sidecar,
 }
 
 impl DemoMesh {
-    /// Starts everything on free loopback ports and waits until both
-    /// sidecars have installed their policy.
+    /// Starts everything on free loopback ports and waits until every
+    /// sidecar has installed its policy.
     async fn start(dir: &Path, identities: &Identities) -> anyhow::Result<DemoMesh> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let greeter = RunningGreeter::start(loopback)
-            .await
-            .context("cannot start the greeter")?;
-
         let server_policy = dir.join("server-policy.yaml");
         tokio::fs::write(&server_policy, "").await?;
-        let server = Sidecar::start(sidecar_config(
-            &identities.greeter,
-            server_policy,
-            greeter.addr,
-        ))
-        .await
-        .context("cannot start the server sidecar")?;
+        let mut greeters = Vec::new();
+        let mut servers = Vec::new();
+        for i in 0..GREETERS {
+            let greeter = RunningGreeter::start(loopback)
+                .await
+                .with_context(|| format!("cannot start greeter {}", i + 1))?;
+            let server = Sidecar::start(sidecar_config(
+                &identities.greeter,
+                server_policy.clone(),
+                greeter.addr,
+            ))
+            .await
+            .with_context(|| format!("cannot start server sidecar {}", i + 1))?;
+            greeters.push(greeter);
+            servers.push(server);
+        }
 
+        let endpoints: Vec<SocketAddr> = servers.iter().map(|s| s.addrs.inbound).collect();
         let client_policy_path = dir.join("client-policy.yaml");
-        tokio::fs::write(&client_policy_path, client_policy(server.addrs.inbound)).await?;
+        tokio::fs::write(&client_policy_path, resilient_client_policy(&endpoints)).await?;
         // Nothing calls the client sidecar's inbound side: its app address
         // is never dialled.
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
@@ -257,21 +327,40 @@ impl DemoMesh {
         .await
         .context("cannot start the client sidecar")?;
 
-        wait_installed(&server, "server").await?;
+        for (i, server) in servers.iter().enumerate() {
+            wait_installed(server, &format!("server {}", i + 1)).await?;
+        }
         wait_installed(&client, "client").await?;
         Ok(DemoMesh {
-            greeter,
-            server,
+            greeters,
+            servers,
             client,
         })
     }
 
-    /// Stops the callers before the called: client sidecar, server sidecar,
-    /// greeter.
+    /// What the client sidecar's backend `greeter` reports: retries sent so
+    /// far and endpoints ejected now.
+    fn backend_counts(&self) -> (u64, usize) {
+        let snapshot = self.client.policy.load_full();
+        snapshot
+            .backends
+            .get("default/greeter")
+            .map_or((0, 0), |b| {
+                (b.metrics.retries.get(), b.ejected(Instant::now()))
+            })
+    }
+
+    /// Stops the callers before the called: client sidecar, server sidecars,
+    /// greeters.
     async fn stop(self) -> anyhow::Result<()> {
         self.client.stop().await;
-        self.server.stop().await;
-        self.greeter.stop().await
+        for server in self.servers {
+            server.stop().await;
+        }
+        for greeter in self.greeters {
+            greeter.stop().await?;
+        }
+        Ok(())
     }
 }
 
@@ -322,7 +411,7 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
         Some(d) => format!("for {}", pylon_proto::policy::format_duration(d)),
         None => "until Ctrl-C".to_string(),
     };
-    println!("pylon demo: a two-sidecar mTLS mesh on loopback, all in this process");
+    println!("pylon demo: an mTLS mesh on loopback, all in this process");
     println!();
     println!(
         "  load generator  {} rps of helloworld.Greeter/SayHello, :authority {}, {} HTTP/2 connections",
@@ -332,14 +421,26 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
         "  client sidecar  {CLIENT_ID}\n                  outbound {}  admin {}",
         mesh.client.addrs.outbound, mesh.client.addrs.admin
     );
-    println!(
-        "  server sidecar  {GREETER_ID}\n                  inbound (mTLS) {}  admin {}",
-        mesh.server.addrs.inbound, mesh.server.addrs.admin
-    );
-    println!("  greeter         {} (h2c)", mesh.greeter.addr);
+    for (i, (server, greeter)) in mesh.servers.iter().zip(&mesh.greeters).enumerate() {
+        println!(
+            "  greeter {}       {GREETER_ID}\n                  sidecar inbound (mTLS) {}  admin {}  app {} (h2c)",
+            i + 1,
+            server.addrs.inbound,
+            server.addrs.admin,
+            greeter.addr
+        );
+    }
     println!();
     println!(
-        "  path            load generator → client sidecar ══ mTLS ══▶ server sidecar → greeter"
+        "  path            load generator → client sidecar ══ mTLS ══▶ server sidecars → greeters"
+    );
+    println!(
+        "  policy          retries (UNAVAILABLE, 2 more tries, budget 20 %), outlier ejection\n                  (3 gateway errors → out for 5 s, growing), least-request balancing"
+    );
+    println!(
+        "  scenario        at {}s greeter {GREETERS} starts failing; at {}s it heals",
+        FAULT_AT.as_secs(),
+        HEAL_AT.as_secs()
     );
     println!(
         "  scratch         {} (CA, certificates, policies; removed at exit)",
@@ -360,20 +461,23 @@ fn percent(p: Option<f64>) -> String {
     p.map_or_else(|| "-".to_string(), |p| format!("{p:.2}%"))
 }
 
-fn print_row(progress: &Progress) {
+fn print_row(progress: &Progress, retries: u64, ejected: usize, event: &str) {
     let interval = &progress.interval;
     let (p50, p99) = match &interval.latency {
         Some(l) => (millis(l.p50), millis(l.p99)),
         None => ("-".to_string(), "-".to_string()),
     };
     println!(
-        "{:>7}s {:>9.1} {:>9} {:>9} {:>9} {:>10}",
+        "{:>7}s {:>9.1} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  {}",
         progress.elapsed.as_secs_f64().round(),
         interval.rps(),
         percent(interval.success_percent()),
         p50,
         p99,
-        progress.total.requests
+        progress.total.requests,
+        retries,
+        ejected,
+        event
     );
 }
 
@@ -423,7 +527,9 @@ mod tests {
     #[test]
     fn the_client_policy_is_valid_and_routes_greeter() {
         let addr: SocketAddr = "127.0.0.1:15006".parse().unwrap();
-        let resources = pylon_proto::policy::parse(&client_policy(addr)).unwrap();
+        let resources = pylon_proto::policy::parse(&client_policy(&[addr])).unwrap();
         assert_eq!(resources.len(), 2);
+        let resources = pylon_proto::policy::parse(&resilient_client_policy(&[addr, addr])).unwrap();
+        assert_eq!(resources.len(), 3);
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! It does no work beyond formatting the reply, so what a load generator
 //! measures against it is the cost of the path to it (gRPC, HTTP/2, and the
-//! mesh when there is one), not of the service.
+//! mesh when there is one), not of the service. The demo can make it fail on
+//! command ([`RunningGreeter::set_failing`]) to show the mesh's resilience.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pylon_proto::helloworld::greeter_server::{Greeter, GreeterServer};
 use pylon_proto::helloworld::{HelloReply, HelloRequest};
@@ -15,9 +18,11 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-/// `SayHello` → `Hello, <name>`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HelloGreeter;
+/// `SayHello` → `Hello, <name>`, or UNAVAILABLE while `failing` is set.
+#[derive(Debug, Clone, Default)]
+pub struct HelloGreeter {
+    failing: Arc<AtomicBool>,
+}
 
 #[tonic::async_trait]
 impl Greeter for HelloGreeter {
@@ -25,6 +30,9 @@ impl Greeter for HelloGreeter {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this greeter is failing on purpose"));
+        }
         let name = request.into_inner().name;
         Ok(Response::new(HelloReply {
             message: format!("Hello, {name}"),
@@ -35,6 +43,7 @@ impl Greeter for HelloGreeter {
 /// A [`HelloGreeter`] served over h2c on a background task.
 pub struct RunningGreeter {
     pub addr: SocketAddr,
+    failing: Arc<AtomicBool>,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -46,9 +55,11 @@ impl RunningGreeter {
         let addr = listener.local_addr()?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (shutdown, stop_requested) = oneshot::channel::<()>();
+        let greeter = HelloGreeter::default();
+        let failing = greeter.failing.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(GreeterServer::new(HelloGreeter))
+                .add_service(GreeterServer::new(greeter))
                 .serve_with_incoming_shutdown(incoming, async {
                     // A dropped sender stops the server as well.
                     let _ = stop_requested.await;
@@ -56,9 +67,15 @@ impl RunningGreeter {
         );
         Ok(RunningGreeter {
             addr,
+            failing,
             shutdown,
             server,
         })
+    }
+
+    /// From now on every call fails with UNAVAILABLE (`true`) or succeeds.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
     }
 
     /// Stops accepting, lets open connections finish, and returns how
@@ -76,7 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn says_hello_to_the_caller_by_name() {
-        let reply = HelloGreeter
+        let reply = HelloGreeter::default()
             .say_hello(Request::new(HelloRequest {
                 name: "mesh".into(),
             }))
