@@ -529,7 +529,8 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:15006".parse().unwrap();
         let resources = pylon_proto::policy::parse(&client_policy(&[addr])).unwrap();
         assert_eq!(resources.len(), 2);
-        let resources = pylon_proto::policy::parse(&resilient_client_policy(&[addr, addr])).unwrap();
+        let resources =
+            pylon_proto::policy::parse(&resilient_client_policy(&[addr, addr])).unwrap();
         assert_eq!(resources.len(), 3);
     }
 }

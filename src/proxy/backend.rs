@@ -335,11 +335,13 @@ impl Backend {
         };
         drop(config);
         rewrite_for(&mut req, wire, scheme, authority, te_trailers);
-        endpoint
-            .pool
-            .send(req, wire)
-            .await
-            .map_err(|e| upstream_error(&self.name, endpoint.addr(), e))
+        endpoint.pool.send(req, wire).await.map_err(|e| {
+            let e = upstream_error(&self.name, endpoint.addr(), e);
+            if matches!(e, ProxyError::Overflow { .. }) {
+                self.metrics.overflow.inc();
+            }
+            e
+        })
     }
 
     #[cfg(test)]

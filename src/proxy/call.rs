@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::backend::{Backend, Endpoint};
 use super::body::ProxyBody;
 use super::deadline::{GRPC_TIMEOUT, effective_deadline, format_grpc_timeout, parse_grpc_timeout};
-use super::error::{ProxyError, grpc_code_for_http};
+use super::error::{ProxyError, grpc_code_for_http, http_status_for_grpc};
 use super::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
 use super::tracked::{BodyEnd, OnEnd, StreamDeadline, TrackedBody, grpc_status};
 use crate::resilience::balancer::LoadGuard;
@@ -78,7 +78,7 @@ pub async fn call(
         te_trailers: input.te_trailers,
         deadline: deadline.map(|at| (at, at - start)),
     };
-    call.run(input.req, start).await
+    call.run(input.req).await
 }
 
 struct Call<'a> {
@@ -113,17 +113,15 @@ impl Call<'_> {
         }
     }
 
-    async fn run(
-        &self,
-        req: Request<Incoming>,
-        start: Instant,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn run(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         self.inject_faults().await?;
         let backend = &self.backend;
-        backend.admit(start)?;
+        // After any injected delay: the wait for a slot starts now.
+        let now = Instant::now();
+        backend.admit(now)?;
         let wait_until = match self.deadline {
-            Some((at, _)) => at.min(start + MAX_PENDING_WAIT),
-            None => start + MAX_PENDING_WAIT,
+            Some((at, _)) => at.min(now + MAX_PENDING_WAIT),
+            None => now + MAX_PENDING_WAIT,
         };
         let permit = backend.bulkhead.acquire(wait_until).await.map_err(|_| {
             backend.metrics.overflow.inc();
@@ -133,7 +131,7 @@ impl Call<'_> {
             }
         })?;
         backend.metrics.requests.inc();
-        backend.budget.record_request(start);
+        backend.budget.record_request(now);
 
         let (parts, body) = req.into_parts();
         match &self.rule.retry {
@@ -157,15 +155,7 @@ impl Call<'_> {
         let Some(fault) = &self.rule.fault_injection else {
             return Ok(());
         };
-        if let Some(abort) = &fault.abort
-            && chance(abort.percent)
-        {
-            self.rule.fault_aborts.inc();
-            return Err(ProxyError::FaultAbort {
-                route: self.rule.route.clone(),
-                status: abort.status,
-            });
-        }
+        // Delay, then abort, as Envoy does: both may apply to one call.
         if let Some(delay) = &fault.delay
             && chance(delay.percent)
         {
@@ -178,6 +168,15 @@ impl Call<'_> {
                 }
                 _ => tokio::time::sleep_until(wake).await,
             }
+        }
+        if let Some(abort) = &fault.abort
+            && chance(abort.percent)
+        {
+            self.rule.fault_aborts.inc();
+            return Err(ProxyError::FaultAbort {
+                route: self.rule.route.clone(),
+                status: abort.status,
+            });
         }
         Ok(())
     }
@@ -199,7 +198,10 @@ impl Call<'_> {
             if remaining.is_zero() {
                 return Err(self.expired());
             }
-            headers.insert(GRPC_TIMEOUT, format_grpc_timeout(remaining));
+            // Only gRPC servers read it; a plain HTTP call carries none.
+            if self.grpc {
+                headers.insert(GRPC_TIMEOUT, format_grpc_timeout(remaining));
+            }
         }
         Ok(req)
     }
@@ -277,10 +279,26 @@ impl Call<'_> {
         let replay = ReplayBody::new(ProxyBody::Incoming(body), DEFAULT_REPLAY_LIMIT);
         let max_attempts = retry.attempts.saturating_add(1);
         let mut tried: Vec<SocketAddr> = Vec::new();
+        // The answer a retry would replace, kept until the retry is sent so
+        // that the caller gets it if no endpoint is left to try.
+        let mut previous: Option<(Answer, Arc<Endpoint>)> = None;
         let mut n = 1;
         loop {
             let now = Instant::now();
-            let endpoint = backend.pick(now, &tried)?;
+            let endpoint = match (backend.pick(now, &tried), previous.take()) {
+                (Ok(endpoint), superseded) => {
+                    if superseded.is_some() {
+                        backend.metrics.retries.inc();
+                    }
+                    // Dropping a superseded answer resets its stream upstream.
+                    drop(superseded);
+                    endpoint
+                }
+                (Err(_), Some((answer, endpoint))) => {
+                    return self.settle(answer, endpoint, permit);
+                }
+                (Err(e), None) => return Err(e),
+            };
             let req = self.attempt_request(
                 clone_parts(&parts),
                 ProxyBody::Replay(replay.retry()),
@@ -311,28 +329,13 @@ impl Call<'_> {
                     )
                 }
             };
-            let answer = match answer {
-                Answer::Deliver(resp, peeked, load, pending) => {
-                    if retryable.is_none() || n >= max_attempts {
-                        if retryable.is_some() {
-                            backend.metrics.retries_exhausted.inc();
-                        }
-                        return Ok(self.deliver(resp, peeked, endpoint, permit, (load, pending)));
-                    }
-                    Answer::Deliver(resp, peeked, load, pending)
-                }
-                Answer::Failed(e) => {
-                    if retryable.is_none() {
-                        return Err(e);
-                    }
-                    if n >= max_attempts {
-                        backend.metrics.retries_exhausted.inc();
-                        return Err(e);
-                    }
-                    Answer::Failed(e)
-                }
+            let Some(retryable) = retryable else {
+                return self.settle(answer, endpoint, permit);
             };
-            let retryable = retryable.unwrap_or(Retryable { pushback: None });
+            if n >= max_attempts {
+                backend.metrics.retries_exhausted.inc();
+                return self.settle(answer, endpoint, permit);
+            }
 
             // Another try is warranted: is it allowed?
             let delay = match retryable.pushback {
@@ -351,19 +354,27 @@ impl Call<'_> {
                 }
                 ok
             }) else {
-                return match answer {
-                    Answer::Deliver(resp, peeked, load, pending) => {
-                        Ok(self.deliver(resp, peeked, endpoint, permit, (load, pending)))
-                    }
-                    Answer::Failed(e) => Err(e),
-                };
+                return self.settle(answer, endpoint, permit);
             };
-            // Dropping the answer resets its stream upstream.
-            drop(answer);
             tokio::time::sleep(delay).await;
             tried.push(endpoint.addr());
-            backend.metrics.retries.inc();
+            previous = Some((answer, endpoint));
             n += 1;
+        }
+    }
+
+    /// The caller's outcome of a final answer.
+    fn settle(
+        &self,
+        answer: Answer,
+        endpoint: Arc<Endpoint>,
+        permit: BulkheadPermit,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match answer {
+            Answer::Deliver(resp, peeked, load, pending) => {
+                Ok(self.deliver(resp, peeked, endpoint, permit, (load, pending)))
+            }
+            Answer::Failed(e) => Err(e),
         }
     }
 
@@ -391,15 +402,8 @@ impl Call<'_> {
         if !peek {
             let pending = self.observe_headers(endpoint, &resp, now);
             let retryable = match headers_status {
-                Some(code) => retry.codes.contains(&RetryOn::Grpc(code)),
-                None => {
-                    retry.codes.contains(&RetryOn::Http(http))
-                        || (self.grpc
-                            && http != 200
-                            && retry
-                                .codes
-                                .contains(&RetryOn::Grpc(grpc_code_for_http(http))))
-                }
+                Some(code) => retry_on(retry, code, http_status_for_grpc(code).as_u16()),
+                None => http != 200 && retry_on(retry, grpc_code_for_http(http), http),
             };
             let pushback = pushback(resp.headers());
             return (
@@ -424,7 +428,7 @@ impl Call<'_> {
                 let retryable = match trailers_status {
                     Some(code) => {
                         self.backend.observe(endpoint, grpc_outcome(code), now);
-                        retry.codes.contains(&RetryOn::Grpc(code))
+                        retry_on(retry, code, http_status_for_grpc(code).as_u16())
                     }
                     None => false,
                 };
@@ -587,8 +591,9 @@ fn endpoint_failure(e: &ProxyError) -> bool {
     )
 }
 
-/// Whether the policy retries a failure that reads as `grpc` to gRPC
-/// callers and `http` to HTTP callers.
+/// Whether the policy retries an answer that reads as `grpc` to gRPC
+/// callers and `http` to HTTP callers: a policy may name either, for either
+/// kind of caller (`UNAVAILABLE` and `503` are the same failure).
 fn retry_on(retry: &Retry, grpc: GrpcCode, http: u16) -> bool {
     retry.codes.contains(&RetryOn::Grpc(grpc)) || retry.codes.contains(&RetryOn::Http(http))
 }

@@ -1076,3 +1076,22 @@ spec:
     );
     let _ = second;
 }
+
+#[tokio::test]
+async fn a_retry_with_no_endpoint_left_returns_the_last_real_answer() {
+    let only = ChaosServer::start("only").await;
+    only.set_mode("status=14");
+    // The first failure ejects the only endpoint: the retry has nowhere to
+    // go, and the caller gets the server's answer, not the mesh's.
+    let f = Fixture::start(
+        &(backend(&[only.addr])
+            + &route(RETRY_UNAVAILABLE)
+            + &traffic("outlierDetection: { consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100 }")),
+    )
+    .await;
+    let status = f.client().await.unary(chaos("", b"")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "chaos");
+    assert_eq!(pylon_error(&status), None);
+    assert_eq!(only.requests(), 1);
+}

@@ -412,7 +412,7 @@ pub struct TargetRef {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TargetKind {
     Backend,
     ServiceAccount,

@@ -1779,3 +1779,25 @@ spec:
     let errs = errors(&unknown);
     assert!(errs.iter().all(|e| !e.contains("no Backend")), "{errs:?}");
 }
+
+#[test]
+fn a_service_account_is_targeted_by_one_traffic_policy_at_most() {
+    let policy = |name: &str| {
+        format!(
+            "apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: {{name: {name}}}
+spec:
+  targetRef: {{kind: ServiceAccount, name: greeter}}
+  rateLimit: {{requestsPerSecond: 10}}
+"
+        )
+    };
+    let errs = errors(&format!("{}---\n{}", policy("a"), policy("b")));
+    assert_eq!(
+        errs,
+        [
+            "BackendTrafficPolicy/b: spec.targetRef.name: ServiceAccount \"greeter\" is already targeted by BackendTrafficPolicy/a (line 12)"
+        ]
+    );
+}

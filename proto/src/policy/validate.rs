@@ -257,7 +257,7 @@ pub(crate) fn check_set(resources: &[Resource]) -> Vec<SetProblem> {
         }
     }
     let backend = |ns: &str, name: &str| seen.contains_key(&(Kind::Backend, ns, name));
-    let mut targeted: HashMap<(&str, &str), String> = HashMap::new();
+    let mut targeted: HashMap<(TargetKind, &str, &str), String> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         let ns = r.metadata.namespace.as_str();
         let mut report = |path: String, message: String| {
@@ -296,19 +296,25 @@ pub(crate) fn check_set(resources: &[Resource]) -> Vec<SetProblem> {
             ),
             Spec::BackendTrafficPolicy(s) => {
                 for (j, t) in s.target_refs.iter().enumerate() {
-                    if t.kind != TargetKind::Backend {
+                    let path = format!("spec.targetRefs[{j}].name");
+                    if t.kind == TargetKind::Backend && !backend(ns, &t.name) {
+                        report(path, format!("no Backend {:?}", t.name));
                         continue;
                     }
-                    let path = format!("spec.targetRefs[{j}].name");
-                    if !backend(ns, &t.name) {
-                        report(path, format!("no Backend {:?}", t.name));
-                    } else if let Some(first) = targeted.get(&(ns, t.name.as_str())) {
+                    // One policy per target: two would leave which one wins
+                    // to file order.
+                    let key = (t.kind, ns, t.name.as_str());
+                    if let Some(first) = targeted.get(&key) {
                         report(
                             path,
-                            format!("Backend {:?} is already targeted by {first}", t.name),
+                            format!(
+                                "{} {:?} is already targeted by {first}",
+                                t.kind.as_str(),
+                                t.name
+                            ),
                         );
                     } else {
-                        targeted.insert((ns, t.name.as_str()), r.display_name());
+                        targeted.insert(key, r.display_name());
                     }
                 }
             }
