@@ -121,8 +121,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tokio::pin!(deadline);
     let mut rows = tokio::time::interval_at(Instant::now() + ROW_INTERVAL, ROW_INTERVAL);
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  {}",
-        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests", "retries", "ejected", "event"
+        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  event",
+        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests", "retries", "ejected"
     );
     let started = Instant::now();
     let faulty = mesh.greeters.last();
