@@ -23,6 +23,7 @@ use serde_json::Value;
 const KEYS: &[(&str, KeyKind)] = &[
     ("admin.listen", KeyKind::Addr),
     ("outbound.listen", KeyKind::Addr),
+    ("outbound.retryBufferBytes", KeyKind::Bytes),
     ("inbound.listen", KeyKind::Addr),
     ("inbound.app", KeyKind::Addr),
     ("identity.files.cert", KeyKind::Path),
@@ -57,6 +58,8 @@ enum KeyKind {
     List,
     /// `5s`, `1m30s`, `250ms`: the policy duration syntax.
     Duration,
+    /// A whole number of bytes.
+    Bytes,
 }
 
 /// The validated bootstrap configuration.
@@ -82,7 +85,16 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
     pub listen: SocketAddr,
+    /// Request body bytes kept per call for replay by retries; a larger body
+    /// is sent once and not retried.
+    pub retry_buffer_bytes: usize,
 }
+
+/// The default of `outbound.retryBufferBytes`.
+pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 64 * 1024;
+/// The largest `outbound.retryBufferBytes`: every call in flight under a
+/// retry policy may hold this much.
+const MAX_RETRY_BUFFER_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub struct InboundConfig {
@@ -248,6 +260,9 @@ impl Config {
         };
         let outbound = OutboundConfig {
             listen: r.addr("outbound.listen", "127.0.0.1:15001"),
+            retry_buffer_bytes: r
+                .bytes("outbound.retryBufferBytes", MAX_RETRY_BUFFER_BYTES)
+                .unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
         };
         let inbound = InboundConfig {
             listen: r.addr("inbound.listen", "0.0.0.0:15006"),
@@ -446,6 +461,30 @@ impl Reader<'_> {
 
     fn text(&mut self, key: &str) -> Option<String> {
         self.string(key).map(|(s, _)| s)
+    }
+
+    /// A whole number of bytes from 0 to `max`.
+    fn bytes(&mut self, key: &str, max: u64) -> Option<usize> {
+        let (v, origin) = self.take(key)?;
+        let n = match &v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n
+            .filter(|n| *n <= max)
+            .and_then(|n| usize::try_from(n).ok())
+        {
+            Some(n) => Some(n),
+            None => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!("expected a whole number of bytes from 0 to {max}, found {v}"),
+                );
+                None
+            }
+        }
     }
 
     fn ratio(&mut self, key: &str) -> Option<f64> {
@@ -783,6 +822,32 @@ policy: { controlPlane: {} }
             .0;
         assert!(errs[0].starts_with("identity.controlPlane: "), "{errs:?}");
         assert!(errs[1].starts_with("policy.controlPlane: "), "{errs:?}");
+    }
+
+    #[test]
+    fn the_retry_buffer_is_a_bounded_byte_count() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.outbound.retry_buffer_bytes, DEFAULT_RETRY_BUFFER_BYTES);
+        let yaml = GOOD.replace(
+            "outbound: { listen: \"127.0.0.1:25001\" }",
+            "outbound: { listen: \"127.0.0.1:25001\", retryBufferBytes: 1024 }",
+        );
+        let c = Config::from_parts(&yaml, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.outbound.retry_buffer_bytes, 1024);
+        let e = env(&[("PYLON_OUTBOUND_RETRY_BUFFER_BYTES", "0")]);
+        let c = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap();
+        assert_eq!(
+            c.outbound.retry_buffer_bytes, 0,
+            "0: no body is ever replayed"
+        );
+        let e = env(&[("PYLON_OUTBOUND_RETRY_BUFFER_BYTES", "lots")]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        assert_eq!(
+            errs,
+            vec![
+                "outbound.retryBufferBytes (from PYLON_OUTBOUND_RETRY_BUFFER_BYTES): expected a whole number of bytes from 0 to 16777216, found \"lots\""
+            ]
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use crate::config::{
-    AdminConfig, Config, DnsConfig, IdentitySource, InboundConfig, OutboundConfig, PolicySource,
+    AdminConfig, Config, DEFAULT_RETRY_BUFFER_BYTES, DnsConfig, IdentitySource, InboundConfig,
+    OutboundConfig, PolicySource,
 };
 use crate::identity::dev::{DevCa, IdentityFiles};
 use crate::loadgen::{Load, LoadGenerator, Progress, Report, Target};
@@ -368,7 +369,10 @@ fn sidecar_config(identity: &IdentityFiles, policy: PathBuf, app: SocketAddr) ->
     let free_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     Config {
         admin: AdminConfig { listen: free_port },
-        outbound: OutboundConfig { listen: free_port },
+        outbound: OutboundConfig {
+            listen: free_port,
+            retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+        },
         inbound: InboundConfig {
             listen: free_port,
             app,

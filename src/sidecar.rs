@@ -112,7 +112,7 @@ impl Sidecar {
         });
         background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
 
-        let outbound = Outbound::new(policy.clone());
+        let outbound = Outbound::new(policy.clone(), config.outbound.retry_buffer_bytes);
         tasks.spawn(accept_loop(
             outbound_l,
             shutdown.subscribe(),

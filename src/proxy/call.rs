@@ -30,7 +30,7 @@ use super::backend::{Backend, Endpoint};
 use super::body::ProxyBody;
 use super::deadline::{GRPC_TIMEOUT, effective_deadline, format_grpc_timeout, parse_grpc_timeout};
 use super::error::{ProxyError, grpc_code_for_http, http_status_for_grpc};
-use super::replay::{DEFAULT_REPLAY_LIMIT, ReplayBody};
+use super::replay::ReplayBody;
 use super::tracked::{BodyEnd, OnEnd, StreamDeadline, TrackedBody, grpc_status};
 use crate::resilience::balancer::LoadGuard;
 use crate::resilience::bulkhead::BulkheadPermit;
@@ -54,6 +54,8 @@ pub struct CallRequest<'a> {
     pub authority: Option<&'a Authority>,
     /// The caller accepts trailers (`TE: trailers`).
     pub te_trailers: bool,
+    /// Request body bytes kept for replay under a retry policy.
+    pub replay_limit: usize,
 }
 
 /// Runs one call of `rule` on `backend`.
@@ -76,6 +78,7 @@ pub async fn call(
         grpc: input.grpc,
         authority: input.authority,
         te_trailers: input.te_trailers,
+        replay_limit: input.replay_limit,
         deadline: deadline.map(|at| (at, at - start)),
     };
     call.run(input.req).await
@@ -87,6 +90,7 @@ struct Call<'a> {
     grpc: bool,
     authority: Option<&'a Authority>,
     te_trailers: bool,
+    replay_limit: usize,
     /// When the call must be over, and the timeout that set it.
     deadline: Option<(Instant, Duration)>,
 }
@@ -276,7 +280,7 @@ impl Call<'_> {
         permit: BulkheadPermit,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let backend = &self.backend;
-        let replay = ReplayBody::new(ProxyBody::Incoming(body), DEFAULT_REPLAY_LIMIT);
+        let replay = ReplayBody::new(ProxyBody::Incoming(body), self.replay_limit);
         let max_attempts = retry.attempts.saturating_add(1);
         let mut tried: Vec<SocketAddr> = Vec::new();
         // The answer a retry would replace, kept until the retry is sent so

@@ -27,13 +27,15 @@ use crate::routing::RequestView;
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
+    retry_buffer_bytes: usize,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl Outbound {
-    pub fn new(policy: Arc<PolicyStore>) -> Arc<Self> {
+    pub fn new(policy: Arc<PolicyStore>, retry_buffer_bytes: usize) -> Arc<Self> {
         Arc::new(Outbound {
             policy,
+            retry_buffer_bytes,
             server: http_server(),
         })
     }
@@ -96,6 +98,7 @@ impl Outbound {
             grpc,
             authority: authority.as_ref(),
             te_trailers,
+            replay_limit: self.retry_buffer_bytes,
         };
         let mut resp = call(&rule, backend, input).await?;
         response_for_caller(&mut resp);

@@ -7,7 +7,8 @@
 //! over (`ReplayBody::retry`), and the body of an abandoned attempt fails if
 //! polled again, so it can never steal frames from its successor. Once the
 //! record would exceed the limit it is dropped and no further attempt may be
-//! made (`ReplayBody::replayable`): a large body is sent once.
+//! made (`ReplayBody::replayable`): a large body is sent once. The limit is
+//! the bootstrap `outbound.retryBufferBytes` (64 KiB by default).
 //!
 //! Not here: deciding whether to retry (`proxy::call`).
 
@@ -20,9 +21,6 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use super::body::{BoxError, ProxyBody};
-
-/// The request body bytes kept for replay when a route has a retry policy.
-pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct Shared<B> {

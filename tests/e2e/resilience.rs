@@ -815,6 +815,23 @@ spec:
         Some("overflow"),
         "the slot is still held"
     );
+
+    // A higher limit applies at once; the call in flight carries on.
+    set_policy(
+        &f.sidecar,
+        &f.policy,
+        &(backend(&[bad.addr, good.addr])
+            + &route(RETRY_UNAVAILABLE)
+            + &traffic(&format!(
+                "{EJECT}\ncircuitBreaker: {{ maxParallelRequests: 2 }}"
+            ))),
+    )
+    .await;
+    client.unary(chaos("", b"")).await.unwrap();
+    assert!(
+        !held.is_finished(),
+        "the held call was not dropped by the reloads"
+    );
     held.abort();
 }
 
