@@ -40,25 +40,41 @@ async fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Reads the file and applies it if its content changed. Returns the
-/// content version seen, or `None` if the file could not be read.
-async fn reload(path: &Path, store: &PolicyStore, installed: Option<&str>) -> Option<String> {
+/// What one look at the file found.
+enum Reload {
+    /// Read whole; its content version (installed or rejected).
+    Read(String),
+    /// Not the size its metadata said: being written.
+    Changing,
+    Unreadable,
+}
+
+/// Reads the file and applies it if its content changed.
+async fn reload(
+    path: &Path,
+    store: &PolicyStore,
+    installed: Option<&str>,
+    expected_len: u64,
+) -> Reload {
     let bytes = match read_bounded(path).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot read the policy file; keeping the current policy");
-            return None;
+            return Reload::Unreadable;
         }
     };
+    if bytes.len() as u64 != expected_len {
+        return Reload::Changing;
+    }
     let version = content_version(&bytes);
     if installed == Some(version.as_str()) {
-        return Some(version);
+        return Reload::Read(version);
     }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(_) => {
             tracing::error!(path = %path.display(), "the policy file is not UTF-8; keeping the current policy");
-            return Some(version);
+            return Reload::Read(version);
         }
     };
     match store.apply(&text, version.clone()) {
@@ -75,7 +91,7 @@ async fn reload(path: &Path, store: &PolicyStore, installed: Option<&str>) -> Op
             }
         }
     }
-    Some(version)
+    Reload::Read(version)
 }
 
 async fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -90,37 +106,44 @@ async fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Loads `path` now, then keeps it in force: runs until the task is dropped.
 pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
-    let mut seen_stamp = stamp(&path).await;
-    let mut seen_version = reload(&path, &store, None).await;
+    let mut seen_stamp = None;
+    let mut seen_version = None;
     let mut tick = 0u32;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The first tick completes at once: the file is loaded at start.
         interval.tick().await;
         tick = tick.wrapping_add(1);
         let now = stamp(&path).await;
-        if now == seen_stamp && !tick.is_multiple_of(FULL_READ_EVERY) {
+        let periodic = tick == 1 || tick.is_multiple_of(FULL_READ_EVERY);
+        if now == seen_stamp && !periodic {
             continue;
         }
-        if now.is_none() {
-            if seen_stamp.is_some() {
-                tracing::warn!(path = %path.display(), "the policy file is gone; keeping the current policy");
+        let Some(expected) = now else {
+            if seen_stamp.is_some() || tick == 1 {
+                tracing::warn!(path = %path.display(), "no policy file; keeping the current policy");
             }
             seen_stamp = None;
             continue;
-        }
-        if now != seen_stamp {
-            // A file written in place (truncate, then write) can be caught
-            // half-written, and an empty or truncated policy may well be
-            // valid. Read only once the file has stopped changing.
+        };
+        // A file written in place (truncate, then write) can be caught
+        // half-written, and an empty or truncated policy may well be valid:
+        // read only a file that has stopped changing, and only if what was
+        // read is what was there.
+        if tick != 1 {
             tokio::time::sleep(SETTLE).await;
             if stamp(&path).await != now {
                 continue;
             }
         }
-        seen_stamp = now;
-        if let Some(v) = reload(&path, &store, seen_version.as_deref()).await {
-            seen_version = Some(v);
+        match reload(&path, &store, seen_version.as_deref(), expected.len).await {
+            Reload::Read(version) => {
+                seen_stamp = now;
+                seen_version = Some(version);
+            }
+            // Try again at the next tick.
+            Reload::Changing | Reload::Unreadable => seen_stamp = None,
         }
     }
 }

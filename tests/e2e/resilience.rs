@@ -58,6 +58,12 @@ impl Fixture {
             .map_or(0, |v| v as u64)
     }
 
+    /// A per-backend metric of backend `svc`.
+    async fn svc(&self, name: &str) -> u64 {
+        self.metric(&format!("{name}{{backend=\"Backend/svc\"}}"))
+            .await
+    }
+
     async fn endpoints(&self) -> Vec<serde_json::Value> {
         let config = self.sidecar.config().await;
         config["backends"][0]["endpoints"]
@@ -160,16 +166,8 @@ async fn retries_mask_failures_and_mark_each_attempt() {
         attempts,
         vec![Some("1".into()), Some("2".into()), Some("3".into())]
     );
-    assert_eq!(
-        f.metric("pylon_retries_total{backend=\"Backend/svc\"}")
-            .await,
-        2
-    );
-    assert_eq!(
-        f.metric("pylon_backend_requests_total{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
+    assert_eq!(f.svc("pylon_retries_total").await, 2);
+    assert_eq!(f.svc("pylon_backend_requests_total").await, 1);
 }
 
 #[tokio::test]
@@ -211,11 +209,7 @@ async fn exhausted_retries_return_the_last_answer() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "chaos");
     assert_eq!(server.requests(), 3);
-    assert_eq!(
-        f.metric("pylon_retries_exhausted_total{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
+    assert_eq!(f.svc("pylon_retries_exhausted_total").await, 1);
 }
 
 #[tokio::test]
@@ -324,16 +318,8 @@ async fn the_retry_budget_caps_retries() {
     }
     // 1 retry per second over the 10 s window: 10 retries in all.
     assert_eq!(server.requests(), 20 + 10);
-    assert_eq!(
-        f.metric("pylon_retries_total{backend=\"Backend/svc\"}")
-            .await,
-        10
-    );
-    assert!(
-        f.metric("pylon_retries_budget_denied_total{backend=\"Backend/svc\"}")
-            .await
-            >= 10
-    );
+    assert_eq!(f.svc("pylon_retries_total").await, 10);
+    assert!(f.svc("pylon_retries_budget_denied_total").await >= 10);
 }
 
 #[tokio::test]
@@ -545,16 +531,8 @@ async fn a_failing_endpoint_is_ejected_while_retries_keep_callers_whole() {
         client.unary(chaos("", b"x")).await.unwrap();
     }
     assert_eq!(bad.requests(), 3);
-    assert_eq!(
-        f.metric("pylon_outlier_ejections_total{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
-    assert_eq!(
-        f.metric("pylon_outlier_ejections_active{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
+    assert_eq!(f.svc("pylon_outlier_ejections_total").await, 1);
+    assert_eq!(f.svc("pylon_outlier_ejections_active").await, 1);
 }
 
 #[tokio::test]
@@ -633,11 +611,7 @@ async fn a_full_bulkhead_fails_fast_with_overflow() {
         2,
         "the refused call never left the sidecar"
     );
-    assert_eq!(
-        f.metric("pylon_bulkhead_overflow_total{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
+    assert_eq!(f.svc("pylon_bulkhead_overflow_total").await, 1);
     for h in held {
         h.abort();
     }
@@ -668,11 +642,7 @@ async fn the_rate_limit_refuses_with_retry_after() {
         .unwrap();
     assert!(retry_after >= 1);
     assert_eq!(server.requests(), 2);
-    assert_eq!(
-        f.metric("pylon_rate_limited_total{backend=\"Backend/svc\"}")
-            .await,
-        1
-    );
+    assert_eq!(f.svc("pylon_rate_limited_total").await, 1);
 }
 
 #[tokio::test]
