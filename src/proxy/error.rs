@@ -179,13 +179,16 @@ impl ProxyError {
     }
 }
 
-/// Whether an HTTP/2 stream was refused by the server (REFUSED_STREAM):
-/// the server promises it did not process the request.
+/// Whether the server said it did not process the request: the stream was
+/// refused (REFUSED_STREAM), or a graceful GOAWAY named a last stream below
+/// it (h2 fails such streams with the GOAWAY at once).
 fn refused_stream(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let graceful_go_away =
+                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || graceful_go_away;
         }
         cur = err.source();
     }
