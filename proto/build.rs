@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/helloworld/helloworld.proto",
         "proto/pylon/v1/testing.proto",
+        "proto/pylon/v1/control.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

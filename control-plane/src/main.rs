@@ -1,0 +1,3 @@
+//! The `pylon-control` command.
+
+fn main() {}
