@@ -94,7 +94,10 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         (&Method::GET, "/ready") => {
             let reasons = state.not_ready_reasons();
             if reasons.is_empty() {
-                text(StatusCode::OK, "ready\n")
+                match state.policy.source_state().note() {
+                    Some(note) => text(StatusCode::OK, format!("ready ({note})\n")),
+                    None => text(StatusCode::OK, "ready\n"),
+                }
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -152,6 +155,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> {
 pub fn config_dump(state: &AdminState) -> Value {
     let snapshot = state.policy.load_full();
     let status = state.policy.status();
+    let source = state.policy.source_state();
     let mut routes: Vec<Value> = Vec::new();
     for (host, rule) in snapshot.routes.describe() {
         let existing = routes.iter_mut().find(|r| {
@@ -223,6 +227,11 @@ pub fn config_dump(state: &AdminState) -> Value {
         },
         "policy": {
             "source": state.policy.source(),
+            "sourceState": {
+                "connected": source.connected,
+                "fromCache": source.from_cache,
+                "lastError": source.last_error,
+            },
             "installed": state.policy.installed(),
             "version": snapshot.version,
             "resources": snapshot.resources.len(),

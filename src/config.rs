@@ -32,6 +32,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("identity.controlPlane.tokenFile", KeyKind::Path),
     ("policy.file", KeyKind::Path),
     ("policy.controlPlane", KeyKind::Marker),
+    ("policy.maxBytes", KeyKind::Bytes),
     ("controlPlane.address", KeyKind::Text),
     ("controlPlane.caFile", KeyKind::Path),
     ("controlPlane.tokenFile", KeyKind::Path),
@@ -70,6 +71,9 @@ pub struct Config {
     pub inbound: InboundConfig,
     pub identity: IdentitySource,
     pub policy: PolicySource,
+    /// The largest policy the sidecar accepts, from a file or the control
+    /// plane (a larger one is refused: rejected or NACKed).
+    pub policy_max_bytes: usize,
     pub telemetry: Option<TelemetryConfig>,
     pub control_plane: Option<ControlPlaneConfig>,
     pub state_dir: Option<PathBuf>,
@@ -92,6 +96,8 @@ pub struct OutboundConfig {
 
 /// The default of `outbound.retryBufferBytes`.
 pub const DEFAULT_RETRY_BUFFER_BYTES: usize = 64 * 1024;
+/// The default and largest `policy.maxBytes`.
+pub const MAX_POLICY_BYTES: u64 = 16 << 20;
 /// The largest `outbound.retryBufferBytes`: every call in flight under a
 /// retry policy may hold this much.
 const MAX_RETRY_BUFFER_BYTES: u64 = 16 << 20;
@@ -115,6 +121,8 @@ pub enum IdentitySource {
 #[derive(Debug, Clone)]
 pub enum PolicySource {
     File(PathBuf),
+    /// Streamed from the control plane (see [`ControlPlaneConfig`]).
+    ControlPlane,
 }
 
 #[derive(Debug, Clone)]
@@ -126,7 +134,8 @@ pub struct TelemetryConfig {
 
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
-    pub address: Option<String>,
+    /// `https://host:port`.
+    pub address: String,
     pub ca_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
 }
@@ -305,6 +314,9 @@ impl Config {
 
         let policy_file = r.path("policy.file");
         let policy_cp = r.marker("policy.controlPlane");
+        let policy_max_bytes = r
+            .bytes("policy.maxBytes", MAX_POLICY_BYTES)
+            .unwrap_or(MAX_POLICY_BYTES as usize);
         let policy = match (policy_file, policy_cp) {
             (Some(_), true) => {
                 r.errors.push(
@@ -313,12 +325,10 @@ impl Config {
                 None
             }
             (Some(file), false) => Some(PolicySource::File(file)),
-            (None, true) => {
-                r.errors.push("policy.controlPlane: policy from the control plane is not available in this version; use policy.file".into());
-                None
-            }
+            (None, true) => Some(PolicySource::ControlPlane),
             (None, false) => {
-                r.errors.push("policy: required: set policy.file".into());
+                r.errors
+                    .push("policy: required: set policy.file or policy.controlPlane".into());
                 None
             }
         };
@@ -327,9 +337,25 @@ impl Config {
             let address = r.text("controlPlane.address");
             let ca_file = r.path("controlPlane.caFile");
             let token_file = r.path("controlPlane.tokenFile");
+            if let Some(a) = &address
+                && let Err(e) = pylon_proto::client::host_port(a)
+            {
+                r.errors.push(format!("controlPlane.address: {e}"));
+            }
+            if matches!(policy, Some(PolicySource::ControlPlane)) {
+                if address.is_none() {
+                    r.errors
+                        .push("controlPlane.address: required with policy.controlPlane".into());
+                }
+                if token_file.is_none() {
+                    r.errors.push(
+                        "controlPlane.tokenFile: required with policy.controlPlane (the workload's bootstrap token)".into(),
+                    );
+                }
+            }
             (address.is_some() || ca_file.is_some() || token_file.is_some()).then_some(
                 ControlPlaneConfig {
-                    address,
+                    address: address.unwrap_or_default(),
                     ca_file,
                     token_file,
                 },
@@ -379,6 +405,7 @@ impl Config {
                 inbound,
                 identity,
                 policy,
+                policy_max_bytes,
                 telemetry,
                 control_plane,
                 state_dir,
@@ -751,7 +778,9 @@ stateDir: /var/lib/pylon
         } = &c.identity;
         assert_eq!(cert, Path::new("/etc/pylon/id.pem"));
         assert_eq!(trust_bundle, Path::new("/etc/pylon/bundle.pem"));
-        let PolicySource::File(p) = &c.policy;
+        let PolicySource::File(p) = &c.policy else {
+            panic!("a policy file")
+        };
         assert_eq!(p, Path::new("/etc/pylon/policy.yaml"));
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/var/lib/pylon")));
     }
@@ -775,7 +804,9 @@ stateDir: /var/lib/pylon
         let c = Config::from_parts("", Path::new("/x"), &e).unwrap();
         assert_eq!(c.outbound.listen, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(c.inbound.listen, "0.0.0.0:15006".parse().unwrap());
-        let PolicySource::File(p) = &c.policy;
+        let PolicySource::File(p) = &c.policy else {
+            panic!("a policy file")
+        };
         assert_eq!(p, Path::new("p.yaml"), "env paths stay relative to the cwd");
     }
 
@@ -815,13 +846,42 @@ telemetry: { sampling: 2 }
     fn later_sources_are_refused_with_a_clear_reason() {
         let yaml = "
 identity: { controlPlane: { tokenFile: /t } }
-policy: { controlPlane: {} }
+policy: { file: p.yaml }
 ";
         let errs = Config::from_parts(yaml, Path::new("/x"), &env(&[]))
             .unwrap_err()
             .0;
         assert!(errs[0].starts_with("identity.controlPlane: "), "{errs:?}");
-        assert!(errs[1].starts_with("policy.controlPlane: "), "{errs:?}");
+    }
+
+    #[test]
+    fn policy_from_the_control_plane_needs_its_address_and_token() {
+        let yaml = GOOD.replace("  file: policy.yaml", "  controlPlane: {}");
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errs,
+            vec![
+                "controlPlane.address: required with policy.controlPlane",
+                "controlPlane.tokenFile: required with policy.controlPlane (the workload's bootstrap token)",
+            ]
+        );
+        let e = env(&[
+            ("PYLON_CONTROL_PLANE_ADDRESS", "https://127.0.0.1:15010"),
+            ("PYLON_CONTROL_PLANE_TOKEN_FILE", "/run/token"),
+        ]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert!(matches!(c.policy, PolicySource::ControlPlane));
+        let cp = c.control_plane.unwrap();
+        assert_eq!(cp.address, "https://127.0.0.1:15010");
+        assert_eq!(cp.token_file.as_deref(), Some(Path::new("/run/token")));
+        let e = env(&[("PYLON_CONTROL_PLANE_ADDRESS", "ftp://x")]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        assert_eq!(
+            errs,
+            vec!["controlPlane.address: \"ftp://x\" is not an https://host:port address"]
+        );
     }
 
     #[test]

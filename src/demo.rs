@@ -385,6 +385,7 @@ fn sidecar_config(identity: &IdentityFiles, policy: PathBuf, app: SocketAddr) ->
         policy: PolicySource::File(policy),
         telemetry: None,
         control_plane: None,
+        policy_max_bytes: crate::config::MAX_POLICY_BYTES as usize,
         state_dir: None,
         dns: DnsConfig::default(),
     }

@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState, BoundAddrs};
 use crate::config::{Config, IdentitySource, PolicySource};
 use crate::discovery::Dns;
 use crate::identity::{IdentityStore, tls};
+use crate::policy::control::ControlPlaneSource;
 use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::Inbound;
@@ -37,6 +38,8 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("DNS resolver: {0}")]
     Dns(String),
+    #[error("{0}")]
+    Config(&'static str),
 }
 
 /// A running sidecar.
@@ -83,7 +86,6 @@ impl Sidecar {
         };
 
         let (shutdown, _) = watch::channel(false);
-        let PolicySource::File(policy_path) = &config.policy;
         let metrics = Metrics::new();
         let dns_config = config.dns.clone();
         // Reading the system resolver configuration touches files.
@@ -91,16 +93,41 @@ impl Sidecar {
             .await
             .map_err(|e| StartError::Dns(e.to_string()))?
             .map_err(StartError::Dns)?;
-        let policy = PolicyStore::new(
-            identity.clone(),
-            metrics.clone(),
-            Arc::new(dns),
-            format!("file:{}", policy_path.display()),
-        );
-        let mut background = vec![tokio::spawn(policy::file::watch(
-            policy_path.clone(),
-            policy.clone(),
-        ))];
+        let source = match (&config.policy, &config.control_plane) {
+            (PolicySource::File(path), _) => format!("file:{}", path.display()),
+            (PolicySource::ControlPlane, Some(cp)) => format!("controlPlane:{}", cp.address),
+            (PolicySource::ControlPlane, None) => "controlPlane".to_string(),
+        };
+        let policy = PolicyStore::new(identity.clone(), metrics.clone(), Arc::new(dns), source);
+        let policy_task = match (&config.policy, &config.control_plane) {
+            (PolicySource::File(path), _) => tokio::spawn(policy::file::watch(
+                path.clone(),
+                policy.clone(),
+                config.policy_max_bytes,
+            )),
+            (PolicySource::ControlPlane, cp) => {
+                let cp = cp
+                    .clone()
+                    .ok_or(StartError::Config("controlPlane: required"))?;
+                let token_file = cp
+                    .token_file
+                    .clone()
+                    .ok_or(StartError::Config("controlPlane.tokenFile: required"))?;
+                let source = ControlPlaneSource {
+                    address: cp.address.clone(),
+                    ca_file: cp.ca_file.clone(),
+                    token_file,
+                    state_dir: config.state_dir.clone(),
+                    max_bytes: config.policy_max_bytes,
+                };
+                tokio::spawn(policy::control::run(
+                    source,
+                    policy.clone(),
+                    identity.clone(),
+                ))
+            }
+        };
+        let mut background = vec![policy_task];
         let mut tasks = JoinSet::new();
 
         let state = Arc::new(AdminState {

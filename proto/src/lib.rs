@@ -1,9 +1,11 @@
-//! pylon's protocol definitions (`pylon.v1`) and the policy resource model
-//! shared by the sidecar and the control plane.
+//! pylon's protocol definitions (`pylon.v1`), the policy resource model and
+//! the control-plane client channel, shared by the sidecar, the control plane
+//! and its CLI.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod client;
 pub mod policy;
 
 /// The classic greeter service: the sample app of the demo and benchmarks.

@@ -20,8 +20,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const FULL_READ_EVERY: u32 = 25;
 /// How long a changed file must stay unchanged before it is read.
 const SETTLE: Duration = Duration::from_millis(50);
-/// Larger policy files are refused rather than read into memory.
-pub const MAX_POLICY_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
@@ -55,8 +53,9 @@ async fn reload(
     store: &PolicyStore,
     installed: Option<&str>,
     expected_len: u64,
+    max_bytes: usize,
 ) -> Reload {
-    let bytes = match read_bounded(path).await {
+    let bytes = match read_bounded(path, max_bytes).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot read the policy file; keeping the current policy");
@@ -94,18 +93,18 @@ async fn reload(
     Reload::Read(version)
 }
 
-async fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+async fn read_bounded(path: &Path, max_bytes: usize) -> std::io::Result<Vec<u8>> {
     let len = tokio::fs::metadata(path).await?.len();
-    if len > MAX_POLICY_BYTES {
+    if len > max_bytes as u64 {
         return Err(std::io::Error::other(format!(
-            "{len} bytes is more than the {MAX_POLICY_BYTES} bytes a policy file may hold"
+            "{len} bytes is more than policy.maxBytes ({max_bytes})"
         )));
     }
     tokio::fs::read(path).await
 }
 
 /// Loads `path` now, then keeps it in force: runs until the task is dropped.
-pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
+pub async fn watch(path: PathBuf, store: Arc<PolicyStore>, max_bytes: usize) {
     let mut seen_stamp = None;
     let mut seen_version = None;
     let mut tick = 0u32;
@@ -137,7 +136,15 @@ pub async fn watch(path: PathBuf, store: Arc<PolicyStore>) {
                 continue;
             }
         }
-        match reload(&path, &store, seen_version.as_deref(), expected.len).await {
+        match reload(
+            &path,
+            &store,
+            seen_version.as_deref(),
+            expected.len,
+            max_bytes,
+        )
+        .await
+        {
             Reload::Read(version) => {
                 seen_stamp = now;
                 seen_version = Some(version);

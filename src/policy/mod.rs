@@ -9,6 +9,7 @@
 //! Sources feed [`PolicyStore::apply`]: today the watched file ([`file`]).
 
 pub mod compile;
+pub mod control;
 pub mod file;
 
 use std::collections::BTreeMap;
@@ -56,6 +57,17 @@ pub struct ApplyStatus {
     pub last_rejected_version: Option<String>,
 }
 
+/// The state of a streamed policy source, for `/ready` and `/config`.
+#[derive(Debug, Clone, Default)]
+pub struct SourceState {
+    /// A policy stream is open.
+    pub connected: bool,
+    /// The policy in force came from the on-disk cache.
+    pub from_cache: bool,
+    /// Why the last attempt to reach the source failed.
+    pub last_error: Option<String>,
+}
+
 /// The current snapshot and how it got there.
 pub struct PolicyStore {
     current: ArcSwap<Snapshot>,
@@ -66,6 +78,7 @@ pub struct PolicyStore {
     dns: Arc<Dns>,
     inbound: Arc<InboundLimits>,
     source: String,
+    source_state: Mutex<SourceState>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -93,6 +106,7 @@ impl PolicyStore {
             metrics,
             dns,
             source,
+            source_state: Mutex::new(SourceState::default()),
         })
     }
 
@@ -121,6 +135,17 @@ impl PolicyStore {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    pub fn source_state(&self) -> SourceState {
+        self.source_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_source_state(&self, change: impl FnOnce(&mut SourceState)) {
+        change(&mut self.source_state.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub fn status(&self) -> ApplyStatus {

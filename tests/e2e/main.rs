@@ -3,6 +3,7 @@
 
 mod common;
 
+mod control;
 mod grpc;
 mod http;
 mod lifecycle;

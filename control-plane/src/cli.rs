@@ -1,0 +1,555 @@
+//! The `pylon-control` command line: `serve`, and kubectl-like commands that
+//! call the admin API (`apply`, `get`, `delete`, `status`, `rollback`,
+//! `token`).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pylon_proto::policy::{Kind, parse_documents, to_json};
+use pylon_proto::v1 as pb;
+use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::ca::OperatorCa;
+use crate::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "pylon-control",
+    version,
+    about = "The pylon control plane and its CLI"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Apply resources from YAML files, a directory of them, or - (stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show resources of a kind, or one resource.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(short, long)]
+        output: Option<Output>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete one resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The policy version and each connected sidecar's state.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make an earlier policy version current again.
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Bootstrap tokens for workloads.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token bound to one workload identity; prints it alone.
+    Create {
+        #[arg(long)]
+        identity: String,
+        #[arg(long, value_parser = parse_ttl, default_value = "24h")]
+        ttl: Duration,
+        /// Valid for one certificate issuance only.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a token by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match pylon_proto::policy::parse_duration(s)? {
+        Duration::ZERO => Err("the TTL must be longer than zero".into()),
+        d => Ok(d),
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where the store, the CA and the admin token live.
+    #[arg(long, env = "PYLON_CONTROL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long, env = "PYLON_CONTROL_LISTEN", default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "PYLON_TRUST_DOMAIN", default_value = "pylon.local")]
+    pub trust_domain: String,
+    /// A DNS name or IP address the control plane is reached by (repeat).
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// On first start: the operator's CA certificate instead of a new root.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// On first start, with an intermediate `--ca-cert`: the roots above it.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Policy versions kept for rollback.
+    #[arg(long, default_value_t = DEFAULT_HISTORY)]
+    pub history: usize,
+}
+
+/// How the CLI reaches the control plane.
+#[derive(Args, Clone)]
+pub struct Conn {
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_SERVER",
+        default_value = "https://127.0.0.1:15010"
+    )]
+    pub server: String,
+    /// The admin token file (`<data dir>/admin.token`).
+    #[arg(long, env = "PYLON_CONTROL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The trust bundle (`<data dir>/ca.pem`).
+    #[arg(long, env = "PYLON_CONTROL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Conn {
+    async fn client(&self) -> anyhow::Result<(PolicyAdminClient<Channel>, String)> {
+        let token_file = self.token_file.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "set --token-file or PYLON_CONTROL_TOKEN_FILE (the data directory's admin.token)"
+            )
+        })?;
+        let ca_file = self.ca_file.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("set --ca-file or PYLON_CONTROL_CA_FILE (the data directory's ca.pem)")
+        })?;
+        let token = std::fs::read_to_string(token_file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?
+            .trim()
+            .to_string();
+        let roots = roots_from(ca_file)?;
+        let tls = pylon_proto::client::client_config(roots, None)?;
+        let channel = pylon_proto::client::lazy_channel(&self.server, tls)?;
+        Ok((PolicyAdminClient::new(channel), token))
+    }
+}
+
+/// The certificates of a PEM file as trust anchors.
+pub fn roots_from(path: &Path) -> anyhow::Result<RootCertStore> {
+    let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(cert.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{}: no certificate", path.display());
+    }
+    Ok(roots)
+}
+
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}"))?,
+    );
+    Ok(req)
+}
+
+/// A call's error as the user reads it: the server's message, one problem
+/// per line.
+fn failed(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Reads `-f` arguments into one multi-document YAML string.
+fn read_sources(files: &[String]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for f in files {
+        if f == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            push_doc(&mut out, &s);
+            continue;
+        }
+        let path = Path::new(f);
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            entries.sort();
+            for p in entries {
+                let s = std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                push_doc(&mut out, &s);
+            }
+        } else {
+            let s = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
+            push_doc(&mut out, &s);
+        }
+    }
+    Ok(out)
+}
+
+fn push_doc(out: &mut String, doc: &str) {
+    if !out.is_empty() {
+        out.push_str("\n---\n");
+    }
+    out.push_str(doc);
+}
+
+/// `backend/greeter`, `grpcroute/other/greeter`.
+fn short_name(r: &pb::ResourceRef) -> String {
+    let kind = r.kind.to_ascii_lowercase();
+    if r.namespace.is_empty() || r.namespace == pylon_proto::policy::DEFAULT_NAMESPACE {
+        format!("{kind}/{}", r.name)
+    } else {
+        format!("{kind}/{}/{}", r.namespace, r.name)
+    }
+}
+
+fn kind_arg(kind: &str) -> anyhow::Result<Kind> {
+    Kind::parse(kind).ok_or_else(|| anyhow::anyhow!("unknown kind {kind:?}"))
+}
+
+fn when(unix: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = unix - now;
+    if left <= 0 {
+        "expired".into()
+    } else {
+        pylon_proto::policy::format_duration(Duration::from_secs(left as u64))
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Apply { files, conn } => {
+            let yaml = read_sources(&files)?;
+            // Checked here first: the same validation the server runs, so a
+            // bad file fails fast with every problem and its path.
+            parse_documents(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (mut client, token) = conn.client().await?;
+            let resp = client
+                .apply(authed(pb::ApplyRequest { yaml }, &token)?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            for r in &resp.results {
+                if let Some(reference) = &r.r#ref {
+                    println!("{} {}", short_name(reference), r.outcome);
+                }
+            }
+            Ok(())
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+            conn,
+        } => {
+            let kind = kind_arg(&kind)?;
+            let (mut client, token) = conn.client().await?;
+            let resources = match name {
+                Some(name) => {
+                    let reference = pb::ResourceRef {
+                        kind: kind.as_str().into(),
+                        namespace,
+                        name,
+                    };
+                    let r = client
+                        .get(authed(
+                            pb::GetRequest {
+                                r#ref: Some(reference),
+                            },
+                            &token,
+                        )?)
+                        .await
+                        .map_err(failed)?
+                        .into_inner();
+                    r.resource.into_iter().collect::<Vec<_>>()
+                }
+                None => {
+                    client
+                        .list(authed(
+                            pb::ListRequest {
+                                kind: kind.as_str().into(),
+                                namespace: String::new(),
+                            },
+                            &token,
+                        )?)
+                        .await
+                        .map_err(failed)?
+                        .into_inner()
+                        .resources
+                }
+            };
+            print_resources(&resources, output)
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            conn,
+        } => {
+            let kind = kind_arg(&kind)?;
+            let reference = pb::ResourceRef {
+                kind: kind.as_str().into(),
+                namespace,
+                name,
+            };
+            let (mut client, token) = conn.client().await?;
+            client
+                .delete(authed(
+                    pb::DeleteRequest {
+                        r#ref: Some(reference.clone()),
+                    },
+                    &token,
+                )?)
+                .await
+                .map_err(failed)?;
+            println!("{} deleted", short_name(&reference));
+            Ok(())
+        }
+        Command::Status { conn } => {
+            let (mut client, token) = conn.client().await?;
+            let s = client
+                .status(authed(pb::StatusRequest {}, &token)?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            println!("policy version {}", s.version);
+            println!();
+            println!(
+                "{:<48} {:<22} {:>7}  LAST NACK",
+                "IDENTITY", "ADDRESS", "ACKED"
+            );
+            for sc in &s.sidecars {
+                let nack = if sc.last_nack_error.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "version {}: {}",
+                        sc.nacked_version,
+                        sc.last_nack_error.replace('\n', "; ")
+                    )
+                };
+                println!(
+                    "{:<48} {:<22} {:>7}  {}",
+                    sc.identity, sc.address, sc.acked_version, nack
+                );
+            }
+            Ok(())
+        }
+        Command::Rollback { version, conn } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .rollback(authed(pb::RollbackRequest { version }, &token)?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            println!(
+                "rolled back to version {version}: now version {}",
+                r.version
+            );
+            Ok(())
+        }
+        Command::Token { command } => token(command).await,
+    }
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            identity,
+            ttl,
+            once,
+            conn,
+        } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .create_token(authed(
+                    pb::CreateTokenRequest {
+                        identity,
+                        ttl_seconds: ttl.as_secs(),
+                        once,
+                    },
+                    &token,
+                )?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            // The token alone, so that scripts can capture it.
+            println!("{}", r.token);
+            Ok(())
+        }
+        TokenCommand::List { conn } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .list_tokens(authed(pb::ListTokensRequest {}, &token)?)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            println!("{:<14} {:<48} {:>10}  FLAGS", "ID", "IDENTITY", "EXPIRES");
+            for t in r.tokens {
+                let mut flags = Vec::new();
+                for (set, name) in [(t.once, "once"), (t.used, "used"), (t.revoked, "revoked")] {
+                    if set {
+                        flags.push(name);
+                    }
+                }
+                println!(
+                    "{:<14} {:<48} {:>10}  {}",
+                    t.id,
+                    t.identity,
+                    when(t.expires_at_unix),
+                    flags.join(",")
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id, conn } => {
+            let (mut client, token) = conn.client().await?;
+            client
+                .revoke_token(authed(pb::RevokeTokenRequest { id: id.clone() }, &token)?)
+                .await
+                .map_err(failed)?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+    }
+}
+
+fn print_resources(resources: &[pb::StoredResource], output: Option<Output>) -> anyhow::Result<()> {
+    match output {
+        Some(Output::Yaml) => {
+            let docs: Vec<&str> = resources.iter().map(|r| r.yaml.trim_end()).collect();
+            println!("{}", docs.join("\n---\n"));
+        }
+        Some(Output::Json) => {
+            let mut items = Vec::new();
+            for r in resources {
+                for resource in parse_documents(&r.yaml).map_err(|e| anyhow::anyhow!("{e}"))? {
+                    items.push(to_json(&resource));
+                }
+            }
+            let value = match items.len() {
+                1 => items.remove(0),
+                _ => serde_json::json!({ "items": items }),
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        None => {
+            println!("{:<32} {:<16} {:>8}", "NAME", "NAMESPACE", "VERSION");
+            for r in resources {
+                if let Some(reference) = &r.r#ref {
+                    println!(
+                        "{:<32} {:<16} {:>8}",
+                        reference.name, reference.namespace, r.resource_version
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let operator_ca = args.ca_cert.map(|cert| OperatorCa {
+        cert,
+        key: args.ca_key.unwrap_or_default(),
+        bundle: args.ca_bundle,
+    });
+    let cp = ControlPlane::start(ServeConfig {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        trust_domain: args.trust_domain,
+        names: args.names,
+        operator_ca,
+        history: args.history,
+    })
+    .await?;
+    tracing::info!(
+        "listening address={} trust_bundle={} admin_token={}",
+        cp.addr,
+        cp.files.bundle.display(),
+        cp.files.admin_token.display()
+    );
+    stop_signal().await;
+    tracing::info!("stopping");
+    cp.stop().await
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,3 +1,0 @@
-//! The `pylon-control` command.
-
-fn main() {}

@@ -1,0 +1,579 @@
+//! `pylon-control serve`: the admin API and the discovery stream over TLS.
+//!
+//! Every change to the store is published at once to every connected
+//! sidecar (a `watch` channel: a slow sidecar skips to the latest version,
+//! it never queues old ones). Each sidecar acknowledges (ACK) or refuses
+//! (NACK, with the reason) each snapshot; the latest state of each
+//! connection is what `Status` reports.
+//!
+//! Not here: the store's rules ([`crate::store`]), the CA ([`crate::ca`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::Stream;
+use pylon_proto::policy::{Kind, to_yaml};
+use pylon_proto::v1::discovery_server::{Discovery, DiscoveryServer};
+use pylon_proto::v1::policy_admin_server::{PolicyAdmin, PolicyAdminServer};
+use pylon_proto::v1::{self as pb};
+use ring::digest::{SHA256, digest};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ca::{DataFiles, MeshCa, OperatorCa, admin_token};
+use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
+use crate::tls::{self, PeerInfo};
+
+/// Policy versions kept for rollback.
+pub const DEFAULT_HISTORY: usize = 50;
+/// HTTP/2 PING interval toward clients, to find dead sidecars.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// How to run a control plane.
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    /// Names (DNS or IP) the serving certificate is valid for.
+    pub names: Vec<String>,
+    pub operator_ca: Option<OperatorCa>,
+    pub history: usize,
+}
+
+/// The policy every sidecar should run.
+#[derive(Debug)]
+pub struct Published {
+    pub version: u64,
+    pub yaml: String,
+}
+
+/// One connected sidecar.
+#[derive(Debug, Clone)]
+struct SidecarRecord {
+    identity: String,
+    address: SocketAddr,
+    acked: u64,
+    nacked: u64,
+    last_nack: String,
+    connected_at: SystemTime,
+}
+
+/// What the services share.
+pub struct State {
+    store: Arc<Store>,
+    admin_token_hash: Vec<u8>,
+    policy: watch::Sender<Arc<Published>>,
+    sidecars: Mutex<BTreeMap<u64, SidecarRecord>>,
+    next_id: AtomicU64,
+    next_nonce: AtomicU64,
+}
+
+impl State {
+    fn sidecars(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SidecarRecord>> {
+        self.sidecars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the store's current policy to every sidecar.
+    async fn publish(&self) -> Result<(), Status> {
+        let store = self.store.clone();
+        let published = blocking(move || {
+            let (version, resources) = store.snapshot()?;
+            Ok(Published {
+                version,
+                yaml: to_yaml(&resources),
+            })
+        })
+        .await?;
+        self.policy.send_if_modified(|current| {
+            if current.version == published.version {
+                return false;
+            }
+            *current = Arc::new(published);
+            true
+        });
+        Ok(())
+    }
+}
+
+/// Runs a store call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        .map_err(status_of)
+}
+
+fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(errors) => Status::invalid_argument(errors.to_string()),
+        e @ StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        e @ (StoreError::NotFound(_) | StoreError::UnknownVersion(_)) => {
+            Status::not_found(e.to_string())
+        }
+        e @ StoreError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+        e @ StoreError::Db(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub files: DataFiles,
+    pub admin_token: String,
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ControlPlane {
+    /// Opens (or creates) the data directory, binds, and starts serving.
+    pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
+        let data_dir = config.data_dir.clone();
+        let (ca, files, token, store) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&data_dir)?;
+            let files = DataFiles::in_dir(&data_dir);
+            let ca =
+                MeshCa::load_or_create(&files, &config.trust_domain, config.operator_ca.as_ref())?;
+            let token = admin_token(&files)?;
+            let store = Store::open(&data_dir.join("store.redb"), config.history)
+                .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
+            anyhow::Ok((ca, files, token, store))
+        })
+        .await??;
+        let store = Arc::new(store);
+        let mut names = config.names.clone();
+        for default in ["localhost", "127.0.0.1", "::1"] {
+            if !names.iter().any(|n| n == default) {
+                names.push(default.to_string());
+            }
+        }
+        let serving = ca.issue_server(&names)?;
+        let tls = tls::server_config(&serving.chain_pem, &serving.key_pem)?;
+
+        let (version, resources) = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.snapshot())
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?
+        };
+        let (policy, _) = watch::channel(Arc::new(Published {
+            version,
+            yaml: to_yaml(&resources),
+        }));
+        let state = Arc::new(State {
+            store,
+            admin_token_hash: digest(&SHA256, token.as_bytes()).as_ref().to_vec(),
+            policy,
+            sidecars: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            next_nonce: AtomicU64::new(1),
+        });
+
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let admin = {
+            let expected = state.admin_token_hash.clone();
+            PolicyAdminServer::with_interceptor(AdminApi(state.clone()), move |req: Request<()>| {
+                check_admin(&req, &expected)?;
+                Ok(req)
+            })
+        };
+        let discovery = DiscoveryServer::new(DiscoveryApi(state.clone()));
+        let (shutdown, mut stop) = watch::channel(false);
+        let incoming = tls::incoming(listener, tls);
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(KEEPALIVE))
+                .http2_keepalive_timeout(Some(KEEPALIVE * 2))
+                .add_service(admin)
+                .add_service(discovery)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        );
+        tracing::info!(
+            %addr,
+            version,
+            trust_bundle = %files.bundle.display(),
+            admin_token = %files.admin_token.display(),
+            "control plane serving"
+        );
+        Ok(ControlPlane {
+            addr,
+            files,
+            admin_token: token,
+            state,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The trust bundle PEM.
+    pub fn bundle_pem(&self) -> std::io::Result<String> {
+        std::fs::read_to_string(&self.files.bundle)
+    }
+
+    /// Resolves when the server task ends (an error, or after `stop`).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.send_replace(true);
+        self.task.await??;
+        Ok(())
+    }
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn check_admin<T>(req: &Request<T>, expected_hash: &[u8]) -> Result<(), Status> {
+    let token = bearer(req).ok_or_else(|| Status::unauthenticated("an admin token is required"))?;
+    // Comparing hashes: equal-length inputs, nothing about the token leaks
+    // through the comparison's timing.
+    if digest(&SHA256, token.as_bytes()).as_ref() == expected_hash {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("the admin token is not valid"))
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn key_of(r: Option<pb::ResourceRef>) -> Result<ResourceKey, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("a resource reference is required"))?;
+    let kind = Kind::parse(&r.kind).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "unknown kind {:?} (expected one of: Backend, GRPCRoute, HTTPRoute, BackendTrafficPolicy, AuthorizationPolicy)",
+            r.kind
+        ))
+    })?;
+    Ok(ResourceKey {
+        kind,
+        namespace: if r.namespace.is_empty() {
+            pylon_proto::policy::DEFAULT_NAMESPACE.to_string()
+        } else {
+            r.namespace
+        },
+        name: r.name,
+    })
+}
+
+fn ref_of(key: &ResourceKey) -> pb::ResourceRef {
+    pb::ResourceRef {
+        kind: key.kind.as_str().to_string(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
+}
+
+fn stored(r: &StoredResource) -> pb::StoredResource {
+    pb::StoredResource {
+        r#ref: Some(ref_of(&r.key)),
+        resource_version: r.resource_version,
+        yaml: to_yaml(std::slice::from_ref(&r.resource)),
+    }
+}
+
+struct AdminApi(Arc<State>);
+
+#[tonic::async_trait]
+impl PolicyAdmin for AdminApi {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let yaml = req.into_inner().yaml;
+        let batch = pylon_proto::policy::parse_documents(&yaml)
+            .map_err(|errors| Status::invalid_argument(errors.to_string()))?;
+        if batch.is_empty() {
+            return Err(Status::invalid_argument("no resource to apply"));
+        }
+        let store = self.0.store.clone();
+        let applied = blocking(move || store.apply(batch)).await?;
+        self.0.publish().await?;
+        let results = applied
+            .results
+            .iter()
+            .map(|(key, outcome, rv)| pb::ApplyResult {
+                r#ref: Some(ref_of(key)),
+                outcome: match outcome {
+                    ApplyOutcome::Created => "created",
+                    ApplyOutcome::Configured => "configured",
+                    ApplyOutcome::Unchanged => "unchanged",
+                }
+                .to_string(),
+                resource_version: *rv,
+            })
+            .collect();
+        Ok(Response::new(pb::ApplyResponse {
+            version: applied.version,
+            results,
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let key = key_of(req.into_inner().r#ref)?;
+        let store = self.0.store.clone();
+        let lookup = key.clone();
+        let found = blocking(move || store.get(&lookup)).await?;
+        let found = found.ok_or_else(|| Status::not_found(format!("{key} not found")))?;
+        Ok(Response::new(pb::GetResponse {
+            resource: Some(stored(&found)),
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let kind = match req.kind.as_str() {
+            "" => None,
+            k => Some(
+                Kind::parse(k)
+                    .ok_or_else(|| Status::invalid_argument(format!("unknown kind {k:?}")))?,
+            ),
+        };
+        let namespace = (!req.namespace.is_empty()).then_some(req.namespace);
+        let store = self.0.store.clone();
+        let (version, found) = blocking(move || {
+            let version = store.version()?;
+            Ok((version, store.list(kind, namespace.as_deref())?))
+        })
+        .await?;
+        Ok(Response::new(pb::ListResponse {
+            version,
+            resources: found.iter().map(stored).collect(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = key_of(req.into_inner().r#ref)?;
+        let store = self.0.store.clone();
+        let version = blocking(move || store.delete(&key)).await?;
+        self.0.publish().await?;
+        Ok(Response::new(pb::DeleteResponse { version }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let store = self.0.store.clone();
+        let (version, history) = blocking(move || Ok((store.version()?, store.history()?))).await?;
+        let sidecars = self
+            .0
+            .sidecars()
+            .iter()
+            .map(|(id, s)| pb::SidecarStatus {
+                id: id.to_string(),
+                identity: s.identity.clone(),
+                address: s.address.to_string(),
+                acked_version: s.acked,
+                nacked_version: s.nacked,
+                last_nack_error: s.last_nack.clone(),
+                connected_at_unix: unix(s.connected_at),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            version,
+            sidecars,
+            history,
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let target = req.into_inner().version;
+        let store = self.0.store.clone();
+        let version = blocking(move || store.rollback(target)).await?;
+        self.0.publish().await?;
+        Ok(Response::new(pb::RollbackResponse { version }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let req = req.into_inner();
+        let ttl = match req.ttl_seconds {
+            0 => Duration::from_secs(24 * 3600),
+            s => Duration::from_secs(s),
+        };
+        let store = self.0.store.clone();
+        let (info, secret) =
+            blocking(move || store.create_token(&req.identity, ttl, req.once, SystemTime::now()))
+                .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            id: info.id,
+            token: secret,
+            expires_at_unix: unix(info.expires_at),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let store = self.0.store.clone();
+        let tokens = blocking(move || store.list_tokens()).await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens
+                .into_iter()
+                .map(|t| pb::TokenInfo {
+                    id: t.id,
+                    identity: t.identity,
+                    expires_at_unix: unix(t.expires_at),
+                    once: t.once,
+                    used: t.used,
+                    revoked: t.revoked,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let id = req.into_inner().id;
+        let store = self.0.store.clone();
+        let lookup = id.clone();
+        if !blocking(move || store.revoke_token(&lookup)).await? {
+            return Err(Status::not_found(format!("no token {id:?}")));
+        }
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+}
+
+struct DiscoveryApi(Arc<State>);
+
+type PolicyStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+/// Removes a sidecar from the status table when its stream ends.
+struct Registration(Arc<State>, u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.0.sidecars().remove(&self.1);
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryApi {
+    type StreamPolicyStream = PolicyStream;
+
+    async fn stream_policy(
+        &self,
+        req: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<PolicyStream>, Status> {
+        let state = self.0.clone();
+        let token = bearer(&req)
+            .ok_or_else(|| Status::unauthenticated("a bootstrap token is required"))?
+            .to_string();
+        let store = state.store.clone();
+        let info = blocking(move || store.verify_token(&token, SystemTime::now()))
+            .await?
+            .ok_or_else(|| Status::unauthenticated("the bootstrap token is not valid"))?;
+        let address = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.addr);
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream ended before the sidecar said who it is")
+        })?;
+        if !first.identity.is_empty() && first.identity != info.identity {
+            return Err(Status::permission_denied(format!(
+                "the token is for {}, not {}",
+                info.identity, first.identity
+            )));
+        }
+
+        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+        state.sidecars().insert(
+            id,
+            SidecarRecord {
+                identity: info.identity.clone(),
+                address,
+                acked: 0,
+                nacked: 0,
+                last_nack: String::new(),
+                connected_at: SystemTime::now(),
+            },
+        );
+        tracing::info!(id, identity = %info.identity, %address, "sidecar connected");
+        let registration = Registration(state.clone(), id);
+        let (tx, rx) = mpsc::channel(2);
+        let mut updates = state.policy.subscribe();
+        tokio::spawn(async move {
+            let _registration = registration;
+            // The first snapshot goes out at once.
+            updates.mark_changed();
+            loop {
+                tokio::select! {
+                    changed = updates.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let published = updates.borrow_and_update().clone();
+                        let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
+                        let response = pb::DiscoveryResponse {
+                            version: published.version,
+                            nonce,
+                            yaml: published.yaml.clone(),
+                        };
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(m)) => record_reply(&state, id, &m),
+                        Ok(None) | Err(_) => {
+                            tracing::info!(id, "sidecar disconnected");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Records an ACK or NACK.
+fn record_reply(state: &State, id: u64, m: &pb::DiscoveryRequest) {
+    let mut sidecars = state.sidecars();
+    let Some(record) = sidecars.get_mut(&id) else {
+        return;
+    };
+    if m.error.is_empty() {
+        record.acked = m.version;
+        tracing::debug!(id, version = m.version, "ACK");
+    } else {
+        record.nacked = m.version;
+        record.last_nack = m.error.clone();
+        tracing::warn!(id, identity = %record.identity, version = m.version, error = %m.error, "NACK");
+    }
+}

@@ -1,0 +1,257 @@
+//! The control-plane policy source: a discovery stream to `pylon-control`.
+//!
+//! Each snapshot the control plane sends goes through the same
+//! parse-validate-compile path as a policy file; the sidecar acknowledges it
+//! (ACK) or refuses it with the reason (NACK) and keeps its last good
+//! policy. Every policy it acknowledges is also written to the state
+//! directory, atomically, so that a sidecar restarted while the control
+//! plane is down serves that policy at once (and says so in `/ready`) while
+//! it keeps trying to connect. Reconnects back off exponentially with full
+//! jitter; HTTP/2 keepalives find a dead control plane.
+//!
+//! Not here: how a snapshot is compiled ([`super::compile`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pylon_proto::v1::discovery_client::DiscoveryClient;
+use pylon_proto::v1::{DiscoveryRequest, DiscoveryResponse};
+use rustls::RootCertStore;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+
+use super::{PolicyStore, SourceState};
+use crate::identity::IdentityStore;
+
+/// The first wait before a reconnect; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The file in the state directory that holds the last acknowledged policy.
+pub const CACHE_FILE: &str = "policy-cache.yaml";
+const CACHE_HEADER: &str = "# pylon policy cache, version ";
+
+/// Where the control plane is and how to prove who we are.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneSource {
+    pub address: String,
+    /// The CA to verify the control plane with; the mesh trust bundle when
+    /// absent.
+    pub ca_file: Option<PathBuf>,
+    pub token_file: PathBuf,
+    /// Where the last good policy is kept; no cache when absent.
+    pub state_dir: Option<PathBuf>,
+    /// The largest policy accepted.
+    pub max_bytes: usize,
+}
+
+/// Reads the cached policy: (version, YAML).
+pub fn read_cache(state_dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(state_dir.join(CACHE_FILE)).ok()?;
+    let (first, rest) = text.split_once('\n')?;
+    let version = first.strip_prefix(CACHE_HEADER)?.trim().to_string();
+    Some((version, rest.to_string()))
+}
+
+/// Writes the policy cache atomically: a sibling file, synced, renamed over.
+fn write_cache(state_dir: &Path, version: &str, yaml: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(format!("{CACHE_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{CACHE_HEADER}{version}\n").as_bytes())?;
+    f.write_all(yaml.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, state_dir.join(CACHE_FILE))?;
+    // The rename itself is durable once the directory is synced.
+    std::fs::File::open(state_dir)?.sync_all()
+}
+
+/// Serves the cached policy (if any), then follows the control plane until
+/// the task is dropped.
+pub async fn run(
+    source: ControlPlaneSource,
+    store: Arc<PolicyStore>,
+    identity: Arc<IdentityStore>,
+) {
+    if let Some(dir) = source.state_dir.clone() {
+        let cached = tokio::task::spawn_blocking(move || read_cache(&dir))
+            .await
+            .ok()
+            .flatten();
+        if let Some((version, yaml)) = cached {
+            match store.apply(&yaml, version.clone()) {
+                Ok(()) => {
+                    tracing::info!(%version, "serving the cached policy until the control plane answers");
+                    store.set_source_state(|s| s.from_cache = true);
+                }
+                Err(errors) => tracing::warn!(?errors, "the cached policy is not usable"),
+            }
+        }
+    }
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match follow(&source, &store, &identity).await {
+            Ok(()) => {
+                backoff = MIN_BACKOFF;
+                tracing::warn!(address = %source.address, "the control plane closed the policy stream");
+            }
+            Err(e) => {
+                tracing::warn!(address = %source.address, error = %e, "no policy stream from the control plane");
+                store.set_source_state(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+        store.set_source_state(|s| s.connected = false);
+        let wait = Duration::from_nanos(fastrand::u64(0..=backoff.as_nanos() as u64));
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Status(#[from] tonic::Status),
+}
+
+/// One policy stream: connects, subscribes, applies and answers snapshots
+/// until the stream ends. `Ok` once a stream was established and ended.
+async fn follow(
+    source: &ControlPlaneSource,
+    store: &PolicyStore,
+    identity: &IdentityStore,
+) -> Result<(), StreamError> {
+    let token = tokio::fs::read_to_string(&source.token_file)
+        .await
+        .map_err(|e| StreamError::Setup(format!("{}: {e}", source.token_file.display())))?;
+    let roots = match &source.ca_file {
+        Some(path) => roots_from(path)?,
+        None => (*identity.roots()).clone(),
+    };
+    let tls = pylon_proto::client::client_config(roots, None)
+        .map_err(|e| StreamError::Setup(e.to_string()))?;
+    let channel = pylon_proto::client::lazy_channel(&source.address, tls)
+        .map_err(|e| StreamError::Setup(e.to_string()))?;
+    let mut client =
+        DiscoveryClient::new(channel).max_decoding_message_size(source.max_bytes + 4096);
+
+    let (replies, outgoing) = mpsc::channel(4);
+    let hello = DiscoveryRequest {
+        identity: identity.spiffe_id(),
+        ..Default::default()
+    };
+    replies
+        .send(hello)
+        .await
+        .map_err(|_| StreamError::Setup("the request stream closed".into()))?;
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .map_err(|_| StreamError::Setup("the token file holds no valid token".into()))?;
+    req.metadata_mut().insert("authorization", bearer);
+    let mut snapshots = client.stream_policy(req).await?.into_inner();
+    store.set_source_state(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+    tracing::info!(address = %source.address, "policy stream open");
+    while let Some(snapshot) = snapshots.message().await? {
+        let reply = apply(source, store, &snapshot).await;
+        if replies.send(reply).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one snapshot; the answer is its ACK or NACK.
+async fn apply(
+    source: &ControlPlaneSource,
+    store: &PolicyStore,
+    s: &DiscoveryResponse,
+) -> DiscoveryRequest {
+    let version = s.version.to_string();
+    let outcome = if s.yaml.len() > source.max_bytes {
+        Err(vec![format!(
+            "the policy is {} bytes, more than policy.maxBytes ({})",
+            s.yaml.len(),
+            source.max_bytes
+        )])
+    } else {
+        store.apply(&s.yaml, version.clone())
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(%version, "policy installed from the control plane");
+            store.set_source_state(|st| st.from_cache = false);
+            if let Some(dir) = source.state_dir.clone() {
+                let yaml = s.yaml.clone();
+                let v = version.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || write_cache(&dir, &v, &yaml)).await;
+                if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+                    tracing::warn!(error = %e, "cannot write the policy cache");
+                }
+            }
+            DiscoveryRequest {
+                version: s.version,
+                nonce: s.nonce.clone(),
+                ..Default::default()
+            }
+        }
+        Err(errors) => {
+            tracing::error!(%version, count = errors.len(), "policy refused (NACK); keeping the current policy");
+            for e in &errors {
+                tracing::error!("  {e}");
+            }
+            DiscoveryRequest {
+                version: s.version,
+                nonce: s.nonce.clone(),
+                error: errors.join("\n"),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn roots_from(path: &Path) -> Result<RootCertStore, StreamError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let bad = |e: &dyn std::fmt::Display| StreamError::Setup(format!("{}: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    Ok(roots)
+}
+
+impl SourceState {
+    /// How `/ready` describes the policy's origin, when it is worth saying.
+    pub fn note(&self) -> Option<&'static str> {
+        (self.from_cache && !self.connected)
+            .then_some("policy from the cache; control plane unreachable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_round_trips_and_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!(
+            "pylon-cache-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        write_cache(&dir, "7", "kind: X\n").unwrap();
+        assert_eq!(read_cache(&dir), Some(("7".into(), "kind: X\n".into())));
+        write_cache(&dir, "8", "").unwrap();
+        assert_eq!(read_cache(&dir), Some(("8".into(), String::new())));
+        assert!(!dir.join(format!("{CACHE_FILE}.tmp")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
