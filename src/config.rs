@@ -829,7 +829,7 @@ telemetry: { sampling: 2 }
             "inbound.app: \"127.0.0.1:99999\" is not an ip:port address",
             "identity.files.key: required with the other identity.files keys",
             "identity.files.trustBundle: required with the other identity.files keys",
-            "policy: required: set policy.file",
+            "policy: required: set policy.file or policy.controlPlane",
             "telemetry.sampling: expected a number from 0 to 1, found 2",
             "polcy.file: unknown key",
         ];

@@ -1,19 +1,23 @@
-//! `pylon demo`: an mTLS mesh on loopback inside one process, with live gRPC
-//! traffic, a fault injected and healed, and a running table of what it
-//! measures.
+//! `pylon demo`: an mTLS mesh on loopback inside one process, with an
+//! embedded control plane, live gRPC traffic, a fault injected and healed, a
+//! canary shifted by policy changes applied live, and a running table of
+//! what it measures.
 //!
 //! It makes a throwaway CA and SPIFFE identities in a scratch directory,
-//! starts three instances of the sample [`greeter`], each behind its own
-//! server sidecar, and a client sidecar that routes the authority `greeter`
-//! to all three over mTLS with retries, a retry budget and outlier ejection.
-//! It sends `SayHello` at a fixed rate through the client sidecar
-//! ([`crate::loadgen`]) and prints one row per second: rate, success,
-//! latency, retries sent and endpoints ejected. At 5 s the third greeter
-//! starts failing: retries mask it and outlier detection ejects it, so
-//! success stays at about 100 %. At 20 s it heals and returns after its
-//! ejection. It runs until `--duration` has passed or Ctrl-C; on the way out
-//! it stops the load, the sidecars and the greeters, and removes the scratch
-//! directory.
+//! starts `pylon-control` in-process, three instances of the sample
+//! [`greeter`] plus a canary (`greeter-v2`), each behind its own server
+//! sidecar, and a client sidecar. Every sidecar takes its policy from the
+//! control plane. The policy routes the authority `greeter` over mTLS with
+//! retries, a retry budget and outlier ejection. It sends `SayHello` at a
+//! fixed rate through the client sidecar ([`crate::loadgen`]) and prints one
+//! row per second: rate, success, latency, retries sent, endpoints ejected
+//! and the policy version the client sidecar runs. The scenario: at 5 s the
+//! third greeter starts failing (retries mask it, outlier detection ejects
+//! it); at 10 s, 15 s and 25 s the canary's weight goes to 10 %, 50 % and
+//! 100 % through the admin API, and the table says when every sidecar has
+//! acknowledged each version; at 20 s the failing greeter heals. It runs
+//! until `--duration` has passed or Ctrl-C; on the way out it stops
+//! everything and removes the scratch directory.
 //!
 //! It does not use a control plane: policy comes from files in the scratch
 //! directory, identities from [`DevCa`]. The pieces the mesh benchmark
@@ -30,9 +34,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::time::Instant;
 
+use pylon_control::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
+use pylon_proto::v1 as pb;
+use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
+use tonic::transport::Channel;
+
 use crate::config::{
-    AdminConfig, Config, DEFAULT_RETRY_BUFFER_BYTES, DnsConfig, IdentitySource, InboundConfig,
-    OutboundConfig, PolicySource,
+    AdminConfig, Config, ControlPlaneConfig, DEFAULT_RETRY_BUFFER_BYTES, DnsConfig, IdentitySource,
+    InboundConfig, OutboundConfig, PolicySource,
 };
 use crate::identity::dev::{DevCa, IdentityFiles};
 use crate::loadgen::{Load, LoadGenerator, Progress, Report, Target};
@@ -57,9 +66,28 @@ const READY_POLL: Duration = Duration::from_millis(10);
 const ROW_INTERVAL: Duration = Duration::from_secs(1);
 /// Greeter instances, each behind its own server sidecar.
 const GREETERS: usize = 3;
-/// When the last greeter starts failing, and when it heals.
-const FAULT_AT: Duration = Duration::from_secs(5);
-const HEAL_AT: Duration = Duration::from_secs(20);
+/// The scenario, by elapsed time.
+const SCENARIO: [(u64, Step); 5] = [
+    (5, Step::Fail),
+    (10, Step::Canary(10)),
+    (15, Step::Canary(50)),
+    (20, Step::Heal),
+    (25, Step::Canary(100)),
+];
+
+/// How long a policy change waits, polling, for every acknowledgement
+/// before the table moves on.
+const ACK_WAIT: Duration = Duration::from_millis(500);
+const ACK_POLL: Duration = Duration::from_millis(2);
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// The last stable greeter starts failing.
+    Fail,
+    Heal,
+    /// The canary's share, in percent.
+    Canary(u32),
+}
 
 /// `pylon demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,7 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         made = setup => made??,
         () = &mut ctrl_c => return Ok(()),
     };
-    let mesh = tokio::select! {
+    let mut mesh = tokio::select! {
         mesh = DemoMesh::start(scratch.path(), &identities) => mesh?,
         () = &mut ctrl_c => return Ok(()),
     };
@@ -122,13 +150,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tokio::pin!(deadline);
     let mut rows = tokio::time::interval_at(Instant::now() + ROW_INTERVAL, ROW_INTERVAL);
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  event",
-        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests", "retries", "ejected"
+        "{:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7}  event",
+        "elapsed", "rps", "success", "p50 ms", "p99 ms", "requests", "retries", "ejected", "policy"
     );
     let started = Instant::now();
-    let faulty = mesh.greeters.last();
-    let mut fault = Fault::Pending;
+    let mut steps = SCENARIO.iter().peekable();
     let mut retries_before = 0;
+    // A version applied, and when, until every sidecar acknowledged it.
+    let mut awaiting: Option<(u64, Instant)> = None;
     let why = loop {
         tokio::select! {
             // Rows before the deadline, so that the last second is printed
@@ -137,21 +166,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             () = &mut ctrl_c => break "Ctrl-C",
             _ = rows.tick() => {
                 let elapsed = started.elapsed();
-                let event = match (fault, faulty) {
-                    (Fault::Pending, Some(g)) if elapsed >= FAULT_AT => {
-                        g.set_failing(true);
-                        fault = Fault::Failing;
-                        format!("greeter {GREETERS} starts failing (UNAVAILABLE)")
+                let mut events = Vec::new();
+                if let Some((version, since)) = awaiting
+                    && mesh.all_acked(version).await
+                {
+                    events.push(format!(
+                        "version {version} acknowledged by all {} sidecars (within {} ms)",
+                        mesh.servers.len() + 1,
+                        since.elapsed().as_millis()
+                    ));
+                    awaiting = None;
+                }
+                while let Some(&&(at, step)) = steps.peek() {
+                    if elapsed < Duration::from_secs(at) {
+                        break;
                     }
-                    (Fault::Failing, Some(g)) if elapsed >= HEAL_AT => {
-                        g.set_failing(false);
-                        fault = Fault::Healed;
-                        format!("greeter {GREETERS} heals")
-                    }
-                    _ => String::new(),
-                };
+                    steps.next();
+                    events.push(mesh.take(step, &mut awaiting).await);
+                }
                 let (retries, ejected) = mesh.backend_counts();
-                print_row(&run.progress(), retries - retries_before, ejected, &event);
+                print_row(
+                    &run.progress(),
+                    retries - retries_before,
+                    ejected,
+                    &mesh.client.policy.load().version,
+                    &events.join("; "),
+                );
                 retries_before = retries;
             }
             () = &mut deadline => break "duration reached",
@@ -166,14 +206,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     mesh.stop().await?;
     drop(scratch);
     Ok(())
-}
-
-/// Where the demo's fault stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    Pending,
-    Failing,
-    Healed,
 }
 
 /// Resolves on Ctrl-C; never if the signal cannot be listened for.
@@ -214,8 +246,34 @@ spec:
 /// retries on UNAVAILABLE within a budget, outlier ejection, a bulkhead and
 /// least-request balancing.
 pub fn resilient_client_policy(endpoints: &[SocketAddr]) -> String {
-    client_policy(endpoints)
-        + "      timeouts: { request: 2s }
+    client_policy(endpoints) + RESILIENCE
+}
+
+/// The demo's policy: [`resilient_client_policy`] over the stable greeters,
+/// with `canary_percent` of the calls going to the canary instead.
+pub fn canary_policy(stable: &[SocketAddr], canary: SocketAddr, canary_percent: u32) -> String {
+    let stable_percent = 100 - canary_percent.min(100);
+    client_policy(stable).replace(
+        "    - backendRefs: [{ name: greeter }]\n",
+        &format!(
+            "    - backendRefs: [{{ name: greeter, weight: {stable_percent} }}, {{ name: greeter-v2, weight: {canary_percent} }}]\n"
+        ),
+    ) + RESILIENCE
+        + &format!(
+            "---
+apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: greeter-v2 }}
+spec:
+  protocol: grpc
+  endpoints: {{ static: [\"{canary}\"] }}
+  tls: {{ mode: mesh, identity: \"{GREETER_ID}\" }}
+"
+        )
+}
+
+/// The route's deadline and retries, and the greeter's traffic policy.
+const RESILIENCE: &str = "      timeouts: { request: 2s }
       retry: { attempts: 2, codes: [UNAVAILABLE], backoff: { base: 5ms, max: 50ms } }
 ---
 apiVersion: pylon.dev/v1
@@ -228,8 +286,7 @@ spec:
   outlierDetection: { consecutive5xxErrors: 5, consecutiveGatewayErrors: 3, interval: 1s,
                       baseEjectionTime: 5s, maxEjectionTime: 30s, maxEjectionPercent: 50 }
   retryBudget: { percent: 20, minRetriesPerSecond: 10 }
-"
-}
+";
 
 /// The greeter's and the client's identity files, from one throwaway CA.
 pub struct Identities {
@@ -283,29 +340,69 @@ impl Drop for ScratchDir {
     }
 }
 
-/// The greeters, their sidecars and the client sidecar, in this process.
+/// The control plane, the greeters, their sidecars and the client sidecar,
+/// in this process.
 struct DemoMesh {
+    control: ControlPlane,
+    admin: PolicyAdminClient<Channel>,
+    /// Three stable greeters, then the canary.
     greeters: Vec<RunningGreeter>,
     servers: Vec<Sidecar>,
     client: Sidecar,
 }
 
 impl DemoMesh {
-    /// Starts everything on free loopback ports and waits until every
-    /// sidecar has installed its policy.
+    /// Starts everything on free loopback ports, applies the first policy
+    /// and waits until every sidecar has installed it.
     async fn start(dir: &Path, identities: &Identities) -> anyhow::Result<DemoMesh> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let server_policy = dir.join("server-policy.yaml");
-        tokio::fs::write(&server_policy, "").await?;
+        let control = ControlPlane::start(ServeConfig {
+            data_dir: dir.join("control"),
+            listen: loopback,
+            trust_domain: "pylon.local".into(),
+            names: Vec::new(),
+            operator_ca: None,
+            history: DEFAULT_HISTORY,
+        })
+        .await
+        .context("cannot start the control plane")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            crate::identity::certs_from_pem(&control.bundle_pem()?).map_err(anyhow::Error::msg)?
+        {
+            roots.add(cert)?;
+        }
+        let address = format!("https://{}", control.addr);
+        let tls = pylon_proto::client::client_config(roots, None)?;
+        let admin = PolicyAdminClient::new(pylon_proto::client::lazy_channel(&address, tls)?);
+        let mut mesh_admin = Admin {
+            client: admin,
+            token: control.admin_token.clone(),
+        };
+        let greeter_token = dir.join("greeter.token");
+        let client_token = dir.join("client.token");
+        for (identity, path) in [(GREETER_ID, &greeter_token), (CLIENT_ID, &client_token)] {
+            let token = mesh_admin.create_token(identity).await?;
+            tokio::fs::write(path, token).await?;
+        }
+        let from_control = |token: &Path, name: &str| {
+            ControlPlaneConfig {
+                address: address.clone(),
+                ca_file: Some(control.files.bundle.clone()),
+                token_file: Some(token.to_path_buf()),
+            }
+            .with_state(dir.join(format!("{name}-state")))
+        };
+
         let mut greeters = Vec::new();
         let mut servers = Vec::new();
-        for i in 0..GREETERS {
+        for i in 0..=GREETERS {
             let greeter = RunningGreeter::start(loopback)
                 .await
                 .with_context(|| format!("cannot start greeter {}", i + 1))?;
             let server = Sidecar::start(sidecar_config(
                 &identities.greeter,
-                server_policy.clone(),
+                from_control(&greeter_token, &format!("server-{i}")),
                 greeter.addr,
             ))
             .await
@@ -313,30 +410,102 @@ impl DemoMesh {
             greeters.push(greeter);
             servers.push(server);
         }
-
-        let endpoints: Vec<SocketAddr> = servers.iter().map(|s| s.addrs.inbound).collect();
-        let client_policy_path = dir.join("client-policy.yaml");
-        tokio::fs::write(&client_policy_path, resilient_client_policy(&endpoints)).await?;
         // Nothing calls the client sidecar's inbound side: its app address
         // is never dialled.
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let client = Sidecar::start(sidecar_config(
             &identities.client,
-            client_policy_path,
+            from_control(&client_token, "client"),
             no_app,
         ))
         .await
         .context("cannot start the client sidecar")?;
 
-        for (i, server) in servers.iter().enumerate() {
-            wait_installed(server, &format!("server {}", i + 1)).await?;
-        }
-        wait_installed(&client, "client").await?;
-        Ok(DemoMesh {
+        let mut mesh = DemoMesh {
+            control,
+            admin: mesh_admin.client,
             greeters,
             servers,
             client,
-        })
+        };
+        mesh.apply(0).await?;
+        for (i, server) in mesh.servers.iter().enumerate() {
+            wait_installed(server, &format!("server {}", i + 1)).await?;
+        }
+        wait_installed(&mesh.client, "client").await?;
+        Ok(mesh)
+    }
+
+    /// Applies the demo policy with the canary at `percent`, through the
+    /// admin API; returns the new version.
+    async fn apply(&mut self, percent: u32) -> anyhow::Result<u64> {
+        let stable: Vec<SocketAddr> = self.servers[..GREETERS]
+            .iter()
+            .map(|s| s.addrs.inbound)
+            .collect();
+        let canary = self.servers[GREETERS].addrs.inbound;
+        let yaml = canary_policy(&stable, canary, percent);
+        let reply = self
+            .admin
+            .apply(authed(
+                pb::ApplyRequest { yaml },
+                &self.control.admin_token,
+            )?)
+            .await
+            .map_err(|s| anyhow::anyhow!("apply: {}", s.message()))?;
+        Ok(reply.into_inner().version)
+    }
+
+    /// Carries out one step of the scenario; returns what to print.
+    async fn take(&mut self, step: Step, awaiting: &mut Option<(u64, Instant)>) -> String {
+        match step {
+            Step::Fail => {
+                self.greeters[GREETERS - 1].set_failing(true);
+                format!("greeter {GREETERS} starts failing (UNAVAILABLE)")
+            }
+            Step::Heal => {
+                self.greeters[GREETERS - 1].set_failing(false);
+                format!("greeter {GREETERS} heals")
+            }
+            Step::Canary(percent) => {
+                let started = Instant::now();
+                let version = match self.apply(percent).await {
+                    Ok(version) => version,
+                    Err(e) => return format!("canary at {percent} % failed: {e}"),
+                };
+                // Most often every sidecar has it within milliseconds;
+                // otherwise a later row says when.
+                let soon = started + ACK_WAIT;
+                while Instant::now() < soon {
+                    if self.all_acked(version).await {
+                        return format!(
+                            "canary greeter-v2 at {percent} %: version {version} applied, acknowledged by all {} sidecars in {} ms",
+                            self.servers.len() + 1,
+                            started.elapsed().as_millis()
+                        );
+                    }
+                    tokio::time::sleep(ACK_POLL).await;
+                }
+                *awaiting = Some((version, started));
+                format!("canary greeter-v2 at {percent} %: version {version} applied")
+            }
+        }
+    }
+
+    /// Whether every sidecar acknowledged `version` (the control plane's
+    /// `Status`).
+    async fn all_acked(&mut self, version: u64) -> bool {
+        let Ok(req) = authed(pb::StatusRequest {}, &self.control.admin_token) else {
+            return false;
+        };
+        match self.admin.status(req).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                s.sidecars.len() == self.servers.len() + 1
+                    && s.sidecars.iter().all(|c| c.acked_version >= version)
+            }
+            Err(_) => false,
+        }
     }
 
     /// What the client sidecar's backend `greeter` reports: retries sent so
@@ -352,7 +521,7 @@ impl DemoMesh {
     }
 
     /// Stops the callers before the called: client sidecar, server sidecars,
-    /// greeters.
+    /// greeters, control plane.
     async fn stop(self) -> anyhow::Result<()> {
         self.client.stop().await;
         for server in self.servers {
@@ -361,11 +530,57 @@ impl DemoMesh {
         for greeter in self.greeters {
             greeter.stop().await?;
         }
-        Ok(())
+        self.control.stop().await
     }
 }
 
-fn sidecar_config(identity: &IdentityFiles, policy: PathBuf, app: SocketAddr) -> Config {
+/// The admin API with the admin token.
+struct Admin {
+    client: PolicyAdminClient<Channel>,
+    token: String,
+}
+
+impl Admin {
+    async fn create_token(&mut self, identity: &str) -> anyhow::Result<String> {
+        let req = pb::CreateTokenRequest {
+            identity: identity.to_string(),
+            ttl_seconds: 0,
+            once: false,
+        };
+        let reply = self
+            .client
+            .create_token(authed(req, &self.token)?)
+            .await
+            .map_err(|s| anyhow::anyhow!("token for {identity}: {}", s.message()))?;
+        Ok(reply.into_inner().token)
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))?,
+    );
+    Ok(req)
+}
+
+/// Policy from the control plane, cached in a state directory.
+struct FromControl {
+    control_plane: ControlPlaneConfig,
+    state_dir: PathBuf,
+}
+
+impl ControlPlaneConfig {
+    fn with_state(self, state_dir: PathBuf) -> FromControl {
+        FromControl {
+            control_plane: self,
+            state_dir,
+        }
+    }
+}
+
+fn sidecar_config(identity: &IdentityFiles, policy: FromControl, app: SocketAddr) -> Config {
     let free_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     Config {
         admin: AdminConfig { listen: free_port },
@@ -382,11 +597,11 @@ fn sidecar_config(identity: &IdentityFiles, policy: PathBuf, app: SocketAddr) ->
             key: identity.key.clone(),
             trust_bundle: identity.trust_bundle.clone(),
         },
-        policy: PolicySource::File(policy),
+        policy: PolicySource::ControlPlane,
         telemetry: None,
-        control_plane: None,
+        control_plane: Some(policy.control_plane),
         policy_max_bytes: crate::config::MAX_POLICY_BYTES as usize,
-        state_dir: None,
+        state_dir: Some(policy.state_dir),
         dns: DnsConfig::default(),
     }
 }
@@ -419,6 +634,10 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
     println!("pylon demo: an mTLS mesh on loopback, all in this process");
     println!();
     println!(
+        "  control plane   {} (in process; data in the scratch directory)",
+        mesh.control.addr
+    );
+    println!(
         "  load generator  {} rps of helloworld.Greeter/SayHello, :authority {}, {} HTTP/2 connections",
         args.rps, target.authority, target.connections
     );
@@ -427,12 +646,14 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
         mesh.client.addrs.outbound, mesh.client.addrs.admin
     );
     for (i, (server, greeter)) in mesh.servers.iter().zip(&mesh.greeters).enumerate() {
+        let name = if i == GREETERS {
+            "greeter-v2 ".to_string()
+        } else {
+            format!("greeter {}   ", i + 1)
+        };
         println!(
-            "  greeter {}       {GREETER_ID}\n                  sidecar inbound (mTLS) {}  admin {}  app {} (h2c)",
-            i + 1,
-            server.addrs.inbound,
-            server.addrs.admin,
-            greeter.addr
+            "  {name}   {GREETER_ID}\n                  sidecar inbound (mTLS) {}  admin {}  app {} (h2c)",
+            server.addrs.inbound, server.addrs.admin, greeter.addr
         );
     }
     println!();
@@ -443,9 +664,7 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
         "  policy          retries (UNAVAILABLE, 2 more tries, budget 20 %), outlier ejection\n                  (3 gateway errors → out for 5 s, growing), least-request balancing"
     );
     println!(
-        "  scenario        at {}s greeter {GREETERS} starts failing; at {}s it heals",
-        FAULT_AT.as_secs(),
-        HEAL_AT.as_secs()
+        "  scenario        5s greeter {GREETERS} starts failing; 10s, 15s, 25s canary greeter-v2 at\n                  10 %, 50 %, 100 % (applied through the control plane); 20s greeter {GREETERS} heals"
     );
     println!(
         "  scratch         {} (CA, certificates, policies; removed at exit)",
@@ -466,14 +685,14 @@ fn percent(p: Option<f64>) -> String {
     p.map_or_else(|| "-".to_string(), |p| format!("{p:.2}%"))
 }
 
-fn print_row(progress: &Progress, retries: u64, ejected: usize, event: &str) {
+fn print_row(progress: &Progress, retries: u64, ejected: usize, policy: &str, event: &str) {
     let interval = &progress.interval;
     let (p50, p99) = match &interval.latency {
         Some(l) => (millis(l.p50), millis(l.p99)),
         None => ("-".to_string(), "-".to_string()),
     };
     println!(
-        "{:>7}s {:>9.1} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  {}",
+        "{:>7}s {:>9.1} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7}  {}",
         progress.elapsed.as_secs_f64().round(),
         interval.rps(),
         percent(interval.success_percent()),
@@ -482,6 +701,7 @@ fn print_row(progress: &Progress, retries: u64, ejected: usize, event: &str) {
         progress.total.requests,
         retries,
         ejected,
+        policy,
         event
     );
 }

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(match cli.command {
         // Sidecar logs would break up the demo's table.
-        Command::Demo(_) => "warn",
+        Command::Demo(_) => "error",
         Command::Proxy { .. } => "info",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -45,7 +45,7 @@ outbund: { listen: \"127.0.0.1:1\" }
         "inbound.app: \"127.0.0.1:99999\" is not an ip:port address",
         "identity.files.key: required with the other identity.files keys",
         "identity.files.trustBundle: required with the other identity.files keys",
-        "policy: required: set policy.file",
+        "policy: required: set policy.file or policy.controlPlane",
         "outbund.listen: unknown key",
     ] {
         assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
