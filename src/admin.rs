@@ -2,7 +2,9 @@
 //! and drain.
 //!
 //! `/ready` answers 200 once the listeners are bound, the identity is loaded
-//! and a policy is installed, and 503 again while draining. `/config` is
+//! (its certificate valid now) and a policy is installed, and 503 again
+//! while draining. Until a control plane issues the first certificate,
+//! [`serve_starting`] answers instead. `/config` is
 //! JSON describing the policy in force: version, routes, backends and their
 //! endpoints.
 
@@ -52,6 +54,13 @@ impl AdminState {
         if !self.listening.load(Ordering::Acquire) {
             reasons.push("listeners not bound yet".to_string());
         }
+        let credentials = self.identity.credentials();
+        if !credentials.valid_at(crate::identity::unix_now()) {
+            reasons.push(format!(
+                "the certificate (serial {}) is not valid now",
+                credentials.serial
+            ));
+        }
         if !self.policy.installed() {
             let why = match self.policy.status().last_error {
                 Some(errors) => format!("no policy installed: {}", errors.join("; ")),
@@ -65,7 +74,7 @@ impl AdminState {
 
 /// Serves the admin API until the task is dropped (it outlives a drain, so
 /// that `/ready` can say so).
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>) {
     let server = crate::proxy::http_server();
     loop {
         let tcp = match listener.accept().await {
@@ -138,6 +147,49 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The admin API while the sidecar waits for its first certificate: alive,
+/// not ready, nothing else yet. Each answer closes its connection, so that
+/// no client stays on this server once the real one takes the listener.
+pub async fn serve_starting(
+    listener: Arc<TcpListener>,
+    last_error: crate::identity::control::LastError,
+) {
+    let server = crate::proxy::http_server();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let last_error = last_error.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let mut resp = match (req.method(), req.uri().path()) {
+                (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+                _ => {
+                    let why = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        match why {
+                            Some(e) => format!(
+                                "not ready: waiting for the first certificate from the control plane (last error: {e})\n"
+                            ),
+                            None => "not ready: waiting for the first certificate from the control plane\n".to_string(),
+                        },
+                    )
+                }
+            };
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
     }
 }
 
@@ -218,8 +270,16 @@ pub fn config_dump(state: &AdminState) -> Value {
             })
         })
         .collect();
+    let credentials = state.identity.credentials();
     json!({
-        "identity": state.identity.spiffe_id(),
+        "identity": credentials.spiffe_id,
+        "certificate": {
+            "serial": credentials.serial,
+            "issuer": credentials.issuer,
+            "notBefore": credentials.not_before,
+            "notAfter": credentials.not_after,
+        },
+        "trustBundle": &*state.identity.bundle_fingerprints(),
         "listeners": {
             "admin": state.addrs.admin.to_string(),
             "outbound": state.addrs.outbound.to_string(),

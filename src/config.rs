@@ -116,6 +116,10 @@ pub enum IdentitySource {
         key: PathBuf,
         trust_bundle: PathBuf,
     },
+    /// Issued by the control plane from a CSR (`identity.controlPlane`),
+    /// with this bootstrap token (`identity.controlPlane.tokenFile`, else
+    /// `controlPlane.tokenFile`).
+    ControlPlane { token_file: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -282,18 +286,23 @@ impl Config {
         let key = r.path("identity.files.key");
         let bundle = r.path("identity.files.trustBundle");
         let cp_token = r.path("identity.controlPlane.tokenFile");
-        let identity = match (cert, key, bundle) {
+        let mut identity = match (cert, key, bundle) {
             (Some(cert), Some(key), Some(trust_bundle)) => Some(IdentitySource::Files {
                 cert,
                 key,
                 trust_bundle,
             }),
+            (None, None, None) if cp_token.is_some() || r.present("identity.controlPlane") => {
+                // The token may also sit in controlPlane.tokenFile; checked
+                // below, with the rest of controlPlane.
+                Some(IdentitySource::ControlPlane {
+                    token_file: cp_token.clone().unwrap_or_default(),
+                })
+            }
             (None, None, None) => {
-                r.errors.push(if cp_token.is_some() || r.present("identity.controlPlane") {
-                    "identity.controlPlane: certificates from the control plane are not available in this version; use identity.files".into()
-                } else {
-                    "identity: required: set identity.files.cert, identity.files.key and identity.files.trustBundle".into()
-                });
+                r.errors.push(
+                    "identity: required: set identity.files (cert, key, trustBundle) or identity.controlPlane".into(),
+                );
                 None
             }
             (c, k, b) => {
@@ -342,7 +351,23 @@ impl Config {
             {
                 r.errors.push(format!("controlPlane.address: {e}"));
             }
-            if matches!(policy, Some(PolicySource::ControlPlane)) {
+            let identity_cp = matches!(identity, Some(IdentitySource::ControlPlane { .. }));
+            if identity_cp {
+                if address.is_none() {
+                    r.errors
+                        .push("controlPlane.address: required with identity.controlPlane".into());
+                }
+                if ca_file.is_none() {
+                    r.errors.push(
+                        "controlPlane.caFile: required with identity.controlPlane (the roots to verify the control plane with before the first certificate)".into(),
+                    );
+                }
+                if cp_token.is_none() && token_file.is_none() {
+                    r.errors.push(
+                        "identity.controlPlane.tokenFile: required (or controlPlane.tokenFile): the workload's bootstrap token".into(),
+                    );
+                }
+            } else if matches!(policy, Some(PolicySource::ControlPlane)) {
                 if address.is_none() {
                     r.errors
                         .push("controlPlane.address: required with policy.controlPlane".into());
@@ -352,6 +377,13 @@ impl Config {
                         "controlPlane.tokenFile: required with policy.controlPlane (the workload's bootstrap token)".into(),
                     );
                 }
+            }
+            if identity_cp
+                && cp_token.is_none()
+                && let Some(t) = &token_file
+                && let Some(IdentitySource::ControlPlane { token_file }) = identity.as_mut()
+            {
+                *token_file = t.clone();
             }
             (address.is_some() || ca_file.is_some() || token_file.is_some()).then_some(
                 ControlPlaneConfig {
@@ -775,7 +807,10 @@ stateDir: /var/lib/pylon
         assert_eq!(c.inbound.app, "127.0.0.1:9090".parse().unwrap());
         let IdentitySource::Files {
             cert, trust_bundle, ..
-        } = &c.identity;
+        } = &c.identity
+        else {
+            panic!("identity files")
+        };
         assert_eq!(cert, Path::new("/etc/pylon/id.pem"));
         assert_eq!(trust_bundle, Path::new("/etc/pylon/bundle.pem"));
         let PolicySource::File(p) = &c.policy else {
@@ -843,15 +878,44 @@ telemetry: { sampling: 2 }
     }
 
     #[test]
-    fn later_sources_are_refused_with_a_clear_reason() {
+    fn identity_from_the_control_plane_needs_its_address_roots_and_a_token() {
         let yaml = "
-identity: { controlPlane: { tokenFile: /t } }
+identity: { controlPlane: {} }
 policy: { file: p.yaml }
 ";
         let errs = Config::from_parts(yaml, Path::new("/x"), &env(&[]))
             .unwrap_err()
             .0;
-        assert!(errs[0].starts_with("identity.controlPlane: "), "{errs:?}");
+        assert_eq!(
+            errs,
+            vec![
+                "controlPlane.address: required with identity.controlPlane",
+                "controlPlane.caFile: required with identity.controlPlane (the roots to verify the control plane with before the first certificate)",
+                "identity.controlPlane.tokenFile: required (or controlPlane.tokenFile): the workload's bootstrap token",
+            ]
+        );
+        // The token from controlPlane.tokenFile.
+        let yaml = "
+identity: { controlPlane: {} }
+policy: { controlPlane: {} }
+controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile: /run/t }
+";
+        let c = Config::from_parts(yaml, Path::new("/x"), &env(&[])).unwrap();
+        let IdentitySource::ControlPlane { token_file } = &c.identity else {
+            panic!("{:?}", c.identity)
+        };
+        assert_eq!(token_file, Path::new("/run/t"));
+        // Its own tokenFile wins.
+        let yaml = "
+identity: { controlPlane: { tokenFile: /run/id } }
+policy: { file: p.yaml }
+controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile: /run/t }
+";
+        let c = Config::from_parts(yaml, Path::new("/x"), &env(&[])).unwrap();
+        let IdentitySource::ControlPlane { token_file } = &c.identity else {
+            panic!("{:?}", c.identity)
+        };
+        assert_eq!(token_file, Path::new("/run/id"));
     }
 
     #[test]

@@ -363,6 +363,7 @@ impl DemoMesh {
             names: Vec::new(),
             operator_ca: None,
             history: DEFAULT_HISTORY,
+            cert_ttl: pylon_control::server::DEFAULT_CERT_TTL,
         })
         .await
         .context("cannot start the control plane")?;

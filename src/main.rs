@@ -86,7 +86,16 @@ fn main() -> ExitCode {
 }
 
 async fn run_proxy(config: Config) -> ExitCode {
-    let sidecar = match Sidecar::start(config).await {
+    // Start may wait for the control plane (the first certificate); a stop
+    // signal meanwhile ends the process at once.
+    let started = tokio::select! {
+        started = Sidecar::start(config) => started,
+        _ = stop_signal() => {
+            tracing::info!("stop signal received before the sidecar started");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let sidecar = match started {
         Ok(s) => s,
         Err(e) => {
             eprintln!("pylon: {e}");

@@ -13,7 +13,8 @@ use tokio::task::JoinSet;
 use crate::admin::{self, AdminState, BoundAddrs};
 use crate::config::{Config, IdentitySource, PolicySource};
 use crate::discovery::Dns;
-use crate::identity::{IdentityStore, tls};
+use crate::identity::control::{ControlPlaneIdentity, LastError};
+use crate::identity::{self, IdentityStore, tls};
 use crate::policy::control::ControlPlaneSource;
 use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
@@ -55,27 +56,16 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Loads the identity, binds every listener, starts the policy source
-    /// and begins serving. Returns once the listeners are bound.
+    /// Binds every listener, loads the identity (or waits for the control
+    /// plane to issue it, `/ready` saying so meanwhile), starts the policy
+    /// source and begins serving.
     pub async fn start(config: Config) -> Result<Sidecar, StartError> {
-        let identity = match &config.identity {
-            IdentitySource::Files {
-                cert,
-                key,
-                trust_bundle,
-            } => {
-                IdentityStore::load_files(cert, key, trust_bundle).map_err(StartError::Identity)?
-            }
-        };
-        tracing::info!(identity = %identity.spiffe_id(), "identity loaded");
-        let server_tls = tls::server_config(&identity)?;
-
         let bind = |what: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
-        let admin_l = bind("admin", config.admin.listen).await?;
+        let admin_l = Arc::new(bind("admin", config.admin.listen).await?);
         let outbound_l = bind("outbound", config.outbound.listen).await?;
         let inbound_l = bind("inbound", config.inbound.listen).await?;
         let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
@@ -84,6 +74,49 @@ impl Sidecar {
             outbound: local(&outbound_l, config.outbound.listen),
             inbound: local(&inbound_l, config.inbound.listen),
         };
+        // Bound: connections queue until the accept loops start, and the
+        // admin API answers from here on (not ready until serving).
+        tracing::info!(
+            "listening admin={} outbound={} inbound={} app={}",
+            addrs.admin,
+            addrs.outbound,
+            addrs.inbound,
+            config.inbound.app
+        );
+
+        let mut background = Vec::new();
+        let identity_from_cp = matches!(config.identity, IdentitySource::ControlPlane { .. });
+        let identity = match &config.identity {
+            IdentitySource::Files {
+                cert,
+                key,
+                trust_bundle,
+            } => {
+                IdentityStore::load_files(cert, key, trust_bundle).map_err(StartError::Identity)?
+            }
+            IdentitySource::ControlPlane { token_file } => {
+                let cp = config
+                    .control_plane
+                    .clone()
+                    .ok_or(StartError::Config("controlPlane: required"))?;
+                let source = ControlPlaneIdentity {
+                    address: cp.address,
+                    ca_file: cp.ca_file,
+                    token_file: Some(token_file.clone()),
+                    state_dir: config.state_dir.clone(),
+                };
+                tracing::info!(admin = %addrs.admin, address = %source.address, "waiting for a certificate from the control plane");
+                let last_error = LastError::default();
+                let starting =
+                    tokio::spawn(admin::serve_starting(admin_l.clone(), last_error.clone()));
+                let (store, tasks) = identity::control::obtain(source, last_error).await;
+                starting.abort();
+                background.extend(tasks);
+                store
+            }
+        };
+        tracing::info!(identity = %identity.spiffe_id(), "identity loaded");
+        let server_tls = tls::server_config(&identity)?;
 
         let (shutdown, _) = watch::channel(false);
         let metrics = Metrics::new();
@@ -109,14 +142,14 @@ impl Sidecar {
                 let cp = cp
                     .clone()
                     .ok_or(StartError::Config("controlPlane: required"))?;
-                let token_file = cp
-                    .token_file
-                    .clone()
-                    .ok_or(StartError::Config("controlPlane.tokenFile: required"))?;
+                if cp.token_file.is_none() && !identity_from_cp {
+                    return Err(StartError::Config("controlPlane.tokenFile: required"));
+                }
                 let source = ControlPlaneSource {
                     address: cp.address.clone(),
                     ca_file: cp.ca_file.clone(),
-                    token_file,
+                    token_file: cp.token_file.clone(),
+                    present_certificate: identity_from_cp,
                     state_dir: config.state_dir.clone(),
                     max_bytes: config.policy_max_bytes,
                 };
@@ -127,7 +160,7 @@ impl Sidecar {
                 ))
             }
         };
-        let mut background = vec![policy_task];
+        background.push(policy_task);
         let mut tasks = JoinSet::new();
 
         let state = Arc::new(AdminState {
@@ -158,13 +191,7 @@ impl Sidecar {
             move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
         ));
         state.listening.store(true, Ordering::Release);
-        tracing::info!(
-            "listening admin={} outbound={} inbound={} app={}",
-            addrs.admin,
-            addrs.outbound,
-            addrs.inbound,
-            config.inbound.app
-        );
+        tracing::info!("serving");
         Ok(Sidecar {
             addrs,
             policy,

@@ -79,6 +79,47 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The mesh CA: its state, and the steps of a rotation.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// The trust bundle's roots, the active issuer and any pending one.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rotation step 1: add a root to the trust bundle, with an issuer that
+    /// signs nothing until activated. Without --cert, a new root is
+    /// generated.
+    AddRoot {
+        /// The operator's CA certificate (a root, or an intermediate).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// For an intermediate: the roots above it.
+        #[arg(long, requires = "cert")]
+        bundle: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rotation step 2: the pending issuer signs from now on.
+    Activate {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rotation step 3: remove a root (by its SHA-256 fingerprint) from the
+    /// trust bundle, once no certificate it anchors is in use.
+    RemoveRoot {
+        fingerprint: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +185,9 @@ pub struct ServeArgs {
     /// Policy versions kept for rollback.
     #[arg(long, default_value_t = DEFAULT_HISTORY)]
     pub history: usize,
+    /// The lifetime of the workload certificates it issues.
+    #[arg(long, env = "PYLON_CONTROL_CERT_TTL", value_parser = parse_ttl, default_value = "24h")]
+    pub cert_ttl: Duration,
 }
 
 /// How the CLI reaches the control plane.
@@ -413,6 +457,118 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { command } => token(command).await,
+        Command::Ca { command } => ca(command).await,
+    }
+}
+
+async fn ca(command: CaCommand) -> anyhow::Result<()> {
+    let read = |p: Option<PathBuf>| -> anyhow::Result<String> {
+        match p {
+            Some(p) => {
+                std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            }
+            None => Ok(String::new()),
+        }
+    };
+    let (status, conn_note) = match command {
+        CaCommand::Status { conn } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .ca_status(authed(pb::CaStatusRequest {}, &token)?)
+                .await
+                .map_err(failed)?;
+            (r.into_inner(), None)
+        }
+        CaCommand::AddRoot {
+            cert,
+            key,
+            bundle,
+            conn,
+        } => {
+            let request = pb::CaAddRootRequest {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+                bundle_pem: read(bundle)?,
+            };
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .ca_add_root(authed(request, &token)?)
+                .await
+                .map_err(failed)?;
+            (
+                r.into_inner(),
+                Some(
+                    "root added; once every sidecar trusts it (its /config lists the fingerprint), run `pylon-control ca activate`",
+                ),
+            )
+        }
+        CaCommand::Activate { conn } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .ca_activate(authed(pb::CaActivateRequest {}, &token)?)
+                .await
+                .map_err(failed)?;
+            (
+                r.into_inner(),
+                Some(
+                    "issuer activated; once every certificate of the previous issuer has expired, remove its root with `pylon-control ca remove-root FINGERPRINT`",
+                ),
+            )
+        }
+        CaCommand::RemoveRoot { fingerprint, conn } => {
+            let (mut client, token) = conn.client().await?;
+            let r = client
+                .ca_remove_root(authed(pb::CaRemoveRootRequest { fingerprint }, &token)?)
+                .await
+                .map_err(failed)?;
+            (r.into_inner(), Some("root removed from the trust bundle"))
+        }
+    };
+    print_ca(&status);
+    if let Some(note) = conn_note {
+        println!();
+        println!("{note}");
+    }
+    Ok(())
+}
+
+fn print_ca(s: &pb::CaStatusResponse) {
+    println!("trust bundle:");
+    println!(
+        "  {:<64}  {:>10}  SUBJECT",
+        "FINGERPRINT (SHA-256)", "EXPIRES"
+    );
+    for r in &s.roots {
+        println!(
+            "  {:<64}  {:>10}  {}",
+            r.fingerprint,
+            when(r.not_after_unix),
+            r.subject
+        );
+    }
+    let issuer = |label: &str, i: &Option<pb::CaIssuer>| {
+        if let Some(i) = i
+            && let Some(c) = &i.certificate
+        {
+            println!(
+                "{label}: {} ({}), under root {}",
+                c.subject,
+                c.fingerprint,
+                i.roots.join(", ")
+            );
+        }
+    };
+    issuer("active issuer", &s.active);
+    issuer("pending issuer", &s.pending);
+    println!(
+        "workload certificate lifetime: {}",
+        pylon_proto::policy::format_duration(Duration::from_secs(s.certificate_ttl_seconds))
+    );
+    if s.previous_certificates_valid_until_unix > 0 {
+        println!(
+            "certificates of the previous issuer may be in use for: {}",
+            when(s.previous_certificates_valid_until_unix)
+        );
     }
 }
 
@@ -525,6 +681,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         names: args.names,
         operator_ca,
         history: args.history,
+        cert_ttl: args.cert_ttl,
     })
     .await?;
     tracing::info!(

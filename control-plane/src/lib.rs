@@ -3,7 +3,10 @@
 //!
 //! - [`store`]: the durable policy store (redb): resources, versions,
 //!   history, bootstrap tokens.
-//! - [`ca`]: the mesh CA and the control plane's own credentials.
+//! - [`ca`]: the mesh CA (signing, rotation) and the control plane's own
+//!   credentials.
+//! - [`identity`]: the workload identity service (CSR issuance, the trust
+//!   bundle stream) and how callers authenticate.
 //! - [`server`]: the admin API and the discovery stream over TLS ([`tls`]).
 //! - [`cli`]: `pylon-control serve` and the kubectl-like commands.
 
@@ -12,6 +15,7 @@
 
 pub mod ca;
 pub mod cli;
+pub mod identity;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -8,7 +8,7 @@
 //!
 //! Not here: the store's rules ([`crate::store`]), the CA ([`crate::ca`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use pylon_proto::policy::{Kind, to_yaml};
+use pylon_proto::policy::{Kind, Resource, Spec, TargetKind, to_yaml};
 use pylon_proto::v1::discovery_server::{Discovery, DiscoveryServer};
+use pylon_proto::v1::identity_server::IdentityServer;
 use pylon_proto::v1::policy_admin_server::{PolicyAdmin, PolicyAdminServer};
 use pylon_proto::v1::{self as pb};
 use ring::digest::{SHA256, digest};
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ca::{DataFiles, MeshCa, OperatorCa, admin_token};
+use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
 use crate::tls::{self, PeerInfo};
 
@@ -44,13 +45,71 @@ pub struct ServeConfig {
     pub names: Vec<String>,
     pub operator_ca: Option<OperatorCa>,
     pub history: usize,
+    /// The lifetime of workload certificates.
+    pub cert_ttl: Duration,
 }
 
-/// The policy every sidecar should run.
+/// The default lifetime of workload certificates.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A workload: (namespace, service account).
+type Workload = (String, String);
+
+/// The policy every sidecar should run, rendered for each workload once.
 #[derive(Debug)]
 pub struct Published {
     pub version: u64,
-    pub yaml: String,
+    resources: Vec<Resource>,
+    /// By (namespace, service account); `None` for a caller whose identity
+    /// names no workload.
+    rendered: Mutex<HashMap<Option<Workload>, Arc<String>>>,
+}
+
+impl Published {
+    fn new(version: u64, resources: Vec<Resource>) -> Published {
+        Published {
+            version,
+            resources,
+            rendered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The snapshot for the workload `identity`: every Backend, route and
+    /// Backend policy of the mesh (its outbound side), and only the
+    /// inbound policies (AuthorizationPolicy, BackendTrafficPolicy by
+    /// ServiceAccount) that target its own service account.
+    pub fn yaml_for(&self, identity: &str) -> Arc<String> {
+        let scope = pylon_proto::spiffe::parse(identity)
+            .map(|w| (w.namespace.to_string(), w.service_account.to_string()));
+        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(yaml) = rendered.get(&scope) {
+            return yaml.clone();
+        }
+        let mine = |r: &Resource, refs: &[pylon_proto::policy::TargetRef]| {
+            scope.as_ref().is_some_and(|(ns, sa)| {
+                r.metadata.namespace == *ns
+                    && refs
+                        .iter()
+                        .any(|t| t.kind == TargetKind::ServiceAccount && t.name == *sa)
+            })
+        };
+        let scoped: Vec<Resource> = self
+            .resources
+            .iter()
+            .filter(|r| match &r.spec {
+                Spec::AuthorizationPolicy(p) => mine(r, &p.target_refs),
+                Spec::BackendTrafficPolicy(p) => {
+                    p.target_refs.iter().any(|t| t.kind == TargetKind::Backend)
+                        || mine(r, &p.target_refs)
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        let yaml = Arc::new(to_yaml(&scoped));
+        rendered.insert(scope, yaml.clone());
+        yaml
+    }
 }
 
 /// One connected sidecar.
@@ -66,7 +125,16 @@ struct SidecarRecord {
 
 /// What the services share.
 pub struct State {
-    store: Arc<Store>,
+    pub(crate) store: Arc<Store>,
+    /// The mesh CA now; every change is published here.
+    pub(crate) ca: watch::Sender<Arc<CaState>>,
+    /// Serializes CA changes (each one persisted before it is published).
+    ca_changes: tokio::sync::Mutex<()>,
+    /// The TLS configuration new connections get.
+    tls: watch::Sender<Arc<rustls::ServerConfig>>,
+    files: DataFiles,
+    names: Vec<String>,
+    pub(crate) cert_ttl: Duration,
     admin_token_hash: Vec<u8>,
     policy: watch::Sender<Arc<Published>>,
     sidecars: Mutex<BTreeMap<u64, SidecarRecord>>,
@@ -79,15 +147,39 @@ impl State {
         self.sidecars.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes the CA: the new state is persisted, then served (a serving
+    /// certificate from the issuer now active, client certificates checked
+    /// against the new bundle), then published to every watcher.
+    async fn change_ca(
+        &self,
+        change: impl FnOnce(&CaState) -> Result<CaState, Status> + Send + 'static,
+    ) -> Result<Arc<CaState>, Status> {
+        let _serialized = self.ca_changes.lock().await;
+        let current = self.ca.borrow().clone();
+        let files = self.files.clone();
+        let names = self.names.clone();
+        let (next, tls) = tokio::task::spawn_blocking(move || {
+            let next = change(&current)?;
+            let internal = |e: anyhow::Error| Status::internal(format!("{e:#}"));
+            next.persist(&files).map_err(internal)?;
+            let serving = next.issue_server(&names).map_err(internal)?;
+            let tls = tls::server_config(&serving.chain_pem, &serving.key_pem, &next.roots_der())
+                .map_err(internal)?;
+            Ok::<_, Status>((Arc::new(next), tls))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("CA task failed: {e}")))??;
+        self.tls.send_replace(tls);
+        self.ca.send_replace(next.clone());
+        Ok(next)
+    }
+
     /// Publishes the store's current policy to every sidecar.
     async fn publish(&self) -> Result<(), Status> {
         let store = self.store.clone();
         let published = blocking(move || {
             let (version, resources) = store.snapshot()?;
-            Ok(Published {
-                version,
-                yaml: to_yaml(&resources),
-            })
+            Ok(Published::new(version, resources))
         })
         .await?;
         self.policy.send_if_modified(|current| {
@@ -102,7 +194,7 @@ impl State {
 }
 
 /// Runs a store call off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
@@ -137,26 +229,27 @@ impl ControlPlane {
     /// Opens (or creates) the data directory, binds, and starts serving.
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
         let data_dir = config.data_dir.clone();
-        let (ca, files, token, store) = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&data_dir)?;
-            let files = DataFiles::in_dir(&data_dir);
-            let ca =
-                MeshCa::load_or_create(&files, &config.trust_domain, config.operator_ca.as_ref())?;
-            let token = admin_token(&files)?;
-            let store = Store::open(&data_dir.join("store.redb"), config.history)
-                .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
-            anyhow::Ok((ca, files, token, store))
-        })
-        .await??;
-        let store = Arc::new(store);
         let mut names = config.names.clone();
         for default in ["localhost", "127.0.0.1", "::1"] {
             if !names.iter().any(|n| n == default) {
                 names.push(default.to_string());
             }
         }
-        let serving = ca.issue_server(&names)?;
-        let tls = tls::server_config(&serving.chain_pem, &serving.key_pem)?;
+        let tls_names = names.clone();
+        let (ca, tls, files, token, store) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&data_dir)?;
+            let files = DataFiles::in_dir(&data_dir);
+            let ca =
+                CaState::load_or_create(&files, &config.trust_domain, config.operator_ca.as_ref())?;
+            let serving = ca.issue_server(&tls_names)?;
+            let tls = tls::server_config(&serving.chain_pem, &serving.key_pem, &ca.roots_der())?;
+            let token = admin_token(&files)?;
+            let store = Store::open(&data_dir.join("store.redb"), config.history)
+                .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
+            anyhow::Ok((ca, tls, files, token, store))
+        })
+        .await??;
+        let store = Arc::new(store);
 
         let (version, resources) = {
             let store = store.clone();
@@ -164,12 +257,16 @@ impl ControlPlane {
                 .await?
                 .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?
         };
-        let (policy, _) = watch::channel(Arc::new(Published {
-            version,
-            yaml: to_yaml(&resources),
-        }));
+        let (policy, _) = watch::channel(Arc::new(Published::new(version, resources)));
+        let (tls, tls_rx) = watch::channel(tls);
         let state = Arc::new(State {
             store,
+            ca: watch::channel(Arc::new(ca)).0,
+            ca_changes: tokio::sync::Mutex::new(()),
+            tls,
+            files: files.clone(),
+            names,
+            cert_ttl: config.cert_ttl,
             admin_token_hash: digest(&SHA256, token.as_bytes()).as_ref().to_vec(),
             policy,
             sidecars: Mutex::new(BTreeMap::new()),
@@ -187,14 +284,16 @@ impl ControlPlane {
             })
         };
         let discovery = DiscoveryServer::new(DiscoveryApi(state.clone()));
+        let identity = IdentityServer::new(crate::identity::IdentityApi(state.clone()));
         let (shutdown, mut stop) = watch::channel(false);
-        let incoming = tls::incoming(listener, tls);
+        let incoming = tls::incoming(listener, tls_rx);
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE))
                 .http2_keepalive_timeout(Some(KEEPALIVE * 2))
                 .add_service(admin)
                 .add_service(discovery)
+                .add_service(identity)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
@@ -229,7 +328,7 @@ impl ControlPlane {
     }
 }
 
-fn bearer<T>(req: &Request<T>) -> Option<&str> {
+pub(crate) fn bearer<T>(req: &Request<T>) -> Option<&str> {
     req.metadata()
         .get("authorization")?
         .to_str()
@@ -249,7 +348,7 @@ fn check_admin<T>(req: &Request<T>, expected_hash: &[u8]) -> Result<(), Status> 
     }
 }
 
-fn unix(t: SystemTime) -> i64 {
+pub(crate) fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
@@ -464,6 +563,100 @@ impl PolicyAdmin for AdminApi {
         }
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
+
+    async fn ca_status(
+        &self,
+        _req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        let ca = self.0.ca.borrow().clone();
+        Ok(Response::new(ca_status(&ca, self.0.cert_ttl)))
+    }
+
+    async fn ca_add_root(
+        &self,
+        req: Request<pb::CaAddRootRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        let req = req.into_inner();
+        let material = CaMaterial {
+            cert_pem: req.cert_pem,
+            key_pem: req.key_pem,
+            bundle_pem: req.bundle_pem,
+        };
+        if material.cert_pem.trim().is_empty() != material.key_pem.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "give both the CA certificate and its key, or neither (a new root is generated)",
+            ));
+        }
+        let ca = self
+            .0
+            .change_ca(move |ca| {
+                ca.add_root(&material)
+                    .map_err(|e| Status::failed_precondition(format!("{e:#}")))
+            })
+            .await?;
+        if let Some(p) = &ca.pending {
+            tracing::info!(root = %p.cert.subject, fingerprint = %p.cert.fingerprint, "CA root added; its issuer is pending");
+        }
+        Ok(Response::new(ca_status(&ca, self.0.cert_ttl)))
+    }
+
+    async fn ca_activate(
+        &self,
+        _req: Request<pb::CaActivateRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        let ca = self
+            .0
+            .change_ca(|ca| {
+                ca.activate()
+                    .map_err(|e| Status::failed_precondition(format!("{e:#}")))
+            })
+            .await?;
+        tracing::info!(issuer = %ca.active.cert.subject, "CA issuer activated");
+        Ok(Response::new(ca_status(&ca, self.0.cert_ttl)))
+    }
+
+    async fn ca_remove_root(
+        &self,
+        req: Request<pb::CaRemoveRootRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        let fingerprint = req.into_inner().fingerprint;
+        let ca = self
+            .0
+            .change_ca(move |ca| {
+                ca.remove_root(&fingerprint)
+                    .map_err(|e| Status::failed_precondition(format!("{e:#}")))
+            })
+            .await?;
+        tracing::info!(roots = ca.roots.len(), "CA root removed");
+        Ok(Response::new(ca_status(&ca, self.0.cert_ttl)))
+    }
+}
+
+fn ca_cert(c: &crate::ca::CaCert) -> pb::CaCertificate {
+    pb::CaCertificate {
+        subject: c.subject.clone(),
+        fingerprint: c.fingerprint.clone(),
+        not_before_unix: c.not_before,
+        not_after_unix: c.not_after,
+        pem: c.pem.clone(),
+    }
+}
+
+fn ca_status(ca: &CaState, ttl: Duration) -> pb::CaStatusResponse {
+    let issuer = |s: &crate::ca::Signer| pb::CaIssuer {
+        certificate: Some(ca_cert(&s.cert)),
+        roots: s.anchors.clone(),
+    };
+    pb::CaStatusResponse {
+        roots: ca.roots.iter().map(ca_cert).collect(),
+        active: Some(issuer(&ca.active)),
+        pending: ca.pending.as_deref().map(issuer),
+        activated_at_unix: ca.activated_at.unwrap_or(0),
+        previous_certificates_valid_until_unix: ca
+            .activated_at
+            .map_or(0, |t| t + ttl.as_secs() as i64),
+        certificate_ttl_seconds: ttl.as_secs(),
+    }
 }
 
 struct DiscoveryApi(Arc<State>);
@@ -488,13 +681,7 @@ impl Discovery for DiscoveryApi {
         req: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<PolicyStream>, Status> {
         let state = self.0.clone();
-        let token = bearer(&req)
-            .ok_or_else(|| Status::unauthenticated("a bootstrap token is required"))?
-            .to_string();
-        let store = state.store.clone();
-        let info = blocking(move || store.verify_token(&token, SystemTime::now()))
-            .await?
-            .ok_or_else(|| Status::unauthenticated("the bootstrap token is not valid"))?;
+        let identity = crate::identity::authenticate(&state, &req, false).await?;
         let address = req
             .extensions()
             .get::<PeerInfo>()
@@ -503,10 +690,10 @@ impl Discovery for DiscoveryApi {
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream ended before the sidecar said who it is")
         })?;
-        if !first.identity.is_empty() && first.identity != info.identity {
+        if !first.identity.is_empty() && first.identity != identity {
             return Err(Status::permission_denied(format!(
-                "the token is for {}, not {}",
-                info.identity, first.identity
+                "the credential is for {identity}, not {}",
+                first.identity
             )));
         }
 
@@ -514,7 +701,7 @@ impl Discovery for DiscoveryApi {
         state.sidecars().insert(
             id,
             SidecarRecord {
-                identity: info.identity.clone(),
+                identity: identity.clone(),
                 address,
                 acked: 0,
                 nacked: 0,
@@ -522,7 +709,7 @@ impl Discovery for DiscoveryApi {
                 connected_at: SystemTime::now(),
             },
         );
-        tracing::info!(id, identity = %info.identity, %address, "sidecar connected");
+        tracing::info!(id, %identity, %address, "sidecar connected");
         let registration = Registration(state.clone(), id);
         let (tx, rx) = mpsc::channel(2);
         let mut updates = state.policy.subscribe();
@@ -541,7 +728,7 @@ impl Discovery for DiscoveryApi {
                         let response = pb::DiscoveryResponse {
                             version: published.version,
                             nonce,
-                            yaml: published.yaml.clone(),
+                            yaml: published.yaml_for(&identity).to_string(),
                         };
                         if tx.send(Ok(response)).await.is_err() {
                             return;

@@ -1,8 +1,10 @@
 //! The control plane's TLS listener: accepts, handshakes (bounded in time)
 //! and hands tonic each connection with who is on the other end.
 //!
-//! tonic's own TLS cannot take a custom client-certificate verifier, so the
-//! server runs over this acceptor instead (`serve_with_incoming`).
+//! tonic's own TLS cannot change its configuration at run time (a CA
+//! rotation changes the serving certificate and the client-certificate
+//! roots), so the server runs over this acceptor instead
+//! (`serve_with_incoming`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,11 +13,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
@@ -83,28 +86,44 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// The serving configuration: `chain_pem` (leaf first) and `key_pem`, ALPN
-/// h2; client certificates are not asked for.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> anyhow::Result<Arc<ServerConfig>> {
+/// h2. A client may present a certificate, which must then verify against
+/// `client_roots` (the mesh trust bundle, DER); clients without one
+/// authenticate by token.
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    client_roots: &[Vec<u8>],
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain =
         CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in client_roots {
+        roots.add(CertificateDer::from(der.clone()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// Accepts on `listener` and yields handshaken connections; a failed
 /// handshake is logged and dropped, never ends the stream.
+///
+/// Each connection is served with the configuration current when it was
+/// accepted: a new serving certificate or trust bundle (CA rotation) applies
+/// to new connections, open ones continue.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    configs: watch::Receiver<Arc<ServerConfig>>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -119,7 +138,8 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let acceptor = TlsAcceptor::from(configs.borrow().clone());
+            let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

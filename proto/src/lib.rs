@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod policy;
+pub mod spiffe;
 
 /// The classic greeter service: the sample app of the demo and benchmarks.
 pub mod helloworld {

@@ -6,8 +6,10 @@
 //! without touching open connections. Peer identities are SPIFFE IDs taken
 //! from the URI SAN; DNS names play no part (see [`tls`]).
 //!
-//! Not here: obtaining certificates from the control plane (CSR issuance).
+//! Certificates come from files ([`IdentityStore::load_files`]) or from the
+//! control plane ([`control`]: CSR issuance, renewal, trust bundle updates).
 
+pub mod control;
 pub mod dev;
 pub mod tls;
 
@@ -31,6 +33,36 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Credentials {
     pub spiffe_id: String,
     pub key: Arc<CertifiedKey>,
+    /// The leaf's serial number, lowercase hex.
+    pub serial: String,
+    /// The leaf's issuer (distinguished name).
+    pub issuer: String,
+    /// The leaf's validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Credentials {
+    /// Whether the certificate is valid at Unix time `now`.
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
+/// The SHA-256 fingerprint of a certificate, lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The current Unix time in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The sidecar's live identity: its credentials and the trust bundle it
@@ -39,6 +71,7 @@ pub struct Credentials {
 pub struct IdentityStore {
     credentials: ArcSwap<Credentials>,
     roots: ArcSwap<RootCertStore>,
+    bundle_fingerprints: ArcSwap<Vec<String>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -47,6 +80,7 @@ impl IdentityStore {
         Arc::new(IdentityStore {
             credentials: ArcSwap::from_pointee(credentials),
             roots: ArcSwap::from_pointee(roots),
+            bundle_fingerprints: Default::default(),
             provider: provider(),
         })
     }
@@ -73,8 +107,11 @@ impl IdentityStore {
                 None
             }
         };
-        let roots = read_certs(bundle, "identity.files.trustBundle", &mut errors)
-            .map(|certs| roots_from(certs, bundle, &mut errors));
+        let mut fingerprints = Vec::new();
+        let roots = read_certs(bundle, "identity.files.trustBundle", &mut errors).map(|certs| {
+            fingerprints = certs.iter().map(|c| fingerprint(c.as_ref())).collect();
+            roots_from(certs, bundle, &mut errors)
+        });
 
         let credentials = match (chain, key_der) {
             (Some(chain), Some(key_der)) => match credentials_from(chain, key_der, &provider) {
@@ -90,6 +127,7 @@ impl IdentityStore {
             (Some(credentials), Some(roots)) if errors.is_empty() => Ok(Arc::new(IdentityStore {
                 credentials: ArcSwap::from_pointee(credentials),
                 roots: ArcSwap::from_pointee(roots),
+                bundle_fingerprints: ArcSwap::from_pointee(fingerprints),
                 provider,
             })),
             _ => Err(errors),
@@ -127,6 +165,29 @@ impl IdentityStore {
     pub fn set_roots(&self, roots: RootCertStore) {
         self.roots.store(Arc::new(roots));
     }
+
+    /// Replaces the trust bundle with DER roots, remembering their
+    /// fingerprints (for `/config`). Unusable roots are skipped; an empty
+    /// result changes nothing.
+    pub fn set_roots_der(&self, ders: &[Vec<u8>]) -> Result<(), String> {
+        let mut roots = RootCertStore::empty();
+        let (_, rejected) =
+            roots.add_parsable_certificates(ders.iter().map(|d| CertificateDer::from(d.clone())));
+        if roots.is_empty() {
+            return Err(format!(
+                "the trust bundle has no usable root ({rejected} rejected)"
+            ));
+        }
+        self.set_roots(roots);
+        self.bundle_fingerprints
+            .store(Arc::new(ders.iter().map(|d| fingerprint(d)).collect()));
+        Ok(())
+    }
+
+    /// The SHA-256 fingerprints of the trust bundle's roots, when known.
+    pub fn bundle_fingerprints(&self) -> Arc<Vec<String>> {
+        self.bundle_fingerprints.load_full()
+    }
 }
 
 /// Builds credentials from a DER chain (leaf first) and key, checking that
@@ -138,11 +199,25 @@ pub fn credentials_from(
 ) -> Result<Credentials, String> {
     let leaf = chain.first().ok_or("no certificate in the file")?;
     let spiffe_id = spiffe_id_of(leaf)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    let serial = parsed
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let issuer = parsed.issuer().to_string();
+    let not_before = parsed.validity().not_before.timestamp();
+    let not_after = parsed.validity().not_after.timestamp();
     let key = CertifiedKey::from_der(chain, key, provider)
         .map_err(|e| format!("certificate and key do not go together: {e}"))?;
     Ok(Credentials {
         spiffe_id,
         key: Arc::new(key),
+        serial,
+        issuer,
+        not_before,
+        not_after,
     })
 }
 

@@ -118,6 +118,12 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Presents the store's current certificate as a client (to the control
+/// plane).
+pub fn client_cert_resolver(store: &Arc<IdentityStore>) -> Arc<dyn ResolvesClientCert> {
+    Arc::new(StoreResolver(store.clone()))
+}
+
 /// Presents the store's current certificate, on either side of a handshake.
 #[derive(Debug)]
 struct StoreResolver(Arc<IdentityStore>);

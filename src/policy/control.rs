@@ -39,7 +39,11 @@ pub struct ControlPlaneSource {
     /// The CA to verify the control plane with; the mesh trust bundle when
     /// absent.
     pub ca_file: Option<PathBuf>,
-    pub token_file: PathBuf,
+    /// The bootstrap token; optional when the workload certificate is
+    /// presented.
+    pub token_file: Option<PathBuf>,
+    /// Present the workload certificate (one the control plane issued).
+    pub present_certificate: bool,
     /// Where the last good policy is kept; no cache when absent.
     pub state_dir: Option<PathBuf>,
     /// The largest policy accepted.
@@ -122,16 +126,28 @@ enum StreamError {
 async fn follow(
     source: &ControlPlaneSource,
     store: &PolicyStore,
-    identity: &IdentityStore,
+    identity: &Arc<IdentityStore>,
 ) -> Result<(), StreamError> {
-    let token = tokio::fs::read_to_string(&source.token_file)
-        .await
-        .map_err(|e| StreamError::Setup(format!("{}: {e}", source.token_file.display())))?;
-    let roots = match &source.ca_file {
-        Some(path) => roots_from(path)?,
-        None => (*identity.roots()).clone(),
+    let token = match &source.token_file {
+        Some(path) => match tokio::fs::read_to_string(path).await {
+            Ok(t) => Some(t),
+            // With a certificate to show, the token is a fallback only.
+            Err(_) if source.present_certificate => None,
+            Err(e) => return Err(StreamError::Setup(format!("{}: {e}", path.display()))),
+        },
+        None => None,
     };
-    let tls = pylon_proto::client::client_config(roots, None)
+    // The control plane's serving certificate follows the mesh CA through a
+    // rotation: trust the configured roots and the live mesh bundle.
+    let mut roots = match &source.ca_file {
+        Some(path) => roots_from(path)?,
+        None => RootCertStore::empty(),
+    };
+    roots.roots.extend(identity.roots().roots.iter().cloned());
+    let client_cert = source
+        .present_certificate
+        .then(|| crate::identity::tls::client_cert_resolver(identity));
+    let tls = pylon_proto::client::client_config(roots, client_cert)
         .map_err(|e| StreamError::Setup(e.to_string()))?;
     let channel = pylon_proto::client::lazy_channel(&source.address, tls)
         .map_err(|e| StreamError::Setup(e.to_string()))?;
@@ -148,9 +164,11 @@ async fn follow(
         .await
         .map_err(|_| StreamError::Setup("the request stream closed".into()))?;
     let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
-    let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-        .map_err(|_| StreamError::Setup("the token file holds no valid token".into()))?;
-    req.metadata_mut().insert("authorization", bearer);
+    if let Some(token) = token {
+        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| StreamError::Setup("the token file holds no valid token".into()))?;
+        req.metadata_mut().insert("authorization", bearer);
+    }
     let mut snapshots = client.stream_policy(req).await?.into_inner();
     store.set_source_state(|s| {
         s.connected = true;

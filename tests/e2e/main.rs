@@ -6,6 +6,7 @@ mod common;
 mod control;
 mod grpc;
 mod http;
+mod identity;
 mod lifecycle;
 mod policy;
 mod resilience;

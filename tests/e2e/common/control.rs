@@ -26,11 +26,17 @@ impl ControlProc {
 
     /// Starts it on `listen` (to restart one where sidecars expect it).
     pub fn spawn_at(data_dir: &Path, listen: SocketAddr) -> ControlProc {
+        Self::spawn_with(data_dir, listen, &[])
+    }
+
+    /// Starts it with more `serve` arguments.
+    pub fn spawn_with(data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> ControlProc {
         let mut child = Command::new(CONTROL_BIN)
             .args(["serve", "--trust-domain", "pylon.test", "--data-dir"])
             .arg(data_dir)
             .arg("--listen")
             .arg(listen.to_string())
+            .args(extra)
             .env("PYLON_LOG", "info,pylon_control=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,184 @@
+//! The identity service: workloads get certificates for their SPIFFE ID and
+//! follow the trust bundle.
+//!
+//! A caller authenticates with a client certificate the mesh CA issued (its
+//! SPIFFE ID is who it is; renewals use it), or with a bootstrap token
+//! (`authorization: Bearer …`) bound to one identity. A CSR is signed only
+//! for the caller's own identity ([`crate::ca::CaState::sign_csr`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::Stream;
+use pylon_proto::v1::identity_server::Identity;
+use pylon_proto::v1::{self as pb};
+use tonic::{Request, Response, Status};
+
+use crate::ca::{CaState, CsrError};
+use crate::server::{State, bearer, blocking};
+use crate::tls::PeerInfo;
+
+/// The SPIFFE ID of the caller: from its verified client certificate, else
+/// from its bootstrap token. `consume` marks a once-only token used (for an
+/// issuance).
+pub async fn authenticate<T>(
+    state: &Arc<State>,
+    req: &Request<T>,
+    consume: bool,
+) -> Result<String, Status> {
+    // rustls verified the chain against the bundle during the handshake;
+    // the handshake may be older than the leaf's expiry, so check that here.
+    if let Some(leaf) = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.certificates.as_ref())
+        .and_then(|c| c.first())
+    {
+        return certificate_identity(leaf.as_ref());
+    }
+    let token = bearer(req)
+        .ok_or_else(|| {
+            Status::unauthenticated("a workload certificate or a bootstrap token is required")
+        })?
+        .to_string();
+    let store = state.store.clone();
+    let info = blocking(move || {
+        if consume {
+            store.consume_token(&token, SystemTime::now())
+        } else {
+            store.verify_token(&token, SystemTime::now())
+        }
+    })
+    .await?
+    .ok_or_else(|| {
+        Status::unauthenticated(
+            "the bootstrap token is not valid (unknown, expired, used or revoked)",
+        )
+    })?;
+    Ok(info.identity)
+}
+
+fn certificate_identity(der: &[u8]) -> Result<String, Status> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| Status::unauthenticated("unreadable client certificate"))?;
+    if !cert.validity().is_valid() {
+        return Err(Status::unauthenticated(
+            "the client certificate has expired",
+        ));
+    }
+    let id = pylon_proto::spiffe::id_of_certificate(der).map_err(Status::unauthenticated)?;
+    if pylon_proto::spiffe::parse(&id).is_none() {
+        return Err(Status::unauthenticated(format!(
+            "{id} is not a workload identity"
+        )));
+    }
+    Ok(id)
+}
+
+fn bundle(ca: &CaState) -> pb::TrustBundle {
+    pb::TrustBundle {
+        version: ca.version,
+        roots_der: ca.roots_der(),
+    }
+}
+
+pub struct IdentityApi(pub Arc<State>);
+
+type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::TrustBundle, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Identity for IdentityApi {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let identity = authenticate(&self.0, &req, false).await?;
+        let ca = self.0.ca.borrow().clone();
+        Ok(Response::new(pb::WhoAmIResponse {
+            identity,
+            trust_bundle: Some(bundle(&ca)),
+        }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        req: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        // The CSR is checked before a once-only token is spent on it.
+        let identity = authenticate(&self.0, &req, false).await?;
+        let csr = req.get_ref().csr_der.clone();
+        let ca = self.0.ca.borrow().clone();
+        let domain = pylon_proto::spiffe::parse(&identity).map(|w| w.trust_domain.to_string());
+        if domain.as_deref() != Some(ca.trust_domain.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{identity} is not in this mesh's trust domain {}",
+                ca.trust_domain
+            )));
+        }
+        let ttl = self.0.cert_ttl;
+        let (signing_ca, who) = (ca.clone(), identity.clone());
+        let signed = tokio::task::spawn_blocking(move || signing_ca.sign_csr(&csr, &who, ttl))
+            .await
+            .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        let leaf = match signed {
+            Ok(leaf) => leaf,
+            Err(CsrError::Invalid(e)) => return Err(Status::invalid_argument(e)),
+            Err(CsrError::Denied(e)) => {
+                tracing::warn!(%identity, error = %e, "CSR refused");
+                return Err(Status::permission_denied(e));
+            }
+            Err(CsrError::Internal(e)) => return Err(Status::internal(e)),
+        };
+        if bearer(&req).is_some() && !has_certificate(&req) {
+            // Spend a once-only token now that the request is good.
+            authenticate(&self.0, &req, true).await?;
+        }
+        tracing::info!(%identity, serial = %leaf.serial, not_after = leaf.not_after, "certificate issued");
+        Ok(Response::new(pb::IssueCertificateResponse {
+            identity,
+            chain_der: leaf.chain_der,
+            trust_bundle: Some(bundle(&ca)),
+            not_before_unix: leaf.not_before,
+            not_after_unix: leaf.not_after,
+            serial: leaf.serial,
+        }))
+    }
+
+    type WatchTrustBundleStream = BundleStream;
+
+    async fn watch_trust_bundle(
+        &self,
+        req: Request<pb::WatchTrustBundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        authenticate(&self.0, &req, false).await?;
+        let mut changes = self.0.ca.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            changes.mark_changed();
+            let mut sent = None;
+            while changes.changed().await.is_ok() {
+                let ca = changes.borrow_and_update().clone();
+                let roots = ca.roots_der();
+                // Only bundle changes matter to a watcher, not issuer ones.
+                if sent.as_ref() == Some(&roots) {
+                    continue;
+                }
+                if tx.send(Ok(bundle(&ca))).await.is_err() {
+                    return;
+                }
+                sent = Some(roots);
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn has_certificate<T>(req: &Request<T>) -> bool {
+    req.extensions()
+        .get::<PeerInfo>()
+        .is_some_and(|p| p.certificates.as_ref().is_some_and(|c| !c.is_empty()))
+}
