@@ -3,10 +3,11 @@
 //! Start with [`sidecar::Sidecar`], which wires the modules together:
 //! [`config`] (bootstrap), [`identity`] (certificates, mTLS, SPIFFE),
 //! [`policy`] (snapshots and their sources), [`routing`] (request → rule →
-//! backend), [`proxy`] (listeners, inbound and outbound paths, connection
-//! pools), [`resilience`] (rate limits, retry budgets, bulkheads, outlier
-//! ejection and endpoint choice), [`telemetry`] (metrics) and [`admin`]
-//! (health, readiness, config dump, drain).
+//! backend), [`authz`] (who may call the local app), [`proxy`] (listeners,
+//! inbound and outbound paths, connection pools), [`resilience`] (rate
+//! limits, retry budgets, bulkheads, outlier ejection and endpoint choice),
+//! [`telemetry`] (metrics) and [`admin`] (health, readiness, config dump,
+//! drain).
 //! [`discovery`] resolves backend hostnames and keeps their endpoints
 //! current.
 //!
@@ -17,6 +18,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -1,5 +1,6 @@
 //! Policy resources → [`Snapshot`]: names resolved once, routes indexed,
-//! each Backend joined with its BackendTrafficPolicy.
+//! each Backend joined with its BackendTrafficPolicy, the local app's
+//! authorization compiled.
 //!
 //! Compiling changes nothing that is live: backends that exist in the
 //! previous snapshot are reused (their state survives the reload) but their
@@ -17,6 +18,7 @@ use pylon_proto::policy::{
 };
 
 use super::{InboundPolicy, Snapshot};
+use crate::authz::Authorization;
 use crate::identity::{IdentityStore, tls};
 use crate::proxy::backend::{Backend, BackendConfig};
 use crate::proxy::pool::Transport;
@@ -28,7 +30,8 @@ pub struct CompileContext<'a> {
     pub identity: &'a Arc<IdentityStore>,
     pub metrics: &'a Metrics,
     /// This workload's service account (namespace, name), from its SPIFFE
-    /// ID: a BackendTrafficPolicy targeting it protects the local app.
+    /// ID: the AuthorizationPolicies and the BackendTrafficPolicy targeting
+    /// it protect the local app.
     pub service_account: Option<(String, String)>,
 }
 
@@ -77,18 +80,20 @@ pub fn compile(
                             .as_ref()
                             .is_some_and(|(ns, sa)| *ns == r.metadata.namespace && *sa == t.name);
                         if own {
-                            inbound = InboundPolicy {
-                                max_parallel_requests: spec
-                                    .circuit_breaker
-                                    .and_then(|c| c.max_parallel_requests),
-                                rate_limit: spec.rate_limit,
-                            };
+                            inbound.max_parallel_requests =
+                                spec.circuit_breaker.and_then(|c| c.max_parallel_requests);
+                            inbound.rate_limit = spec.rate_limit;
                         }
                     }
                 }
             }
         }
     }
+
+    inbound.authorization = Arc::new(Authorization::compile(
+        &resources,
+        ctx.service_account.as_ref(),
+    ));
 
     let mut backends = BTreeMap::new();
     let mut updates = Vec::new();

@@ -20,6 +20,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, Guard};
 use pylon_proto::policy::Resource;
 
+use crate::authz::Authorization;
 use crate::discovery::Dns;
 use crate::identity::IdentityStore;
 use crate::proxy::backend::Backend;
@@ -36,14 +37,15 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// By `namespace/name`.
     pub backends: BTreeMap<String, Arc<Backend>>,
-    /// The protection of the local app (a BackendTrafficPolicy targeting
-    /// this workload's service account).
+    /// The protection of the local app (the AuthorizationPolicies and the
+    /// BackendTrafficPolicy targeting this workload's service account).
     pub inbound: InboundPolicy,
 }
 
-/// Limits on calls into the local app.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Who may call the local app, and limits on those calls.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct InboundPolicy {
+    pub authorization: Arc<Authorization>,
     pub max_parallel_requests: Option<u32>,
     pub rate_limit: Option<pylon_proto::policy::RateLimit>,
 }

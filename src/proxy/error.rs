@@ -85,6 +85,10 @@ pub enum ProxyError {
         route: Arc<str>,
         status: AbortStatus,
     },
+    /// No AuthorizationPolicy rule allows the call. `call` is the gRPC
+    /// method's path, or `METHOD /path` for HTTP.
+    #[error("caller {caller} is not allowed to call {call}")]
+    Unauthorized { caller: String, call: String },
 }
 
 fn on_backend(backend: &Option<Arc<str>>) -> String {
@@ -112,12 +116,14 @@ impl ProxyError {
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::Unauthorized { .. } => "unauthorized",
         }
     }
 
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             ProxyError::NoRoute { .. } => GrpcCode::Unimplemented,
+            ProxyError::Unauthorized { .. } => GrpcCode::PermissionDenied,
             ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
                 GrpcCode::DeadlineExceeded
             }
@@ -135,6 +141,7 @@ impl ProxyError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -341,5 +348,24 @@ mod tests {
         let r = e.to_response(false);
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()[X_PYLON_ERROR], "no-route");
+    }
+
+    #[test]
+    fn unauthorized_is_permission_denied_or_403() {
+        let e = ProxyError::Unauthorized {
+            caller: "spiffe://pylon.test/ns/default/sa/b".into(),
+            call: "/helloworld.Greeter/SayHello".into(),
+        };
+        let r = e.to_response(true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(r.headers()[X_PYLON_ERROR], "unauthorized");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "pylon: caller spiffe://pylon.test/ns/default/sa/b is not allowed to call /helloworld.Greeter/SayHello"
+        );
+        let r = e.to_response(false);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()[X_PYLON_ERROR], "unauthorized");
     }
 }

@@ -1,7 +1,10 @@
 //! The inbound path: mTLS from a mesh peer to the local app.
 //!
 //! The TLS handshake requires a client certificate chained to the trust
-//! bundle and carrying a SPIFFE ID; the app receives that ID in
+//! bundle and carrying a SPIFFE ID. Each call is then authorized for that
+//! ID, and admitted by the rate limit and the cap on calls in flight, in
+//! that order (the local app's protection, [`InboundLimits`]); a call
+//! refused by any of them never reaches the app. The app receives the ID in
 //! `x-pylon-peer-identity` (any copy the caller sent is removed first). The
 //! request reaches the app over the protocol the caller spoke: HTTP/2 as
 //! h2c, HTTP/1.1 as HTTP/1.1 — including HTTP/1.1 that crossed the mesh
@@ -35,11 +38,12 @@ use pylon_proto::policy::RateLimit;
 use tokio::time::Instant;
 
 use super::tracked::{BodyEnd, OnEnd, TrackedBody};
+use crate::authz::{Call, Caller};
 use crate::identity::spiffe_id_of;
 use crate::policy::InboundPolicy;
 use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
 use crate::resilience::ratelimit::RateLimiter;
-use crate::telemetry::metrics::{BackendMetrics, Metrics};
+use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics};
 
 /// How long a caller may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,14 +56,16 @@ pub struct Inbound {
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
-/// The protection of the local app: a cap on calls in flight and a rate
-/// limit, set by a BackendTrafficPolicy that targets this workload's service
+/// The protection of the local app: who may call it (the
+/// AuthorizationPolicies), then a rate limit and a cap on calls in flight
+/// (the BackendTrafficPolicy), all targeting this workload's service
 /// account. State survives policy reloads; limits change in place.
 pub struct InboundLimits {
     policy: ArcSwap<InboundPolicy>,
     bulkhead: Arc<Bulkhead>,
     rate: RateLimiter,
     metrics: BackendMetrics,
+    authorization: AuthorizationMetrics,
 }
 
 const INBOUND: &str = "inbound";
@@ -74,6 +80,7 @@ impl InboundLimits {
                 burst: u32::MAX,
             }),
             metrics: metrics.backend(INBOUND),
+            authorization: metrics.authorization(),
         }
     }
 
@@ -82,13 +89,30 @@ impl InboundLimits {
         if let Some(limit) = policy.rate_limit {
             self.rate.set_limit(limit);
         }
-        self.policy.store(Arc::new(*policy));
+        self.policy.store(Arc::new(policy.clone()));
     }
 
     /// Admits one call now, or says why not. The permit (when a cap is set)
     /// must live as long as the call.
-    async fn admit(&self) -> Result<Option<BulkheadPermit>, ProxyError> {
+    async fn admit(
+        &self,
+        caller: &Caller<'_>,
+        call: &Call<'_>,
+    ) -> Result<Option<BulkheadPermit>, ProxyError> {
         let policy = self.policy.load();
+        // Before the limits: a call that may not reach the app spends none
+        // of their capacity.
+        let authorization = &policy.authorization;
+        if !authorization.allows(caller, call) {
+            self.authorization.denied.inc();
+            return Err(ProxyError::Unauthorized {
+                caller: caller.principal().to_string(),
+                call: call.to_string(),
+            });
+        }
+        if authorization.enforced() {
+            self.authorization.allowed.inc();
+        }
         let now = Instant::now();
         if policy.rate_limit.is_some()
             && let Err(retry_after) = self.rate.try_acquire(now)
@@ -114,6 +138,13 @@ impl InboundLimits {
             }
         }
     }
+}
+
+/// The verified SPIFFE ID of a connection's peer: as text for
+/// authorization, and as the value of `x-pylon-peer-identity`.
+struct PeerIdentity {
+    id: String,
+    header: HeaderValue,
 }
 
 /// A bulkhead permit held until the response body ends.
@@ -158,17 +189,20 @@ impl Inbound {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(|leaf| spiffe_id_of(leaf).ok())
-            .and_then(|id| HeaderValue::from_str(&id).ok());
+            .and_then(|id| {
+                let header = HeaderValue::from_str(&id).ok()?;
+                Some(Arc::new(PeerIdentity { id, header }))
+            });
         let Some(identity) = identity else {
             tracing::info!(%peer, "inbound connection without a usable peer identity");
             return;
         };
-        tracing::debug!(%peer, identity = ?identity, "inbound connection");
+        tracing::debug!(%peer, identity = %identity.id, "inbound connection");
         let this = self.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
             let identity = identity.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, identity).await) }
+            async move { Ok::<_, Infallible>(this.handle(req, &identity).await) }
         });
         let conn = self.server.serve_connection(TokioIo::new(tls), svc);
         if let Err(e) = watcher.watch(conn).await {
@@ -176,17 +210,23 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, identity: HeaderValue) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, identity: &PeerIdentity) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        respond(self.forward(req, identity).await, grpc)
+        respond(self.forward(req, identity, grpc).await, grpc)
     }
 
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        identity: HeaderValue,
+        identity: &PeerIdentity,
+        grpc: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let permit = self.limits.admit().await?;
+        let call = Call {
+            grpc,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+        };
+        let permit = self.limits.admit(&Caller::new(&identity.id), &call).await?;
         let authority = request_authority(&req);
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
@@ -194,7 +234,7 @@ impl Inbound {
             .remove(X_PYLON_ORIG_PROTO)
             .is_some_and(|v| v.as_bytes().starts_with(b"HTTP/1"));
         // `insert` replaces every copy the caller may have sent.
-        headers.insert(X_PYLON_PEER_IDENTITY, identity);
+        headers.insert(X_PYLON_PEER_IDENTITY, identity.header.clone());
         let wire = if req.version() == Version::HTTP_2 && !orig_http1 {
             Wire::Http2
         } else {

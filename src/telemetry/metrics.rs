@@ -47,6 +47,17 @@ pub struct Metrics {
     rate_limited: Family<BackendLabel, Counter>,
     timeouts: Family<TimeoutLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
+    authorization: AuthorizationMetrics,
+}
+
+/// The decisions of inbound authorization. Unlabelled: a denied call
+/// matched no rule, so no policy is to blame, and callers and paths are
+/// unbounded.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizationMetrics {
+    /// Calls that matched a rule (counted only while a policy applies).
+    pub allowed: Counter,
+    pub denied: Counter,
 }
 
 /// One backend's counters, resolved once.
@@ -78,6 +89,7 @@ impl Metrics {
             rate_limited: Family::default(),
             timeouts: Family::default(),
             faults: Family::default(),
+            authorization: AuthorizationMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -126,6 +138,16 @@ impl Metrics {
             "Faults injected by route faultInjection",
             m.faults.clone(),
         );
+        registry.register(
+            "inbound_authorization_allowed",
+            "Inbound calls an AuthorizationPolicy rule allowed",
+            m.authorization.allowed.clone(),
+        );
+        registry.register(
+            "inbound_authorization_denied",
+            "Inbound calls refused because no AuthorizationPolicy rule allowed them",
+            m.authorization.denied.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -162,6 +184,11 @@ impl Metrics {
         })
     }
 
+    /// The counters of inbound authorization.
+    pub fn authorization(&self) -> AuthorizationMetrics {
+        self.authorization.clone()
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -184,6 +211,7 @@ mod tests {
         again.retries.inc();
         a.request_timeouts.inc();
         m.fault("GRPCRoute/greeter", "abort").inc();
+        m.authorization().denied.inc();
         let text = m.encode();
         assert!(
             text.contains("pylon_retries_total{backend=\"Backend/greeter\"} 2"),
@@ -197,6 +225,14 @@ mod tests {
             text.contains(
                 "pylon_faults_injected_total{route=\"GRPCRoute/greeter\",fault=\"abort\"} 1"
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains("pylon_inbound_authorization_denied_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pylon_inbound_authorization_allowed_total 0"),
             "{text}"
         );
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod authz;
 mod control;
 mod grpc;
 mod http;

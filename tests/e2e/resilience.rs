@@ -43,19 +43,9 @@ impl Fixture {
         echo_client(self.sidecar.outbound, "svc.test").await
     }
 
-    async fn metrics(&self) -> String {
-        admin_get(self.sidecar.admin, "/metrics").await.unwrap().1
-    }
-
     /// The value of one sample line of `/metrics`, 0 if absent.
     async fn metric(&self, sample: &str) -> u64 {
-        let text = self.metrics().await;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            })
-            .map_or(0, |v| v as u64)
+        self.sidecar.metric(sample).await
     }
 
     /// A per-backend metric of backend `svc`.

@@ -218,6 +218,19 @@ impl SidecarProc {
         }
     }
 
+    /// The value of one sample of `/metrics` (`name` or `name{labels}`), 0
+    /// if absent.
+    pub async fn metric(&self, sample: &str) -> u64 {
+        let (status, text) = admin_get(self.admin, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map_or(0, |v| v as u64)
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
@@ -333,11 +346,23 @@ pub fn server_sidecar(
 /// Starts a client-side sidecar (identity [`CLIENT_ID`]) with `policy`;
 /// returns it and its policy file.
 pub fn client_sidecar(ca: &DevCa, dir: &Path, policy: &str) -> (SidecarProc, PathBuf) {
-    let files = ca.write_identity(dir, "client", CLIENT_ID).unwrap();
-    let policy_path = dir.join("client-policy.yaml");
+    client_sidecar_as(ca, dir, "client", CLIENT_ID, policy)
+}
+
+/// Starts a client-side sidecar with identity `id` and `policy`, its files
+/// in `dir` named after `name`; returns it and its policy file.
+pub fn client_sidecar_as(
+    ca: &DevCa,
+    dir: &Path,
+    name: &str,
+    id: &str,
+    policy: &str,
+) -> (SidecarProc, PathBuf) {
+    let files = ca.write_identity(dir, name, id).unwrap();
+    let policy_path = dir.join(format!("{name}-policy.yaml"));
     std::fs::write(&policy_path, policy).unwrap();
     let unused_app: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let cfg = dir.join("client.yaml");
+    let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, sidecar_config(&files, &policy_path, unused_app)).unwrap();
     (SidecarProc::spawn(&cfg), policy_path)
 }
