@@ -3,11 +3,13 @@
 //! canary shifted by policy changes applied live, and a running table of
 //! what it measures.
 //!
-//! It makes a throwaway CA and SPIFFE identities in a scratch directory,
-//! starts `pylon-control` in-process, three instances of the sample
-//! [`greeter`] plus a canary (`greeter-v2`), each behind its own server
-//! sidecar, and a client sidecar. Every sidecar takes its policy from the
-//! control plane. The policy routes the authority `greeter` over mTLS with
+//! It starts `pylon-control` in-process (its data in a scratch directory),
+//! three instances of the sample [`greeter`] plus a canary (`greeter-v2`),
+//! each behind its own server sidecar, a client sidecar and an intruder
+//! sidecar. Every sidecar gets its certificate from the control plane (a CSR
+//! with its bootstrap token) and its policy too. An AuthorizationPolicy lets
+//! only the client call the greeters: the demo shows the intruder refused
+//! and the client served before the load starts. The policy routes the authority `greeter` over mTLS with
 //! retries, a retry budget and outlier ejection. It sends `SayHello` at a
 //! fixed rate through the client sidecar ([`crate::loadgen`]) and prints one
 //! row per second: rate, success, latency, retries sent, endpoints ejected
@@ -19,10 +21,9 @@
 //! until `--duration` has passed or Ctrl-C; on the way out it stops
 //! everything and removes the scratch directory.
 //!
-//! It does not use a control plane: policy comes from files in the scratch
-//! directory, identities from [`DevCa`]. The pieces the mesh benchmark
-//! shares with it (the greeter, the identities, the client policy, the
-//! scratch directory) are public here.
+//! The pieces the mesh benchmark shares with it (the greeter, file
+//! identities from [`DevCa`], the client policy, the scratch directory) are
+//! public here.
 
 pub mod greeter;
 
@@ -52,6 +53,8 @@ use greeter::RunningGreeter;
 pub const GREETER_ID: &str = "spiffe://pylon.local/ns/default/sa/greeter";
 /// The load generator's workload identity (its sidecar's).
 pub const CLIENT_ID: &str = "spiffe://pylon.local/ns/default/sa/client";
+/// A workload the greeters' AuthorizationPolicy does not admit.
+pub const INTRUDER_ID: &str = "spiffe://pylon.local/ns/default/sa/intruder";
 /// The authority the client sidecar routes to the greeter.
 pub const GREETER_AUTHORITY: &str = "greeter";
 
@@ -114,19 +117,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let ctrl_c = ctrl_c();
     tokio::pin!(ctrl_c);
 
-    let setup = tokio::task::spawn_blocking(|| -> anyhow::Result<(ScratchDir, Identities)> {
-        let scratch = ScratchDir::create("demo").context("cannot create a scratch directory")?;
-        let identities = Identities::issue(scratch.path())?;
-        Ok((scratch, identities))
+    let setup = tokio::task::spawn_blocking(|| {
+        ScratchDir::create("demo").context("cannot create a scratch directory")
     });
-    let (scratch, identities) = tokio::select! {
+    let scratch = tokio::select! {
         made = setup => made??,
         () = &mut ctrl_c => return Ok(()),
     };
     let mut mesh = tokio::select! {
-        mesh = DemoMesh::start(scratch.path(), &identities) => mesh?,
+        mesh = DemoMesh::start(scratch.path()) => mesh?,
         () = &mut ctrl_c => return Ok(()),
     };
+    let authz = mesh.authorization_check().await;
 
     let target = Target {
         addr: mesh.client.addrs.outbound,
@@ -135,7 +137,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         request_timeout: REQUEST_TIMEOUT,
     };
     let generator = LoadGenerator::connect(&target).await?;
-    print_header(&args, &mesh, &target, scratch.path());
+    print_header(&args, &mesh, &target, scratch.path(), &authz);
 
     let run = generator.start(Load::FixedRate {
         rps: args.rps,
@@ -172,7 +174,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 {
                     events.push(format!(
                         "version {version} acknowledged by all {} sidecars (within {} ms)",
-                        mesh.servers.len() + 1,
+                        mesh.sidecar_count(),
                         since.elapsed().as_millis()
                     ));
                     awaiting = None;
@@ -272,6 +274,38 @@ spec:
         )
 }
 
+/// Who may call the greeters: the client only.
+const GREETER_AUTHORIZATION: &str = "---
+apiVersion: pylon.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: greeter }
+spec:
+  targetRef: { kind: ServiceAccount, name: greeter }
+  rules: [{ from: { principals: [\"spiffe://pylon.local/ns/default/sa/client\"] },
+            to: { methods: [\"/helloworld.Greeter/*\"] } }]
+";
+
+/// One `SayHello` through a sidecar's outbound listener.
+async fn say_hello(outbound: SocketAddr) -> Result<String, tonic::Status> {
+    use pylon_proto::helloworld::{HelloRequest, greeter_client::GreeterClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .origin(
+            format!("http://{GREETER_AUTHORITY}")
+                .parse()
+                .map_err(|_| tonic::Status::internal("bad authority"))?,
+        )
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let reply = GreeterClient::new(channel)
+        .say_hello(HelloRequest {
+            name: "demo".into(),
+        })
+        .await?;
+    Ok(reply.into_inner().message)
+}
+
 /// The route's deadline and retries, and the greeter's traffic policy.
 const RESILIENCE: &str = "      timeouts: { request: 2s }
       retry: { attempts: 2, codes: [UNAVAILABLE], backoff: { base: 5ms, max: 50ms } }
@@ -349,12 +383,14 @@ struct DemoMesh {
     greeters: Vec<RunningGreeter>,
     servers: Vec<Sidecar>,
     client: Sidecar,
+    /// Routes to the greeters like the client, but is not admitted by them.
+    intruder: Sidecar,
 }
 
 impl DemoMesh {
     /// Starts everything on free loopback ports, applies the first policy
     /// and waits until every sidecar has installed it.
-    async fn start(dir: &Path, identities: &Identities) -> anyhow::Result<DemoMesh> {
+    async fn start(dir: &Path) -> anyhow::Result<DemoMesh> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let control = ControlPlane::start(ServeConfig {
             data_dir: dir.join("control"),
@@ -382,7 +418,12 @@ impl DemoMesh {
         };
         let greeter_token = dir.join("greeter.token");
         let client_token = dir.join("client.token");
-        for (identity, path) in [(GREETER_ID, &greeter_token), (CLIENT_ID, &client_token)] {
+        let intruder_token = dir.join("intruder.token");
+        for (identity, path) in [
+            (GREETER_ID, &greeter_token),
+            (CLIENT_ID, &client_token),
+            (INTRUDER_ID, &intruder_token),
+        ] {
             let token = mesh_admin.create_token(identity).await?;
             tokio::fs::write(path, token).await?;
         }
@@ -402,7 +443,7 @@ impl DemoMesh {
                 .await
                 .with_context(|| format!("cannot start greeter {}", i + 1))?;
             let server = Sidecar::start(sidecar_config(
-                &identities.greeter,
+                &greeter_token,
                 from_control(&greeter_token, &format!("server-{i}")),
                 greeter.addr,
             ))
@@ -415,12 +456,19 @@ impl DemoMesh {
         // is never dialled.
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let client = Sidecar::start(sidecar_config(
-            &identities.client,
+            &client_token,
             from_control(&client_token, "client"),
             no_app,
         ))
         .await
         .context("cannot start the client sidecar")?;
+        let intruder = Sidecar::start(sidecar_config(
+            &intruder_token,
+            from_control(&intruder_token, "intruder"),
+            no_app,
+        ))
+        .await
+        .context("cannot start the intruder sidecar")?;
 
         let mut mesh = DemoMesh {
             control,
@@ -428,13 +476,41 @@ impl DemoMesh {
             greeters,
             servers,
             client,
+            intruder,
         };
         mesh.apply(0).await?;
         for (i, server) in mesh.servers.iter().enumerate() {
             wait_installed(server, &format!("server {}", i + 1)).await?;
         }
         wait_installed(&mesh.client, "client").await?;
+        wait_installed(&mesh.intruder, "intruder").await?;
         Ok(mesh)
+    }
+
+    fn sidecar_count(&self) -> usize {
+        self.servers.len() + 2
+    }
+
+    /// One call from the client and one from the intruder: what each got.
+    async fn authorization_check(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (name, sidecar) in [("client", &self.client), ("intruder", &self.intruder)] {
+            let outcome = match say_hello(sidecar.addrs.outbound).await {
+                Ok(reply) => format!("served ({reply:?})"),
+                Err(status) => format!(
+                    "refused: {:?}, {} (x-pylon-error: {})",
+                    status.code(),
+                    status.message(),
+                    status
+                        .metadata()
+                        .get("x-pylon-error")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                ),
+            };
+            lines.push(format!("{name:<8} → {outcome}"));
+        }
+        lines
     }
 
     /// Applies the demo policy with the canary at `percent`, through the
@@ -445,7 +521,7 @@ impl DemoMesh {
             .map(|s| s.addrs.inbound)
             .collect();
         let canary = self.servers[GREETERS].addrs.inbound;
-        let yaml = canary_policy(&stable, canary, percent);
+        let yaml = canary_policy(&stable, canary, percent) + GREETER_AUTHORIZATION;
         let reply = self
             .admin
             .apply(authed(
@@ -481,7 +557,7 @@ impl DemoMesh {
                     if self.all_acked(version).await {
                         return format!(
                             "canary greeter-v2 at {percent} %: version {version} applied, acknowledged by all {} sidecars in {} ms",
-                            self.servers.len() + 1,
+                            self.sidecar_count(),
                             started.elapsed().as_millis()
                         );
                     }
@@ -502,7 +578,7 @@ impl DemoMesh {
         match self.admin.status(req).await {
             Ok(s) => {
                 let s = s.into_inner();
-                s.sidecars.len() == self.servers.len() + 1
+                s.sidecars.len() == self.sidecar_count()
                     && s.sidecars.iter().all(|c| c.acked_version >= version)
             }
             Err(_) => false,
@@ -524,6 +600,7 @@ impl DemoMesh {
     /// Stops the callers before the called: client sidecar, server sidecars,
     /// greeters, control plane.
     async fn stop(self) -> anyhow::Result<()> {
+        self.intruder.stop().await;
         self.client.stop().await;
         for server in self.servers {
             server.stop().await;
@@ -581,7 +658,7 @@ impl ControlPlaneConfig {
     }
 }
 
-fn sidecar_config(identity: &IdentityFiles, policy: FromControl, app: SocketAddr) -> Config {
+fn sidecar_config(token: &Path, policy: FromControl, app: SocketAddr) -> Config {
     let free_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     Config {
         admin: AdminConfig { listen: free_port },
@@ -593,10 +670,8 @@ fn sidecar_config(identity: &IdentityFiles, policy: FromControl, app: SocketAddr
             listen: free_port,
             app,
         },
-        identity: IdentitySource::Files {
-            cert: identity.cert.clone(),
-            key: identity.key.clone(),
-            trust_bundle: identity.trust_bundle.clone(),
+        identity: IdentitySource::ControlPlane {
+            token_file: token.to_path_buf(),
         },
         policy: PolicySource::ControlPlane,
         telemetry: None,
@@ -627,7 +702,13 @@ async fn wait_installed(sidecar: &Sidecar, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Path) {
+fn print_header(
+    args: &DemoArgs,
+    mesh: &DemoMesh,
+    target: &Target,
+    scratch: &Path,
+    authorization: &[String],
+) {
     let until = match args.duration {
         Some(d) => format!("for {}", pylon_proto::policy::format_duration(d)),
         None => "until Ctrl-C".to_string(),
@@ -668,7 +749,14 @@ fn print_header(args: &DemoArgs, mesh: &DemoMesh, target: &Target, scratch: &Pat
         "  scenario        5s greeter {GREETERS} starts failing; 10s, 15s, 25s canary greeter-v2 at\n                  10 %, 50 %, 100 % (applied through the control plane); 20s greeter {GREETERS} heals"
     );
     println!(
-        "  scratch         {} (CA, certificates, policies; removed at exit)",
+        "  identities      every sidecar made its key and a CSR; the control plane's CA signed\n                  it for the identity of the sidecar's bootstrap token (24 h, renewed at 70 %)"
+    );
+    println!("  authorization   AuthorizationPolicy on sa/greeter admits only {CLIENT_ID}:");
+    for line in authorization {
+        println!("                  {line}");
+    }
+    println!(
+        "  scratch         {} (control-plane data, sidecar state; removed at exit)",
         scratch.display()
     );
     println!();

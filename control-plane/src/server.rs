@@ -52,17 +52,15 @@ pub struct ServeConfig {
 /// The default lifetime of workload certificates.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// A workload: (namespace, service account).
-type Workload = (String, String);
-
-/// The policy every sidecar should run, rendered for each workload once.
+/// The policy every sidecar should run. What a sidecar receives depends
+/// on which inbound policies target its service account; each distinct
+/// selection is rendered once per version.
 #[derive(Debug)]
 pub struct Published {
     pub version: u64,
     resources: Vec<Resource>,
-    /// By (namespace, service account); `None` for a caller whose identity
-    /// names no workload.
-    rendered: Mutex<HashMap<Option<Workload>, Arc<String>>>,
+    /// By the indices (into `resources`) of the inbound policies selected.
+    rendered: Mutex<HashMap<Vec<usize>, Arc<String>>>,
 }
 
 impl Published {
@@ -77,37 +75,50 @@ impl Published {
     /// The snapshot for the workload `identity`: every Backend, route and
     /// Backend policy of the mesh (its outbound side), and only the
     /// inbound policies (AuthorizationPolicy, BackendTrafficPolicy by
-    /// ServiceAccount) that target its own service account.
+    /// ServiceAccount) that target its own service account in its own
+    /// namespace.
     pub fn yaml_for(&self, identity: &str) -> Arc<String> {
-        let scope = pylon_proto::spiffe::parse(identity)
-            .map(|w| (w.namespace.to_string(), w.service_account.to_string()));
-        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(yaml) = rendered.get(&scope) {
-            return yaml.clone();
-        }
-        let mine = |r: &Resource, refs: &[pylon_proto::policy::TargetRef]| {
-            scope.as_ref().is_some_and(|(ns, sa)| {
-                r.metadata.namespace == *ns
-                    && refs
-                        .iter()
-                        .any(|t| t.kind == TargetKind::ServiceAccount && t.name == *sa)
+        let workload = pylon_proto::spiffe::parse(identity);
+        let targets_me = |r: &Resource, refs: &[pylon_proto::policy::TargetRef]| {
+            workload.as_ref().is_some_and(|w| {
+                r.metadata.namespace == w.namespace
+                    && refs.iter().any(|t| {
+                        t.kind == TargetKind::ServiceAccount && t.name == w.service_account
+                    })
             })
         };
+        // Every resource is either for all (None) or inbound-only, and then
+        // for this workload or not.
+        let selection = |r: &Resource| -> Option<bool> {
+            match &r.spec {
+                Spec::AuthorizationPolicy(p) => Some(targets_me(r, &p.target_refs)),
+                Spec::BackendTrafficPolicy(p)
+                    if !p.target_refs.iter().any(|t| t.kind == TargetKind::Backend) =>
+                {
+                    Some(targets_me(r, &p.target_refs))
+                }
+                _ => None,
+            }
+        };
+        let mine: Vec<usize> = self
+            .resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| selection(r) == Some(true))
+            .map(|(i, _)| i)
+            .collect();
+        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(yaml) = rendered.get(&mine) {
+            return yaml.clone();
+        }
         let scoped: Vec<Resource> = self
             .resources
             .iter()
-            .filter(|r| match &r.spec {
-                Spec::AuthorizationPolicy(p) => mine(r, &p.target_refs),
-                Spec::BackendTrafficPolicy(p) => {
-                    p.target_refs.iter().any(|t| t.kind == TargetKind::Backend)
-                        || mine(r, &p.target_refs)
-                }
-                _ => true,
-            })
+            .filter(|r| selection(r) != Some(false))
             .cloned()
             .collect();
         let yaml = Arc::new(to_yaml(&scoped));
-        rendered.insert(scope, yaml.clone());
+        rendered.insert(mine, yaml.clone());
         yaml
     }
 }
@@ -762,5 +773,70 @@ fn record_reply(state: &State, id: u64, m: &pb::DiscoveryRequest) {
         record.nacked = m.version;
         record.last_nack = m.error.clone();
         tracing::warn!(id, identity = %record.identity, version = m.version, error = %m.error, "NACK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: { name: app }
+spec: { endpoints: { static: [\"10.0.0.1:80\"] } }
+---
+apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: { name: app-policy }
+spec:
+  targetRef: { kind: Backend, name: app }
+  rateLimit: { requestsPerSecond: 10 }
+---
+apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: { name: greeter-limits }
+spec:
+  targetRef: { kind: ServiceAccount, name: greeter }
+  rateLimit: { requestsPerSecond: 10 }
+---
+apiVersion: pylon.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: greeter-authz }
+spec:
+  targetRef: { kind: ServiceAccount, name: greeter }
+  rules: [{}]
+---
+apiVersion: pylon.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: other-authz }
+spec:
+  targetRef: { kind: ServiceAccount, name: other }
+  rules: []
+";
+
+    #[test]
+    fn a_snapshot_carries_the_mesh_and_only_the_workloads_own_inbound_policies() {
+        let published = Published::new(1, pylon_proto::policy::parse_documents(MESH).unwrap());
+        let names = |yaml: &str| {
+            pylon_proto::policy::parse_documents(yaml)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.metadata.name)
+                .collect::<Vec<_>>()
+        };
+        let greeter = published.yaml_for("spiffe://td/ns/default/sa/greeter");
+        assert_eq!(
+            names(&greeter),
+            ["app", "app-policy", "greeter-limits", "greeter-authz"]
+        );
+        let other = published.yaml_for("spiffe://td/ns/default/sa/other");
+        assert_eq!(names(&other), ["app", "app-policy", "other-authz"]);
+        // Same name, another namespace: not the same service account.
+        let elsewhere = published.yaml_for("spiffe://td/ns/prod/sa/greeter");
+        assert_eq!(names(&elsewhere), ["app", "app-policy"]);
+        // Workloads with nothing of their own share one rendering.
+        let a = published.yaml_for("spiffe://td/ns/default/sa/a");
+        let b = published.yaml_for("spiffe://td/ns/default/sa/b");
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&a, &elsewhere));
     }
 }
