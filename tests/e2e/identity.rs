@@ -334,9 +334,46 @@ async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    // The discovery stream now authenticates with the certificate: the
-    // control plane knows both sidecars by their identities.
     cp.wait_acked(&[SERVER_ID, CLIENT_ID], cp.status().0).await;
+
+    // From here on the certificates are the only credentials: both tokens
+    // are revoked and the control plane restarts, so the sidecars' new
+    // policy streams (and renewals) authenticate by mTLS alone.
+    let listed = String::from_utf8_lossy(&cp.cli(&["token", "list"]).stdout).to_string();
+    for line in listed.lines().skip(1) {
+        let id = line.split_whitespace().next().unwrap();
+        assert!(cp.cli(&["token", "revoke", id]).status.success());
+    }
+    let (data, address) = (cp.data_dir.clone(), cp.addr);
+    let mut cp = cp;
+    cp.kill9();
+    let cp = ControlProc::spawn_at(&data, address);
+    // Each sidecar gets the mesh's routes, and only its own inbound
+    // policies: the server one more resource than the client.
+    cp.apply(&format!(
+        "{}---
+apiVersion: pylon.dev/v1
+kind: AuthorizationPolicy
+metadata: {{ name: echo }}
+spec:
+  targetRef: {{ kind: ServiceAccount, name: echo }}
+  rules: [{{ from: {{ principals: [\"{CLIENT_ID}\"] }} }}]
+",
+        mesh_policy(server.inbound)
+    ));
+    let version = cp.status().0;
+    cp.wait_acked(&[SERVER_ID, CLIENT_ID], version).await;
+    let (s, c) = (server.config().await, client.config().await);
+    assert_eq!(s["policy"]["resources"], 4, "{s:#}");
+    assert_eq!(c["policy"]["resources"], 3, "{c:#}");
+    let reply = echo
+        .unary(EchoRequest {
+            payload: b"authorized".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().payload, b"authorized");
 }
 
 #[tokio::test]
