@@ -235,22 +235,7 @@ pub fn service_account(spiffe_id: &str) -> Option<(String, String)> {
 
 /// The single `spiffe://` URI SAN of a certificate.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<String, String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("the certificate has no subjectAltName, so no SPIFFE ID")?;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
-        _ => None,
-    });
-    match (ids.next(), ids.next()) {
-        (Some(id), None) => Ok(id.to_string()),
-        (None, _) => Err("the certificate has no spiffe:// URI SAN".into()),
-        (Some(_), Some(_)) => Err("the certificate has more than one spiffe:// URI SAN".into()),
-    }
+    pylon_proto::spiffe::id_of_certificate(cert.as_ref())
 }
 
 fn read_certs(

@@ -200,27 +200,8 @@ impl Store {
 /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, with the
 /// characters SPIFFE allows in a trust domain and in path segments.
 fn check_identity(identity: &str) -> Result<(), StoreError> {
-    let domain_ok = |d: &str| {
-        !d.is_empty()
-            && d.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
-    };
-    let segment_ok = |s: &str| {
-        !s.is_empty()
-            && s != "."
-            && s != ".."
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
-    };
-    let parts: Option<Vec<&str>> = identity
-        .strip_prefix("spiffe://")
-        .map(|rest| rest.split('/').collect());
-    match parts.as_deref() {
-        Some([domain, "ns", ns, "sa", sa])
-            if domain_ok(domain) && segment_ok(ns) && segment_ok(sa) =>
-        {
-            Ok(())
-        }
+    match pylon_proto::spiffe::parse(identity) {
+        Some(_) => Ok(()),
         _ => Err(StoreError::BadRequest(format!(
             "invalid workload identity {identity:?}: expected spiffe://<trust domain>/ns/<namespace>/sa/<service account>"
         ))),
