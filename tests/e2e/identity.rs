@@ -612,3 +612,33 @@ async fn a_ca_rotation_under_load_loses_no_call() {
         .await;
     load.finish().await;
 }
+
+#[tokio::test]
+async fn a_failed_renewal_keeps_the_current_certificate_until_the_control_plane_returns() {
+    let app = start_named_echo("app").await;
+    let mut mesh = IdMesh::start(app.addr, &["--cert-ttl", "20s"]).await;
+    let serial = cert_field(&mesh.server.config().await, "serial");
+    let (data, address) = (mesh.cp.data_dir.clone(), mesh.cp.addr);
+    mesh.cp.kill9();
+
+    // Renewal comes due and fails; the sidecar says so and keeps serving
+    // with the certificate it has.
+    eventually("a failed renewal", async || {
+        mesh.server
+            .logs()
+            .contains("certificate renewal failed")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(cert_field(&mesh.server.config().await, "serial"), serial);
+    assert_eq!(admin_get(mesh.server.admin, "/ready").await.unwrap().0, 200);
+    let load = Load::start(mesh.client.outbound).await;
+
+    // The control plane is back: the next attempt renews.
+    mesh.cp = ControlProc::spawn_with(&data, address, &["--cert-ttl", "20s"]);
+    eventually("a renewed certificate", async || {
+        (cert_field(&mesh.server.config().await, "serial") != serial).then_some(())
+    })
+    .await;
+    load.finish().await;
+}
