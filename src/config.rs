@@ -29,6 +29,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("identity.files.cert", KeyKind::Path),
     ("identity.files.key", KeyKind::Path),
     ("identity.files.trustBundle", KeyKind::Path),
+    ("identity.controlPlane", KeyKind::Marker),
     ("identity.controlPlane.tokenFile", KeyKind::Path),
     ("policy.file", KeyKind::Path),
     ("policy.controlPlane", KeyKind::Marker),
@@ -286,13 +287,14 @@ impl Config {
         let key = r.path("identity.files.key");
         let bundle = r.path("identity.files.trustBundle");
         let cp_token = r.path("identity.controlPlane.tokenFile");
+        let cp_marker = r.marker("identity.controlPlane");
         let mut identity = match (cert, key, bundle) {
             (Some(cert), Some(key), Some(trust_bundle)) => Some(IdentitySource::Files {
                 cert,
                 key,
                 trust_bundle,
             }),
-            (None, None, None) if cp_token.is_some() || r.present("identity.controlPlane") => {
+            (None, None, None) if cp_token.is_some() || cp_marker => {
                 // The token may also sit in controlPlane.tokenFile; checked
                 // below, with the rest of controlPlane.
                 Some(IdentitySource::ControlPlane {
@@ -698,7 +700,11 @@ fn flatten(
         } else {
             format!("{prefix}.{k}")
         };
-        let is_leaf = KEYS.iter().any(|(known, _)| *known == key);
+        // A marker (`identity.controlPlane: {}`) is a leaf only when empty:
+        // `identity.controlPlane: { tokenFile: … }` holds keys of its own.
+        let is_leaf = KEYS
+            .iter()
+            .any(|(known, kind)| *known == key && *kind != KeyKind::Marker);
         match v {
             Value::Object(m) if !is_leaf && !m.is_empty() => flatten(&key, m, out),
             v => {
@@ -916,6 +922,19 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             panic!("{:?}", c.identity)
         };
         assert_eq!(token_file, Path::new("/run/id"));
+        // The environment alone.
+        let e = env(&[
+            ("PYLON_IDENTITY_CONTROL_PLANE", "true"),
+            ("PYLON_POLICY_CONTROL_PLANE", "true"),
+            ("PYLON_CONTROL_PLANE_ADDRESS", "https://127.0.0.1:15010"),
+            ("PYLON_CONTROL_PLANE_CA_FILE", "/run/ca.pem"),
+            ("PYLON_CONTROL_PLANE_TOKEN_FILE", "/run/t"),
+        ]);
+        let c = Config::from_parts("", Path::new("/x"), &e).unwrap();
+        let IdentitySource::ControlPlane { token_file } = &c.identity else {
+            panic!("{:?}", c.identity)
+        };
+        assert_eq!(token_file, Path::new("/run/t"));
     }
 
     #[test]
