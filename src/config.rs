@@ -463,12 +463,6 @@ impl Reader<'_> {
         self.raw.remove(key)
     }
 
-    fn present(&self, prefix: &str) -> bool {
-        self.raw
-            .keys()
-            .any(|k| k == prefix || k.starts_with(&format!("{prefix}.")))
-    }
-
     fn problem(&mut self, key: &str, origin: &Origin, msg: impl fmt::Display) {
         match origin {
             Origin::File => self.errors.push(format!("{key}: {msg}")),
