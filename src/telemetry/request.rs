@@ -126,7 +126,9 @@ pub struct RequestScope {
     /// The trace this request belongs to, as logs name it: the sidecar's
     /// own span when sampled, else the context passed on (if any).
     context: Option<TraceParent>,
-    call: Option<CallTrace>,
+    /// This sidecar's span of the request when sampled: the server span
+    /// inbound; outbound the call span, with what its attempts share.
+    span: Option<CallTrace>,
     access: Option<Box<AccessFields>>,
     backend: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
@@ -162,12 +164,14 @@ impl RequestScope {
             start,
             request_id,
             context: None,
-            call: None,
+            span: None,
             access,
             backend: None,
             endpoint: None,
             attempts: 0,
-            peer: remote.map(|(_, id)| id.clone()),
+            peer: remote
+                .filter(|_| telemetry.access_log)
+                .map(|(_, id)| id.clone()),
         };
         let Some(tracer) = &telemetry.tracer else {
             // Tracing off: whatever context came in goes on unchanged.
@@ -246,7 +250,7 @@ impl RequestScope {
             span_id: span.span_id,
             sampled: true,
         });
-        scope.call = Some(CallTrace {
+        scope.span = Some(CallTrace {
             span,
             name,
             attributes,
@@ -257,17 +261,17 @@ impl RequestScope {
     /// The `traceparent` for the next hop when this sidecar has a span of
     /// its own (the inbound server span); `None` leaves the header as is.
     pub fn traceparent(&self) -> Option<HeaderValue> {
-        self.call.as_ref().map(|c| c.span.traceparent())
+        self.span.as_ref().map(|c| c.span.traceparent())
     }
 
     /// The outbound call's trace, for its attempts.
     pub fn call_trace(&self) -> Option<&CallTrace> {
-        self.call.as_ref()
+        self.span.as_ref()
     }
 
     /// The backend the call was routed to.
     pub fn set_backend(&mut self, backend: &Arc<str>) {
-        if let Some(c) = &mut self.call {
+        if let Some(c) = &mut self.span {
             c.span
                 .set(KeyValue::new("pylon.backend", backend.to_string()));
             c.attributes
@@ -280,7 +284,7 @@ impl RequestScope {
     pub fn set_attempts(&mut self, attempts: u32, endpoint: Option<SocketAddr>) {
         self.attempts = attempts;
         self.endpoint = endpoint;
-        if let (Some(c), Some(e)) = (&mut self.call, endpoint) {
+        if let (Some(c), Some(e)) = (&mut self.span, endpoint) {
             c.span.set(KeyValue::new("pylon.endpoint", e.to_string()));
         }
     }
@@ -304,14 +308,14 @@ impl RequestScope {
                     "request failed in the proxy"
                 );
                 let resp = e.to_response_with_id(self.grpc, Some(&self.request_id));
-                if let Some(c) = &mut self.call {
+                if let Some(c) = &mut self.span {
                     c.span.set(KeyValue::new("pylon.error", e.code()));
                     c.span.fail(e.to_string());
                 }
                 (resp, Some(e.code()))
             }
         };
-        if self.call.is_none() && self.access.is_none() {
+        if self.span.is_none() && self.access.is_none() {
             return resp;
         }
         let error = error.or_else(|| {
@@ -430,7 +434,7 @@ enum Ending {
 impl RequestEnd {
     fn finish(mut self, ending: Ending) {
         let scope = &mut self.scope;
-        if let Some(call) = &mut scope.call {
+        if let Some(call) = &mut scope.span {
             let span = &mut call.span;
             record_status(
                 span,

@@ -303,8 +303,13 @@ impl SpanRecord {
         .header()
     }
 
+    /// Sets an attribute, replacing an earlier value of the same key (a
+    /// status may be seen in the head and again in the trailers).
     pub fn set(&mut self, kv: KeyValue) {
-        self.attributes.push(kv);
+        match self.attributes.iter_mut().find(|a| a.key == kv.key) {
+            Some(a) => *a = kv,
+            None => self.attributes.push(kv),
+        }
     }
 
     /// Marks the span failed (status error) with `description`.

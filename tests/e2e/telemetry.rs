@@ -232,6 +232,7 @@ async fn a_trace_starts_at_the_client_sidecar_and_proxy_failures_are_marked() {
     let app = start_http_app().await;
     let mesh = TracedMesh::start(app.addr, &tracing_to(&collector.endpoint(), 1.0)).await;
     let mut conn = http1(mesh.client.outbound).await;
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[]))
         .await
@@ -262,6 +263,7 @@ async fn a_trace_starts_at_the_client_sidecar_and_proxy_failures_are_marked() {
     assert_eq!(server.span_id, app_parent);
 
     // A call the proxy fails itself: the span says why, with status error.
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/x", "nowhere.test", &[]))
         .await
@@ -297,6 +299,7 @@ async fn unsampled_requests_pass_the_decision_on_and_sampled_parents_are_followe
     let mut conn = http1(mesh.client.outbound).await;
 
     // Not sampled (ratio 0): the app still gets a context, marked unsampled.
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[]))
         .await
@@ -309,6 +312,7 @@ async fn unsampled_requests_pass_the_decision_on_and_sampled_parents_are_followe
     // A sampled parent is followed whatever the ratio.
     let trace_id = format!("{:032x}", fastrand::u128(1..));
     let parent = format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..));
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[("traceparent", &parent)]))
         .await
@@ -334,6 +338,7 @@ async fn unsampled_requests_pass_the_decision_on_and_sampled_parents_are_followe
         fastrand::u128(1..),
         fastrand::u64(1..)
     );
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[("traceparent", &unsampled)]))
         .await
@@ -344,15 +349,19 @@ async fn unsampled_requests_pass_the_decision_on_and_sampled_parents_are_followe
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_collector_down_calls_succeed_and_dropped_spans_are_counted() {
-    // A port nobody listens on.
-    let nobody = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port nobody listens on: bound (so that no other test can take it)
+    // but not listening, so connections are refused.
+    let reserved =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    reserved
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let nobody = reserved.local_addr().unwrap().as_socket().unwrap();
     let app = start_http_app().await;
     let mesh = TracedMesh::start(app.addr, &tracing_to(&format!("http://{nobody}"), 1.0)).await;
     let mut conn = http1(mesh.client.outbound).await;
     for _ in 0..5 {
+        conn.ready().await.unwrap();
         let resp = conn
             .send_request(get("/headers", "web.test", &[]))
             .await
@@ -387,6 +396,7 @@ async fn request_ids_are_generated_kept_and_named_in_proxy_errors() {
     let mesh = TracedMesh::start(app.addr, "").await;
     let mut conn = http1(mesh.client.outbound).await;
 
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[]))
         .await
@@ -395,6 +405,7 @@ async fn request_ids_are_generated_kept_and_named_in_proxy_errors() {
     let generated = header_line(&body, "x-request-id").expect("a generated x-request-id");
     assert_eq!(generated.len(), 36, "a UUID: {generated}");
 
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[("x-request-id", "kept-1")]))
         .await
@@ -405,6 +416,7 @@ async fn request_ids_are_generated_kept_and_named_in_proxy_errors() {
     // The proxy's own errors name it: header and JSON body.
     for given in [None, Some("mine-2")] {
         let headers: Vec<(&str, &str)> = given.map(|g| ("x-request-id", g)).into_iter().collect();
+        conn.ready().await.unwrap();
         let resp = conn
             .send_request(get("/x", "nowhere.test", &headers))
             .await
@@ -478,12 +490,14 @@ async fn access_logs_one_record_per_request_when_switched_on() {
     let app = start_http_app().await;
     let mesh = TracedMesh::start(app.addr, "telemetry: { accessLog: true }\n").await;
     let mut conn = http1(mesh.client.outbound).await;
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[("x-request-id", "acc-1")]))
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let body = text(resp).await;
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/x", "nowhere.test", &[("x-request-id", "acc-2")]))
         .await
@@ -540,12 +554,14 @@ async fn access_logs_are_off_by_default() {
     let app = start_http_app().await;
     let mesh = TracedMesh::start(app.addr, "").await;
     let mut conn = http1(mesh.client.outbound).await;
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/headers", "web.test", &[]))
         .await
         .unwrap();
     text(resp).await;
     // A later failure's debug line shows the first request's end is past.
+    conn.ready().await.unwrap();
     let resp = conn
         .send_request(get("/x", "nowhere.test", &[("x-request-id", "off-1")]))
         .await
