@@ -571,3 +571,47 @@ async fn access_logs_are_off_by_default() {
     assert!(access_records(&mesh.client.logs()).is_empty());
     assert!(access_records(&mesh.server.logs()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_never_answers_loses_spans_not_requests() {
+    // Accepts connections and never says a word: every export times out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            open.push(tcp);
+        }
+    });
+    let app = start_http_app().await;
+    let mesh = TracedMesh::start(app.addr, &tracing_to(&endpoint, 1.0)).await;
+    let mut conn = http1(mesh.client.outbound).await;
+    for _ in 0..20 {
+        conn.ready().await.unwrap();
+        let resp = conn
+            .send_request(get("/headers", "web.test", &[]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        text(resp).await;
+    }
+    // The batch in flight when the calls ended times out (5 s) and is
+    // dropped with the rest: 20 calls, two client spans each.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let dropped = mesh.client.metric("pylon_trace_spans_dropped_total").await;
+        if dropped >= 40 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped spans: {dropped}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        mesh.client.metric("pylon_trace_spans_exported_total").await,
+        0
+    );
+    held.abort();
+}
