@@ -173,21 +173,21 @@ impl RequestScope {
                 .filter(|_| telemetry.access_log)
                 .map(|(_, id)| id.clone()),
         };
+        let parent = req.headers().get(TRACEPARENT).and_then(TraceParent::parse);
         let Some(tracer) = &telemetry.tracer else {
             // Tracing off: whatever context came in goes on unchanged.
-            scope.context = req.headers().get(TRACEPARENT).and_then(TraceParent::parse);
+            scope.context = parent;
             return scope;
         };
-        let parent = req.headers().get(TRACEPARENT).and_then(TraceParent::parse);
-        let sampled = match parent {
-            Some(p) => p.sampled,
-            None => false,
+        // Parent-based: a caller's decision is followed; a new trace is
+        // sampled by ratio.
+        let (trace_id, parent_span, sampled) = match parent {
+            Some(p) => (p.trace_id, p.span_id, p.sampled),
+            None => {
+                let id = new_trace_id();
+                (id, SpanId::INVALID, tracer.sample(id))
+            }
         };
-        let (trace_id, parent_span) = match parent {
-            Some(p) => (p.trace_id, p.span_id),
-            None => (new_trace_id(), SpanId::INVALID),
-        };
-        let sampled = sampled || (parent.is_none() && tracer.sample(trace_id));
         if !sampled {
             // Tell the next hop the decision, so that it does not start a
             // trace of its own: an unsampled context with a new span ID.
@@ -224,9 +224,10 @@ impl RequestScope {
         if let Some(a) = crate::proxy::headers::request_authority(req) {
             attributes.push(KeyValue::new("server.address", a.host().to_string()));
         }
-        let (kind, mut own) = match side {
-            Side::Outbound => (SpanKind::Internal, attributes.clone()),
-            Side::Inbound => (SpanKind::Server, attributes.clone()),
+        // Attempts (outbound) share the request's attributes.
+        let (kind, mut own, shared) = match side {
+            Side::Outbound => (SpanKind::Internal, attributes.clone(), attributes),
+            Side::Inbound => (SpanKind::Server, attributes, Vec::new()),
         };
         if let Some((addr, id)) = remote {
             own.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
@@ -253,7 +254,7 @@ impl RequestScope {
         scope.span = Some(CallTrace {
             span,
             name,
-            attributes,
+            attributes: shared,
         });
         scope
     }
