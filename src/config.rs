@@ -40,6 +40,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("telemetry.serviceName", KeyKind::Text),
     ("telemetry.otlp.endpoint", KeyKind::Text),
     ("telemetry.sampling", KeyKind::Ratio),
+    ("telemetry.accessLog", KeyKind::Bool),
     ("stateDir", KeyKind::Path),
     ("dns.nameservers", KeyKind::List),
     ("dns.searchDomains", KeyKind::List),
@@ -62,6 +63,8 @@ enum KeyKind {
     Duration,
     /// A whole number of bytes.
     Bytes,
+    /// `true` or `false`.
+    Bool,
 }
 
 /// The validated bootstrap configuration.
@@ -135,6 +138,8 @@ pub struct TelemetryConfig {
     pub service_name: Option<String>,
     pub otlp_endpoint: Option<String>,
     pub sampling: Option<f64>,
+    /// One `pylon::access` log record per request (off by default).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -399,13 +404,14 @@ impl Config {
             let service_name = r.text("telemetry.serviceName");
             let otlp_endpoint = r.text("telemetry.otlp.endpoint");
             let sampling = r.ratio("telemetry.sampling");
-            (service_name.is_some() || otlp_endpoint.is_some() || sampling.is_some()).then_some(
-                TelemetryConfig {
+            let access_log = r.flag("telemetry.accessLog");
+            (service_name.is_some() || otlp_endpoint.is_some() || sampling.is_some() || access_log)
+                .then_some(TelemetryConfig {
                     service_name,
                     otlp_endpoint,
                     sampling,
-                },
-            )
+                    access_log,
+                })
         };
         let state_dir = r.path("stateDir");
         let dns = r.dns();
@@ -538,6 +544,21 @@ impl Reader<'_> {
                     format!("expected a whole number of bytes from 0 to {max}, found {v}"),
                 );
                 None
+            }
+        }
+    }
+
+    fn flag(&mut self, key: &str) -> bool {
+        let Some((v, origin)) = self.take(key) else {
+            return false;
+        };
+        match &v {
+            Value::Bool(b) => *b,
+            Value::String(s) if s.trim().eq_ignore_ascii_case("true") => true,
+            Value::String(s) if s.trim().eq_ignore_ascii_case("false") => false,
+            _ => {
+                self.problem(key, &origin, format!("expected true or false, found {v}"));
+                false
             }
         }
     }
@@ -983,6 +1004,26 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             errs,
             vec![
                 "outbound.retryBufferBytes (from PYLON_OUTBOUND_RETRY_BUFFER_BYTES): expected a whole number of bytes from 0 to 16777216, found \"lots\""
+            ]
+        );
+    }
+
+    #[test]
+    fn access_logs_are_off_unless_switched_on() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert!(c.telemetry.is_none_or(|t| !t.access_log));
+        let yaml = format!("{GOOD}telemetry: {{ accessLog: true }}\n");
+        let c = Config::from_parts(&yaml, Path::new("/x"), &env(&[])).unwrap();
+        assert!(c.telemetry.unwrap().access_log);
+        let e = env(&[("PYLON_TELEMETRY_ACCESS_LOG", "false")]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert!(c.telemetry.is_none_or(|t| !t.access_log));
+        let e = env(&[("PYLON_TELEMETRY_ACCESS_LOG", "yes")]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        assert_eq!(
+            errs,
+            [
+                "telemetry.accessLog (from PYLON_TELEMETRY_ACCESS_LOG): expected true or false, found \"yes\""
             ]
         );
     }

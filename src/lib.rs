@@ -6,8 +6,8 @@
 //! backend), [`authz`] (who may call the local app), [`proxy`] (listeners,
 //! inbound and outbound paths, connection pools), [`resilience`] (rate
 //! limits, retry budgets, bulkheads, outlier ejection and endpoint choice),
-//! [`telemetry`] (metrics) and [`admin`] (health, readiness, config dump,
-//! drain).
+//! [`telemetry`] (metrics, traces, request IDs, access logs) and [`admin`]
+//! (health, readiness, config dump, drain).
 //! [`discovery`] resolves backend hostnames and keeps their endpoints
 //! current.
 //!

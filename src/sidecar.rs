@@ -41,6 +41,8 @@ pub enum StartError {
     Dns(String),
     #[error("{0}")]
     Config(&'static str),
+    #[error("telemetry: {0}")]
+    Telemetry(String),
 }
 
 /// A running sidecar.
@@ -172,7 +174,17 @@ impl Sidecar {
         });
         background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
 
-        let outbound = Outbound::new(policy.clone(), config.outbound.retry_buffer_bytes);
+        let telemetry = crate::telemetry::Telemetry::start(
+            config.telemetry.as_ref(),
+            &identity.spiffe_id(),
+            &metrics,
+        )
+        .map_err(StartError::Telemetry)?;
+        let outbound = Outbound::new(
+            policy.clone(),
+            config.outbound.retry_buffer_bytes,
+            telemetry.clone(),
+        );
         tasks.spawn(accept_loop(
             outbound_l,
             shutdown.subscribe(),
@@ -183,6 +195,7 @@ impl Sidecar {
             server_tls,
             config.inbound.app,
             policy.inbound_limits().clone(),
+            telemetry,
         );
         tasks.spawn(accept_loop(
             inbound_l,

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
 use super::tracked::TrackedBody;
+use crate::telemetry::request::ObservedBody;
 
 /// Errors of any body the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,6 +31,8 @@ pub enum ProxyBody {
     Replay(ReplayBody),
     /// A routed call's response: deadline enforced, end observed.
     Tracked(Box<TrackedBody>),
+    /// A response whose end completes the request's span and access record.
+    Observed(Box<ObservedBody>),
 }
 
 impl ProxyBody {
@@ -59,6 +62,7 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Tracked(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ProxyBody::Observed(b) => Pin::new(b.as_mut()).poll_frame(cx),
         }
     }
 
@@ -70,6 +74,7 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => b.is_end_stream(),
             ProxyBody::Replay(b) => b.is_end_stream(),
             ProxyBody::Tracked(b) => b.is_end_stream(),
+            ProxyBody::Observed(b) => b.is_end_stream(),
         }
     }
 
@@ -81,6 +86,7 @@ impl Body for ProxyBody {
             ProxyBody::Pooled(b) => b.size_hint(),
             ProxyBody::Replay(b) => b.size_hint(),
             ProxyBody::Tracked(b) => b.size_hint(),
+            ProxyBody::Observed(b) => b.size_hint(),
         }
     }
 }

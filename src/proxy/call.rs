@@ -36,6 +36,9 @@ use crate::resilience::balancer::LoadGuard;
 use crate::resilience::bulkhead::BulkheadPermit;
 use crate::resilience::outlier::Outcome;
 use crate::routing::Rule;
+use crate::telemetry::request::{CallTrace, record_error, record_status};
+use crate::telemetry::trace::{SpanRecord, TRACEPARENT};
+use opentelemetry::KeyValue;
 
 /// Names the attempt (1 for the first try) on every upstream request.
 pub const X_PYLON_ATTEMPT: &str = "x-pylon-attempt";
@@ -56,13 +59,26 @@ pub struct CallRequest<'a> {
     pub te_trailers: bool,
     /// Request body bytes kept for replay under a retry policy.
     pub replay_limit: usize,
+    /// The call's span when the request is traced: each attempt gets a
+    /// child span, and its `traceparent`.
+    pub trace: Option<&'a CallTrace>,
 }
 
-/// Runs one call of `rule` on `backend`.
+/// What a call did, for its access record and span.
+#[derive(Debug, Default)]
+pub struct CallSummary {
+    /// Attempts sent (0 when the call failed before the first).
+    pub attempts: u32,
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Runs one call of `rule` on `backend`, noting what it did in `summary`.
 pub async fn call(
     rule: &Rule,
     backend: Arc<Backend>,
     input: CallRequest<'_>,
+    summary: &mut CallSummary,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let start = Instant::now();
     let caller_timeout = input
@@ -80,8 +96,9 @@ pub async fn call(
         te_trailers: input.te_trailers,
         replay_limit: input.replay_limit,
         deadline: deadline.map(|at| (at, at - start)),
+        trace: input.trace,
     };
-    call.run(input.req).await
+    call.run(input.req, summary).await
 }
 
 struct Call<'a> {
@@ -93,6 +110,7 @@ struct Call<'a> {
     replay_limit: usize,
     /// When the call must be over, and the timeout that set it.
     deadline: Option<(Instant, Duration)>,
+    trace: Option<&'a CallTrace>,
 }
 
 /// How one attempt ended before a response could be passed on.
@@ -117,7 +135,11 @@ impl Call<'_> {
         }
     }
 
-    async fn run(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn run(
+        &self,
+        req: Request<Incoming>,
+        summary: &mut CallSummary,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.inject_faults().await?;
         let backend = &self.backend;
         // After any injected delay: the wait for a slot starts now.
@@ -142,16 +164,32 @@ impl Call<'_> {
             None => {
                 let now = Instant::now();
                 let endpoint = backend.pick(now, &[])?;
-                let req = self.attempt_request(parts, ProxyBody::Incoming(body), 1, now)?;
+                let mut span = self.trace.map(|t| t.attempt(1, endpoint.addr()));
+                let req =
+                    self.attempt_request(parts, ProxyBody::Incoming(body), 1, now, span.as_ref())?;
+                summary.attempts = 1;
+                summary.endpoint = Some(endpoint.addr());
                 match self.attempt(&endpoint, req, now).await {
                     Ok(Attempted { resp, load }) => {
                         let pending = self.observe_headers(&endpoint, &resp, Instant::now());
-                        Ok(self.deliver(resp, None, endpoint, permit, (load, pending)))
+                        if let Some(span) = &mut span {
+                            self.record_head(span, &resp, None);
+                        }
+                        Ok(self.deliver(resp, None, endpoint, permit, (load, pending), span))
                     }
-                    Err(e) => Err(self.attempt_failed(&endpoint, e, now)),
+                    Err(e) => {
+                        let e = self.attempt_failed(&endpoint, e, now);
+                        if let Some(span) = &mut span {
+                            record_error(span, &e);
+                        }
+                        Err(e)
+                    }
                 }
             }
-            Some(retry) => self.run_with_retries(retry, parts, body, permit).await,
+            Some(retry) => {
+                self.run_with_retries(retry, parts, body, permit, summary)
+                    .await
+            }
         }
     }
 
@@ -186,17 +224,22 @@ impl Call<'_> {
     }
 
     /// The request of attempt `n`: the caller's, marked with the attempt
-    /// number and the time that remains.
+    /// number and the time that remains, and the child of the attempt's
+    /// span when traced.
     fn attempt_request(
         &self,
         parts: Parts,
         body: ProxyBody,
         n: u32,
         now: Instant,
+        span: Option<&SpanRecord>,
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let mut req = Request::from_parts(parts, body);
         let headers = req.headers_mut();
         headers.insert(X_PYLON_ATTEMPT, HeaderValue::from(n));
+        if let Some(span) = span {
+            headers.insert(TRACEPARENT, span.traceparent());
+        }
         if let Some((at, _)) = self.deadline {
             let remaining = at.saturating_duration_since(now);
             if remaining.is_zero() {
@@ -278,6 +321,7 @@ impl Call<'_> {
         parts: Parts,
         body: Incoming,
         permit: BulkheadPermit,
+        summary: &mut CallSummary,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let backend = &self.backend;
         let replay = ReplayBody::new(ProxyBody::Incoming(body), self.replay_limit);
@@ -285,7 +329,7 @@ impl Call<'_> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         // The answer a retry would replace, kept until the retry is sent so
         // that the caller gets it if no endpoint is left to try.
-        let mut previous: Option<(Answer, Arc<Endpoint>)> = None;
+        let mut previous: Option<(Answer, Arc<Endpoint>, Option<SpanRecord>)> = None;
         let mut n = 1;
         loop {
             let now = Instant::now();
@@ -298,17 +342,21 @@ impl Call<'_> {
                     drop(superseded);
                     endpoint
                 }
-                (Err(_), Some((answer, endpoint))) => {
-                    return self.settle(answer, endpoint, permit);
+                (Err(_), Some((answer, endpoint, span))) => {
+                    return self.settle(answer, endpoint, permit, span);
                 }
                 (Err(e), None) => return Err(e),
             };
+            let mut span = self.trace.map(|t| t.attempt(n, endpoint.addr()));
             let req = self.attempt_request(
                 clone_parts(&parts),
                 ProxyBody::Replay(replay.retry()),
                 n,
                 now,
+                span.as_ref(),
             )?;
+            summary.attempts = n;
+            summary.endpoint = Some(endpoint.addr());
 
             let (retryable, answer) = match self.attempt(&endpoint, req, now).await {
                 Ok(attempted) => {
@@ -333,12 +381,20 @@ impl Call<'_> {
                     )
                 }
             };
+            if let Some(span) = &mut span {
+                match &answer {
+                    Answer::Deliver(resp, peeked, ..) => {
+                        self.record_head(span, resp, peeked.as_ref())
+                    }
+                    Answer::Failed(e) => record_error(span, e),
+                }
+            }
             let Some(retryable) = retryable else {
-                return self.settle(answer, endpoint, permit);
+                return self.settle(answer, endpoint, permit, span);
             };
             if n >= max_attempts {
                 backend.metrics.retries_exhausted.inc();
-                return self.settle(answer, endpoint, permit);
+                return self.settle(answer, endpoint, permit, span);
             }
 
             // Another try is warranted: is it allowed?
@@ -358,11 +414,11 @@ impl Call<'_> {
                 }
                 ok
             }) else {
-                return self.settle(answer, endpoint, permit);
+                return self.settle(answer, endpoint, permit, span);
             };
             tokio::time::sleep(delay).await;
             tried.push(endpoint.addr());
-            previous = Some((answer, endpoint));
+            previous = Some((answer, endpoint, span));
             n += 1;
         }
     }
@@ -373,13 +429,31 @@ impl Call<'_> {
         answer: Answer,
         endpoint: Arc<Endpoint>,
         permit: BulkheadPermit,
+        span: Option<SpanRecord>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match answer {
             Answer::Deliver(resp, peeked, load, pending) => {
-                Ok(self.deliver(resp, peeked, endpoint, permit, (load, pending)))
+                Ok(self.deliver(resp, peeked, endpoint, permit, (load, pending), span))
             }
             Answer::Failed(e) => Err(e),
         }
+    }
+
+    /// Records on an attempt's span what its response head (and a frame
+    /// read early) says.
+    fn record_head(
+        &self,
+        span: &mut SpanRecord,
+        resp: &Response<ProxyBody>,
+        peeked: Option<&http_body::Frame<bytes::Bytes>>,
+    ) {
+        let grpc = if self.grpc {
+            grpc_status(resp.headers())
+                .or_else(|| peeked.and_then(|f| f.trailers_ref()).and_then(grpc_status))
+        } else {
+            None
+        };
+        record_status(span, false, Some(resp.status().as_u16()), grpc);
     }
 
     /// Looks at an attempt's response: is it a failure the policy retries?
@@ -475,6 +549,7 @@ impl Call<'_> {
         endpoint: Arc<Endpoint>,
         permit: BulkheadPermit,
         (load, pending_status): (LoadGuard, bool),
+        span: Option<SpanRecord>,
     ) -> Response<ProxyBody> {
         let (parts, body) = resp.into_parts();
         let guard = AttemptGuard {
@@ -483,6 +558,7 @@ impl Call<'_> {
             _load: load,
             _permit: permit,
             pending_status,
+            span,
         };
         let deadline = self.deadline.map(|(at, timeout)| StreamDeadline {
             sleep: Box::pin(tokio::time::sleep_until(at)),
@@ -531,11 +607,27 @@ struct AttemptGuard {
     _permit: BulkheadPermit,
     /// The gRPC status is still to come, in trailers.
     pending_status: bool,
+    /// The attempt's span, ended (exported) with the body.
+    span: Option<SpanRecord>,
 }
 
 impl OnEnd for AttemptGuard {
-    fn on_end(self: Box<Self>, end: BodyEnd) {
+    fn on_end(mut self: Box<Self>, end: BodyEnd) {
         let now = Instant::now();
+        if let Some(span) = &mut self.span {
+            match end {
+                BodyEnd::Complete {
+                    grpc_status: Some(code),
+                } => record_status(span, false, None, Some(code)),
+                BodyEnd::Failed => span.fail("response stream failed"),
+                BodyEnd::DeadlineExceeded => {
+                    span.set(KeyValue::new("pylon.error", "deadline-exceeded"));
+                    span.fail("deadline exceeded while the response streamed");
+                }
+                BodyEnd::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
+                BodyEnd::Complete { grpc_status: None } => {}
+            }
+        }
         match end {
             BodyEnd::Complete {
                 grpc_status: Some(code),

@@ -15,6 +15,7 @@ use pylon_proto::policy::{AbortStatus, GrpcCode};
 use super::body::ProxyBody;
 use super::pool::ConnectError;
 use crate::identity::tls::IdentityMismatch;
+use crate::telemetry::request::X_REQUEST_ID;
 
 /// The header naming the proxy's own failure.
 pub const X_PYLON_ERROR: &str = "x-pylon-error";
@@ -170,12 +171,33 @@ impl ProxyError {
 
     /// The response for a caller that spoke gRPC (`grpc`) or plain HTTP.
     pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
+        self.to_response_with_id(grpc, None)
+    }
+
+    /// The response for a caller, naming the request's `x-request-id` (in
+    /// a header, and in the JSON body of an HTTP error).
+    pub fn to_response_with_id(
+        &self,
+        grpc: bool,
+        request_id: Option<&HeaderValue>,
+    ) -> Response<ProxyBody> {
         let message = format!("pylon: {self}");
         let mut resp = if grpc {
             grpc_status_response(self.grpc_code(), &message, self.code())
         } else {
-            http_error_response(self.http_status(), self.code(), &message)
+            let mut error = serde_json::json!({ "code": self.code(), "message": message });
+            if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
+                error["requestId"] = id.into();
+            }
+            json_error_response(
+                self.http_status(),
+                self.code(),
+                serde_json::json!({ "error": error }),
+            )
         };
+        if let Some(id) = request_id {
+            resp.headers_mut().insert(X_REQUEST_ID, id.clone());
+        }
         if let ProxyError::RateLimited { retry_after, .. } = self {
             // Whole seconds, rounded up: never invite a caller back early.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
@@ -235,15 +257,6 @@ pub fn http_status_for_grpc(code: GrpcCode) -> StatusCode {
     }
 }
 
-/// The caller's response: the upstream's, or the proxy's own answer to the
-/// failure, as gRPC (`grpc`) or HTTP.
-pub fn respond(result: Result<Response<ProxyBody>, ProxyError>, grpc: bool) -> Response<ProxyBody> {
-    result.unwrap_or_else(|e| {
-        tracing::debug!(error = %e, code = e.code(), "request failed in the proxy");
-        e.to_response(grpc)
-    })
-}
-
 /// A trailers-only gRPC response: HTTP 200 whose single HEADERS frame ends
 /// the stream and carries the status.
 pub fn grpc_status_response(
@@ -271,7 +284,19 @@ pub fn http_error_response(
     error: &'static str,
     message: &str,
 ) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": { "code": error, "message": message } }).to_string();
+    json_error_response(
+        status,
+        error,
+        serde_json::json!({ "error": { "code": error, "message": message } }),
+    )
+}
+
+fn json_error_response(
+    status: StatusCode,
+    error: &'static str,
+    body: serde_json::Value,
+) -> Response<ProxyBody> {
+    let body = body.to_string();
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -348,6 +373,25 @@ mod tests {
         let r = e.to_response(false);
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()[X_PYLON_ERROR], "no-route");
+    }
+
+    #[test]
+    fn error_responses_name_the_request_id() {
+        let e = ProxyError::NoRoute {
+            authority: "greeter".into(),
+            path: "/x".into(),
+        };
+        let id = HeaderValue::from_static("req-1");
+        let r = e.to_response_with_id(true, Some(&id));
+        assert_eq!(r.headers()[X_REQUEST_ID], "req-1");
+        let r = e.to_response_with_id(false, Some(&id));
+        assert_eq!(r.headers()[X_REQUEST_ID], "req-1");
+        let ProxyBody::Full(Some(body)) = r.body() else {
+            panic!("a JSON body")
+        };
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["error"]["requestId"], "req-1");
+        assert_eq!(v["error"]["code"], "no-route");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::backend::upstream_error;
 use super::body::ProxyBody;
-use super::error::{ProxyError, is_grpc, respond};
+use super::error::{ProxyError, is_grpc};
 use super::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
@@ -43,7 +43,10 @@ use crate::identity::spiffe_id_of;
 use crate::policy::InboundPolicy;
 use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
 use crate::resilience::ratelimit::RateLimiter;
+use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics};
+use crate::telemetry::request::{RequestScope, Side};
+use crate::telemetry::trace::TRACEPARENT;
 
 /// How long a caller may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +56,7 @@ pub struct Inbound {
     app: Arc<EndpointPool>,
     app_name: Arc<str>,
     limits: Arc<InboundLimits>,
+    telemetry: Arc<Telemetry>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
@@ -143,8 +147,9 @@ impl InboundLimits {
 /// The verified SPIFFE ID of a connection's peer: as text for
 /// authorization, and as the value of `x-pylon-peer-identity`.
 struct PeerIdentity {
-    id: String,
+    id: Arc<str>,
     header: HeaderValue,
+    addr: SocketAddr,
 }
 
 /// A bulkhead permit held until the response body ends.
@@ -159,9 +164,11 @@ impl Inbound {
         tls: Arc<rustls::ServerConfig>,
         app: SocketAddr,
         limits: Arc<InboundLimits>,
+        telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
         Arc::new(Inbound {
             limits,
+            telemetry,
             tls: TlsAcceptor::from(tls),
             app: EndpointPool::new(app, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
             app_name: format!("inbound app {app}").into(),
@@ -191,7 +198,11 @@ impl Inbound {
             .and_then(|leaf| spiffe_id_of(leaf).ok())
             .and_then(|id| {
                 let header = HeaderValue::from_str(&id).ok()?;
-                Some(Arc::new(PeerIdentity { id, header }))
+                Some(Arc::new(PeerIdentity {
+                    id: id.into(),
+                    header,
+                    addr: peer,
+                }))
             });
         let Some(identity) = identity else {
             tracing::info!(%peer, "inbound connection without a usable peer identity");
@@ -210,9 +221,21 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, identity: &PeerIdentity) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        identity: &PeerIdentity,
+    ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        respond(self.forward(req, identity, grpc).await, grpc)
+        let scope = RequestScope::begin(
+            &self.telemetry,
+            Side::Inbound,
+            &mut req,
+            grpc,
+            Some((identity.addr, &identity.id)),
+        );
+        let result = self.forward(req, identity, grpc, &scope).await;
+        scope.finish(result)
     }
 
     async fn forward(
@@ -220,6 +243,7 @@ impl Inbound {
         mut req: Request<Incoming>,
         identity: &PeerIdentity,
         grpc: bool,
+        scope: &RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let call = Call {
             grpc,
@@ -235,6 +259,10 @@ impl Inbound {
             .is_some_and(|v| v.as_bytes().starts_with(b"HTTP/1"));
         // `insert` replaces every copy the caller may have sent.
         headers.insert(X_PYLON_PEER_IDENTITY, identity.header.clone());
+        // The app's spans are children of this sidecar's server span.
+        if let Some(traceparent) = scope.traceparent() {
+            headers.insert(TRACEPARENT, traceparent);
+        }
         let wire = if req.version() == Version::HTTP_2 && !orig_http1 {
             Wire::Http2
         } else {

@@ -18,24 +18,32 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::call::{CallRequest, call};
-use super::error::{ProxyError, is_grpc, respond};
+use super::call::{CallRequest, CallSummary, call};
+use super::error::{ProxyError, is_grpc};
 use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
 use super::{http_server, original_dst};
 use crate::policy::PolicyStore;
 use crate::routing::RequestView;
+use crate::telemetry::Telemetry;
+use crate::telemetry::request::{RequestScope, Side};
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
     retry_buffer_bytes: usize,
+    telemetry: Arc<Telemetry>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl Outbound {
-    pub fn new(policy: Arc<PolicyStore>, retry_buffer_bytes: usize) -> Arc<Self> {
+    pub fn new(
+        policy: Arc<PolicyStore>,
+        retry_buffer_bytes: usize,
+        telemetry: Arc<Telemetry>,
+    ) -> Arc<Self> {
         Arc::new(Outbound {
             policy,
             retry_buffer_bytes,
+            telemetry,
             server: http_server(),
         })
     }
@@ -54,9 +62,15 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, dst: Option<SocketAddr>) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        dst: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        respond(self.route(req, grpc, dst).await, grpc)
+        let mut scope = RequestScope::begin(&self.telemetry, Side::Outbound, &mut req, grpc, None);
+        let result = self.route(req, grpc, dst, &mut scope).await;
+        scope.finish(result)
     }
 
     async fn route(
@@ -64,6 +78,7 @@ impl Outbound {
         mut req: Request<Incoming>,
         grpc: bool,
         dst: Option<SocketAddr>,
+        scope: &mut RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let authority = request_authority(&req)
             .or_else(|| dst.and_then(|d| Authority::try_from(d.to_string()).ok()));
@@ -92,6 +107,7 @@ impl Outbound {
                 })?;
             (rule.clone(), backend)
         };
+        scope.set_backend(&backend.name);
         let te_trailers = strip_hop_by_hop(req.headers_mut());
         let input = CallRequest {
             req,
@@ -99,8 +115,12 @@ impl Outbound {
             authority: authority.as_ref(),
             te_trailers,
             replay_limit: self.retry_buffer_bytes,
+            trace: scope.call_trace(),
         };
-        let mut resp = call(&rule, backend, input).await?;
+        let mut summary = CallSummary::default();
+        let result = call(&rule, backend, input, &mut summary).await;
+        scope.set_attempts(summary.attempts, summary.endpoint);
+        let mut resp = result?;
         response_for_caller(&mut resp);
         Ok(resp)
     }

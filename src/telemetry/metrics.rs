@@ -48,6 +48,16 @@ pub struct Metrics {
     timeouts: Family<TimeoutLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     authorization: AuthorizationMetrics,
+    trace: TraceMetrics,
+}
+
+/// What became of the spans the sidecar recorded.
+#[derive(Debug, Clone, Default)]
+pub struct TraceMetrics {
+    /// Spans the collector accepted.
+    pub spans_exported: Counter,
+    /// Spans lost: the export queue was full, or the export failed.
+    pub spans_dropped: Counter,
 }
 
 /// The decisions of inbound authorization. Unlabelled: a denied call
@@ -90,6 +100,7 @@ impl Metrics {
             timeouts: Family::default(),
             faults: Family::default(),
             authorization: AuthorizationMetrics::default(),
+            trace: TraceMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +159,16 @@ impl Metrics {
             "Inbound calls refused because no AuthorizationPolicy rule allowed them",
             m.authorization.denied.clone(),
         );
+        registry.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.trace.spans_exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the export failed",
+            m.trace.spans_dropped.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -187,6 +208,11 @@ impl Metrics {
     /// The counters of inbound authorization.
     pub fn authorization(&self) -> AuthorizationMetrics {
         self.authorization.clone()
+    }
+
+    /// The counters of span export.
+    pub fn trace(&self) -> TraceMetrics {
+        self.trace.clone()
     }
 
     /// Prometheus text exposition of every metric.

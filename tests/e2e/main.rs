@@ -12,5 +12,6 @@ mod lifecycle;
 mod policy;
 mod resilience;
 mod routing;
+mod telemetry;
 mod tls;
 mod transparent;

@@ -16,7 +16,8 @@
 //! - `reset`: reset the stream.
 //! - `delay=MS`: answer after MS milliseconds.
 //!
-//! Every request is recorded (`seen`): attempt number, `grpc-timeout`, key.
+//! Every request is recorded (`seen`): attempt number, `grpc-timeout`, key,
+//! `traceparent` and `x-request-id`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct Seen {
     pub key: Option<String>,
     /// Bytes of request body received (filled in once read to the end).
     pub body_len: Option<usize>,
+    pub traceparent: Option<String>,
+    pub request_id: Option<String>,
 }
 
 #[derive(Default)]
@@ -157,6 +160,8 @@ async fn handle(
         grpc_timeout: header("grpc-timeout"),
         key: key.clone(),
         body_len: None,
+        traceparent: header("traceparent"),
+        request_id: header("x-request-id"),
     });
 
     // The whole request is read first, as a server that fails after doing

@@ -1,0 +1,605 @@
+//! What one request leaves behind: its `x-request-id`, its span (the
+//! inbound server span, or the outbound logical call span whose attempts
+//! `proxy::call` records), and its access-log record.
+//!
+//! [`RequestScope::begin`] reads the request head (request ID, trace
+//! context) and decides the sampling; [`RequestScope::finish`] turns the
+//! outcome into the caller's response. When the request is sampled or
+//! access logs are on, the response body is wrapped ([`ObservedBody`]) so
+//! that the span and the record are completed when the body ends, with
+//! the gRPC status of the trailers and the bytes sent. Otherwise nothing is
+//! wrapped and nothing is allocated beyond the request ID.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanId, SpanKind};
+use pylon_proto::policy::GrpcCode;
+
+use super::Telemetry;
+use super::trace::{SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
+use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::error::{ProxyError, X_PYLON_ERROR};
+use crate::proxy::tracked::grpc_status;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// From the local app, routed to a backend: a logical call span.
+    Outbound,
+    /// From a mesh peer, to the local app: a server span.
+    Inbound,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Outbound => "outbound",
+            Side::Inbound => "inbound",
+        }
+    }
+}
+
+/// A new request ID: 128 random bits as a UUID (version 4).
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    bits = (bits & !(0xf << 76)) | (0x4 << 76);
+    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let mut out = [0u8; 36];
+    let mut i = 0;
+    for (n, byte) in bits.to_be_bytes().iter().enumerate() {
+        if matches!(n, 4 | 6 | 8 | 10) {
+            out[i] = b'-';
+            i += 1;
+        }
+        out[i] = HEX[usize::from(byte >> 4)];
+        out[i + 1] = HEX[usize::from(byte & 15)];
+        i += 2;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// The request ID of `headers`, generated and inserted when absent.
+fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    match headers.get(X_REQUEST_ID) {
+        Some(v) if !v.is_empty() => v.clone(),
+        _ => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    }
+}
+
+/// The service and method of a gRPC path (`/pkg.Service/Method`).
+fn grpc_method(path: &str) -> Option<(&str, &str)> {
+    path.strip_prefix('/')?.split_once('/')
+}
+
+/// What an outbound call span's attempts share: their name and the
+/// attributes that describe the call.
+pub struct CallTrace {
+    pub span: SpanRecord,
+    name: Cow<'static, str>,
+    attributes: Vec<KeyValue>,
+}
+
+impl CallTrace {
+    /// The CLIENT span of attempt `n` to `endpoint`, a child of the call.
+    pub fn attempt(&self, n: u32, endpoint: SocketAddr) -> SpanRecord {
+        let mut attributes = self.attributes.clone();
+        attributes.extend([
+            KeyValue::new("pylon.attempt", i64::from(n)),
+            KeyValue::new("pylon.endpoint", endpoint.to_string()),
+            KeyValue::new("network.peer.address", endpoint.ip().to_string()),
+            KeyValue::new("network.peer.port", i64::from(endpoint.port())),
+        ]);
+        self.span
+            .child(SpanKind::Client, self.name.clone(), attributes)
+    }
+}
+
+/// The access-log fields known only when the request arrives.
+struct AccessFields {
+    method: http::Method,
+    authority: String,
+    path: String,
+}
+
+/// One request's telemetry, from its head to the end of its response.
+pub struct RequestScope {
+    side: Side,
+    grpc: bool,
+    start: Instant,
+    pub request_id: HeaderValue,
+    /// The trace this request belongs to, as logs name it: the sidecar's
+    /// own span when sampled, else the context passed on (if any).
+    context: Option<TraceParent>,
+    /// This sidecar's span of the request when sampled: the server span
+    /// inbound; outbound the call span, with what its attempts share.
+    span: Option<CallTrace>,
+    access: Option<Box<AccessFields>>,
+    backend: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+    peer: Option<Arc<str>>,
+}
+
+impl RequestScope {
+    /// Reads and readies the request head: `x-request-id` (generated when
+    /// absent) and the trace context (continued, or started; the span of
+    /// this sidecar is made the next hop's parent where the caller of
+    /// [`RequestScope::traceparent`] puts it).
+    pub fn begin<B>(
+        telemetry: &Telemetry,
+        side: Side,
+        req: &mut Request<B>,
+        grpc: bool,
+        remote: Option<(SocketAddr, &Arc<str>)>,
+    ) -> RequestScope {
+        let start = Instant::now();
+        let request_id = request_id(req.headers_mut());
+        let access = telemetry.access_log.then(|| {
+            Box::new(AccessFields {
+                method: req.method().clone(),
+                authority: crate::proxy::headers::request_authority(req)
+                    .map_or_else(String::new, |a| a.to_string()),
+                path: req.uri().path().to_string(),
+            })
+        });
+        let mut scope = RequestScope {
+            side,
+            grpc,
+            start,
+            request_id,
+            context: None,
+            span: None,
+            access,
+            backend: None,
+            endpoint: None,
+            attempts: 0,
+            peer: remote
+                .filter(|_| telemetry.access_log)
+                .map(|(_, id)| id.clone()),
+        };
+        let parent = req.headers().get(TRACEPARENT).and_then(TraceParent::parse);
+        let Some(tracer) = &telemetry.tracer else {
+            // Tracing off: whatever context came in goes on unchanged.
+            scope.context = parent;
+            return scope;
+        };
+        // Parent-based: a caller's decision is followed; a new trace is
+        // sampled by ratio.
+        let (trace_id, parent_span, sampled) = match parent {
+            Some(p) => (p.trace_id, p.span_id, p.sampled),
+            None => {
+                let id = new_trace_id();
+                (id, SpanId::INVALID, tracer.sample(id))
+            }
+        };
+        if !sampled {
+            // Tell the next hop the decision, so that it does not start a
+            // trace of its own: an unsampled context with a new span ID.
+            if parent.is_none() {
+                let context = TraceParent {
+                    trace_id,
+                    span_id: new_span_id(),
+                    sampled: false,
+                };
+                req.headers_mut().insert(TRACEPARENT, context.header());
+                scope.context = Some(context);
+            } else {
+                scope.context = parent;
+            }
+            return scope;
+        }
+        let path = req.uri().path();
+        let mut attributes = Vec::with_capacity(16);
+        let name: Cow<'static, str> = match grpc.then(|| grpc_method(path)).flatten() {
+            Some((service, method)) => {
+                attributes.extend([
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", service.to_string()),
+                    KeyValue::new("rpc.method", method.to_string()),
+                ]);
+                Cow::Owned(format!("{service}/{method}"))
+            }
+            None => Cow::Owned(req.method().as_str().to_string()),
+        };
+        attributes.push(KeyValue::new(
+            "http.request.method",
+            req.method().as_str().to_string(),
+        ));
+        if let Some(a) = crate::proxy::headers::request_authority(req) {
+            attributes.push(KeyValue::new("server.address", a.host().to_string()));
+        }
+        // Attempts (outbound) share the request's attributes.
+        let (kind, mut own, shared) = match side {
+            Side::Outbound => (SpanKind::Internal, attributes.clone(), attributes),
+            Side::Inbound => (SpanKind::Server, attributes, Vec::new()),
+        };
+        if let Some((addr, id)) = remote {
+            own.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+            own.push(KeyValue::new("pylon.peer.identity", id.to_string()));
+        }
+        own.push(KeyValue::new(
+            "pylon.request_id",
+            String::from_utf8_lossy(scope.request_id.as_bytes()).into_owned(),
+        ));
+        let span = SpanRecord::start(
+            tracer,
+            trace_id,
+            parent_span,
+            parent.is_some(),
+            kind,
+            name.clone(),
+            own,
+        );
+        scope.context = Some(TraceParent {
+            trace_id,
+            span_id: span.span_id,
+            sampled: true,
+        });
+        scope.span = Some(CallTrace {
+            span,
+            name,
+            attributes: shared,
+        });
+        scope
+    }
+
+    /// The `traceparent` for the next hop when this sidecar has a span of
+    /// its own (the inbound server span); `None` leaves the header as is.
+    pub fn traceparent(&self) -> Option<HeaderValue> {
+        self.span.as_ref().map(|c| c.span.traceparent())
+    }
+
+    /// The outbound call's trace, for its attempts.
+    pub fn call_trace(&self) -> Option<&CallTrace> {
+        self.span.as_ref()
+    }
+
+    /// The backend the call was routed to.
+    pub fn set_backend(&mut self, backend: &Arc<str>) {
+        if let Some(c) = &mut self.span {
+            c.span
+                .set(KeyValue::new("pylon.backend", backend.to_string()));
+            c.attributes
+                .push(KeyValue::new("pylon.backend", backend.to_string()));
+        }
+        self.backend = Some(backend.clone());
+    }
+
+    /// How many attempts the call made, and the endpoint of the last.
+    pub fn set_attempts(&mut self, attempts: u32, endpoint: Option<SocketAddr>) {
+        self.attempts = attempts;
+        self.endpoint = endpoint;
+        if let (Some(c), Some(e)) = (&mut self.span, endpoint) {
+            c.span.set(KeyValue::new("pylon.endpoint", e.to_string()));
+        }
+    }
+
+    /// The caller's response to the outcome, with the span and the access
+    /// record completed when its body ends.
+    pub fn finish(
+        mut self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ProxyBody> {
+        let (resp, error) = match result {
+            Ok(resp) => (resp, None),
+            Err(e) => {
+                let ctx = self.context;
+                tracing::debug!(
+                    error = %e,
+                    code = e.code(),
+                    request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+                    trace_id = ctx.map(|c| c.trace_id.to_string()),
+                    span_id = ctx.map(|c| c.span_id.to_string()),
+                    "request failed in the proxy"
+                );
+                let resp = e.to_response_with_id(self.grpc, Some(&self.request_id));
+                if let Some(c) = &mut self.span {
+                    c.span.set(KeyValue::new("pylon.error", e.code()));
+                    c.span.fail(e.to_string());
+                }
+                (resp, Some(e.code()))
+            }
+        };
+        if self.span.is_none() && self.access.is_none() {
+            return resp;
+        }
+        let error = error.or_else(|| {
+            resp.headers()
+                .get(X_PYLON_ERROR)
+                .and_then(|v| known_error_code(v.as_bytes()))
+        });
+        let status = resp.status().as_u16();
+        let grpc_status = if self.grpc {
+            grpc_status(resp.headers())
+        } else {
+            None
+        };
+        let end = Box::new(RequestEnd {
+            scope: self,
+            status,
+            grpc_status,
+            error,
+            bytes: 0,
+        });
+        resp.map(|inner| {
+            ProxyBody::Observed(Box::new(ObservedBody {
+                inner,
+                end: Some(end),
+            }))
+        })
+    }
+}
+
+/// `x-pylon-error` codes as static strings (a response may carry the code
+/// of a proxy further along the path, e.g. the peer sidecar's).
+fn known_error_code(v: &[u8]) -> Option<&'static str> {
+    const CODES: [&str; 15] = [
+        "no-route",
+        "no-backend",
+        "no-endpoint",
+        "connect-failed",
+        "connect-timeout",
+        "tls-failed",
+        "identity-mismatch",
+        "upstream-failed",
+        "no-healthy-endpoint",
+        "deadline-exceeded",
+        "attempt-timeout",
+        "overflow",
+        "rate-limited",
+        "fault-injected",
+        "unauthorized",
+    ];
+    CODES.into_iter().find(|c| c.as_bytes() == v)
+}
+
+/// Records the status of a response (head or trailers) on a span, and
+/// marks it failed as the semantic conventions ask for its kind: a server
+/// fails on 5xx and on server-side gRPC codes, a client on any 4xx/5xx or
+/// non-OK gRPC status.
+pub fn record_status(
+    span: &mut SpanRecord,
+    server: bool,
+    http: Option<u16>,
+    grpc: Option<GrpcCode>,
+) {
+    if let Some(http) = http {
+        span.set(KeyValue::new("http.response.status_code", i64::from(http)));
+        if http >= 500 || (!server && http >= 400) {
+            span.fail(format!("HTTP {http}"));
+        }
+    }
+    if let Some(code) = grpc {
+        span.set(KeyValue::new(
+            "rpc.grpc.status_code",
+            i64::from(code.as_u8()),
+        ));
+        let failed = if server {
+            matches!(
+                code,
+                GrpcCode::Unknown
+                    | GrpcCode::DeadlineExceeded
+                    | GrpcCode::Unimplemented
+                    | GrpcCode::Internal
+                    | GrpcCode::Unavailable
+                    | GrpcCode::DataLoss
+            )
+        } else {
+            code != GrpcCode::Ok
+        };
+        if failed {
+            span.fail(format!("gRPC status {}", code.as_u8()));
+        }
+    }
+}
+
+/// Records a failure of the proxy's own on a span.
+pub fn record_error(span: &mut SpanRecord, e: &ProxyError) {
+    span.set(KeyValue::new("pylon.error", e.code()));
+    span.fail(e.to_string());
+}
+
+/// Completes a request's telemetry when its response body ends.
+struct RequestEnd {
+    scope: RequestScope,
+    status: u16,
+    grpc_status: Option<GrpcCode>,
+    error: Option<&'static str>,
+    bytes: u64,
+}
+
+/// How the response body ended, for the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Complete,
+    Failed,
+    Dropped,
+}
+
+impl RequestEnd {
+    fn finish(mut self, ending: Ending) {
+        let scope = &mut self.scope;
+        if let Some(call) = &mut scope.span {
+            let span = &mut call.span;
+            record_status(
+                span,
+                scope.side == Side::Inbound,
+                Some(self.status),
+                self.grpc_status,
+            );
+            if let Some(e) = self.error
+                && !span.failed()
+            {
+                span.set(KeyValue::new("pylon.error", e));
+                span.fail(e);
+            }
+            if scope.side == Side::Outbound {
+                span.set(KeyValue::new("pylon.attempts", i64::from(scope.attempts)));
+            }
+            match ending {
+                Ending::Complete => {}
+                Ending::Failed => span.fail("response stream failed"),
+                Ending::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
+            }
+        }
+        if let Some(access) = &scope.access {
+            let ctx = scope.context;
+            tracing::info!(
+                target: "pylon::access",
+                side = scope.side.as_str(),
+                method = %access.method,
+                authority = %access.authority,
+                path = %access.path,
+                status = self.status,
+                grpc_status = self.grpc_status.map(|c| c.as_u8()),
+                duration_ms = scope.start.elapsed().as_secs_f64() * 1000.0,
+                bytes = self.bytes,
+                backend = scope.backend.as_deref(),
+                endpoint = scope.endpoint.map(|e| e.to_string()),
+                attempts = scope.attempts,
+                error = self.error,
+                request_id = %String::from_utf8_lossy(scope.request_id.as_bytes()),
+                trace_id = ctx.map(|c| c.trace_id.to_string()),
+                span_id = ctx.map(|c| c.span_id.to_string()),
+                peer = scope.peer.as_deref(),
+                ending = ?ending,
+                "access"
+            );
+        }
+        // Dropping the scope ends (exports) the span.
+    }
+}
+
+/// The response body of an observed request: counts the bytes, reads the
+/// gRPC status of the trailers, and completes the request's telemetry when
+/// it ends (or when the caller goes away).
+pub struct ObservedBody {
+    inner: ProxyBody,
+    end: Option<Box<RequestEnd>>,
+}
+
+impl std::fmt::Debug for ObservedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedBody").finish()
+    }
+}
+
+impl ObservedBody {
+    fn end(&mut self, ending: Ending) {
+        if let Some(end) = self.end.take() {
+            end.finish(ending);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(None) => this.end(Ending::Complete),
+            Poll::Ready(Some(Err(_))) => this.end(Ending::Failed),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(end) = &mut this.end {
+                    if let Some(data) = frame.data_ref() {
+                        end.bytes += data.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        if let Some(code) = grpc_status(t) {
+                            end.grpc_status = Some(code);
+                        }
+                        if end.error.is_none() {
+                            end.error = t
+                                .get(X_PYLON_ERROR)
+                                .and_then(|v| known_error_code(v.as_bytes()));
+                        }
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.end(Ending::Complete);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let ending = if self.inner.is_end_stream() {
+            Ending::Complete
+        } else {
+            Ending::Dropped
+        };
+        self.end(ending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        let groups: Vec<&str> = s.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(groups[2].starts_with('4'), "{s}");
+        assert!(matches!(&groups[3][..1], "8" | "9" | "a" | "b"), "{s}");
+        assert_ne!(new_request_id(), id);
+    }
+
+    #[test]
+    fn a_present_request_id_is_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = request_id(&mut h);
+        assert_eq!(h[X_REQUEST_ID], id);
+    }
+
+    #[test]
+    fn grpc_methods_split() {
+        assert_eq!(
+            grpc_method("/helloworld.Greeter/SayHello"),
+            Some(("helloworld.Greeter", "SayHello"))
+        );
+        assert_eq!(grpc_method("/plain"), None);
+    }
+}
