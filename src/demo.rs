@@ -675,6 +675,8 @@ fn sidecar_config(token: &Path, policy: FromControl, app: SocketAddr) -> Config 
         },
         policy: PolicySource::ControlPlane,
         telemetry: None,
+        log_format: Default::default(),
+        otlp_metrics_interval: crate::telemetry::export::DEFAULT_INTERVAL,
         control_plane: Some(policy.control_plane),
         policy_max_bytes: crate::config::MAX_POLICY_BYTES as usize,
         state_dir: Some(policy.state_dir),

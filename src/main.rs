@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use pylon::config::Config;
 use pylon::demo::DemoArgs;
 use pylon::sidecar::Sidecar;
+use pylon::telemetry::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -37,23 +38,25 @@ enum Command {
     Demo(DemoArgs),
 }
 
-/// Logs go to stderr, filtered by `PYLON_LOG` (default: `default_filter`).
-fn init_logging(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PYLON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match cli.command {
+    // The configuration is read before logging starts (it says how to
+    // log); its errors go to stderr as plain text.
+    let config = match &cli.command {
+        Command::Proxy { config } => match Config::load(config.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprint!("pylon: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Demo(_) => None,
+    };
+    match &config {
+        Some(c) => logging::init(c.log_format, "info"),
         // Sidecar logs would break up the demo's table.
-        Command::Demo(_) => "error",
-        Command::Proxy { .. } => "info",
-    });
+        None => logging::init(LogFormat::Text, "error"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,16 +68,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Proxy { config } => {
-            let config = match Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("pylon: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            runtime.block_on(run_proxy(config))
-        }
+        Command::Proxy { .. } => match config {
+            Some(config) => runtime.block_on(run_proxy(config)),
+            None => ExitCode::FAILURE,
+        },
         Command::Demo(args) => match runtime.block_on(pylon::demo::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

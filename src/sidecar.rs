@@ -20,7 +20,7 @@ use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 /// How long in-flight requests may take to finish once a drain starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -171,24 +171,44 @@ impl Sidecar {
             shutdown: shutdown.clone(),
         });
         background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
+        if let Some(endpoint) = config
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.otlp_endpoint.clone())
+        {
+            let service_name = config
+                .telemetry
+                .as_ref()
+                .and_then(|t| t.service_name.clone())
+                .unwrap_or_else(|| "pylon".to_string());
+            background.push(crate::telemetry::export::spawn(
+                endpoint,
+                service_name,
+                config.otlp_metrics_interval,
+                policy.clone(),
+                identity.clone(),
+            ));
+        }
 
         let outbound = Outbound::new(policy.clone(), config.outbound.retry_buffer_bytes);
+        let connections = metrics.connections("outbound");
         tasks.spawn(accept_loop(
             outbound_l,
             shutdown.subscribe(),
             DRAIN_TIMEOUT,
-            move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
+            move |tcp, peer, w| counted(connections.open(), outbound.clone().serve(tcp, peer, w)),
         ));
         let inbound = Inbound::new(
             server_tls,
             config.inbound.app,
             policy.inbound_limits().clone(),
         );
+        let connections = metrics.connections("inbound");
         tasks.spawn(accept_loop(
             inbound_l,
             shutdown.subscribe(),
             DRAIN_TIMEOUT,
-            move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
+            move |tcp, peer, w| counted(connections.open(), inbound.clone().serve(tcp, peer, w)),
         ));
         state.listening.store(true, Ordering::Release);
         tracing::info!("serving");
@@ -217,6 +237,12 @@ impl Sidecar {
         self.shutdown();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Serves a connection, counted as open until it ends.
+async fn counted(guard: ConnectionGuard, serve: impl Future<Output = ()>) {
+    serve.await;
+    drop(guard);
 }
 
 impl Drop for Sidecar {

@@ -43,7 +43,8 @@ use crate::identity::spiffe_id_of;
 use crate::policy::InboundPolicy;
 use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
 use crate::resilience::ratelimit::RateLimiter;
-use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics};
+use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics, RequestMetrics};
+use crate::telemetry::requests::CallTimer;
 
 /// How long a caller may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +67,7 @@ pub struct InboundLimits {
     rate: RateLimiter,
     metrics: BackendMetrics,
     authorization: AuthorizationMetrics,
+    requests: RequestMetrics,
 }
 
 const INBOUND: &str = "inbound";
@@ -81,6 +83,7 @@ impl InboundLimits {
             }),
             metrics: metrics.backend(INBOUND),
             authorization: metrics.authorization(),
+            requests: metrics.inbound_requests(),
         }
     }
 
@@ -212,7 +215,8 @@ impl Inbound {
 
     async fn handle(&self, req: Request<Incoming>, identity: &PeerIdentity) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        respond(self.forward(req, identity, grpc).await, grpc)
+        let timer = CallTimer::start(Some(&self.limits.requests), grpc);
+        respond(timer.finish(self.forward(req, identity, grpc).await), grpc)
     }
 
     async fn forward(

@@ -24,6 +24,7 @@ use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
 use super::{http_server, original_dst};
 use crate::policy::PolicyStore;
 use crate::routing::RequestView;
+use crate::telemetry::requests::CallTimer;
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
@@ -100,7 +101,8 @@ impl Outbound {
             te_trailers,
             replay_limit: self.retry_buffer_bytes,
         };
-        let mut resp = call(&rule, backend, input).await?;
+        let timer = CallTimer::start(rule.requests_to(&backend), grpc);
+        let mut resp = timer.finish(call(&rule, backend, input).await)?;
         response_for_caller(&mut resp);
         Ok(resp)
     }
