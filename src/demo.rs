@@ -400,6 +400,7 @@ impl DemoMesh {
             operator_ca: None,
             history: DEFAULT_HISTORY,
             cert_ttl: pylon_control::server::DEFAULT_CERT_TTL,
+            telemetry: Default::default(),
         })
         .await
         .context("cannot start the control plane")?;

@@ -1,0 +1,524 @@
+//! Metrics and logs as operators see them: OTLP metric points at a real
+//! OTLP/gRPC receiver started here, the same names at `/metrics`, the log
+//! filter changed at run time, JSON logs, and the control plane's metrics.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
+use pylon_proto::v1::EchoRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Request;
+
+use crate::common::chaos::ChaosServer;
+use crate::common::control::ControlProc;
+use crate::common::echo::echo_client;
+use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, admin_get, sidecar_config};
+
+/// An OTLP/gRPC metrics receiver on a free loopback port that keeps every
+/// request it is sent.
+struct Receiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Default)]
+struct Keep(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for Keep {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keep = Keep::default();
+        let got = keep.0.clone();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(MetricsServiceServer::new(keep))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Receiver { addr, got, task }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The newest export's metric called `name`, if any export had one.
+    fn latest(&self, name: &str) -> Option<Metric> {
+        let got = self.got.lock().unwrap();
+        got.iter().rev().find_map(|req| {
+            req.resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| &sm.metrics)
+                .find(|m| m.name == name)
+                .cloned()
+        })
+    }
+
+    /// Every metric name of the newest export.
+    fn names(&self) -> Vec<String> {
+        let got = self.got.lock().unwrap();
+        got.last()
+            .map(|req| {
+                req.resource_metrics
+                    .iter()
+                    .flat_map(|rm| &rm.scope_metrics)
+                    .flat_map(|sm| &sm.metrics)
+                    .map(|m| m.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Polls until `check` holds of the exports received, or panics.
+    async fn wait_for(&self, what: &str, check: impl Fn(&Receiver) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !check(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the receiver never got {what}; it has: {:?}",
+                self.names()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sum of a counter's points, or of a histogram's counts, whose
+/// attributes include every `(key, value)` of `with`.
+fn total(metric: &Metric, with: &[(&str, &str)]) -> u64 {
+    let matches = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
+        with.iter().all(|(k, v)| {
+            attrs.iter().any(|kv| {
+                kv.key == *k
+                    && matches!(
+                        kv.value.as_ref().and_then(|a| a.value.as_ref()),
+                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == v
+                    )
+            })
+        })
+    };
+    match &metric.data {
+        Some(metric::Data::Sum(sum)) => sum
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(n)) => n as u64,
+                Some(number_data_point::Value::AsDouble(d)) => d as u64,
+                None => 0,
+            })
+            .sum(),
+        Some(metric::Data::Gauge(g)) => g
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(n)) => n as u64,
+                Some(number_data_point::Value::AsDouble(d)) => d as u64,
+                None => 0,
+            })
+            .sum(),
+        Some(metric::Data::Histogram(h)) => h
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| p.count)
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn count(receiver: &Receiver, name: &str, with: &[(&str, &str)]) -> u64 {
+    receiver.latest(name).map_or(0, |m| total(&m, with))
+}
+
+/// A sidecar with identity files in `dir`, `policy`, and extra environment.
+fn sidecar(dir: &Path, policy: &str, env: &[(&str, &str)]) -> SidecarProc {
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let files = ca.write_identity(dir, "client", CLIENT_ID).unwrap();
+    let policy_path = dir.join("policy.yaml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let cfg = dir.join("client.yaml");
+    let app: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    std::fs::write(&cfg, sidecar_config(&files, &policy_path, app)).unwrap();
+    SidecarProc::spawn_with_env(&cfg, env)
+}
+
+/// A gRPC route `svc.test` to backend `svc` over `endpoints`, retrying
+/// UNAVAILABLE, with outlier detection.
+fn resilient_policy(endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: svc }}
+spec:
+  protocol: grpc
+  endpoints: {{ static: [{}] }}
+---
+apiVersion: pylon.dev/v1
+kind: GRPCRoute
+metadata: {{ name: svc }}
+spec:
+  hostnames: [\"svc.test\"]
+  rules:
+    - backendRefs: [{{ name: svc }}]
+      retry: {{ attempts: 3, codes: [UNAVAILABLE], backoff: {{ base: 1ms, max: 5ms }} }}
+---
+apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: {{ name: svc }}
+spec:
+  targetRefs: [{{ kind: Backend, name: svc }}]
+  loadBalancer: {{ type: RoundRobin }}
+  outlierDetection: {{ consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }}
+",
+        list.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_retries_and_ejections_reach_an_otlp_receiver_under_the_names_of_metrics() {
+    let receiver = Receiver::start().await;
+    let bad = ChaosServer::start("bad").await;
+    bad.set_mode("status=14");
+    let good = ChaosServer::start("good").await;
+    let dir = TempDir::new("otlp-metrics");
+    let endpoint = receiver.endpoint();
+    let sidecar = sidecar(
+        dir.path(),
+        &resilient_policy(&[bad.addr, good.addr]),
+        &[
+            ("PYLON_TELEMETRY_OTLP_ENDPOINT", &endpoint),
+            ("PYLON_TELEMETRY_OTLP_METRICS_INTERVAL", "200ms"),
+            ("PYLON_TELEMETRY_SERVICE_NAME", "obs-client"),
+        ],
+    );
+    sidecar.wait_ready().await;
+    let mut client = echo_client(sidecar.outbound, "svc.test").await;
+    for _ in 0..20 {
+        let req = Request::new(EchoRequest {
+            payload: b"x".to_vec(),
+            ..Default::default()
+        });
+        client.unary(req).await.expect("retries keep callers whole");
+    }
+
+    let route = [("route", "GRPCRoute/svc"), ("backend", "Backend/svc")];
+    let ok = [("status", "OK")];
+    let svc = [("backend", "Backend/svc")];
+    receiver
+        .wait_for("20 OK requests, a retry and an ejection", |r| {
+            count(r, "pylon_outbound_requests", &[route[0], route[1], ok[0]]) == 20
+                && count(r, "pylon_outbound_request_duration_seconds", &route) == 20
+                && count(r, "pylon_retries", &svc) >= 1
+                && count(r, "pylon_outlier_ejections", &svc) == 1
+                && count(r, "pylon_outlier_ejections_active", &svc) == 1
+        })
+        .await;
+    let resource = {
+        let got = receiver.got.lock().unwrap();
+        got.last().unwrap().resource_metrics[0].resource.clone().unwrap()
+    };
+    assert!(
+        format!("{resource:?}").contains("obs-client"),
+        "service.name: {resource:?}"
+    );
+
+    // The same figures under the same names at /metrics.
+    let (status, text) = admin_get(sidecar.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for name in receiver.names() {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} is exported over OTLP but not served at /metrics:\n{text}"
+        );
+    }
+    let retries = count(&receiver, "pylon_retries", &svc);
+    assert!(
+        sidecar
+            .metric("pylon_retries_total{backend=\"Backend/svc\"}")
+            .await
+            >= retries
+    );
+    assert_eq!(
+        sidecar
+            .metric(
+                "pylon_outbound_requests_total{route=\"GRPCRoute/svc\",backend=\"Backend/svc\",status=\"OK\"}"
+            )
+            .await,
+        20
+    );
+    assert_eq!(
+        sidecar
+            .metric("pylon_connections_active{direction=\"outbound\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_absent_collector_slows_no_call() {
+    // Nothing listens on the collector's port: export fails, calls do not.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let good = ChaosServer::start("good").await;
+    let dir = TempDir::new("otlp-absent");
+    let sidecar = sidecar(
+        dir.path(),
+        &resilient_policy(&[good.addr]),
+        &[
+            ("PYLON_TELEMETRY_OTLP_ENDPOINT", &endpoint),
+            ("PYLON_TELEMETRY_OTLP_METRICS_INTERVAL", "100ms"),
+        ],
+    );
+    sidecar.wait_ready().await;
+    let mut client = echo_client(sidecar.outbound, "svc.test").await;
+    let started = tokio::time::Instant::now();
+    for _ in 0..20 {
+        let req = Request::new(EchoRequest::default());
+        client.unary(req).await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !sidecar.logs().contains("OTLP metrics export") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", sidecar.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `method path` on an admin address with `body`; returns status and body.
+async fn admin_send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An HTTP call through the outbound listener that no route matches: the
+/// proxy logs it at debug level.
+async fn unrouted_call(sidecar: &SidecarProc) {
+    let (status, _) = admin_send(sidecar.outbound, "GET", "/nowhere", "").await;
+    assert_eq!(status, 404);
+}
+
+const UNROUTED_LOG: &str = "request failed in the proxy";
+
+async fn wait_logged(sidecar: &SidecarProc, needle: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !sidecar.logs().contains(needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {needle:?}:\n{}",
+            sidecar.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing() {
+    let dir = TempDir::new("log-level");
+    let sidecar = sidecar(dir.path(), "", &[("PYLON_LOG", "info")]);
+    sidecar.wait_ready().await;
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "info\n".to_string())
+    );
+
+    unrouted_call(&sidecar).await;
+    // The response came after the record would have been written.
+    assert!(!sidecar.logs().contains(UNROUTED_LOG), "{}", sidecar.logs());
+
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=debug").await;
+    assert_eq!((status, body.as_str()), (200, "pylon=debug,info\n"));
+    wait_logged(&sidecar, "log filter changed on the admin API").await;
+    unrouted_call(&sidecar).await;
+    wait_logged(&sidecar, UNROUTED_LOG).await;
+
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=shouty").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid filter directive"), "{body}");
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "pylon=debug,info\n".to_string())
+    );
+
+    let (status, _) = admin_send(sidecar.admin, "PUT", "/log-level", "warn").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "warn\n".to_string())
+    );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let dir = TempDir::new("json-logs");
+    let sidecar = sidecar(dir.path(), "", &[("PYLON_TELEMETRY_LOG_FORMAT", "json")]);
+    sidecar.wait_ready().await;
+    unrouted_call(&sidecar).await;
+    wait_logged(&sidecar, UNROUTED_LOG).await;
+    let logs = sidecar.logs();
+    let mut messages = Vec::new();
+    for line in logs.lines() {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(record["timestamp"].is_string(), "{line}");
+        assert!(record["level"].is_string(), "{line}");
+        messages.push(record["fields"]["message"].as_str().unwrap_or("").to_string());
+    }
+    assert!(
+        messages.iter().any(|m| m.starts_with("listening admin=")),
+        "{messages:?}"
+    );
+    let unrouted = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["fields"]["message"] == UNROUTED_LOG)
+        .unwrap();
+    assert_eq!(unrouted["level"], "DEBUG");
+    assert_eq!(unrouted["fields"]["code"], "no-route");
+}
+
+#[tokio::test]
+async fn control_plane_metrics_count_an_apply_and_an_ack() {
+    let dir = TempDir::new("control-metrics");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let control = ControlProc::spawn_with(
+        &dir.path().join("data"),
+        listen,
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    // Logged before the control plane says it listens.
+    let logs = control.logs();
+    let metrics_addr: SocketAddr = logs
+        .split("serving metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address logged:\n{logs}"));
+    let version = control.apply(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: { name: svc }
+spec:
+  protocol: grpc
+  endpoints: { static: [\"127.0.0.1:9\"] }
+",
+    );
+    let version: u64 = version.trim().parse().unwrap_or(1);
+
+    // A sidecar streams the policy and ACKs it.
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
+    let token = control.token_file(dir.path(), "client", CLIENT_ID);
+    let cfg = dir.path().join("client.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}
+outbound: {{ listen: \"127.0.0.1:0\" }}
+inbound: {{ listen: \"127.0.0.1:0\", app: \"127.0.0.1:9\" }}
+identity:
+  files: {{ cert: {:?}, key: {:?}, trustBundle: {:?} }}
+policy: {{ controlPlane: {{}} }}
+controlPlane: {{ address: {:?}, caFile: {:?}, tokenFile: {:?} }}
+stateDir: {:?}
+",
+            files.cert,
+            files.key,
+            files.trust_bundle,
+            control.address(),
+            control.ca_file(),
+            token,
+            dir.path().join("state"),
+        ),
+    )
+    .unwrap();
+    let sidecar = SidecarProc::spawn(&cfg);
+    sidecar.wait_ready().await;
+    control.wait_acked(&[CLIENT_ID], version).await;
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let scraped = admin_get(metrics_addr, "/metrics").await;
+        if let Ok((200, text)) = &scraped {
+            let value = |sample: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if value("pylon_control_applies_total") >= 1.0
+                && value("pylon_control_acks_total") >= 1.0
+                && value("pylon_control_connected_sidecars") >= 1.0
+            {
+                assert!(text.contains("pylon_control_pushes_total"), "{text}");
+                assert!(text.contains("pylon_control_nacks_total"), "{text}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no apply and ACK counted:\n{text}"
+            );
+        } else {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no metrics: {scraped:?}\n{}",
+                control.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(sidecar);
+}
