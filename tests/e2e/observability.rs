@@ -522,3 +522,37 @@ stateDir: {:?}
     }
     drop(sidecar);
 }
+
+#[test]
+fn the_collector_config_wires_every_pipeline_to_defined_components() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/otel-collector.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    let defined = |section: &str, name: &str| config[section].get(name).is_some();
+    let pipelines = config["service"]["pipelines"].as_object().unwrap();
+    assert!(pipelines.contains_key("traces") && pipelines.contains_key("metrics"));
+    for (pipeline, spec) in pipelines {
+        for section in ["receivers", "processors", "exporters"] {
+            let names = spec[section].as_array().unwrap();
+            assert!(!names.is_empty() || section == "processors", "{pipeline}.{section}");
+            for name in names {
+                let name = name.as_str().unwrap();
+                assert!(
+                    defined(section, name),
+                    "pipeline {pipeline} uses {section} {name}, which is not defined"
+                );
+            }
+        }
+        let processors = spec["processors"].as_array().unwrap();
+        assert_eq!(processors[0], "memory_limiter", "{pipeline}: memory_limiter first");
+        assert_eq!(processors.last().unwrap(), "batch", "{pipeline}: batch last");
+    }
+    for name in config["service"]["extensions"].as_array().unwrap() {
+        assert!(defined("extensions", name.as_str().unwrap()));
+    }
+    let otlp = &config["receivers"]["otlp"]["protocols"];
+    assert_eq!(otlp["grpc"]["endpoint"], "0.0.0.0:4317");
+    assert_eq!(otlp["http"]["endpoint"], "0.0.0.0:4318");
+    assert_eq!(config["exporters"]["prometheus"]["endpoint"], "0.0.0.0:8889");
+    assert_eq!(pipelines["metrics"]["exporters"][0], "prometheus");
+}
