@@ -47,6 +47,7 @@ pub enum StartError {
 pub struct Sidecar {
     pub addrs: BoundAddrs,
     pub policy: Arc<PolicyStore>,
+    identity: Arc<IdentityStore>,
     shutdown: watch::Sender<bool>,
     /// The listeners: they end on the shutdown signal, once drained.
     tasks: JoinSet<()>,
@@ -215,10 +216,18 @@ impl Sidecar {
         Ok(Sidecar {
             addrs,
             policy,
+            identity,
             shutdown,
             tasks,
             background,
         })
+    }
+
+    /// The metrics as `/metrics` serves them (and the OTLP export sends
+    /// them): Prometheus text, state gauges refreshed now.
+    pub fn scrape(&self) -> String {
+        crate::telemetry::metrics::refresh(&self.policy, &self.identity);
+        self.policy.metrics().encode()
     }
 
     /// Starts draining: listeners close, open connections finish what they

@@ -13,6 +13,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
 use pylon_proto::v1::EchoRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,11 +34,26 @@ use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, admin_get, sideca
 struct Receiver {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    spans: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Clone, Default)]
 struct Keep(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[derive(Clone, Default)]
+struct KeepSpans(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for KeepSpans {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
 
 #[tonic::async_trait]
 impl MetricsService for Keep {
@@ -51,13 +72,21 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let keep = Keep::default();
         let got = keep.0.clone();
+        let keep_spans = KeepSpans::default();
+        let spans = keep_spans.0.clone();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(MetricsServiceServer::new(keep))
+                .add_service(TraceServiceServer::new(keep_spans))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await;
         });
-        Receiver { addr, got, task }
+        Receiver {
+            addr,
+            got,
+            spans,
+            task,
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -555,4 +584,48 @@ fn the_collector_config_wires_every_pipeline_to_defined_components() {
     assert_eq!(otlp["http"]["endpoint"], "0.0.0.0:4318");
     assert_eq!(config["exporters"]["prometheus"]["endpoint"], "0.0.0.0:8889");
     assert_eq!(pipelines["metrics"]["exporters"][0], "prometheus");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
+    let receiver = Receiver::start().await;
+    let endpoint = receiver.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pylon"))
+            .args(["demo", "--duration", "2s", "--rps", "50", "--otlp"])
+            .arg(endpoint)
+            .env_remove("PYLON_LOG")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: Vec<String> = receiver
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| &r.resource_metrics)
+        .map(|rm| format!("{:?}", rm.resource))
+        .collect();
+    for service in ["\"client\"", "\"greeter-1\"", "\"pylon-control\""] {
+        assert!(
+            services.iter().any(|s| s.contains(service)),
+            "no metrics from {service}: {services:?}"
+        );
+    }
+    // The control plane's API spans are flushed when it stops.
+    let spans = format!("{:?}", receiver.spans.lock().unwrap());
+    assert!(spans.contains("pylon-control"), "{spans}");
+    assert!(
+        spans.contains("/pylon.v1.Identity/IssueCertificate"),
+        "{spans}"
+    );
+    assert!(spans.contains("rpc.system"), "{spans}");
 }
