@@ -1,5 +1,5 @@
-//! The admin HTTP server (loopback): liveness, readiness, the config dump
-//! and drain.
+//! The admin HTTP server (loopback): liveness, readiness, metrics, the
+//! config dump, the log filter (`GET`/`PUT /log-level`) and drain.
 //!
 //! `/ready` answers 200 once the listeners are bound, the identity is loaded
 //! (its certificate valid now) and a policy is installed, and 503 again
