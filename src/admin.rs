@@ -204,9 +204,7 @@ async fn log_level(req: Request<Incoming>) -> Response<ProxyBody> {
     let answer = |r: Result<String, LevelError>| match r {
         Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),
         Err(e @ LevelError::Invalid(_)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-        Err(e @ LevelError::Unavailable) => {
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
-        }
+        Err(e @ LevelError::Unavailable) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     };
     match *req.method() {
         Method::GET => answer(logging::current_filter()),

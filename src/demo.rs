@@ -619,7 +619,9 @@ impl DemoMesh {
                 .unwrap_or(0.0)
         };
         (
-            value(&format!("pylon_retries_total{{backend=\"{GREETER_BACKEND}\"}}")) as u64,
+            value(&format!(
+                "pylon_retries_total{{backend=\"{GREETER_BACKEND}\"}}"
+            )) as u64,
             value(&format!(
                 "pylon_outlier_ejections_active{{backend=\"{GREETER_BACKEND}\"}}"
             )) as usize,

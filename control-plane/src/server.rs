@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
-use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
+use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
 use crate::tls::{self, PeerInfo};
 
 /// Policy versions kept for rollback.

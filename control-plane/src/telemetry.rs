@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanKind, Status as SpanStatus, Tracer as _, TracerProvider as _};
 use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status as SpanStatus, Tracer as _, TracerProvider as _,
+};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,7 +33,11 @@ use tokio::net::TcpListener;
 
 /// gRPC services whose methods may appear as label values; anything else
 /// is `other`, so that callers cannot grow the label set.
-const SERVICES: [&str; 3] = ["pylon.v1.PolicyAdmin", "pylon.v1.Discovery", "pylon.v1.Identity"];
+const SERVICES: [&str; 3] = [
+    "pylon.v1.PolicyAdmin",
+    "pylon.v1.Discovery",
+    "pylon.v1.Identity",
+];
 const ISSUE_CERTIFICATE: &str = "/pylon.v1.Identity/IssueCertificate";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,8 +81,16 @@ impl ControlMetrics {
             ca_version: Gauge::default(),
             trust_bundle_roots: Gauge::default(),
         };
-        registry.register("applies", "Apply calls that changed or confirmed the store", m.applies.clone());
-        registry.register("pushes", "Policy snapshots sent to sidecars", m.pushes.clone());
+        registry.register(
+            "applies",
+            "Apply calls that changed or confirmed the store",
+            m.applies.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Policy snapshots sent to sidecars",
+            m.pushes.clone(),
+        );
         registry.register("acks", "Snapshots sidecars acknowledged", m.acks.clone());
         registry.register("nacks", "Snapshots sidecars refused", m.nacks.clone());
         registry.register(
@@ -277,7 +291,11 @@ fn head_status<B>(resp: &http::Response<B>) -> i32 {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if resp.status() == http::StatusCode::OK { 0 } else { 2 })
+        .unwrap_or(if resp.status() == http::StatusCode::OK {
+            0
+        } else {
+            2
+        })
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for RpcService<S>

@@ -415,7 +415,10 @@ pylon_d_bucket{le="+Inf",route="r"} 3
         let req = to_request(TEXT, "web", 1, UNIX_EPOCH + Duration::from_secs(2));
         let rm = &req.resource_metrics[0];
         let resource = rm.resource.as_ref().unwrap();
-        assert_eq!(attr(&resource.attributes, "service.name").as_deref(), Some("web"));
+        assert_eq!(
+            attr(&resource.attributes, "service.name").as_deref(),
+            Some("web")
+        );
         let metrics = &rm.scope_metrics[0].metrics;
         assert_eq!(metrics.len(), 3);
 
@@ -438,7 +441,10 @@ pylon_d_bucket{le="+Inf",route="r"} 3
         let Some(metric::Data::Gauge(g)) = &metrics[1].data else {
             panic!("a gauge")
         };
-        assert_eq!(g.data_points[0].value, Some(number_data_point::Value::AsInt(7)));
+        assert_eq!(
+            g.data_points[0].value,
+            Some(number_data_point::Value::AsInt(7))
+        );
 
         let Some(metric::Data::Histogram(h)) = &metrics[2].data else {
             panic!("a histogram")

@@ -93,9 +93,7 @@ pub fn current_filter() -> Result<String, LevelError> {
 pub fn set_filter(directive: &str) -> Result<String, LevelError> {
     let filter = parse_filter(directive)?;
     let handle = FILTER.get().ok_or(LevelError::Unavailable)?;
-    handle
-        .reload(filter)
-        .map_err(|_| LevelError::Unavailable)?;
+    handle.reload(filter).map_err(|_| LevelError::Unavailable)?;
     current_filter()
 }
 

@@ -99,7 +99,12 @@ impl OnEnd for Ending {
     fn on_end(self: Box<Self>, end: BodyEnd) {
         let grpc = |code| RequestStatus::Grpc(code);
         let status = match (end, self.head) {
-            (BodyEnd::Complete { grpc_status: Some(code) }, _) if self.grpc => grpc(code),
+            (
+                BodyEnd::Complete {
+                    grpc_status: Some(code),
+                },
+                _,
+            ) if self.grpc => grpc(code),
             (BodyEnd::Complete { .. }, Some(head)) => head,
             // A gRPC response that ended without a status: clients report
             // INTERNAL.

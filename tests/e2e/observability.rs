@@ -276,7 +276,10 @@ async fn requests_retries_and_ejections_reach_an_otlp_receiver_under_the_names_o
         .await;
     let resource = {
         let got = receiver.got.lock().unwrap();
-        got.last().unwrap().resource_metrics[0].resource.clone().unwrap()
+        got.last().unwrap().resource_metrics[0]
+            .resource
+            .clone()
+            .unwrap()
     };
     assert!(
         format!("{resource:?}").contains("obs-client"),
@@ -444,7 +447,12 @@ async fn json_logs_are_one_object_per_line() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(record["timestamp"].is_string(), "{line}");
         assert!(record["level"].is_string(), "{line}");
-        messages.push(record["fields"]["message"].as_str().unwrap_or("").to_string());
+        messages.push(
+            record["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
     }
     assert!(
         messages.iter().any(|m| m.starts_with("listening admin=")),
@@ -563,7 +571,10 @@ fn the_collector_config_wires_every_pipeline_to_defined_components() {
     for (pipeline, spec) in pipelines {
         for section in ["receivers", "processors", "exporters"] {
             let names = spec[section].as_array().unwrap();
-            assert!(!names.is_empty() || section == "processors", "{pipeline}.{section}");
+            assert!(
+                !names.is_empty() || section == "processors",
+                "{pipeline}.{section}"
+            );
             for name in names {
                 let name = name.as_str().unwrap();
                 assert!(
@@ -573,8 +584,15 @@ fn the_collector_config_wires_every_pipeline_to_defined_components() {
             }
         }
         let processors = spec["processors"].as_array().unwrap();
-        assert_eq!(processors[0], "memory_limiter", "{pipeline}: memory_limiter first");
-        assert_eq!(processors.last().unwrap(), "batch", "{pipeline}: batch last");
+        assert_eq!(
+            processors[0], "memory_limiter",
+            "{pipeline}: memory_limiter first"
+        );
+        assert_eq!(
+            processors.last().unwrap(),
+            "batch",
+            "{pipeline}: batch last"
+        );
     }
     for name in config["service"]["extensions"].as_array().unwrap() {
         assert!(defined("extensions", name.as_str().unwrap()));
@@ -582,7 +600,10 @@ fn the_collector_config_wires_every_pipeline_to_defined_components() {
     let otlp = &config["receivers"]["otlp"]["protocols"];
     assert_eq!(otlp["grpc"]["endpoint"], "0.0.0.0:4317");
     assert_eq!(otlp["http"]["endpoint"], "0.0.0.0:4318");
-    assert_eq!(config["exporters"]["prometheus"]["endpoint"], "0.0.0.0:8889");
+    assert_eq!(
+        config["exporters"]["prometheus"]["endpoint"],
+        "0.0.0.0:8889"
+    );
     assert_eq!(pipelines["metrics"]["exporters"][0], "prometheus");
 }
 
