@@ -722,6 +722,88 @@ async fn control_plane_api_spans_continue_the_callers_trace() {
         attr("rpc.service"),
         Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
     );
-    assert_eq!(attr("rpc.method"), Some(Value::StringValue("Status".into())));
+    assert_eq!(
+        attr("rpc.method"),
+        Some(Value::StringValue("Status".into()))
+    );
     assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
+}
+
+#[tokio::test]
+async fn red_metrics_on_both_sides_of_a_mesh_call_and_state_gauges() {
+    let app = crate::common::echo::start_echo().await;
+    let mesh = crate::common::Mesh::start(app.addr).await;
+    let mut client = echo_client(mesh.client.outbound, "echo.test").await;
+    for _ in 0..3 {
+        client
+            .unary(Request::new(EchoRequest::default()))
+            .await
+            .unwrap();
+    }
+    let mut web = echo_client(mesh.client.outbound, "nowhere.test").await;
+    let status = web
+        .unary(Request::new(EchoRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    let route = "route=\"GRPCRoute/echo\",backend=\"Backend/app\"";
+    assert_eq!(
+        mesh.client
+            .metric(&format!(
+                "pylon_outbound_requests_total{{{route},status=\"OK\"}}"
+            ))
+            .await,
+        3
+    );
+    assert_eq!(
+        mesh.client
+            .metric(&format!(
+                "pylon_outbound_request_duration_seconds_count{{{route}}}"
+            ))
+            .await,
+        3
+    );
+    // The server side counts when the response body ends: poll.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while mesh
+        .server
+        .metric("pylon_inbound_requests_total{status=\"OK\"}")
+        .await
+        != 3
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        mesh.server
+            .metric("pylon_inbound_request_duration_seconds_count")
+            .await,
+        3
+    );
+    assert_eq!(
+        mesh.server
+            .metric("pylon_connections_active{direction=\"inbound\"}")
+            .await,
+        1,
+        "one pooled mTLS connection from the client sidecar"
+    );
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = mesh
+        .client
+        .metric("pylon_certificate_expiry_timestamp_seconds")
+        .await;
+    // The test CA issues long-lived certificates.
+    assert!(expiry > now, "{expiry}");
+    assert_eq!(mesh.client.metric("pylon_policy_installed").await, 1);
+    assert_eq!(mesh.client.metric("pylon_trust_bundle_roots").await, 1);
+    let (_, text) = admin_get(mesh.client.admin, "/metrics").await.unwrap();
+    assert!(
+        text.contains("\npylon_control_plane_connected 0\n"),
+        "a policy file has no control plane:\n{text}"
+    );
 }
