@@ -39,47 +39,49 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The configuration is read before logging starts (it says how to
-    // log); its errors go to stderr as plain text.
-    let config = match &cli.command {
-        Command::Proxy { config } => match Config::load(config.as_deref()) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                eprint!("pylon: {e}");
-                return ExitCode::from(2);
+    match Cli::parse().command {
+        Command::Proxy { config } => {
+            // The configuration is read before logging starts (it says how
+            // to log); its errors go to stderr as plain text.
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("pylon: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init(config.log_format, "info");
+            match runtime() {
+                Ok(rt) => rt.block_on(run_proxy(config)),
+                Err(code) => code,
             }
-        },
-        Command::Demo(_) => None,
-    };
-    match &config {
-        Some(c) => logging::init(c.log_format, "info"),
-        // Sidecar logs would break up the demo's table.
-        None => logging::init(LogFormat::Text, "error"),
+        }
+        Command::Demo(args) => {
+            // Sidecar logs would break up the demo's table.
+            logging::init(LogFormat::Text, "error");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(pylon::demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pylon demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("pylon: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match cli.command {
-        Command::Proxy { .. } => match config {
-            Some(config) => runtime.block_on(run_proxy(config)),
-            None => ExitCode::FAILURE,
-        },
-        Command::Demo(args) => match runtime.block_on(pylon::demo::run(args)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pylon demo: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-    }
+            ExitCode::FAILURE
+        })
 }
 
 async fn run_proxy(config: Config) -> ExitCode {
