@@ -330,6 +330,7 @@ impl ControlPlane {
         let tracer = match &config.telemetry.otlp_endpoint {
             Some(endpoint) => {
                 let exported = state.clone();
+                let failures = state.metrics.otlp_export_failures.clone();
                 telemetry_tasks.push(tokio::spawn(pylon_proto::otlp_metrics::run(
                     pylon_proto::otlp_metrics::ExportConfig {
                         endpoint: endpoint.clone(),
@@ -338,6 +339,9 @@ impl ControlPlane {
                         timeout: Duration::from_secs(5),
                     },
                     move || exported.encode_metrics(),
+                    move || {
+                        failures.inc();
+                    },
                 )));
                 tracing::info!(%endpoint, "exporting metrics and traces over OTLP");
                 Some(crate::telemetry::tracer_provider(endpoint)?)

@@ -62,6 +62,7 @@ pub struct ControlMetrics {
     pub(crate) policy_version: Gauge,
     pub(crate) ca_version: Gauge,
     pub(crate) trust_bundle_roots: Gauge,
+    pub(crate) otlp_export_failures: Counter,
 }
 
 impl ControlMetrics {
@@ -80,6 +81,7 @@ impl ControlMetrics {
             policy_version: Gauge::default(),
             ca_version: Gauge::default(),
             trust_bundle_roots: Gauge::default(),
+            otlp_export_failures: Counter::default(),
         };
         registry.register(
             "applies",
@@ -127,6 +129,11 @@ impl ControlMetrics {
             "trust_bundle_roots",
             "Certificates in the trust bundle",
             m.trust_bundle_roots.clone(),
+        );
+        registry.register(
+            "otlp_metrics_export_failures",
+            "OTLP metric exports that failed (collector refused, unreachable or too slow)",
+            m.otlp_export_failures.clone(),
         );
         Arc::new(ControlMetrics { registry, ..m })
     }

@@ -39,10 +39,13 @@ pub struct ExportConfig {
 
 /// Exports `scrape()` (a Prometheus text exposition) every
 /// `config.interval`, until the task is dropped or aborted. The first export
-/// happens at once.
-pub async fn run<F>(config: ExportConfig, scrape: F)
+/// happens at once. `failed()` is called for every export that did not
+/// succeed (refused, unreachable or timed out), so that the caller can count
+/// it in the registry it exports.
+pub async fn run<F, E>(config: ExportConfig, scrape: F, failed: E)
 where
     F: Fn() -> String + Send + 'static,
+    E: Fn() + Send + 'static,
 {
     let channel = match tonic::transport::Endpoint::from_shared(config.endpoint.clone()) {
         Ok(e) => e.timeout(config.timeout).connect_lazy(),
@@ -68,12 +71,14 @@ where
                 failing = false;
             }
             Ok(Err(status)) => {
+                failed();
                 if !failing {
                     tracing::warn!(endpoint = %config.endpoint, error = %status.message(), "OTLP metrics export failed; retrying each interval");
                 }
                 failing = true;
             }
             Err(_) => {
+                failed();
                 if !failing {
                     tracing::warn!(endpoint = %config.endpoint, "OTLP metrics export timed out; retrying each interval");
                 }

@@ -33,8 +33,15 @@ pub fn spawn(
         interval,
         timeout: EXPORT_TIMEOUT.min(interval),
     };
-    tokio::spawn(otlp_metrics::run(config, move || {
-        crate::telemetry::metrics::refresh(&policy, &identity);
-        policy.metrics().encode()
-    }))
+    let failures = policy.metrics().otlp_export_failures();
+    tokio::spawn(otlp_metrics::run(
+        config,
+        move || {
+            crate::telemetry::metrics::refresh(&policy, &identity);
+            policy.metrics().encode()
+        },
+        move || {
+            failures.inc();
+        },
+    ))
 }

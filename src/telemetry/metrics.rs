@@ -82,6 +82,7 @@ pub struct Metrics {
     inbound_duration: DurationHistogram,
     connections_active: Family<DirectionLabel, Gauge>,
     connections: Family<DirectionLabel, Counter>,
+    otlp_export_failures: Counter,
     state: StateGauges,
     requests: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
@@ -152,6 +153,7 @@ impl Metrics {
             inbound_duration: DurationHistogram::default(),
             connections_active: Family::default(),
             connections: Family::default(),
+            otlp_export_failures: Counter::default(),
             state: StateGauges::default(),
             registry: Registry::default(),
         };
@@ -184,6 +186,11 @@ impl Metrics {
             "connections",
             "Client connections accepted, by listener",
             m.connections.clone(),
+        );
+        registry.register(
+            "otlp_metrics_export_failures",
+            "OTLP metric exports that failed (collector refused, unreachable or too slow)",
+            m.otlp_export_failures.clone(),
         );
         registry.register(
             "policy_version",
@@ -339,6 +346,11 @@ impl Metrics {
             active: self.connections_active.get_or_create_owned(&label),
             accepted: self.connections.get_or_create_owned(&label),
         }
+    }
+
+    /// Counts failed OTLP metric exports.
+    pub fn otlp_export_failures(&self) -> Counter {
+        self.otlp_export_failures.clone()
     }
 
     /// The counters of inbound authorization.

@@ -342,11 +342,27 @@ async fn an_absent_collector_slows_no_call() {
         client.unary(req).await.unwrap();
     }
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Failed exports are counted (and exported with the rest, once a
+    // collector answers), and logged once per outage.
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !sidecar.logs().contains("OTLP metrics export") {
+    while sidecar
+        .metric("pylon_otlp_metrics_export_failures_total")
+        .await
+        < 2
+    {
         assert!(tokio::time::Instant::now() < deadline, "{}", sidecar.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(
+        sidecar.logs().matches("OTLP metrics export failed").count()
+            + sidecar
+                .logs()
+                .matches("OTLP metrics export timed out")
+                .count(),
+        1,
+        "{}",
+        sidecar.logs()
+    );
 }
 
 /// `method path` on an admin address with `body`; returns status and body.
