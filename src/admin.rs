@@ -1,5 +1,5 @@
-//! The admin HTTP server (loopback): liveness, readiness, the config dump
-//! and drain.
+//! The admin HTTP server (loopback): liveness, readiness, metrics, the
+//! config dump, the log filter (`GET`/`PUT /log-level`) and drain.
 //!
 //! `/ready` answers 200 once the listeners are bound, the identity is loaded
 //! (its certificate valid now) and a policy is installed, and 503 again
@@ -88,7 +88,12 @@ pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>) {
         let state = state.clone();
         let svc = service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req)) }
+            async move {
+                if req.uri().path() == "/log-level" {
+                    return Ok::<_, Infallible>(log_level(req).await);
+                }
+                Ok::<_, Infallible>(handle(&state, req))
+            }
         });
         let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
         tokio::spawn(async move {
@@ -115,12 +120,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             }
         }
         (&Method::GET, "/metrics") => {
-            let snapshot = state.policy.load_full();
-            let now = tokio::time::Instant::now();
-            for backend in snapshot.backends.values() {
-                let ejected = i64::try_from(backend.ejected(now)).unwrap_or(i64::MAX);
-                backend.metrics.ejections_active.set(ejected);
-            }
+            crate::telemetry::metrics::refresh(&state.policy, &state.identity);
             let mut resp = Response::new(ProxyBody::full(state.policy.metrics().encode()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -190,6 +190,45 @@ pub async fn serve_starting(
         tokio::spawn(async move {
             let _ = conn.await;
         });
+    }
+}
+
+/// The largest `PUT /log-level` body.
+const MAX_LOG_LEVEL_BODY: usize = 4096;
+
+/// `GET /log-level`: the filter in force; `PUT /log-level`: replace it with
+/// the body (`debug`, `info,pylon::proxy=debug`). A directive that does not
+/// parse is refused (400) and changes nothing.
+async fn log_level(req: Request<Incoming>) -> Response<ProxyBody> {
+    use crate::telemetry::logging::{self, LevelError};
+    let answer = |r: Result<String, LevelError>| match r {
+        Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),
+        Err(e @ LevelError::Invalid(_)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e @ LevelError::Unavailable) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    };
+    match *req.method() {
+        Method::GET => answer(logging::current_filter()),
+        Method::PUT => {
+            let body = http_body_util::Limited::new(req.into_body(), MAX_LOG_LEVEL_BODY);
+            let bytes = match http_body_util::BodyExt::collect(body).await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}\n"),
+                    );
+                }
+            };
+            let Ok(directive) = std::str::from_utf8(&bytes) else {
+                return text(StatusCode::BAD_REQUEST, "the body is not UTF-8\n");
+            };
+            let result = logging::set_filter(directive);
+            if let Ok(filter) = &result {
+                tracing::info!(%filter, "log filter changed on the admin API");
+            }
+            answer(result)
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
     }
 }
 

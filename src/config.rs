@@ -19,6 +19,8 @@ use std::time::Duration;
 use pylon_proto::policy::{format_duration, parse_duration};
 use serde_json::Value;
 
+use crate::telemetry::logging::LogFormat;
+
 /// Every key the bootstrap file may hold, and how to read it.
 const KEYS: &[(&str, KeyKind)] = &[
     ("admin.listen", KeyKind::Addr),
@@ -41,6 +43,8 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("telemetry.otlp.endpoint", KeyKind::Text),
     ("telemetry.sampling", KeyKind::Ratio),
     ("telemetry.accessLog", KeyKind::Bool),
+    ("telemetry.logFormat", KeyKind::Text),
+    ("telemetry.otlp.metricsInterval", KeyKind::Duration),
     ("stateDir", KeyKind::Path),
     ("dns.nameservers", KeyKind::List),
     ("dns.searchDomains", KeyKind::List),
@@ -79,6 +83,11 @@ pub struct Config {
     /// plane (a larger one is refused: rejected or NACKed).
     pub policy_max_bytes: usize,
     pub telemetry: Option<TelemetryConfig>,
+    /// `telemetry.logFormat`: text (default) or json.
+    pub log_format: LogFormat,
+    /// `telemetry.otlp.metricsInterval`: how often metrics are exported to
+    /// `telemetry.otlp.endpoint`.
+    pub otlp_metrics_interval: Duration,
     pub control_plane: Option<ControlPlaneConfig>,
     pub state_dir: Option<PathBuf>,
     /// Always present; the defaults when the file has no `dns` section.
@@ -413,6 +422,13 @@ impl Config {
                     access_log,
                 })
         };
+        let log_format = r.log_format("telemetry.logFormat");
+        let otlp_metrics_interval = r
+            .duration(
+                "telemetry.otlp.metricsInterval",
+                crate::telemetry::export::DEFAULT_INTERVAL,
+            )
+            .unwrap_or(crate::telemetry::export::DEFAULT_INTERVAL);
         let state_dir = r.path("stateDir");
         let dns = r.dns();
 
@@ -447,6 +463,8 @@ impl Config {
                 policy,
                 policy_max_bytes,
                 telemetry,
+                log_format,
+                otlp_metrics_interval,
                 control_plane,
                 state_dir,
                 dns,
@@ -517,6 +535,16 @@ impl Reader<'_> {
         Some(match origin {
             Origin::File if p.is_relative() => self.base.join(p),
             _ => p,
+        })
+    }
+
+    fn log_format(&mut self, key: &str) -> LogFormat {
+        let Some((s, origin)) = self.string(key) else {
+            return LogFormat::default();
+        };
+        LogFormat::parse(&s).unwrap_or_else(|e| {
+            self.problem(key, &origin, e);
+            LogFormat::default()
         })
     }
 
@@ -864,6 +892,27 @@ stateDir: /var/lib/pylon
             panic!("a policy file")
         };
         assert_eq!(p, Path::new("p.yaml"), "env paths stay relative to the cwd");
+    }
+
+    #[test]
+    fn log_format_is_text_or_json_from_the_file_or_the_environment() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        let yaml = format!("{GOOD}telemetry: {{ logFormat: json }}\n");
+        let c = Config::from_parts(&yaml, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = env(&[("PYLON_TELEMETRY_LOG_FORMAT", "text")]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        let e = env(&[("PYLON_TELEMETRY_LOG_FORMAT", "xml")]);
+        let errors = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err();
+        assert_eq!(
+            errors.0,
+            vec![
+                "telemetry.logFormat (from PYLON_TELEMETRY_LOG_FORMAT): expected text or json, found \"xml\""
+                    .to_string()
+            ]
+        );
     }
 
     #[test]

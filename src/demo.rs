@@ -42,7 +42,7 @@ use tonic::transport::Channel;
 
 use crate::config::{
     AdminConfig, Config, ControlPlaneConfig, DEFAULT_RETRY_BUFFER_BYTES, DnsConfig, IdentitySource,
-    InboundConfig, OutboundConfig, PolicySource,
+    InboundConfig, OutboundConfig, PolicySource, TelemetryConfig,
 };
 use crate::identity::dev::{DevCa, IdentityFiles};
 use crate::loadgen::{Load, LoadGenerator, Progress, Report, Target};
@@ -67,6 +67,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_POLL: Duration = Duration::from_millis(10);
 const ROW_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the sidecars export metrics with `--otlp`.
+const OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(2);
+/// The greeter backend's name in metric labels.
+const GREETER_BACKEND: &str = "Backend/greeter";
 /// Greeter instances, each behind its own server sidecar.
 const GREETERS: usize = 3;
 /// The scenario, by elapsed time.
@@ -101,6 +105,10 @@ pub struct DemoArgs {
     /// Requests per second sent through the mesh.
     #[arg(long, default_value = "200")]
     pub rps: NonZeroU32,
+    /// Export every sidecar's and the control plane's metrics and traces to
+    /// this OTLP/gRPC collector (e.g. http://127.0.0.1:4317).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub otlp: Option<String>,
 }
 
 fn parse_run_duration(s: &str) -> Result<Duration, String> {
@@ -125,7 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         () = &mut ctrl_c => return Ok(()),
     };
     let mut mesh = tokio::select! {
-        mesh = DemoMesh::start(scratch.path()) => mesh?,
+        mesh = DemoMesh::start(scratch.path(), args.otlp.as_deref()) => mesh?,
         () = &mut ctrl_c => return Ok(()),
     };
     let authz = mesh.authorization_check().await;
@@ -390,7 +398,7 @@ struct DemoMesh {
 impl DemoMesh {
     /// Starts everything on free loopback ports, applies the first policy
     /// and waits until every sidecar has installed it.
-    async fn start(dir: &Path) -> anyhow::Result<DemoMesh> {
+    async fn start(dir: &Path, otlp: Option<&str>) -> anyhow::Result<DemoMesh> {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let control = ControlPlane::start(ServeConfig {
             data_dir: dir.join("control"),
@@ -400,6 +408,10 @@ impl DemoMesh {
             operator_ca: None,
             history: DEFAULT_HISTORY,
             cert_ttl: pylon_control::server::DEFAULT_CERT_TTL,
+            telemetry: pylon_control::telemetry::TelemetryConfig {
+                metrics_listen: None,
+                otlp_endpoint: otlp.map(str::to_string),
+            },
         })
         .await
         .context("cannot start the control plane")?;
@@ -436,6 +448,15 @@ impl DemoMesh {
             .with_state(dir.join(format!("{name}-state")))
         };
 
+        // With --otlp, each sidecar exports under its own service name.
+        let telemetry = |name: &str| {
+            otlp.map(|endpoint| TelemetryConfig {
+                service_name: Some(name.to_string()),
+                otlp_endpoint: Some(endpoint.to_string()),
+                sampling: None,
+                access_log: false,
+            })
+        };
         let mut greeters = Vec::new();
         let mut servers = Vec::new();
         for i in 0..=GREETERS {
@@ -446,6 +467,7 @@ impl DemoMesh {
                 &greeter_token,
                 from_control(&greeter_token, &format!("server-{i}")),
                 greeter.addr,
+                telemetry(&format!("greeter-{}", i + 1)),
             ))
             .await
             .with_context(|| format!("cannot start server sidecar {}", i + 1))?;
@@ -459,6 +481,7 @@ impl DemoMesh {
             &client_token,
             from_control(&client_token, "client"),
             no_app,
+            telemetry("client"),
         ))
         .await
         .context("cannot start the client sidecar")?;
@@ -466,6 +489,7 @@ impl DemoMesh {
             &intruder_token,
             from_control(&intruder_token, "intruder"),
             no_app,
+            telemetry("intruder"),
         ))
         .await
         .context("cannot start the intruder sidecar")?;
@@ -585,16 +609,24 @@ impl DemoMesh {
         }
     }
 
-    /// What the client sidecar's backend `greeter` reports: retries sent so
-    /// far and endpoints ejected now.
+    /// What the client sidecar's metrics say of backend `greeter`: retries
+    /// sent so far and endpoints ejected now. Read from the same Prometheus
+    /// text that `/metrics` serves and the OTLP export sends.
     fn backend_counts(&self) -> (u64, usize) {
-        let snapshot = self.client.policy.load_full();
-        snapshot
-            .backends
-            .get("default/greeter")
-            .map_or((0, 0), |b| {
-                (b.metrics.retries.get(), b.ejected(Instant::now()))
-            })
+        let text = self.client.scrape();
+        let value = |sample: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            value(&format!(
+                "pylon_retries_total{{backend=\"{GREETER_BACKEND}\"}}"
+            )) as u64,
+            value(&format!(
+                "pylon_outlier_ejections_active{{backend=\"{GREETER_BACKEND}\"}}"
+            )) as usize,
+        )
     }
 
     /// Stops the callers before the called: client sidecar, server sidecars,
@@ -658,7 +690,12 @@ impl ControlPlaneConfig {
     }
 }
 
-fn sidecar_config(token: &Path, policy: FromControl, app: SocketAddr) -> Config {
+fn sidecar_config(
+    token: &Path,
+    policy: FromControl,
+    app: SocketAddr,
+    telemetry: Option<TelemetryConfig>,
+) -> Config {
     let free_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     Config {
         admin: AdminConfig { listen: free_port },
@@ -674,7 +711,9 @@ fn sidecar_config(token: &Path, policy: FromControl, app: SocketAddr) -> Config 
             token_file: token.to_path_buf(),
         },
         policy: PolicySource::ControlPlane,
-        telemetry: None,
+        telemetry,
+        log_format: Default::default(),
+        otlp_metrics_interval: OTLP_METRICS_INTERVAL,
         control_plane: Some(policy.control_plane),
         policy_max_bytes: crate::config::MAX_POLICY_BYTES as usize,
         state_dir: Some(policy.state_dir),

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use pylon::config::Config;
 use pylon::demo::DemoArgs;
 use pylon::sidecar::Sidecar;
+use pylon::telemetry::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -37,35 +38,11 @@ enum Command {
     Demo(DemoArgs),
 }
 
-/// Logs go to stderr, filtered by `PYLON_LOG` (default: `default_filter`).
-fn init_logging(default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PYLON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(match cli.command {
-        // Sidecar logs would break up the demo's table.
-        Command::Demo(_) => "error",
-        Command::Proxy { .. } => "info",
-    });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pylon: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match cli.command {
+    match Cli::parse().command {
         Command::Proxy { config } => {
+            // The configuration is read before logging starts (it says how
+            // to log); its errors go to stderr as plain text.
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -73,16 +50,38 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime.block_on(run_proxy(config))
-        }
-        Command::Demo(args) => match runtime.block_on(pylon::demo::run(args)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pylon demo: {e:#}");
-                ExitCode::FAILURE
+            logging::init(config.log_format, "info");
+            match runtime() {
+                Ok(rt) => rt.block_on(run_proxy(config)),
+                Err(code) => code,
             }
-        },
+        }
+        Command::Demo(args) => {
+            // Sidecar logs would break up the demo's table.
+            logging::init(LogFormat::Text, "error");
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(pylon::demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pylon demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("pylon: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 async fn run_proxy(config: Config) -> ExitCode {

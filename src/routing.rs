@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{FaultInjection, PathMatch, Retry, Timeouts};
 
 use crate::proxy::backend::Backend;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, RequestMetrics};
 use prometheus_client::metrics::counter::Counter;
 
 /// A compiled route rule: where matching requests go, and the per-route
@@ -41,6 +41,8 @@ pub struct Rule {
     pub fault_injection: Option<FaultInjection>,
     pub fault_delays: Counter,
     pub fault_aborts: Counter,
+    /// Request counts and durations per backend, in the order of `backends`.
+    requests: Vec<RequestMetrics>,
 }
 
 /// A rule's policy besides its backends.
@@ -67,8 +69,13 @@ impl Rule {
                 total = total.saturating_add(w);
                 (total, b)
             })
+            .collect::<Vec<(u32, Arc<Backend>)>>();
+        let requests = backends
+            .iter()
+            .map(|(_, b)| metrics.outbound_requests(&route, &b.name))
             .collect();
         Rule {
+            requests,
             fault_delays: metrics.fault(&route, "delay"),
             fault_aborts: metrics.fault(&route, "abort"),
             route,
@@ -92,6 +99,15 @@ impl Rule {
                 many.iter().find(|(cum, _)| r < *cum).map(|(_, b)| b)
             }
         }
+    }
+
+    /// The request counts and durations of calls of this rule to `backend`.
+    pub fn requests_to(&self, backend: &Arc<Backend>) -> Option<&RequestMetrics> {
+        let i = self
+            .backends
+            .iter()
+            .position(|(_, b)| Arc::ptr_eq(b, backend))?;
+        self.requests.get(i)
     }
 
     /// `(weight, backend)` pairs, for the config dump.

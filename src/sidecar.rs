@@ -20,7 +20,7 @@ use crate::policy::{self, PolicyStore};
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 /// How long in-flight requests may take to finish once a drain starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -49,6 +49,7 @@ pub enum StartError {
 pub struct Sidecar {
     pub addrs: BoundAddrs,
     pub policy: Arc<PolicyStore>,
+    identity: Arc<IdentityStore>,
     shutdown: watch::Sender<bool>,
     /// The listeners: they end on the shutdown signal, once drained.
     tasks: JoinSet<()>,
@@ -173,6 +174,26 @@ impl Sidecar {
             shutdown: shutdown.clone(),
         });
         background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
+        if let Some(endpoint) = config
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.otlp_endpoint.clone())
+        {
+            let service_name = config
+                .telemetry
+                .as_ref()
+                .and_then(|t| t.service_name.clone())
+                .unwrap_or_else(|| {
+                    crate::telemetry::service_account(&identity.spiffe_id()).to_string()
+                });
+            background.push(crate::telemetry::export::spawn(
+                endpoint,
+                service_name,
+                config.otlp_metrics_interval,
+                policy.clone(),
+                identity.clone(),
+            ));
+        }
 
         let telemetry = crate::telemetry::Telemetry::start(
             config.telemetry.as_ref(),
@@ -185,11 +206,12 @@ impl Sidecar {
             config.outbound.retry_buffer_bytes,
             telemetry.clone(),
         );
+        let connections = metrics.connections("outbound");
         tasks.spawn(accept_loop(
             outbound_l,
             shutdown.subscribe(),
             DRAIN_TIMEOUT,
-            move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
+            move |tcp, peer, w| counted(connections.open(), outbound.clone().serve(tcp, peer, w)),
         ));
         let inbound = Inbound::new(
             server_tls,
@@ -197,21 +219,30 @@ impl Sidecar {
             policy.inbound_limits().clone(),
             telemetry,
         );
+        let connections = metrics.connections("inbound");
         tasks.spawn(accept_loop(
             inbound_l,
             shutdown.subscribe(),
             DRAIN_TIMEOUT,
-            move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
+            move |tcp, peer, w| counted(connections.open(), inbound.clone().serve(tcp, peer, w)),
         ));
         state.listening.store(true, Ordering::Release);
         tracing::info!("serving");
         Ok(Sidecar {
             addrs,
             policy,
+            identity,
             shutdown,
             tasks,
             background,
         })
+    }
+
+    /// The metrics as `/metrics` serves them (and the OTLP export sends
+    /// them): Prometheus text, state gauges refreshed now.
+    pub fn scrape(&self) -> String {
+        crate::telemetry::metrics::refresh(&self.policy, &self.identity);
+        self.policy.metrics().encode()
     }
 
     /// Starts draining: listeners close, open connections finish what they
@@ -230,6 +261,12 @@ impl Sidecar {
         self.shutdown();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Serves a connection, counted as open until it ends.
+async fn counted(guard: ConnectionGuard, serve: impl Future<Output = ()>) {
+    serve.await;
+    drop(guard);
 }
 
 impl Drop for Sidecar {

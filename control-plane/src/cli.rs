@@ -188,6 +188,14 @@ pub struct ServeArgs {
     /// The lifetime of the workload certificates it issues.
     #[arg(long, env = "PYLON_CONTROL_CERT_TTL", value_parser = parse_ttl, default_value = "24h")]
     pub cert_ttl: Duration,
+    /// Serve Prometheus metrics over plain HTTP at ADDR/metrics (off by
+    /// default; e.g. 127.0.0.1:15014).
+    #[arg(long, env = "PYLON_CONTROL_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export metrics and API traces over OTLP/gRPC (e.g.
+    /// http://127.0.0.1:4317).
+    #[arg(long, env = "PYLON_CONTROL_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How the CLI reaches the control plane.
@@ -682,6 +690,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         operator_ca,
         history: args.history,
         cert_ttl: args.cert_ttl,
+        telemetry: crate::telemetry::TelemetryConfig {
+            metrics_listen: args.metrics_listen,
+            otlp_endpoint: args.otlp_endpoint,
+        },
     })
     .await?;
     tracing::info!(

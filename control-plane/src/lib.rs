@@ -8,6 +8,7 @@
 //! - [`identity`]: the workload identity service (CSR issuance, the trust
 //!   bundle stream) and how callers authenticate.
 //! - [`server`]: the admin API and the discovery stream over TLS ([`tls`]).
+//! - [`telemetry`]: metrics (Prometheus text, OTLP) and API traces.
 //! - [`cli`]: `pylon-control serve` and the kubectl-like commands.
 
 #![forbid(unsafe_code)]
@@ -18,4 +19,5 @@ pub mod cli;
 pub mod identity;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

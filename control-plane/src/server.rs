@@ -29,10 +29,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
+use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
 use crate::tls::{self, PeerInfo};
 
 /// Policy versions kept for rollback.
 pub const DEFAULT_HISTORY: usize = 50;
+/// How often metrics are exported over OTLP.
+const OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 /// HTTP/2 PING interval toward clients, to find dead sidecars.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -47,6 +50,8 @@ pub struct ServeConfig {
     pub history: usize,
     /// The lifetime of workload certificates.
     pub cert_ttl: Duration,
+    /// Metrics listener and OTLP export (both off by default).
+    pub telemetry: TelemetryConfig,
 }
 
 /// The default lifetime of workload certificates.
@@ -151,9 +156,25 @@ pub struct State {
     sidecars: Mutex<BTreeMap<u64, SidecarRecord>>,
     next_id: AtomicU64,
     next_nonce: AtomicU64,
+    pub(crate) metrics: Arc<ControlMetrics>,
 }
 
 impl State {
+    /// Prometheus text of the control plane's metrics, gauges set now.
+    pub fn encode_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.connected_sidecars
+            .set(i64::try_from(self.sidecars().len()).unwrap_or(i64::MAX));
+        m.policy_version
+            .set(i64::try_from(self.policy.borrow().version).unwrap_or(i64::MAX));
+        let ca = self.ca.borrow().clone();
+        m.ca_version
+            .set(i64::try_from(ca.version).unwrap_or(i64::MAX));
+        m.trust_bundle_roots
+            .set(i64::try_from(ca.roots.len()).unwrap_or(i64::MAX));
+        m.encode()
+    }
+
     fn sidecars(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SidecarRecord>> {
         self.sidecars.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -232,8 +253,13 @@ pub struct ControlPlane {
     pub files: DataFiles,
     pub admin_token: String,
     pub state: Arc<State>,
+    /// Where `GET /metrics` is served, with `--metrics-listen`.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The metrics listener and OTLP metrics export.
+    telemetry_tasks: Vec<tokio::task::JoinHandle<()>>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 impl ControlPlane {
@@ -283,7 +309,45 @@ impl ControlPlane {
             sidecars: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             next_nonce: AtomicU64::new(1),
+            metrics: ControlMetrics::new(),
         });
+
+        let mut telemetry_tasks = Vec::new();
+        let metrics_addr = match config.telemetry.metrics_listen {
+            Some(listen) => {
+                let listener = TcpListener::bind(listen).await?;
+                let addr = listener.local_addr()?;
+                let scraped = state.clone();
+                telemetry_tasks.push(tokio::spawn(crate::telemetry::serve_metrics(
+                    listener,
+                    move || scraped.encode_metrics(),
+                )));
+                tracing::info!("serving metrics on http://{addr}/metrics");
+                Some(addr)
+            }
+            None => None,
+        };
+        let tracer = match &config.telemetry.otlp_endpoint {
+            Some(endpoint) => {
+                let exported = state.clone();
+                let failures = state.metrics.otlp_export_failures.clone();
+                telemetry_tasks.push(tokio::spawn(pylon_proto::otlp_metrics::run(
+                    pylon_proto::otlp_metrics::ExportConfig {
+                        endpoint: endpoint.clone(),
+                        service_name: "pylon-control".to_string(),
+                        interval: OTLP_METRICS_INTERVAL,
+                        timeout: Duration::from_secs(5),
+                    },
+                    move || exported.encode_metrics(),
+                    move || {
+                        failures.inc();
+                    },
+                )));
+                tracing::info!(%endpoint, "exporting metrics and traces over OTLP");
+                Some(crate::telemetry::tracer_provider(endpoint)?)
+            }
+            None => None,
+        };
 
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -302,6 +366,7 @@ impl ControlPlane {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE))
                 .http2_keepalive_timeout(Some(KEEPALIVE * 2))
+                .layer(RpcLayer::new(state.metrics.clone(), tracer.as_ref()))
                 .add_service(admin)
                 .add_service(discovery)
                 .add_service(identity)
@@ -321,8 +386,11 @@ impl ControlPlane {
             files,
             admin_token: token,
             state,
+            metrics_addr,
             shutdown,
             task,
+            telemetry_tasks,
+            tracer,
         })
     }
 
@@ -334,6 +402,14 @@ impl ControlPlane {
     /// Resolves when the server task ends (an error, or after `stop`).
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.send_replace(true);
+        for task in &self.telemetry_tasks {
+            task.abort();
+        }
+        if let Some(tracer) = &self.tracer {
+            // Sends what is queued; a missing collector only costs the
+            // export timeout.
+            let _ = tracer.shutdown();
+        }
         self.task.await??;
         Ok(())
     }
@@ -415,6 +491,7 @@ impl PolicyAdmin for AdminApi {
         }
         let store = self.0.store.clone();
         let applied = blocking(move || store.apply(batch)).await?;
+        self.0.metrics.applies.inc();
         self.0.publish().await?;
         let results = applied
             .results
@@ -744,6 +821,7 @@ impl Discovery for DiscoveryApi {
                         if tx.send(Ok(response)).await.is_err() {
                             return;
                         }
+                        state.metrics.pushes.inc();
                     }
                     message = inbound.message() => match message {
                         Ok(Some(m)) => record_reply(&state, id, &m),
@@ -768,9 +846,11 @@ fn record_reply(state: &State, id: u64, m: &pb::DiscoveryRequest) {
     };
     if m.error.is_empty() {
         record.acked = m.version;
+        state.metrics.acks.inc();
         tracing::debug!(id, version = m.version, "ACK");
     } else {
         record.nacked = m.version;
+        state.metrics.nacks.inc();
         record.last_nack = m.error.clone();
         tracing::warn!(id, identity = %record.identity, version = m.version, error = %m.error, "NACK");
     }

@@ -6,6 +6,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod client;
+pub mod otlp_metrics;
 pub mod policy;
 pub mod spiffe;
 

@@ -44,8 +44,9 @@ use crate::policy::InboundPolicy;
 use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
 use crate::resilience::ratelimit::RateLimiter;
 use crate::telemetry::Telemetry;
-use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics};
+use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics, RequestMetrics};
 use crate::telemetry::request::{RequestScope, Side};
+use crate::telemetry::requests::CallTimer;
 use crate::telemetry::trace::TRACEPARENT;
 
 /// How long a caller may take to complete the TLS handshake.
@@ -70,6 +71,7 @@ pub struct InboundLimits {
     rate: RateLimiter,
     metrics: BackendMetrics,
     authorization: AuthorizationMetrics,
+    requests: RequestMetrics,
 }
 
 const INBOUND: &str = "inbound";
@@ -85,6 +87,7 @@ impl InboundLimits {
             }),
             metrics: metrics.backend(INBOUND),
             authorization: metrics.authorization(),
+            requests: metrics.inbound_requests(),
         }
     }
 
@@ -227,6 +230,7 @@ impl Inbound {
         identity: &PeerIdentity,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
+        let timer = CallTimer::start(Some(&self.limits.requests), grpc);
         let scope = RequestScope::begin(
             &self.telemetry,
             Side::Inbound,
@@ -234,7 +238,7 @@ impl Inbound {
             grpc,
             Some((identity.addr, &identity.id)),
         );
-        let result = self.forward(req, identity, grpc, &scope).await;
+        let result = timer.finish(self.forward(req, identity, grpc, &scope).await);
         scope.finish(result)
     }
 

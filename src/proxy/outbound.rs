@@ -26,6 +26,7 @@ use crate::policy::PolicyStore;
 use crate::routing::RequestView;
 use crate::telemetry::Telemetry;
 use crate::telemetry::request::{RequestScope, Side};
+use crate::telemetry::requests::CallTimer;
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
@@ -118,7 +119,8 @@ impl Outbound {
             trace: scope.call_trace(),
         };
         let mut summary = CallSummary::default();
-        let result = call(&rule, backend, input, &mut summary).await;
+        let timer = CallTimer::start(rule.requests_to(&backend), grpc);
+        let result = timer.finish(call(&rule, backend, input, &mut summary).await);
         scope.set_attempts(summary.attempts, summary.endpoint);
         let mut resp = result?;
         response_for_caller(&mut resp);

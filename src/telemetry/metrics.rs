@@ -1,17 +1,30 @@
-//! The sidecar's Prometheus metrics, served as text at `/metrics`.
+//! The sidecar's metrics: one registry, served as Prometheus text at
+//! `/metrics` and exported over OTLP (`telemetry::export`) from the same
+//! text, so both carry the same names and values.
 //!
-//! Families are registered once; each backend resolves its labelled
-//! counters when it is created, so the request path only increments atomics
-//! (no label lookup, no lock). Gauges that describe current state (ejected
-//! endpoints) are computed when scraped. `docs/metrics.md` lists every name.
+//! Families are registered once; each backend, and each route rule for each
+//! of its backends, resolves its labelled children when it is compiled, so
+//! the request path only touches atomics (no label lookup, no lock; a
+//! request status seen for the first time on a route resolves its counter
+//! once). Gauges that describe current state (ejected endpoints, policy
+//! version, certificate expiry, control-plane connection) are computed by
+//! [`refresh`] before each scrape or export. `docs/metrics.md` lists every
+//! name.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use pylon_proto::policy::GrpcCode;
+
+use crate::identity::IdentityStore;
+use crate::policy::PolicyStore;
 
 /// Label of per-backend metrics: `Backend/name` (`Backend/ns/name` outside
 /// the default namespace), or `inbound` for the local app's protection.
@@ -34,9 +47,43 @@ pub struct FaultLabels {
     pub fault: &'static str,
 }
 
+/// Labels of outbound request counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundRequestLabels {
+    pub route: String,
+    pub backend: String,
+    pub status: &'static str,
+}
+
+/// Labels of outbound request durations.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
 /// The registry and its families.
 pub struct Metrics {
     registry: Registry,
+    outbound_requests: Family<OutboundRequestLabels, Counter>,
+    outbound_duration: Family<RouteBackendLabels, DurationHistogram>,
+    inbound_requests: Family<StatusLabel, Counter>,
+    inbound_duration: DurationHistogram,
+    connections_active: Family<DirectionLabel, Gauge>,
+    connections: Family<DirectionLabel, Counter>,
+    otlp_export_failures: Counter,
+    state: StateGauges,
     requests: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
     retries_exhausted: Family<BackendLabel, Counter>,
@@ -70,6 +117,16 @@ pub struct AuthorizationMetrics {
     pub denied: Counter,
 }
 
+/// Gauges of the sidecar's state, set by [`refresh`].
+#[derive(Debug, Clone, Default)]
+struct StateGauges {
+    policy_version: Gauge,
+    policy_installed: Gauge,
+    certificate_expiry: Gauge,
+    trust_bundle_roots: Gauge,
+    control_plane_connected: Gauge,
+}
+
 /// One backend's counters, resolved once.
 #[derive(Debug, Clone, Default)]
 pub struct BackendMetrics {
@@ -101,8 +158,76 @@ impl Metrics {
             faults: Family::default(),
             authorization: AuthorizationMetrics::default(),
             trace: TraceMetrics::default(),
+            outbound_requests: Family::default(),
+            outbound_duration: Family::default(),
+            inbound_requests: Family::default(),
+            inbound_duration: DurationHistogram::default(),
+            connections_active: Family::default(),
+            connections: Family::default(),
+            otlp_export_failures: Counter::default(),
+            state: StateGauges::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "outbound_requests",
+            "Outbound calls by route, backend and final status (gRPC status name, or HTTP status class)",
+            m.outbound_requests.clone(),
+        );
+        registry.register(
+            "outbound_request_duration_seconds",
+            "Time from a call's arrival to the end of its response (or its failure), by route and backend",
+            m.outbound_duration.clone(),
+        );
+        registry.register(
+            "inbound_requests",
+            "Inbound calls by final status (gRPC status name, or HTTP status class)",
+            m.inbound_requests.clone(),
+        );
+        registry.register(
+            "inbound_request_duration_seconds",
+            "Time from an inbound call's arrival to the end of its response (or its failure)",
+            m.inbound_duration.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open now, by listener",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted, by listener",
+            m.connections.clone(),
+        );
+        registry.register(
+            "otlp_metrics_export_failures",
+            "OTLP metric exports that failed (collector refused, unreachable or too slow)",
+            m.otlp_export_failures.clone(),
+        );
+        registry.register(
+            "policy_version",
+            "The version of the policy in force when it is a number (control plane), else 0",
+            m.state.policy_version.clone(),
+        );
+        registry.register(
+            "policy_installed",
+            "1 once a policy is in force",
+            m.state.policy_installed.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "notAfter of the workload certificate, Unix seconds",
+            m.state.certificate_expiry.clone(),
+        );
+        registry.register(
+            "trust_bundle_roots",
+            "Certificates in the trust bundle",
+            m.state.trust_bundle_roots.clone(),
+        );
+        registry.register(
+            "control_plane_connected",
+            "1 while the policy stream to the control plane is open, else 0",
+            m.state.control_plane_connected.clone(),
+        );
         registry.register(
             "backend_requests",
             "Calls sent to a backend (first attempts, not retries)",
@@ -205,6 +330,50 @@ impl Metrics {
         })
     }
 
+    /// The request counts and durations of calls routed by `route` to
+    /// `backend`.
+    pub fn outbound_requests(&self, route: &str, backend: &str) -> RequestMetrics {
+        let family = self.outbound_requests.clone();
+        let (r, b) = (route.to_string(), backend.to_string());
+        RequestMetrics::new(
+            Box::new(move |status| {
+                family.get_or_create_owned(&OutboundRequestLabels {
+                    route: r.clone(),
+                    backend: b.clone(),
+                    status,
+                })
+            }),
+            self.outbound_duration
+                .get_or_create_owned(&RouteBackendLabels {
+                    route: route.to_string(),
+                    backend: backend.to_string(),
+                }),
+        )
+    }
+
+    /// The request counts and durations of inbound calls.
+    pub fn inbound_requests(&self) -> RequestMetrics {
+        let family = self.inbound_requests.clone();
+        RequestMetrics::new(
+            Box::new(move |status| family.get_or_create_owned(&StatusLabel { status })),
+            self.inbound_duration.clone(),
+        )
+    }
+
+    /// The connection gauge and counter of one listener.
+    pub fn connections(&self, direction: &'static str) -> ConnectionMetrics {
+        let label = DirectionLabel { direction };
+        ConnectionMetrics {
+            active: self.connections_active.get_or_create_owned(&label),
+            accepted: self.connections.get_or_create_owned(&label),
+        }
+    }
+
+    /// Counts failed OTLP metric exports.
+    pub fn otlp_export_failures(&self) -> Counter {
+        self.otlp_export_failures.clone()
+    }
+
     /// The counters of inbound authorization.
     pub fn authorization(&self) -> AuthorizationMetrics {
         self.authorization.clone()
@@ -224,9 +393,237 @@ impl Metrics {
     }
 }
 
+/// Sets the gauges that describe current state: ejected endpoints per
+/// backend, the policy version, the certificate's expiry, the trust bundle
+/// and the control-plane connection. Called before every scrape and export.
+pub fn refresh(policy: &PolicyStore, identity: &IdentityStore) {
+    let snapshot = policy.load_full();
+    let now = tokio::time::Instant::now();
+    for backend in snapshot.backends.values() {
+        let ejected = i64::try_from(backend.ejected(now)).unwrap_or(i64::MAX);
+        backend.metrics.ejections_active.set(ejected);
+    }
+    let state = &policy.metrics().state;
+    state
+        .policy_version
+        .set(snapshot.version.trim().parse::<i64>().unwrap_or(0));
+    state.policy_installed.set(i64::from(policy.installed()));
+    state
+        .certificate_expiry
+        .set(identity.credentials().not_after);
+    state
+        .trust_bundle_roots
+        .set(i64::try_from(identity.bundle_fingerprints().len()).unwrap_or(i64::MAX));
+    state
+        .control_plane_connected
+        .set(i64::from(policy.source_state().connected));
+}
+
+/// One listener's connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionMetrics {
+    active: Gauge,
+    accepted: Counter,
+}
+
+impl ConnectionMetrics {
+    /// Counts a connection as open until the guard drops.
+    pub fn open(&self) -> ConnectionGuard {
+        self.accepted.inc();
+        self.active.inc();
+        ConnectionGuard(self.active.clone())
+    }
+}
+
+/// An open connection, counted in `connections_active` while it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// How a call ended, as a bounded label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestStatus {
+    Grpc(GrpcCode),
+    /// An HTTP status: counted by class (`2xx`, ..., `5xx`).
+    Http(u16),
+}
+
+const HTTP_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const STATUSES: usize = GrpcCode::ALL.len() + HTTP_CLASSES.len();
+
+impl RequestStatus {
+    fn index(self) -> usize {
+        match self {
+            RequestStatus::Grpc(code) => usize::from(code.as_u8()),
+            RequestStatus::Http(status) => {
+                GrpcCode::ALL.len() + usize::from((status / 100).clamp(1, 5) - 1)
+            }
+        }
+    }
+
+    /// `OK`, `UNAVAILABLE`, ... or `2xx`, `5xx`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestStatus::Grpc(code) => code.as_str(),
+            RequestStatus::Http(_) => HTTP_CLASSES[self.index() - GrpcCode::ALL.len()],
+        }
+    }
+}
+
+type MakeCounter = Box<dyn Fn(&'static str) -> Counter + Send + Sync>;
+
+/// The request counts (by status) and duration histogram of one route and
+/// backend, or of the inbound side. Cheap to clone.
+#[derive(Clone)]
+pub struct RequestMetrics(Arc<RequestMetricsInner>);
+
+struct RequestMetricsInner {
+    make: MakeCounter,
+    /// Resolved on first use of each status: the family holds every status
+    /// ever seen, and a status never seen exports no series.
+    by_status: [OnceLock<Counter>; STATUSES],
+    duration: DurationHistogram,
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RequestMetrics {
+    fn new(make: MakeCounter, duration: DurationHistogram) -> Self {
+        RequestMetrics(Arc::new(RequestMetricsInner {
+            make,
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+            duration,
+        }))
+    }
+
+    /// Counts one finished call.
+    pub fn record(&self, status: RequestStatus, elapsed: Duration) {
+        let inner = &self.0;
+        inner.by_status[status.index()]
+            .get_or_init(|| (inner.make)(status.label()))
+            .inc();
+        inner.duration.observe(elapsed);
+    }
+}
+
+/// Upper bounds (seconds) of the duration histograms: 0.5 ms to 10 s.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram of durations in seconds over [`DURATION_BUCKETS`], kept in
+/// atomics (prometheus-client's own histogram takes a mutex per
+/// observation).
+#[derive(Debug, Clone, Default)]
+pub struct DurationHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    /// One count per bucket, the last for +Inf (not cumulative).
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|upper| secs <= *upper)
+            .unwrap_or(DURATION_BUCKETS.len());
+        let cells = &self.0;
+        cells.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        cells.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        cells.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let cells = &self.0;
+        let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(cells.buckets.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let sum = cells.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let count = cells.count.load(Ordering::Relaxed);
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_metrics_count_by_bounded_status_and_time_in_seconds() {
+        let m = Metrics::new();
+        let r = m.outbound_requests("GRPCRoute/greeter", "Backend/greeter");
+        r.record(RequestStatus::Grpc(GrpcCode::Ok), Duration::from_millis(3));
+        r.record(RequestStatus::Grpc(GrpcCode::Ok), Duration::from_millis(30));
+        r.record(
+            RequestStatus::Grpc(GrpcCode::Unavailable),
+            Duration::from_secs(20),
+        );
+        let h = m.inbound_requests();
+        h.record(RequestStatus::Http(204), Duration::from_micros(100));
+        h.record(RequestStatus::Http(599), Duration::from_micros(100));
+        let text = m.encode();
+        let labels = "route=\"GRPCRoute/greeter\",backend=\"Backend/greeter\"";
+        for line in [
+            format!("pylon_outbound_requests_total{{{labels},status=\"OK\"}} 2"),
+            format!("pylon_outbound_requests_total{{{labels},status=\"UNAVAILABLE\"}} 1"),
+            format!("pylon_outbound_request_duration_seconds_count{{{labels}}} 3"),
+            format!("pylon_outbound_request_duration_seconds_bucket{{le=\"0.005\",{labels}}} 1"),
+            format!("pylon_outbound_request_duration_seconds_bucket{{le=\"0.05\",{labels}}} 2"),
+            format!("pylon_outbound_request_duration_seconds_bucket{{le=\"+Inf\",{labels}}} 3"),
+            "pylon_inbound_requests_total{status=\"2xx\"} 1".to_string(),
+            "pylon_inbound_requests_total{status=\"5xx\"} 1".to_string(),
+            "pylon_inbound_request_duration_seconds_count 2".to_string(),
+        ] {
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(!text.contains("status=\"INTERNAL\""), "{text}");
+    }
+
+    #[test]
+    fn connections_are_counted_while_open() {
+        let m = Metrics::new();
+        let c = m.connections("outbound");
+        let a = c.open();
+        let _b = c.open();
+        drop(a);
+        let text = m.encode();
+        assert!(
+            text.contains("pylon_connections_active{direction=\"outbound\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pylon_connections_total{direction=\"outbound\"} 2"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn backend_counters_are_shared_handles_and_encode_with_labels() {

@@ -1,9 +1,13 @@
-//! What the sidecar tells operators: Prometheus metrics (`metrics`), traces
-//! exported over OTLP (`trace`), and per-request telemetry — request IDs,
-//! spans, access logs (`request`).
+//! What the sidecar tells operators: Prometheus metrics and their OTLP
+//! export (`metrics`, `export`, `requests`: RED per route and backend),
+//! process logs (`logging`), traces exported over OTLP (`trace`), and
+//! per-request telemetry — request IDs, spans, access logs (`request`).
 
+pub mod export;
+pub mod logging;
 pub mod metrics;
 pub mod request;
+pub mod requests;
 pub mod trace;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@ mod grpc;
 mod http;
 mod identity;
 mod lifecycle;
+mod observability;
 mod policy;
 mod resilience;
 mod routing;

@@ -113,9 +113,11 @@ impl SidecarProc {
     }
 
     fn spawn_cmd(mut cmd: Command, env: &[(&str, &str)]) -> SidecarProc {
+        // The test's own environment comes last, so that it may set
+        // PYLON_LOG too.
         let mut child = cmd
-            .envs(env.iter().copied())
             .env("PYLON_LOG", "info,pylon=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,408 @@
+//! What the control plane tells operators: Prometheus metrics (applies,
+//! pushes, ACKs and NACKs, connected sidecars, certificates issued and
+//! refused, CA and policy versions, gRPC calls by method and status), served
+//! as text on an opt-in HTTP listener (`--metrics-listen`) and exported over
+//! OTLP (`--otlp-endpoint`), and a trace span per gRPC call (continuing the
+//! caller's `traceparent`) exported over OTLP.
+//!
+//! Everything hooks in at the service layer ([`RpcLayer`] on the tonic
+//! server) or at the points where the server already records what happened;
+//! the identity and CA logic know nothing of it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status as SpanStatus, Tracer as _, TracerProvider as _,
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// gRPC services whose methods may appear as label values; anything else
+/// is `other`, so that callers cannot grow the label set.
+const SERVICES: [&str; 3] = [
+    "pylon.v1.PolicyAdmin",
+    "pylon.v1.Discovery",
+    "pylon.v1.Identity",
+];
+const ISSUE_CERTIFICATE: &str = "/pylon.v1.Identity/IssueCertificate";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    /// `PolicyAdmin/Apply`, or `other`.
+    method: String,
+    /// The gRPC status name the call ended with (at its response head).
+    code: &'static str,
+}
+
+/// The control plane's metrics.
+pub struct ControlMetrics {
+    registry: Registry,
+    pub(crate) applies: Counter,
+    pub(crate) pushes: Counter,
+    pub(crate) acks: Counter,
+    pub(crate) nacks: Counter,
+    certificates_issued: Counter,
+    certificates_refused: Counter,
+    rpcs: Family<RpcLabels, Counter>,
+    pub(crate) connected_sidecars: Gauge,
+    pub(crate) policy_version: Gauge,
+    pub(crate) ca_version: Gauge,
+    pub(crate) trust_bundle_roots: Gauge,
+    pub(crate) otlp_export_failures: Counter,
+}
+
+impl ControlMetrics {
+    pub fn new() -> Arc<ControlMetrics> {
+        let mut registry = Registry::with_prefix("pylon_control");
+        let m = ControlMetrics {
+            registry: Registry::default(),
+            applies: Counter::default(),
+            pushes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            certificates_issued: Counter::default(),
+            certificates_refused: Counter::default(),
+            rpcs: Family::default(),
+            connected_sidecars: Gauge::default(),
+            policy_version: Gauge::default(),
+            ca_version: Gauge::default(),
+            trust_bundle_roots: Gauge::default(),
+            otlp_export_failures: Counter::default(),
+        };
+        registry.register(
+            "applies",
+            "Apply calls that changed or confirmed the store",
+            m.applies.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Policy snapshots sent to sidecars",
+            m.pushes.clone(),
+        );
+        registry.register("acks", "Snapshots sidecars acknowledged", m.acks.clone());
+        registry.register("nacks", "Snapshots sidecars refused", m.nacks.clone());
+        registry.register(
+            "certificates_issued",
+            "Workload certificates signed",
+            m.certificates_issued.clone(),
+        );
+        registry.register(
+            "certificates_refused",
+            "Certificate requests refused (bad token, CSR or identity)",
+            m.certificates_refused.clone(),
+        );
+        registry.register(
+            "rpc_requests",
+            "gRPC calls by method and status",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "connected_sidecars",
+            "Sidecars with an open policy stream",
+            m.connected_sidecars.clone(),
+        );
+        registry.register(
+            "policy_version",
+            "The policy version being published",
+            m.policy_version.clone(),
+        );
+        registry.register(
+            "ca_version",
+            "Changes to the mesh CA in this process (from 1)",
+            m.ca_version.clone(),
+        );
+        registry.register(
+            "trust_bundle_roots",
+            "Certificates in the trust bundle",
+            m.trust_bundle_roots.clone(),
+        );
+        registry.register(
+            "otlp_metrics_export_failures",
+            "OTLP metric exports that failed (collector refused, unreachable or too slow)",
+            m.otlp_export_failures.clone(),
+        );
+        Arc::new(ControlMetrics { registry, ..m })
+    }
+
+    /// Prometheus text of every metric (gauges as last set).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn record_rpc(&self, path: &str, code: i32) {
+        let method = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+            Some((service, method)) if SERVICES.contains(&service) => {
+                let short = service.rsplit('.').next().unwrap_or(service);
+                format!("{short}/{method}")
+            }
+            _ => "other".to_string(),
+        };
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        if path == ISSUE_CERTIFICATE {
+            if code == 0 {
+                self.certificates_issued.inc();
+            } else {
+                self.certificates_refused.inc();
+            }
+        }
+    }
+}
+
+fn code_name(code: i32) -> &'static str {
+    u8::try_from(code)
+        .ok()
+        .and_then(pylon_proto::policy::GrpcCode::from_u8)
+        .map_or("UNKNOWN", |c| c.as_str())
+}
+
+/// Serves `GET /metrics` (Prometheus text from `scrape`) on `listener`
+/// until the task is dropped. A deliberately small HTTP/1.1 responder: one
+/// request per connection.
+pub async fn serve_metrics<F>(listener: TcpListener, scrape: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let scrape = Arc::new(scrape);
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    let n = tcp.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                std::io::Result::Ok(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&head);
+            let mut words = line.split_whitespace();
+            let (status, content_type, body) = match (words.next(), words.next()) {
+                (Some("GET"), Some("/metrics")) => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    scrape(),
+                ),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tcp.write_all(response.as_bytes()).await;
+            let _ = tcp.shutdown().await;
+        });
+    }
+}
+
+/// A tracer exporting spans over OTLP/gRPC to `endpoint` in batches.
+pub fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("pylon-control")
+                .build(),
+        )
+        .build())
+}
+
+/// Counts every gRPC call and, with a tracer, wraps it in a server span.
+#[derive(Clone)]
+pub struct RpcLayer {
+    metrics: Arc<ControlMetrics>,
+    tracer: Option<Arc<SdkTracer>>,
+}
+
+impl RpcLayer {
+    pub fn new(metrics: Arc<ControlMetrics>, tracer: Option<&SdkTracerProvider>) -> Self {
+        RpcLayer {
+            metrics,
+            tracer: tracer.map(|p| Arc::new(p.tracer("pylon-control"))),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> RpcService<S> {
+        RpcService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    layer: RpcLayer,
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The gRPC status of a response head: `grpc-status` when the call ended
+/// there (an error), else OK (a unary success sends it in trailers; a
+/// stream is counted when it starts).
+fn head_status<B>(resp: &http::Response<B>) -> i32 {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if resp.status() == http::StatusCode::OK {
+            0
+        } else {
+            2
+        })
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RpcService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let span = self.layer.tracer.as_ref().map(|tracer| {
+            let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
+            let (service, method) = path
+                .strip_prefix('/')
+                .and_then(|p| p.split_once('/'))
+                .unwrap_or(("", ""));
+            tracer
+                .span_builder(path.clone())
+                .with_kind(SpanKind::Server)
+                .with_attributes([
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", service.to_string()),
+                    KeyValue::new("rpc.method", method.to_string()),
+                ])
+                .start_with_context(tracer.as_ref(), &parent)
+        });
+        let metrics = self.layer.metrics.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = call.await;
+            let code = match &result {
+                Ok(resp) => head_status(resp),
+                Err(_) => 2,
+            };
+            metrics.record_rpc(&path, code);
+            if let Some(mut span) = span {
+                span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                if code != 0 {
+                    span.set_status(SpanStatus::error(code_name(code)));
+                }
+                span.end();
+            }
+            result
+        })
+    }
+}
+
+/// The labelled values of a text exposition, by sample name, for tests.
+#[cfg(test)]
+fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Where the control plane's telemetry goes.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// Serve Prometheus text at `http://ADDR/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export metrics and traces over OTLP/gRPC (`http://collector:4317`).
+    pub otlp_endpoint: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_labels_are_bounded_and_issuance_is_counted_from_the_status() {
+        let m = ControlMetrics::new();
+        m.record_rpc("/pylon.v1.PolicyAdmin/Apply", 0);
+        m.record_rpc(ISSUE_CERTIFICATE, 0);
+        m.record_rpc(ISSUE_CERTIFICATE, 7);
+        m.record_rpc("/evil.Service/x1", 12);
+        m.record_rpc("/evil.Service/x2", 12);
+        let s = samples(&m.encode());
+        let get = |k: &str| s.get(k).copied().unwrap_or(-1.0);
+        assert_eq!(
+            get("pylon_control_rpc_requests_total{method=\"PolicyAdmin/Apply\",code=\"OK\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("pylon_control_rpc_requests_total{method=\"other\",code=\"UNIMPLEMENTED\"}"),
+            2.0
+        );
+        assert_eq!(get("pylon_control_certificates_issued_total"), 1.0);
+        assert_eq!(get("pylon_control_certificates_refused_total"), 1.0);
+    }
+}

@@ -1,0 +1,825 @@
+//! Metrics and logs as operators see them: OTLP metric points at a real
+//! OTLP/gRPC receiver started here, the same names at `/metrics`, the log
+//! filter changed at run time, JSON logs, and the control plane's metrics.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
+use pylon_proto::v1::EchoRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Request;
+
+use crate::common::chaos::ChaosServer;
+use crate::common::control::ControlProc;
+use crate::common::echo::echo_client;
+use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, admin_get, sidecar_config};
+
+/// An OTLP/gRPC metrics receiver on a free loopback port that keeps every
+/// request it is sent.
+struct Receiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    spans: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Default)]
+struct Keep(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[derive(Clone, Default)]
+struct KeepSpans(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for KeepSpans {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Keep {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keep = Keep::default();
+        let got = keep.0.clone();
+        let keep_spans = KeepSpans::default();
+        let spans = keep_spans.0.clone();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(MetricsServiceServer::new(keep))
+                .add_service(TraceServiceServer::new(keep_spans))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Receiver {
+            addr,
+            got,
+            spans,
+            task,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The newest export's metric called `name`, if any export had one.
+    fn latest(&self, name: &str) -> Option<Metric> {
+        let got = self.got.lock().unwrap();
+        got.iter().rev().find_map(|req| {
+            req.resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| &sm.metrics)
+                .find(|m| m.name == name)
+                .cloned()
+        })
+    }
+
+    /// Every metric name of the newest export.
+    fn names(&self) -> Vec<String> {
+        let got = self.got.lock().unwrap();
+        got.last()
+            .map(|req| {
+                req.resource_metrics
+                    .iter()
+                    .flat_map(|rm| &rm.scope_metrics)
+                    .flat_map(|sm| &sm.metrics)
+                    .map(|m| m.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Polls until `check` holds of the exports received, or panics.
+    async fn wait_for(&self, what: &str, check: impl Fn(&Receiver) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !check(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the receiver never got {what}; it has: {:?}",
+                self.names()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sum of a counter's points, or of a histogram's counts, whose
+/// attributes include every `(key, value)` of `with`.
+fn total(metric: &Metric, with: &[(&str, &str)]) -> u64 {
+    let matches = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
+        with.iter().all(|(k, v)| {
+            attrs.iter().any(|kv| {
+                kv.key == *k
+                    && matches!(
+                        kv.value.as_ref().and_then(|a| a.value.as_ref()),
+                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == v
+                    )
+            })
+        })
+    };
+    match &metric.data {
+        Some(metric::Data::Sum(sum)) => sum
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(n)) => n as u64,
+                Some(number_data_point::Value::AsDouble(d)) => d as u64,
+                None => 0,
+            })
+            .sum(),
+        Some(metric::Data::Gauge(g)) => g
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(n)) => n as u64,
+                Some(number_data_point::Value::AsDouble(d)) => d as u64,
+                None => 0,
+            })
+            .sum(),
+        Some(metric::Data::Histogram(h)) => h
+            .data_points
+            .iter()
+            .filter(|p| matches(&p.attributes))
+            .map(|p| p.count)
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn count(receiver: &Receiver, name: &str, with: &[(&str, &str)]) -> u64 {
+    receiver.latest(name).map_or(0, |m| total(&m, with))
+}
+
+/// A sidecar with identity files in `dir`, `policy`, and extra environment.
+fn sidecar(dir: &Path, policy: &str, env: &[(&str, &str)]) -> SidecarProc {
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let files = ca.write_identity(dir, "client", CLIENT_ID).unwrap();
+    let policy_path = dir.join("policy.yaml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let cfg = dir.join("client.yaml");
+    let app: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    std::fs::write(&cfg, sidecar_config(&files, &policy_path, app)).unwrap();
+    SidecarProc::spawn_with_env(&cfg, env)
+}
+
+/// A gRPC route `svc.test` to backend `svc` over `endpoints`, retrying
+/// UNAVAILABLE, with outlier detection.
+fn resilient_policy(endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {{ name: svc }}
+spec:
+  protocol: grpc
+  endpoints: {{ static: [{}] }}
+---
+apiVersion: pylon.dev/v1
+kind: GRPCRoute
+metadata: {{ name: svc }}
+spec:
+  hostnames: [\"svc.test\"]
+  rules:
+    - backendRefs: [{{ name: svc }}]
+      retry: {{ attempts: 3, codes: [UNAVAILABLE], backoff: {{ base: 1ms, max: 5ms }} }}
+---
+apiVersion: pylon.dev/v1
+kind: BackendTrafficPolicy
+metadata: {{ name: svc }}
+spec:
+  targetRefs: [{{ kind: Backend, name: svc }}]
+  loadBalancer: {{ type: RoundRobin }}
+  outlierDetection: {{ consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }}
+",
+        list.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_retries_and_ejections_reach_an_otlp_receiver_under_the_names_of_metrics() {
+    let receiver = Receiver::start().await;
+    let bad = ChaosServer::start("bad").await;
+    bad.set_mode("status=14");
+    let good = ChaosServer::start("good").await;
+    let dir = TempDir::new("otlp-metrics");
+    let endpoint = receiver.endpoint();
+    let sidecar = sidecar(
+        dir.path(),
+        &resilient_policy(&[bad.addr, good.addr]),
+        &[
+            ("PYLON_TELEMETRY_OTLP_ENDPOINT", &endpoint),
+            ("PYLON_TELEMETRY_OTLP_METRICS_INTERVAL", "200ms"),
+            ("PYLON_TELEMETRY_SERVICE_NAME", "obs-client"),
+        ],
+    );
+    sidecar.wait_ready().await;
+    let mut client = echo_client(sidecar.outbound, "svc.test").await;
+    for _ in 0..20 {
+        let req = Request::new(EchoRequest {
+            payload: b"x".to_vec(),
+            ..Default::default()
+        });
+        client.unary(req).await.expect("retries keep callers whole");
+    }
+
+    let route = [("route", "GRPCRoute/svc"), ("backend", "Backend/svc")];
+    let ok = [("status", "OK")];
+    let svc = [("backend", "Backend/svc")];
+    receiver
+        .wait_for("20 OK requests, a retry and an ejection", |r| {
+            count(r, "pylon_outbound_requests", &[route[0], route[1], ok[0]]) == 20
+                && count(r, "pylon_outbound_request_duration_seconds", &route) == 20
+                && count(r, "pylon_retries", &svc) >= 1
+                && count(r, "pylon_outlier_ejections", &svc) == 1
+                && count(r, "pylon_outlier_ejections_active", &svc) == 1
+        })
+        .await;
+    let resource = {
+        let got = receiver.got.lock().unwrap();
+        got.last().unwrap().resource_metrics[0]
+            .resource
+            .clone()
+            .unwrap()
+    };
+    assert!(
+        format!("{resource:?}").contains("obs-client"),
+        "service.name: {resource:?}"
+    );
+
+    // The same figures under the same names at /metrics.
+    let (status, text) = admin_get(sidecar.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for name in receiver.names() {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} is exported over OTLP but not served at /metrics:\n{text}"
+        );
+    }
+    let retries = count(&receiver, "pylon_retries", &svc);
+    assert!(
+        sidecar
+            .metric("pylon_retries_total{backend=\"Backend/svc\"}")
+            .await
+            >= retries
+    );
+    assert_eq!(
+        sidecar
+            .metric(
+                "pylon_outbound_requests_total{route=\"GRPCRoute/svc\",backend=\"Backend/svc\",status=\"OK\"}"
+            )
+            .await,
+        20
+    );
+    assert_eq!(
+        sidecar
+            .metric("pylon_connections_active{direction=\"outbound\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_absent_collector_slows_no_call() {
+    // Nothing listens on the collector's port: export fails, calls do not.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let good = ChaosServer::start("good").await;
+    let dir = TempDir::new("otlp-absent");
+    let sidecar = sidecar(
+        dir.path(),
+        &resilient_policy(&[good.addr]),
+        &[
+            ("PYLON_TELEMETRY_OTLP_ENDPOINT", &endpoint),
+            ("PYLON_TELEMETRY_OTLP_METRICS_INTERVAL", "100ms"),
+        ],
+    );
+    sidecar.wait_ready().await;
+    let mut client = echo_client(sidecar.outbound, "svc.test").await;
+    let started = tokio::time::Instant::now();
+    for _ in 0..20 {
+        let req = Request::new(EchoRequest::default());
+        client.unary(req).await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Failed exports are counted (and exported with the rest, once a
+    // collector answers), and logged once per outage.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sidecar
+        .metric("pylon_otlp_metrics_export_failures_total")
+        .await
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", sidecar.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sidecar.logs().matches("OTLP metrics export failed").count()
+            + sidecar
+                .logs()
+                .matches("OTLP metrics export timed out")
+                .count(),
+        1,
+        "{}",
+        sidecar.logs()
+    );
+}
+
+/// `method path` on an admin address with `body`; returns status and body.
+async fn admin_send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An HTTP call through the outbound listener that no route matches: the
+/// proxy logs it at debug level.
+async fn unrouted_call(sidecar: &SidecarProc) {
+    let (status, _) = admin_send(sidecar.outbound, "GET", "/nowhere", "").await;
+    assert_eq!(status, 404);
+}
+
+const UNROUTED_LOG: &str = "request failed in the proxy";
+
+async fn wait_logged(sidecar: &SidecarProc, needle: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !sidecar.logs().contains(needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {needle:?}:\n{}",
+            sidecar.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing() {
+    let dir = TempDir::new("log-level");
+    let sidecar = sidecar(dir.path(), "", &[("PYLON_LOG", "info")]);
+    sidecar.wait_ready().await;
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "info\n".to_string())
+    );
+
+    unrouted_call(&sidecar).await;
+    // The response came after the record would have been written.
+    assert!(!sidecar.logs().contains(UNROUTED_LOG), "{}", sidecar.logs());
+
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=debug").await;
+    assert_eq!((status, body.as_str()), (200, "pylon=debug,info\n"));
+    wait_logged(&sidecar, "log filter changed on the admin API").await;
+    unrouted_call(&sidecar).await;
+    wait_logged(&sidecar, UNROUTED_LOG).await;
+
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=shouty").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid filter directive"), "{body}");
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "pylon=debug,info\n".to_string())
+    );
+
+    let (status, _) = admin_send(sidecar.admin, "PUT", "/log-level", "warn").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        admin_get(sidecar.admin, "/log-level").await.unwrap(),
+        (200, "warn\n".to_string())
+    );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let dir = TempDir::new("json-logs");
+    let sidecar = sidecar(dir.path(), "", &[("PYLON_TELEMETRY_LOG_FORMAT", "json")]);
+    sidecar.wait_ready().await;
+    unrouted_call(&sidecar).await;
+    wait_logged(&sidecar, UNROUTED_LOG).await;
+    let logs = sidecar.logs();
+    let mut messages = Vec::new();
+    for line in logs.lines() {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(record["timestamp"].is_string(), "{line}");
+        assert!(record["level"].is_string(), "{line}");
+        messages.push(
+            record["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert!(
+        messages.iter().any(|m| m.starts_with("listening admin=")),
+        "{messages:?}"
+    );
+    let unrouted = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["fields"]["message"] == UNROUTED_LOG)
+        .unwrap();
+    assert_eq!(unrouted["level"], "DEBUG");
+    assert_eq!(unrouted["fields"]["code"], "no-route");
+}
+
+#[tokio::test]
+async fn control_plane_metrics_count_an_apply_and_an_ack() {
+    let dir = TempDir::new("control-metrics");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let control = ControlProc::spawn_with(
+        &dir.path().join("data"),
+        listen,
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    // Logged before the control plane says it listens.
+    let logs = control.logs();
+    let metrics_addr: SocketAddr = logs
+        .split("serving metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address logged:\n{logs}"));
+    let version = control.apply(
+        "apiVersion: pylon.dev/v1
+kind: Backend
+metadata: { name: svc }
+spec:
+  protocol: grpc
+  endpoints: { static: [\"127.0.0.1:9\"] }
+",
+    );
+    let version: u64 = version.trim().parse().unwrap_or(1);
+
+    // A sidecar streams the policy and ACKs it.
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
+    let token = control.token_file(dir.path(), "client", CLIENT_ID);
+    let cfg = dir.path().join("client.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}
+outbound: {{ listen: \"127.0.0.1:0\" }}
+inbound: {{ listen: \"127.0.0.1:0\", app: \"127.0.0.1:9\" }}
+identity:
+  files: {{ cert: {:?}, key: {:?}, trustBundle: {:?} }}
+policy: {{ controlPlane: {{}} }}
+controlPlane: {{ address: {:?}, caFile: {:?}, tokenFile: {:?} }}
+stateDir: {:?}
+",
+            files.cert,
+            files.key,
+            files.trust_bundle,
+            control.address(),
+            control.ca_file(),
+            token,
+            dir.path().join("state"),
+        ),
+    )
+    .unwrap();
+    let sidecar = SidecarProc::spawn(&cfg);
+    sidecar.wait_ready().await;
+    control.wait_acked(&[CLIENT_ID], version).await;
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let scraped = admin_get(metrics_addr, "/metrics").await;
+        if let Ok((200, text)) = &scraped {
+            let value = |sample: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if value("pylon_control_applies_total") >= 1.0
+                && value("pylon_control_acks_total") >= 1.0
+                && value("pylon_control_connected_sidecars") >= 1.0
+            {
+                assert!(text.contains("pylon_control_pushes_total"), "{text}");
+                assert!(text.contains("pylon_control_nacks_total"), "{text}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no apply and ACK counted:\n{text}"
+            );
+        } else {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no metrics: {scraped:?}\n{}",
+                control.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(sidecar);
+}
+
+#[test]
+fn the_collector_config_wires_every_pipeline_to_defined_components() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/otel-collector.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    let defined = |section: &str, name: &str| config[section].get(name).is_some();
+    let pipelines = config["service"]["pipelines"].as_object().unwrap();
+    assert!(pipelines.contains_key("traces") && pipelines.contains_key("metrics"));
+    for (pipeline, spec) in pipelines {
+        for section in ["receivers", "processors", "exporters"] {
+            let names = spec[section].as_array().unwrap();
+            assert!(
+                !names.is_empty() || section == "processors",
+                "{pipeline}.{section}"
+            );
+            for name in names {
+                let name = name.as_str().unwrap();
+                assert!(
+                    defined(section, name),
+                    "pipeline {pipeline} uses {section} {name}, which is not defined"
+                );
+            }
+        }
+        let processors = spec["processors"].as_array().unwrap();
+        assert_eq!(
+            processors[0], "memory_limiter",
+            "{pipeline}: memory_limiter first"
+        );
+        assert_eq!(
+            processors.last().unwrap(),
+            "batch",
+            "{pipeline}: batch last"
+        );
+    }
+    for name in config["service"]["extensions"].as_array().unwrap() {
+        assert!(defined("extensions", name.as_str().unwrap()));
+    }
+    let otlp = &config["receivers"]["otlp"]["protocols"];
+    assert_eq!(otlp["grpc"]["endpoint"], "0.0.0.0:4317");
+    assert_eq!(otlp["http"]["endpoint"], "0.0.0.0:4318");
+    assert_eq!(
+        config["exporters"]["prometheus"]["endpoint"],
+        "0.0.0.0:8889"
+    );
+    assert_eq!(pipelines["metrics"]["exporters"][0], "prometheus");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
+    let receiver = Receiver::start().await;
+    let endpoint = receiver.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pylon"))
+            .args(["demo", "--duration", "2s", "--rps", "50", "--otlp"])
+            .arg(endpoint)
+            .env_remove("PYLON_LOG")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: Vec<String> = receiver
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| &r.resource_metrics)
+        .map(|rm| format!("{:?}", rm.resource))
+        .collect();
+    for service in ["\"client\"", "\"greeter-1\"", "\"pylon-control\""] {
+        assert!(
+            services.iter().any(|s| s.contains(service)),
+            "no metrics from {service}: {services:?}"
+        );
+    }
+    // The control plane's API spans are flushed when it stops.
+    let spans = format!("{:?}", receiver.spans.lock().unwrap());
+    assert!(spans.contains("pylon-control"), "{spans}");
+    assert!(
+        spans.contains("/pylon.v1.Identity/IssueCertificate"),
+        "{spans}"
+    );
+    assert!(spans.contains("rpc.system"), "{spans}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_api_spans_continue_the_callers_trace() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let receiver = Receiver::start().await;
+    let dir = TempDir::new("control-traces");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let endpoint = receiver.endpoint();
+    let control = ControlProc::spawn_with(
+        &dir.path().join("data"),
+        listen,
+        &["--otlp-endpoint", &endpoint],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    let bundle = std::fs::read_to_string(control.ca_file()).unwrap();
+    for cert in pylon::identity::certs_from_pem(&bundle).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let tls = pylon_proto::client::client_config(roots, None).unwrap();
+    let channel = pylon_proto::client::lazy_channel(&control.address(), tls).unwrap();
+    let mut admin = pylon_proto::v1::policy_admin_client::PolicyAdminClient::new(channel);
+    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut req = Request::new(pylon_proto::v1::StatusRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
+    );
+    admin.status(req).await.unwrap();
+
+    // Spans leave in batches (every 5 s by default).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let span = loop {
+        let found = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
+            .cloned();
+        if let Some(span) = found {
+            break span;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no span for Status:\n{}",
+            control.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent_id);
+    let attr = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    assert_eq!(attr("rpc.system"), Some(Value::StringValue("grpc".into())));
+    assert_eq!(
+        attr("rpc.service"),
+        Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
+    );
+    assert_eq!(
+        attr("rpc.method"),
+        Some(Value::StringValue("Status".into()))
+    );
+    assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
+}
+
+#[tokio::test]
+async fn red_metrics_on_both_sides_of_a_mesh_call_and_state_gauges() {
+    let app = crate::common::echo::start_echo().await;
+    let mesh = crate::common::Mesh::start(app.addr).await;
+    let mut client = echo_client(mesh.client.outbound, "echo.test").await;
+    for _ in 0..3 {
+        client
+            .unary(Request::new(EchoRequest::default()))
+            .await
+            .unwrap();
+    }
+    let mut web = echo_client(mesh.client.outbound, "nowhere.test").await;
+    let status = web
+        .unary(Request::new(EchoRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    let route = "route=\"GRPCRoute/echo\",backend=\"Backend/app\"";
+    assert_eq!(
+        mesh.client
+            .metric(&format!(
+                "pylon_outbound_requests_total{{{route},status=\"OK\"}}"
+            ))
+            .await,
+        3
+    );
+    assert_eq!(
+        mesh.client
+            .metric(&format!(
+                "pylon_outbound_request_duration_seconds_count{{{route}}}"
+            ))
+            .await,
+        3
+    );
+    // The server side counts when the response body ends: poll.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while mesh
+        .server
+        .metric("pylon_inbound_requests_total{status=\"OK\"}")
+        .await
+        != 3
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        mesh.server
+            .metric("pylon_inbound_request_duration_seconds_count")
+            .await,
+        3
+    );
+    assert_eq!(
+        mesh.server
+            .metric("pylon_connections_active{direction=\"inbound\"}")
+            .await,
+        1,
+        "one pooled mTLS connection from the client sidecar"
+    );
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = mesh
+        .client
+        .metric("pylon_certificate_expiry_timestamp_seconds")
+        .await;
+    // The test CA issues long-lived certificates.
+    assert!(expiry > now, "{expiry}");
+    assert_eq!(mesh.client.metric("pylon_policy_installed").await, 1);
+    assert_eq!(mesh.client.metric("pylon_trust_bundle_roots").await, 1);
+    let (_, text) = admin_get(mesh.client.admin, "/metrics").await.unwrap();
+    assert!(
+        text.contains("\npylon_control_plane_connected 0\n"),
+        "a policy file has no control plane:\n{text}"
+    );
+}
