@@ -71,6 +71,8 @@ const ROW_INTERVAL: Duration = Duration::from_secs(1);
 const OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(2);
 /// The greeter backend's name in metric labels.
 const GREETER_BACKEND: &str = "Backend/greeter";
+/// The greeter route, as the client sidecar's metrics label it.
+const GREETER_ROUTE: &str = "GRPCRoute/greeter";
 /// Greeter instances, each behind its own server sidecar.
 const GREETERS: usize = 3;
 /// The scenario, by elapsed time.
@@ -165,7 +167,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let mut steps = SCENARIO.iter().peekable();
-    let mut retries_before = 0;
+    let mut before = SidecarCounts::default();
+    let mut row_started = Instant::now();
     // A version applied, and when, until every sidecar acknowledged it.
     let mut awaiting: Option<(u64, Instant)> = None;
     let why = loop {
@@ -194,15 +197,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     steps.next();
                     events.push(mesh.take(step, &mut awaiting).await);
                 }
-                let (retries, ejected) = mesh.backend_counts();
+                let now = mesh.sidecar_counts();
                 print_row(
                     &run.progress(),
-                    retries - retries_before,
-                    ejected,
+                    &now,
+                    &before,
+                    row_started.elapsed(),
                     &mesh.client.policy.load().version,
                     &events.join("; "),
                 );
-                retries_before = retries;
+                before = now;
+                row_started = Instant::now();
             }
             () = &mut deadline => break "duration reached",
         }
@@ -612,21 +617,8 @@ impl DemoMesh {
     /// What the client sidecar's metrics say of backend `greeter`: retries
     /// sent so far and endpoints ejected now. Read from the same Prometheus
     /// text that `/metrics` serves and the OTLP export sends.
-    fn backend_counts(&self) -> (u64, usize) {
-        let text = self.client.scrape();
-        let value = |sample: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (
-            value(&format!(
-                "pylon_retries_total{{backend=\"{GREETER_BACKEND}\"}}"
-            )) as u64,
-            value(&format!(
-                "pylon_outlier_ejections_active{{backend=\"{GREETER_BACKEND}\"}}"
-            )) as usize,
-        )
+    fn sidecar_counts(&self) -> SidecarCounts {
+        SidecarCounts::from_metrics(&self.client.scrape())
     }
 
     /// Stops the callers before the called: client sidecar, server sidecars,
@@ -800,7 +792,7 @@ fn print_header(
     );
     println!();
     println!(
-        "Sending {until}. Latency is measured from each request's intended send time (open loop)."
+        "Sending {until}. rps, success, requests, retries and ejected are the client sidecar's\nmetrics (pylon_outbound_requests_total, pylon_retries_total, pylon_outlier_ejections_active);\nlatency is the load generator's, from each request's intended send time (open loop)."
     );
     println!();
 }
@@ -813,22 +805,75 @@ fn percent(p: Option<f64>) -> String {
     p.map_or_else(|| "-".to_string(), |p| format!("{p:.2}%"))
 }
 
-fn print_row(progress: &Progress, retries: u64, ejected: usize, policy: &str, event: &str) {
-    let interval = &progress.interval;
-    let (p50, p99) = match &interval.latency {
+/// What the client sidecar's metrics say (the text `/metrics` serves and
+/// the OTLP export sends): its calls on the greeter route, retries, and
+/// endpoints ejected now.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct SidecarCounts {
+    calls: u64,
+    ok: u64,
+    retries: u64,
+    ejected: u64,
+}
+
+impl SidecarCounts {
+    fn from_metrics(text: &str) -> SidecarCounts {
+        let mut c = SidecarCounts::default();
+        for line in text.lines() {
+            let Some((sample, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let value = value as u64;
+            if sample.starts_with("pylon_outbound_requests_total{")
+                && sample.contains(&format!("route=\"{GREETER_ROUTE}\""))
+            {
+                c.calls += value;
+                if sample.contains("status=\"OK\"") {
+                    c.ok += value;
+                }
+            } else if sample == format!("pylon_retries_total{{backend=\"{GREETER_BACKEND}\"}}") {
+                c.retries = value;
+            } else if sample
+                == format!("pylon_outlier_ejections_active{{backend=\"{GREETER_BACKEND}\"}}")
+            {
+                c.ejected = value;
+            }
+        }
+        c
+    }
+}
+
+/// One row: calls, success and retries from the client sidecar's metrics
+/// over the row's interval; latency from the load generator (measured from
+/// each request's intended send time).
+fn print_row(
+    progress: &Progress,
+    now: &SidecarCounts,
+    before: &SidecarCounts,
+    interval: Duration,
+    policy: &str,
+    event: &str,
+) {
+    let (p50, p99) = match &progress.interval.latency {
         Some(l) => (millis(l.p50), millis(l.p99)),
         None => ("-".to_string(), "-".to_string()),
     };
+    let calls = now.calls.saturating_sub(before.calls);
+    let ok = now.ok.saturating_sub(before.ok);
+    let success = (calls > 0).then(|| 100.0 * ok as f64 / calls as f64);
     println!(
         "{:>7}s {:>9.1} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>7}  {}",
         progress.elapsed.as_secs_f64().round(),
-        interval.rps(),
-        percent(interval.success_percent()),
+        calls as f64 / interval.as_secs_f64().max(1e-3),
+        percent(success),
         p50,
         p99,
-        progress.total.requests,
-        retries,
-        ejected,
+        now.calls,
+        now.retries.saturating_sub(before.retries),
+        now.ejected,
         policy,
         event
     );
@@ -868,6 +913,28 @@ fn print_summary(report: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_reads_the_client_sidecars_metrics() {
+        let text = "# TYPE pylon_outbound_requests counter
+pylon_outbound_requests_total{route=\"GRPCRoute/greeter\",backend=\"Backend/greeter\",status=\"OK\"} 90
+pylon_outbound_requests_total{route=\"GRPCRoute/greeter\",backend=\"Backend/greeter-v2\",status=\"OK\"} 8
+pylon_outbound_requests_total{route=\"GRPCRoute/greeter\",backend=\"Backend/greeter\",status=\"UNAVAILABLE\"} 2
+pylon_outbound_requests_total{route=\"HTTPRoute/other\",backend=\"Backend/x\",status=\"2xx\"} 7
+pylon_retries_total{backend=\"Backend/greeter\"} 5
+pylon_retries_total{backend=\"Backend/greeter-v2\"} 1
+pylon_outlier_ejections_active{backend=\"Backend/greeter\"} 1
+";
+        assert_eq!(
+            SidecarCounts::from_metrics(text),
+            SidecarCounts {
+                calls: 100,
+                ok: 98,
+                retries: 5,
+                ejected: 1
+            }
+        );
+    }
 
     #[test]
     fn run_duration_takes_policy_spelling_and_refuses_zero() {

@@ -89,8 +89,18 @@ impl EndpointLoad {
 
     /// What sending one more request here is expected to cost: the latency
     /// estimate times (requests in flight + 1). Lower is better.
+    ///
+    /// An endpoint that has not answered yet costs nothing while idle and
+    /// [`DEFAULT_RTT`] per request in flight: it is probed with one request
+    /// at a time until its first answer gives it an estimate. (Pricing it
+    /// at the default alone would starve it next to endpoints answering
+    /// faster than the default: a new endpoint would never be tried.)
     pub fn cost(&self, now: Instant) -> f64 {
-        self.estimate_nanos(now) * f64::from(self.in_flight().saturating_add(1))
+        let in_flight = self.in_flight();
+        match self.sample_state(now) {
+            None => DEFAULT_RTT.as_nanos() as f64 * f64::from(in_flight),
+            Some((estimate, weight)) => estimate * weight * f64::from(in_flight.saturating_add(1)),
+        }
     }
 
     fn estimate_nanos(&self, now: Instant) -> f64 {
@@ -377,13 +387,46 @@ mod tests {
         let load = Arc::new(EndpointLoad::new());
         let t0 = Instant::now();
         let default = DEFAULT_RTT.as_nanos() as f64;
-        assert_eq!(load.cost(t0), default);
+        // Not answered yet: free while idle, the default per request out.
+        assert_eq!(load.cost(t0), 0.0);
         let guards: Vec<_> = (0..3).map(|_| load.begin()).collect();
         assert_eq!(load.in_flight(), 3);
-        assert_eq!(load.cost(t0), default * 4.0);
+        assert_eq!(load.cost(t0), default * 3.0);
         drop(guards);
-        assert_eq!(load.in_flight(), 0);
-        assert_eq!(load.cost(t0), default);
+        load.record(Duration::from_millis(2), t0);
+        let estimate = Duration::from_millis(2).as_nanos() as f64;
+        assert_eq!(load.cost(t0), estimate);
+        let guards: Vec<_> = (0..3).map(|_| load.begin()).collect();
+        assert_eq!(load.cost(t0), estimate * 4.0);
+        drop(guards);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_is_probed_next_to_fast_ones_one_request_at_a_time() {
+        fastrand::seed(7);
+        let all = endpoints(3);
+        let t0 = Instant::now();
+        // Two endpoints answer in 1 ms, far under the default estimate.
+        for e in &all[..2] {
+            e.load.record(Duration::from_millis(1), t0);
+        }
+        let lb = LoadBalancerType::LeastRequest;
+        let turn = AtomicUsize::new(0);
+        let mut probes = Vec::new();
+        for _ in 0..50 {
+            let e = pick(lb, &turn, &all, t0, |_| false).unwrap();
+            if std::ptr::eq(e, &all[2]) {
+                // Held: the probe has not answered yet.
+                probes.push(e.load.begin());
+            }
+        }
+        assert_eq!(probes.len(), 1, "one probe while the first is out");
+        drop(probes);
+        all[2].load.record(Duration::from_millis(1), t0);
+        let picked = (0..60)
+            .filter(|_| std::ptr::eq(pick(lb, &turn, &all, t0, |_| false).unwrap(), &all[2]))
+            .count();
+        assert!(picked > 0, "once it answered it takes its share");
     }
 
     #[tokio::test(start_paused = true)]
