@@ -27,15 +27,15 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use std::collections::VecDeque;
+mod support;
+
 use std::fmt::{Display, Write as _};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -49,8 +49,6 @@ use tonic::Request;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-/// How long the control plane may take to report its address.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long all subscribers may take to ACK one version.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the control plane's `Status` may take to show every ACK.
@@ -62,8 +60,6 @@ const CONNECTING_AT_ONCE: usize = 64;
 const TOKEN_WORKERS: usize = 8;
 /// Backends in the policy; one HTTPRoute splits traffic between them.
 const BACKENDS: u32 = 10;
-/// Control plane log lines kept to explain a failure.
-const LOG_TAIL: usize = 50;
 /// `/proc/<pid>/stat` counts CPU time in these (`USER_HZ`, 100 on Linux).
 const USER_HZ: f64 = 100.0;
 /// File descriptors this process needs besides one per subscriber.
@@ -615,109 +611,40 @@ fn cpu_time(pid: u32) -> Option<Duration> {
 
 /// A `pylon-control serve` process; killed on drop.
 struct ControlProcess {
-    child: Child,
     addr: SocketAddr,
     data_dir: std::path::PathBuf,
-    /// The last lines it logged.
-    log_tail: Arc<Mutex<VecDeque<String>>>,
+    process: support::Logged,
 }
 
 impl ControlProcess {
     /// Starts `pylon-control serve` on a free loopback port and waits until
     /// it has logged its address. Blocking.
     fn spawn(data_dir: &Path) -> anyhow::Result<ControlProcess> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pylon-control"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon-control"));
+        cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
             // Warnings, plus the line that reports the address.
-            .env("PYLON_LOG", "warn,pylon_control::cli=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start pylon-control")?;
-        let Some(stderr) = child.stderr.take() else {
-            bail!("pylon-control has no stderr pipe");
-        };
-        let log_tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let (listening, listening_line) = std_mpsc::channel();
-        let tail = log_tail.clone();
-        // Drains stderr for the life of the process, so that it never blocks
-        // on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening address=") {
-                    let _ = listening.send(line.clone());
-                }
-                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                if tail.len() == LOG_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
-        let addr = listening_line
-            .recv_timeout(START_TIMEOUT)
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "pylon-control did not report its address:\n{}",
-                    joined(&log_tail)
-                )
-            })
-            .and_then(|line| parse_address(&line));
-        match addr {
-            Ok(addr) => Ok(ControlProcess {
-                child,
-                addr,
-                data_dir: data_dir.to_path_buf(),
-                log_tail,
-            }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
+            .env("PYLON_LOG", "warn,pylon_control::cli=info");
+        let (process, line) = support::Logged::spawn(cmd, "pylon-control", "listening address=")?;
+        Ok(ControlProcess {
+            addr: support::field(&line, "address")?,
+            data_dir: data_dir.to_path_buf(),
+            process,
+        })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     fn recent_logs(&self) -> String {
         format!(
             "pylon-control's last log lines:\n{}",
-            joined(&self.log_tail)
+            self.process.recent_logs()
         )
     }
-}
-
-impl Drop for ControlProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn joined(lines: &Mutex<VecDeque<String>>) -> String {
-    let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
-    Vec::from(lines.clone()).join("\n")
-}
-
-/// The address in `listening address=A trust_bundle=... admin_token=...`.
-fn parse_address(line: &str) -> anyhow::Result<SocketAddr> {
-    let key = "address=";
-    let start = line
-        .find(key)
-        .with_context(|| format!("no {key} in {line:?}"))?
-        + key.len();
-    let value = line[start..].split_whitespace().next().unwrap_or_default();
-    value
-        .parse()
-        .with_context(|| format!("address={value:?} in {line:?}"))
 }
 
 fn ms(d: Duration) -> String {

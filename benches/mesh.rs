@@ -24,19 +24,19 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use std::collections::VecDeque;
+mod support;
+
+use support::SidecarProcess;
+
 use std::fmt::Display;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use pylon::admin::BoundAddrs;
+use anyhow::bail;
 use pylon::demo::greeter::RunningGreeter;
 use pylon::demo::{
     CLIENT_ID, GREETER_AUTHORITY, GREETER_ID, Identities, ScratchDir, client_policy,
@@ -44,15 +44,8 @@ use pylon::demo::{
 };
 use pylon::identity::dev::IdentityFiles;
 use pylon::loadgen::{Latency, Load, LoadGenerator, Report, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 
-/// How long a sidecar may take to bind its listeners or become ready.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const READY_POLL: Duration = Duration::from_millis(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Sidecar log lines kept to explain a failure.
-const LOG_TAIL: usize = 50;
 const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(64).expect("64 is not zero");
 const DEFAULT_RPS: NonZeroU32 = NonZeroU32::new(2000).expect("2000 is not zero");
 const DEFAULT_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(4).expect("4 is not zero");
@@ -291,148 +284,6 @@ policy:
 ",
         identity.cert, identity.key, identity.trust_bundle, policy
     )
-}
-
-/// A `pylon proxy` process; killed on drop.
-struct SidecarProcess {
-    name: &'static str,
-    child: Child,
-    addrs: BoundAddrs,
-    /// The last lines it logged.
-    log_tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl SidecarProcess {
-    /// Starts `pylon proxy --config <config>` and waits until it has logged
-    /// its bound addresses. Blocking.
-    fn spawn(name: &'static str, config: &Path) -> anyhow::Result<SidecarProcess> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pylon"))
-            .arg("proxy")
-            .arg("--config")
-            .arg(config)
-            // Warnings, plus the line that reports the bound addresses.
-            .env("PYLON_LOG", "warn,pylon::sidecar=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start pylon proxy")?;
-        let Some(stderr) = child.stderr.take() else {
-            bail!("pylon proxy has no stderr pipe");
-        };
-        let log_tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let (listening, listening_line) = mpsc::channel();
-        let tail = log_tail.clone();
-        // Drains stderr for the life of the process, so that it never blocks
-        // on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening admin=") {
-                    let _ = listening.send(line.clone());
-                }
-                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                if tail.len() == LOG_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
-        let bound = listening_line
-            .recv_timeout(START_TIMEOUT)
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the {name} sidecar did not report its listeners:\n{}",
-                    joined(&log_tail)
-                )
-            })
-            .and_then(|line| parse_listening(&line));
-        match bound {
-            Ok(addrs) => Ok(SidecarProcess {
-                name,
-                child,
-                addrs,
-                log_tail,
-            }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
-    }
-
-    /// Waits until `GET /ready` answers 200.
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut poll = tokio::time::interval(READY_POLL);
-        loop {
-            poll.tick().await;
-            if let Ok(200) = admin_status(self.addrs.admin, "/ready").await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the {} sidecar never became ready:\n{}",
-                    self.name,
-                    self.recent_logs()
-                );
-            }
-        }
-    }
-
-    fn recent_logs(&self) -> String {
-        joined(&self.log_tail)
-    }
-}
-
-fn joined(lines: &Mutex<VecDeque<String>>) -> String {
-    let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
-    Vec::from(lines.clone()).join("\n")
-}
-
-/// The addresses in `listening admin=A outbound=B inbound=C app=D`.
-fn parse_listening(line: &str) -> anyhow::Result<BoundAddrs> {
-    let field = |key: &str| -> anyhow::Result<SocketAddr> {
-        let start = line
-            .find(&format!("{key}="))
-            .with_context(|| format!("no {key}= in {line:?}"))?
-            + key.len()
-            + 1;
-        let value = line[start..].split_whitespace().next().unwrap_or_default();
-        value
-            .parse()
-            .with_context(|| format!("{key}={value:?} in {line:?}"))
-    };
-    Ok(BoundAddrs {
-        admin: field("admin")?,
-        outbound: field("outbound")?,
-        inbound: field("inbound")?,
-    })
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The HTTP status of `GET path` on an admin address.
-async fn admin_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut response = Vec::new();
-    s.read_to_end(&mut response).await?;
-    let status = String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok(status)
 }
 
 fn ms(d: Duration) -> String {
