@@ -29,12 +29,13 @@
 
 mod support;
 
-use std::fmt::{Display, Write as _};
+use support::{env_or, load_average, ms};
+
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::{Command, ExitCode};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,21 +86,6 @@ impl Settings {
             subscribers: env_or("PYLON_FANOUT_SUBSCRIBERS", DEFAULT_SUBSCRIBERS)?,
             applies: env_or("PYLON_FANOUT_APPLIES", DEFAULT_APPLIES)?,
         })
-    }
-}
-
-/// `name` parsed from the environment, or `default` when unset.
-fn env_or<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(e) => bail!("{name}: {e}"),
     }
 }
 
@@ -158,18 +144,6 @@ fn check_fd_limit(subscribers: usize) -> anyhow::Result<()> {
         ),
         _ => Ok(()),
     }
-}
-
-/// The machine's load averages (Linux), to tell whether other work shared
-/// the cores during the run.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
 }
 
 /// What one run measured.
@@ -645,10 +619,6 @@ impl ControlProcess {
             self.process.recent_logs()
         )
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
 /// The nearest-rank `p`th percentile of `values` (not empty).

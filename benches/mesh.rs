@@ -26,70 +26,22 @@
 
 mod support;
 
-use support::SidecarProcess;
+use support::{
+    LoadSettings as Settings, Measured, SidecarProcess, load_average, measure, print_table,
+    sidecar_config,
+};
 
-use std::fmt::Display;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::bail;
 use pylon::demo::greeter::RunningGreeter;
 use pylon::demo::{
-    CLIENT_ID, GREETER_AUTHORITY, GREETER_ID, Identities, ScratchDir, client_policy,
-    resilient_client_policy,
+    CLIENT_ID, GREETER_ID, Identities, ScratchDir, client_policy, resilient_client_policy,
 };
-use pylon::identity::dev::IdentityFiles;
-use pylon::loadgen::{Latency, Load, LoadGenerator, Report, Target};
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(64).expect("64 is not zero");
-const DEFAULT_RPS: NonZeroU32 = NonZeroU32::new(2000).expect("2000 is not zero");
-const DEFAULT_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(4).expect("4 is not zero");
-
-/// What to run, from the environment.
-struct Settings {
-    /// Length of each measured run (`PYLON_BENCH_SECS`).
-    measure: Duration,
-    /// Max-throughput warm-up before each path (`PYLON_BENCH_WARMUP_SECS`).
-    warmup: Duration,
-    /// Concurrent calls of the max-throughput runs (`PYLON_BENCH_CONCURRENCY`).
-    concurrency: NonZeroUsize,
-    /// Rate of the fixed-rate runs (`PYLON_BENCH_RPS`).
-    rps: NonZeroU32,
-    /// HTTP/2 connections from the load generator (`PYLON_BENCH_CONNECTIONS`).
-    connections: NonZeroUsize,
-}
-
-impl Settings {
-    fn from_env() -> anyhow::Result<Settings> {
-        Ok(Settings {
-            measure: Duration::from_secs(env_or("PYLON_BENCH_SECS", 10u64)?),
-            warmup: Duration::from_secs(env_or("PYLON_BENCH_WARMUP_SECS", 2u64)?),
-            concurrency: env_or("PYLON_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY)?,
-            rps: env_or("PYLON_BENCH_RPS", DEFAULT_RPS)?,
-            connections: env_or("PYLON_BENCH_CONNECTIONS", DEFAULT_CONNECTIONS)?,
-        })
-    }
-}
-
-/// `name` parsed from the environment, or `default` when unset.
-fn env_or<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(e) => bail!("{name}: {e}"),
-    }
-}
+use pylon::loadgen::Report;
 
 fn main() -> ExitCode {
     match run() {
@@ -131,85 +83,6 @@ fn run() -> anyhow::Result<()> {
         println!("load average (1, 5, 15 min) before: {before}, after: {after}");
     }
     Ok(())
-}
-
-/// The machine's load averages (Linux), to tell whether other work shared
-/// the cores during the run.
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-}
-
-/// The reports of one path.
-struct Measured {
-    max_throughput: Report,
-    fixed_rate: Report,
-}
-
-async fn measure(label: &str, addr: SocketAddr, settings: &Settings) -> anyhow::Result<Measured> {
-    let target = Target {
-        addr,
-        authority: GREETER_AUTHORITY.to_string(),
-        connections: settings.connections,
-        request_timeout: REQUEST_TIMEOUT,
-    };
-    let generator = LoadGenerator::connect(&target).await?;
-    let closed_loop = Load::MaxThroughput {
-        concurrency: settings.concurrency,
-    };
-    eprintln!("{label}: warm-up, {}s", settings.warmup.as_secs());
-    run_for(&generator, closed_loop, settings.warmup).await?;
-    eprintln!(
-        "{label}: max throughput, {} concurrent, {}s",
-        settings.concurrency,
-        settings.measure.as_secs()
-    );
-    let max_throughput = run_for(&generator, closed_loop, settings.measure).await?;
-    eprintln!("{label}:   {}", one_line(&max_throughput));
-    eprintln!(
-        "{label}: fixed rate, {} rps, {}s",
-        settings.rps,
-        settings.measure.as_secs()
-    );
-    let open_loop = Load::FixedRate {
-        rps: settings.rps,
-        // Enough for a second of backlog: beyond that the path is not
-        // keeping up and skipping says so.
-        max_outstanding: settings.rps,
-    };
-    let fixed_rate = run_for(&generator, open_loop, settings.measure).await?;
-    eprintln!("{label}:   {}", one_line(&fixed_rate));
-    Ok(Measured {
-        max_throughput,
-        fixed_rate,
-    })
-}
-
-async fn run_for(
-    generator: &LoadGenerator,
-    load: Load,
-    length: Duration,
-) -> anyhow::Result<Report> {
-    let run = generator.start(load);
-    tokio::time::sleep(length).await;
-    Ok(run.finish().await?)
-}
-
-fn one_line(r: &Report) -> String {
-    let p = |pick: fn(&Latency) -> Duration| r.latency.as_ref().map_or("-".into(), |l| ms(pick(l)));
-    format!(
-        "{:.0} rps, {} ok, {} errors, p50 {} ms, p99 {} ms",
-        r.rps(),
-        r.ok,
-        r.error_count(),
-        p(|l| l.p50),
-        p(|l| l.p99)
-    )
 }
 
 /// `pylon proxy` processes: `client` routes `greeter` over mTLS to
@@ -271,25 +144,6 @@ impl ProcessMesh {
     }
 }
 
-/// A bootstrap config whose listeners all take free loopback ports.
-fn sidecar_config(identity: &IdentityFiles, policy: &Path, app: SocketAddr) -> String {
-    format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-outbound: {{ listen: \"127.0.0.1:0\" }}
-inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
-identity:
-  files: {{ cert: {:?}, key: {:?}, trustBundle: {:?} }}
-policy:
-  file: {:?}
-",
-        identity.cert, identity.key, identity.trust_bundle, policy
-    )
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
-}
-
 fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured, resilient: &Measured) {
     let cpus = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
     println!();
@@ -313,22 +167,28 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured, resili
         settings.measure.as_secs(),
         settings.warmup.as_secs()
     );
-    print_table(&[
-        ("direct", &direct.max_throughput),
-        ("mesh", &mesh.max_throughput),
-        ("mesh+r", &resilient.max_throughput),
-    ]);
+    print_table(
+        &[
+            ("direct", &direct.max_throughput),
+            ("mesh", &mesh.max_throughput),
+            ("mesh+r", &resilient.max_throughput),
+        ],
+        7,
+    );
     println!();
     println!(
         "fixed rate: {} rps for {}s, latency from the intended send time",
         settings.rps,
         settings.measure.as_secs()
     );
-    print_table(&[
-        ("direct", &direct.fixed_rate),
-        ("mesh", &mesh.fixed_rate),
-        ("mesh+r", &resilient.fixed_rate),
-    ]);
+    print_table(
+        &[
+            ("direct", &direct.fixed_rate),
+            ("mesh", &mesh.fixed_rate),
+            ("mesh+r", &resilient.fixed_rate),
+        ],
+        7,
+    );
     println!();
     println!("mesh vs direct");
     println!(
@@ -374,34 +234,6 @@ fn print_results(settings: &Settings, direct: &Measured, mesh: &Measured, resili
                 r.error_count()
             );
         }
-    }
-}
-
-fn print_table(rows: &[(&str, &Report)]) {
-    println!(
-        "  {:<7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "", "rps", "success", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
-    );
-    for &(label, r) in rows {
-        let success = r
-            .success_percent()
-            .map_or("-".into(), |p| format!("{p:.2}%"));
-        let latency = match &r.latency {
-            Some(l) => [l.p50, l.p90, l.p99, l.p999, l.max].map(ms),
-            None => std::array::from_fn(|_| "-".to_string()),
-        };
-        println!(
-            "  {:<7} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            label,
-            r.rps(),
-            success,
-            latency[0],
-            latency[1],
-            latency[2],
-            latency[3],
-            latency[4],
-            r.error_count()
-        );
     }
 }
 

@@ -24,19 +24,19 @@
 
 mod support;
 
-use support::{SidecarProcess, admin_get};
+use support::{
+    LoadSettings, Measured, SidecarProcess, admin_get, env_or, load_average, measure, ms,
+    print_table, sidecar_config,
+};
 
-use std::fmt::Display;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::bail;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -44,14 +44,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use pylon::demo::greeter::RunningGreeter;
-use pylon::demo::{GREETER_AUTHORITY, Identities, ScratchDir, client_policy};
-use pylon::identity::dev::IdentityFiles;
-use pylon::loadgen::{Latency, Load, LoadGenerator, Report, Target};
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(64).expect("64 is not zero");
-const DEFAULT_RPS: NonZeroU32 = NonZeroU32::new(2000).expect("2000 is not zero");
-const DEFAULT_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(4).expect("4 is not zero");
+use pylon::demo::{Identities, ScratchDir, client_policy};
+use pylon::loadgen::Report;
 
 /// The configurations measured: a label and the sampling ratio (`None`:
 /// tracing off).
@@ -61,37 +55,15 @@ struct Settings {
     /// Rounds over the three configurations, alternating their order
     /// (`PYLON_BENCH_ROUNDS`).
     rounds: usize,
-    measure: Duration,
-    warmup: Duration,
-    concurrency: NonZeroUsize,
-    rps: NonZeroU32,
-    connections: NonZeroUsize,
+    load: LoadSettings,
 }
 
 impl Settings {
     fn from_env() -> anyhow::Result<Settings> {
         Ok(Settings {
             rounds: env_or("PYLON_BENCH_ROUNDS", 2usize)?.max(1),
-            measure: Duration::from_secs(env_or("PYLON_BENCH_SECS", 10u64)?),
-            warmup: Duration::from_secs(env_or("PYLON_BENCH_WARMUP_SECS", 2u64)?),
-            concurrency: env_or("PYLON_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY)?,
-            rps: env_or("PYLON_BENCH_RPS", DEFAULT_RPS)?,
-            connections: env_or("PYLON_BENCH_CONNECTIONS", DEFAULT_CONNECTIONS)?,
+            load: LoadSettings::from_env()?,
         })
-    }
-}
-
-fn env_or<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(e) => bail!("{name}: {e}"),
     }
 }
 
@@ -152,7 +124,7 @@ fn run() -> anyhow::Result<()> {
                 let label = format!("{} (round {})", CONFIGS[i].0, round + 1);
                 let pair = &meshes[i];
                 let spans_before = receiver.spans.load(Ordering::Relaxed);
-                let measured = measure(&label, pair.client.addrs.outbound, &settings).await?;
+                let measured = measure(&label, pair.client.addrs.outbound, &settings.load).await?;
                 // Let the last batches (500 ms apart at most) reach the receiver.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 results[i].received += receiver.spans.load(Ordering::Relaxed) - spans_before;
@@ -176,16 +148,6 @@ fn run() -> anyhow::Result<()> {
         println!("load average (1, 5, 15 min) before: {before}, after: {after}");
     }
     Ok(())
-}
-
-fn load_average() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    Some(
-        text.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
 }
 
 /// An OTLP/gRPC trace receiver that counts spans and keeps nothing.
@@ -270,26 +232,6 @@ impl Pair {
     }
 }
 
-/// A bootstrap config whose listeners all take free loopback ports.
-fn sidecar_config(identity: &IdentityFiles, policy: &Path, app: SocketAddr) -> String {
-    format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
-outbound: {{ listen: \"127.0.0.1:0\" }}
-inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
-identity:
-  files: {{ cert: {:?}, key: {:?}, trustBundle: {:?} }}
-policy:
-  file: {:?}
-",
-        identity.cert, identity.key, identity.trust_bundle, policy
-    )
-}
-
-struct Measured {
-    max_throughput: Report,
-    fixed_rate: Report,
-}
-
 /// One configuration's reports, a pair per round, and what became of its
 /// spans.
 #[derive(Default)]
@@ -322,65 +264,6 @@ impl Traced {
     }
 }
 
-async fn measure(label: &str, addr: SocketAddr, settings: &Settings) -> anyhow::Result<Measured> {
-    let target = Target {
-        addr,
-        authority: GREETER_AUTHORITY.to_string(),
-        connections: settings.connections,
-        request_timeout: REQUEST_TIMEOUT,
-    };
-    let generator = LoadGenerator::connect(&target).await?;
-    let closed_loop = Load::MaxThroughput {
-        concurrency: settings.concurrency,
-    };
-    eprintln!("{label}: warm-up, {}s", settings.warmup.as_secs());
-    run_for(&generator, closed_loop, settings.warmup).await?;
-    eprintln!(
-        "{label}: max throughput, {} concurrent, {}s",
-        settings.concurrency,
-        settings.measure.as_secs()
-    );
-    let max_throughput = run_for(&generator, closed_loop, settings.measure).await?;
-    eprintln!("{label}:   {}", one_line(&max_throughput));
-    eprintln!(
-        "{label}: fixed rate, {} rps, {}s",
-        settings.rps,
-        settings.measure.as_secs()
-    );
-    let open_loop = Load::FixedRate {
-        rps: settings.rps,
-        max_outstanding: settings.rps,
-    };
-    let fixed_rate = run_for(&generator, open_loop, settings.measure).await?;
-    eprintln!("{label}:   {}", one_line(&fixed_rate));
-    Ok(Measured {
-        max_throughput,
-        fixed_rate,
-    })
-}
-
-async fn run_for(
-    generator: &LoadGenerator,
-    load: Load,
-    length: Duration,
-) -> anyhow::Result<Report> {
-    let run = generator.start(load);
-    tokio::time::sleep(length).await;
-    Ok(run.finish().await?)
-}
-
-fn one_line(r: &Report) -> String {
-    let p = |pick: fn(&Latency) -> Duration| r.latency.as_ref().map_or("-".into(), |l| ms(pick(l)));
-    format!(
-        "{:.0} rps, {} ok, {} errors, p50 {} ms, p99 {} ms",
-        r.rps(),
-        r.ok,
-        r.error_count(),
-        p(|l| l.p50),
-        p(|l| l.p99)
-    )
-}
-
 /// The value of one unlabelled sample of a sidecar's `/metrics`.
 async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<u64> {
     let (_, body) = admin_get(admin, "/metrics").await?;
@@ -393,16 +276,12 @@ async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<u64> {
         .map_or(0, |v| v as u64))
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
-}
-
 fn print_results(settings: &Settings, results: &[Traced]) {
     let cpus = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
     println!();
     println!(
         "pylon tracing benchmark: helloworld.Greeter/SayHello through the two-sidecar mesh, {cpus} CPUs, {} HTTP/2 connections",
-        settings.connections
+        settings.load.connections
     );
     println!("  off:  no collector configured (traceparent passed through)");
     println!("  0.01: OTLP export to an in-process receiver, 1 % of new traces sampled");
@@ -410,9 +289,9 @@ fn print_results(settings: &Settings, results: &[Traced]) {
     println!();
     println!(
         "max throughput: {} concurrent calls, {}s after a {}s warm-up",
-        settings.concurrency,
-        settings.measure.as_secs(),
-        settings.warmup.as_secs()
+        settings.load.concurrency,
+        settings.load.measure.as_secs(),
+        settings.load.warmup.as_secs()
     );
     println!(
         "{} rounds, order alternating; each row is the configuration's best round (highest rps; lowest p99 at fixed rate)",
@@ -425,14 +304,14 @@ fn print_results(settings: &Settings, results: &[Traced]) {
             .map(|((label, _), t)| (*label, pick(t)))
             .collect()
     };
-    print_table(&rows(Traced::best_max));
+    print_table(&rows(Traced::best_max), 5);
     println!();
     println!(
         "fixed rate: {} rps for {}s, latency from the intended send time",
-        settings.rps,
-        settings.measure.as_secs()
+        settings.load.rps,
+        settings.load.measure.as_secs()
     );
-    print_table(&rows(Traced::best_fixed));
+    print_table(&rows(Traced::best_fixed), 5);
     println!();
     println!("every round (max-throughput rps, fixed-rate p99 ms)");
     for ((label, _), t) in CONFIGS.iter().zip(results) {
@@ -458,7 +337,7 @@ fn print_results(settings: &Settings, results: &[Traced]) {
             "  {label:<5} throughput (max) {:.3}× off; p50/p99 at max load {}; at {} rps {}",
             t.best_max().rps() / off.best_max().rps(),
             ratio(off.best_max(), t.best_max()),
-            settings.rps,
+            settings.load.rps,
             ratio(off.best_fixed(), t.best_fixed()),
         );
     }
@@ -481,33 +360,5 @@ fn ratio(a: &Report, b: &Report) -> String {
             b.p99.as_secs_f64() / a.p99.as_secs_f64()
         ),
         _ => "- (no successful calls)".to_string(),
-    }
-}
-
-fn print_table(rows: &[(&str, &Report)]) {
-    println!(
-        "  {:<5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "", "rps", "success", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
-    );
-    for &(label, r) in rows {
-        let success = r
-            .success_percent()
-            .map_or("-".into(), |p| format!("{p:.2}%"));
-        let latency = match &r.latency {
-            Some(l) => [l.p50, l.p90, l.p99, l.p999, l.max].map(ms),
-            None => std::array::from_fn(|_| "-".to_string()),
-        };
-        println!(
-            "  {:<5} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            label,
-            r.rps(),
-            success,
-            latency[0],
-            latency[1],
-            latency[2],
-            latency[3],
-            latency[4],
-            r.error_count()
-        );
     }
 }
