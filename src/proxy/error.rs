@@ -121,6 +121,32 @@ impl ProxyError {
         }
     }
 
+    /// Every code [`ProxyError::code`] gives, to read one back from a
+    /// response header as a static string (a response may carry the code of
+    /// a proxy further along the path, e.g. the peer sidecar's).
+    const CODES: [&'static str; 15] = [
+        "no-route",
+        "no-backend",
+        "no-endpoint",
+        "connect-failed",
+        "connect-timeout",
+        "tls-failed",
+        "identity-mismatch",
+        "upstream-failed",
+        "no-healthy-endpoint",
+        "deadline-exceeded",
+        "attempt-timeout",
+        "overflow",
+        "rate-limited",
+        "fault-injected",
+        "unauthorized",
+    ];
+
+    /// The code an `x-pylon-error` value names, if it is one of ours.
+    pub fn known_code(v: &[u8]) -> Option<&'static str> {
+        Self::CODES.into_iter().find(|c| c.as_bytes() == v)
+    }
+
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             ProxyError::NoRoute { .. } => GrpcCode::Unimplemented,
@@ -373,6 +399,8 @@ mod tests {
         let r = e.to_response(false);
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()[X_PYLON_ERROR], "no-route");
+        assert_eq!(ProxyError::known_code(b"no-route"), Some(e.code()));
+        assert_eq!(ProxyError::known_code(b"not-ours"), None);
     }
 
     #[test]

@@ -322,7 +322,7 @@ impl RequestScope {
         let error = error.or_else(|| {
             resp.headers()
                 .get(X_PYLON_ERROR)
-                .and_then(|v| known_error_code(v.as_bytes()))
+                .and_then(|v| ProxyError::known_code(v.as_bytes()))
         });
         let status = resp.status().as_u16();
         let grpc_status = if self.grpc {
@@ -344,29 +344,6 @@ impl RequestScope {
             }))
         })
     }
-}
-
-/// `x-pylon-error` codes as static strings (a response may carry the code
-/// of a proxy further along the path, e.g. the peer sidecar's).
-fn known_error_code(v: &[u8]) -> Option<&'static str> {
-    const CODES: [&str; 15] = [
-        "no-route",
-        "no-backend",
-        "no-endpoint",
-        "connect-failed",
-        "connect-timeout",
-        "tls-failed",
-        "identity-mismatch",
-        "upstream-failed",
-        "no-healthy-endpoint",
-        "deadline-exceeded",
-        "attempt-timeout",
-        "overflow",
-        "rate-limited",
-        "fault-injected",
-        "unauthorized",
-    ];
-    CODES.into_iter().find(|c| c.as_bytes() == v)
 }
 
 /// Records the status of a response (head or trailers) on a span, and
@@ -533,7 +510,7 @@ impl Body for ObservedBody {
                         if end.error.is_none() {
                             end.error = t
                                 .get(X_PYLON_ERROR)
-                                .and_then(|v| known_error_code(v.as_bytes()));
+                                .and_then(|v| ProxyError::known_code(v.as_bytes()));
                         }
                     }
                 }
