@@ -1,6 +1,6 @@
 //! A `pylon-control serve` process and its CLI, for the control-plane tests.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,41 +31,14 @@ impl ControlProc {
 
     /// Starts it with more `serve` arguments.
     pub fn spawn_with(data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> ControlProc {
-        let mut child = Command::new(CONTROL_BIN)
-            .args(["serve", "--trust-domain", "pylon.test", "--data-dir"])
+        let mut cmd = Command::new(CONTROL_BIN);
+        cmd.args(["serve", "--trust-domain", "pylon.test", "--data-dir"])
             .arg(data_dir)
             .arg("--listen")
             .arg(listen.to_string())
             .args(extra)
-            .env("PYLON_LOG", "info,pylon_control=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon-control");
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening address=") {
-                    let _ = tx.send(line.clone());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let line = match rx.recv_timeout(PATIENCE) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "pylon-control did not start:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        };
+            .env("PYLON_LOG", "info,pylon_control=debug");
+        let (child, logs, line) = super::spawn_logged(cmd, "listening address=", "pylon-control");
         let start = line.find("address=").unwrap() + "address=".len();
         let addr = line[start..]
             .split_whitespace()

@@ -78,6 +78,42 @@ policy:
     )
 }
 
+/// Starts `cmd` with its stderr drained into a log by a thread, and waits
+/// for the first line containing `marker`: the child, its log, that line.
+/// Panics with the log if the line does not come.
+pub fn spawn_logged(
+    mut cmd: Command,
+    marker: &'static str,
+    what: &str,
+) -> (Child, Arc<Mutex<Vec<String>>>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(marker) {
+                let _ = tx.send(line.clone());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    match rx.recv_timeout(PATIENCE) {
+        Ok(line) => (child, logs, line),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{what} did not start:\n{}", logs.lock().unwrap().join("\n"));
+        }
+    }
+}
+
 /// A `pylon proxy` process; killed on drop.
 pub struct SidecarProc {
     child: Child,
@@ -115,37 +151,9 @@ impl SidecarProc {
     fn spawn_cmd(mut cmd: Command, env: &[(&str, &str)]) -> SidecarProc {
         // The test's own environment comes last, so that it may set
         // PYLON_LOG too.
-        let mut child = cmd
-            .env("PYLON_LOG", "info,pylon=debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon");
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening admin=") {
-                    let _ = tx.send(line.clone());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let line = match rx.recv_timeout(PATIENCE) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "sidecar did not start:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        };
+        cmd.env("PYLON_LOG", "info,pylon=debug")
+            .envs(env.iter().copied());
+        let (child, logs, line) = spawn_logged(cmd, "listening admin=", "sidecar");
         let field = |name: &str| -> SocketAddr {
             let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
             line[start..]
