@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod identity;
+pub mod iptables;
 pub mod loadgen;
 pub mod policy;
 pub mod proxy;

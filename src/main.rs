@@ -36,6 +36,12 @@ enum Command {
     /// Run a two-sidecar mTLS mesh on loopback with live gRPC traffic and
     /// print what it measures.
     Demo(DemoArgs),
+    /// Add the sidecar to Kubernetes workloads: reads YAML (a file or `-`),
+    /// writes the meshed YAML to stdout.
+    Inject(pylon_control::inject::InjectArgs),
+    /// The init container's job: redirect the pod's TCP traffic to the
+    /// sidecar with iptables.
+    InitIptables(pylon::iptables::InitArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
+        Command::Inject(args) => pylon_control::inject::run_cli(args),
+        Command::InitIptables(args) => pylon::iptables::run(args),
         Command::Demo(args) => {
             // Sidecar logs would break up the demo's table.
             logging::init(LogFormat::Text, "error");

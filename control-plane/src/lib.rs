@@ -17,6 +17,7 @@
 pub mod ca;
 pub mod cli;
 pub mod identity;
+pub mod inject;
 pub mod server;
 pub mod store;
 pub mod telemetry;
