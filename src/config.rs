@@ -1248,6 +1248,81 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
     }
 
     #[test]
+    fn pod_keys_have_production_defaults() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.admin.probe_listen, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(c.inbound.mode, InboundMode::Strict);
+        assert_eq!(c.outbound.unmatched, Unmatched::Passthrough);
+        assert_eq!(c.outbound.detect_timeout, DEFAULT_DETECT_TIMEOUT);
+        assert_eq!(c.outbound.server_first_ports, DEFAULT_SERVER_FIRST_PORTS);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(c.app_probes.is_empty());
+        assert!(c.kubernetes.pod_ip.is_none());
+    }
+
+    #[test]
+    fn pod_keys_come_from_the_environment_as_injection_sets_them() {
+        let e = env(&[
+            ("PYLON_ADMIN_PROBE_LISTEN", "0.0.0.0:25020"),
+            ("PYLON_INBOUND_MODE", "permissive"),
+            ("PYLON_OUTBOUND_UNMATCHED", "deny"),
+            ("PYLON_OUTBOUND_DETECT_TIMEOUT", "250ms"),
+            ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432, 6379"),
+            ("PYLON_DRAIN_TIMEOUT", "5s"),
+            (
+                "PYLON_APP_PROBES",
+                r#"{"app":{"readiness":{"httpGet":{"path":"/ready","port":8080}}}}"#,
+            ),
+            ("PYLON_KUBERNETES_POD_NAME", "web-7d9f"),
+            ("PYLON_KUBERNETES_NAMESPACE", "shop"),
+            ("PYLON_KUBERNETES_SERVICE_ACCOUNT", "web"),
+            ("PYLON_KUBERNETES_POD_IP", "198.18.0.10"),
+        ]);
+        let c = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.admin.probe_listen.port(), 25020);
+        assert_eq!(c.inbound.mode, InboundMode::Permissive);
+        assert_eq!(c.outbound.unmatched, Unmatched::Deny);
+        assert_eq!(c.outbound.detect_timeout, Duration::from_millis(250));
+        assert_eq!(c.outbound.server_first_ports, vec![5432, 6379]);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert!(
+            c.app_probes
+                .get("app", crate::probes::ProbeKind::Readiness)
+                .is_some()
+        );
+        assert_eq!(c.kubernetes.namespace.as_deref(), Some("shop"));
+        assert_eq!(c.kubernetes.pod_ip, Some("198.18.0.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn pod_keys_report_every_problem() {
+        let e = env(&[
+            ("PYLON_INBOUND_MODE", "lenient"),
+            ("PYLON_OUTBOUND_UNMATCHED", "drop"),
+            ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432,0,http"),
+            ("PYLON_DRAIN_TIMEOUT", "soon"),
+            ("PYLON_APP_PROBES", "{not json"),
+            ("PYLON_KUBERNETES_POD_IP", "pod"),
+        ]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        for want in [
+            "inbound.mode (from PYLON_INBOUND_MODE): expected strict or permissive",
+            "outbound.unmatched (from PYLON_OUTBOUND_UNMATCHED): expected passthrough or deny",
+            "outbound.serverFirstPorts[1] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
+            "outbound.serverFirstPorts[2] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
+            "drainTimeout (from PYLON_DRAIN_TIMEOUT)",
+            "appProbes (from PYLON_APP_PROBES): not JSON",
+            "kubernetes.podIp (from PYLON_KUBERNETES_POD_IP)",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{want}: {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), 7, "{errs:#?}");
+    }
+
+    #[test]
     fn listeners_must_not_collide() {
         let yaml = GOOD.replace("25001", "25000");
         let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
