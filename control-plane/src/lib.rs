@@ -9,6 +9,8 @@
 //!   bundle stream) and how callers authenticate.
 //! - [`server`]: the admin API and the discovery stream over TLS ([`tls`]).
 //! - [`telemetry`]: metrics (Prometheus text, OTLP) and API traces.
+//! - [`inject`]: sidecar injection, behind `pylon inject` and the
+//!   admission webhook.
 //! - [`cli`]: `pylon-control serve` and the kubectl-like commands.
 
 #![forbid(unsafe_code)]

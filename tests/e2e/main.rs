@@ -8,6 +8,7 @@ mod control;
 mod grpc;
 mod http;
 mod identity;
+mod inject;
 mod iptables;
 mod lifecycle;
 mod observability;
