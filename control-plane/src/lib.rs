@@ -20,6 +20,8 @@ pub mod ca;
 pub mod cli;
 pub mod identity;
 pub mod inject;
+pub mod k8s_fetch;
+pub mod k8s_token;
 pub mod server;
 pub mod store;
 pub mod telemetry;
