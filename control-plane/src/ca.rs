@@ -322,6 +322,23 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<(
     Ok(())
 }
 
+impl CaMaterial {
+    /// A new self-signed root (also the issuer), as `serve` makes on its
+    /// first start when no CA is given.
+    pub fn new_root(trust_domain: &str) -> anyhow::Result<CaMaterial> {
+        generate_root(trust_domain)
+    }
+
+    /// The trust bundle (PEM) this CA gives when `serve` starts with it, once
+    /// checked as `serve` checks it: the key belongs to the certificate, and
+    /// the certificate is a root or is signed by one of its bundle's roots.
+    pub fn trust_bundle(&self) -> anyhow::Result<String> {
+        let roots = new_roots(self)?;
+        Signer::new(first_cert(&self.cert_pem)?, self.key_pem.clone(), &roots)?;
+        Ok(roots.iter().map(|r| r.pem.as_str()).collect())
+    }
+}
+
 /// A new self-signed root, also the issuer.
 fn generate_root(trust_domain: &str) -> anyhow::Result<CaMaterial> {
     let key = KeyPair::generate()?;

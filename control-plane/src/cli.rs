@@ -1,6 +1,6 @@
-//! The `pylon-control` command line: `serve`, and kubectl-like commands that
-//! call the admin API (`apply`, `get`, `delete`, `status`, `rollback`,
-//! `token`).
+//! The `pylon-control` command line: `serve`, `install`, and kubectl-like
+//! commands that call the admin API (`apply`, `get`, `delete`, `status`,
+//! `rollback`, `token`, `ca`).
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -37,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane.
     Serve(ServeArgs),
+    /// Print every Kubernetes object of the mesh, for `kubectl apply -f -`.
+    Install(crate::install::InstallArgs),
     /// Apply resources from YAML files, a directory of them, or - (stdin).
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
@@ -89,6 +91,19 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum CaCommand {
+    /// Make a new root CA into two files, without a control plane: for
+    /// `install --ca-cert/--ca-key` or the kustomize base.
+    NewRoot {
+        /// Where to write the certificate (PEM); an existing file is kept.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Where to write the private key (PEM, mode 0600); an existing
+        /// file is kept.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, default_value = "pylon.local")]
+        trust_domain: String,
+    },
     /// The trust bundle's roots, the active issuer and any pending one.
     Status {
         #[command(flatten)]
@@ -357,6 +372,11 @@ fn when(unix: i64) -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Install(args) => {
+            let yaml = crate::install::run(&args)?;
+            std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())?;
+            Ok(())
+        }
         Command::Apply { files, conn } => {
             let yaml = read_sources(&files)?;
             // Checked here first: the same validation the server runs, so a
@@ -503,6 +523,11 @@ async fn ca(command: CaCommand) -> anyhow::Result<()> {
         }
     };
     let (status, conn_note) = match command {
+        CaCommand::NewRoot {
+            cert,
+            key,
+            trust_domain,
+        } => return new_root(&cert, &key, &trust_domain),
         CaCommand::Status { conn } => {
             let (mut client, token) = conn.client().await?;
             let r = client
@@ -561,6 +586,34 @@ async fn ca(command: CaCommand) -> anyhow::Result<()> {
         println!();
         println!("{note}");
     }
+    Ok(())
+}
+
+/// `ca new-root`: the certificate and key of a new root, in files that did
+/// not exist (a CA key is never overwritten).
+fn new_root(cert: &Path, key: &Path, trust_domain: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    for path in [cert, key] {
+        if path.exists() {
+            anyhow::bail!("{} exists: not overwritten", path.display());
+        }
+    }
+    let root = crate::ca::CaMaterial::new_root(trust_domain)?;
+    for (path, pem, mode) in [(key, &root.key_pem, 0o600), (cert, &root.cert_pem, 0o644)] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|()| f.sync_all()))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    println!(
+        "wrote {} and {} (keep the key secret)",
+        cert.display(),
+        key.display()
+    );
     Ok(())
 }
 

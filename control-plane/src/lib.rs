@@ -11,6 +11,7 @@
 //! - [`telemetry`]: metrics (Prometheus text, OTLP) and API traces.
 //! - [`inject`]: sidecar injection, behind `pylon inject` and the
 //!   admission webhook.
+//! - [`install`]: `pylon-control install`, the mesh's Kubernetes objects.
 //! - [`cli`]: `pylon-control serve` and the kubectl-like commands.
 
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod ca;
 pub mod cli;
 pub mod identity;
 pub mod inject;
+pub mod install;
 pub mod k8s_fetch;
 pub mod k8s_token;
 pub mod server;
