@@ -7,13 +7,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use pylon_control::inject::yaml::read_documents;
 use serde_json::{Value, json};
 
+use crate::common::TempDir;
 use crate::common::control::ControlProc;
-use crate::common::{PATIENCE, TempDir};
+use crate::common::k8s::validator_or_skip;
 
 const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
 const EXAMPLES: &str = concat!(
@@ -21,9 +21,6 @@ const EXAMPLES: &str = concat!(
     "/deploy/kubernetes/examples/workloads"
 );
 const ADMISSION_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/admission.py");
-/// The oldest Kubernetes with native sidecars on by default is 1.29; the
-/// contract validates against 1.30 and the newest schema at hand.
-const OLDEST_VALIDATED: &str = "1.30.0";
 
 fn examples() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(EXAMPLES)
@@ -57,86 +54,6 @@ fn injected(stdin: &[u8]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// `kubernetes-validate`, and the Kubernetes versions to validate with.
-struct Validator {
-    versions: Vec<String>,
-}
-
-impl Validator {
-    fn find() -> Option<Validator> {
-        let installed = Command::new("kubernetes-validate")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !installed {
-            return None;
-        }
-        // The newest schema it carries (its default, asked for by name so
-        // that the test says which).
-        let newest = Command::new("python3")
-            .args([
-                "-c",
-                "import kubernetes_validate.utils as u; print(u.latest_version())",
-            ])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|v| !v.is_empty());
-        let mut versions = vec![OLDEST_VALIDATED.to_string()];
-        match newest {
-            Some(v) if v != OLDEST_VALIDATED => versions.push(v),
-            Some(_) => {}
-            None => {
-                eprintln!("note: the newest Kubernetes version of kubernetes-validate is unknown")
-            }
-        }
-        Some(Validator { versions })
-    }
-
-    /// Validates every document of `yaml` strictly; a `List` item by item
-    /// (there is no schema for `List` itself).
-    fn validate(&self, yaml: &str, what: &str) {
-        let dir = TempDir::new("validate");
-        let mut objects = Vec::new();
-        for doc in read_documents(yaml).unwrap() {
-            match doc["kind"].as_str() {
-                Some("List") => objects.extend(doc["items"].as_array().unwrap().iter().cloned()),
-                _ => objects.push(doc),
-            }
-        }
-        let file = dir.path().join("objects.yaml");
-        let text: Vec<String> = objects.iter().map(Value::to_string).collect();
-        std::fs::write(&file, text.join("\n---\n")).unwrap();
-        for version in &self.versions {
-            let out = Command::new("kubernetes-validate")
-                .args(["--strict", "--quiet", "-k", version])
-                .arg(&file)
-                .output()
-                .unwrap();
-            let report = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(
-                out.status.success() && report.trim().is_empty(),
-                "{what} is not valid for Kubernetes {version}:\n{report}\n{yaml}"
-            );
-        }
-    }
-}
-
-fn validator_or_skip(test: &str) -> Option<Validator> {
-    let v = Validator::find();
-    if v.is_none() {
-        eprintln!(
-            "SKIPPED: {test}: kubernetes-validate is not installed (pip install kubernetes-validate)"
-        );
-    }
-    v
 }
 
 #[test]
@@ -259,24 +176,6 @@ fn python_with_jsonpatch() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The `webhook=` address of the control plane's `listening` line (logged
-/// by the time `ControlProc` returns, but maybe not yet in its log).
-fn webhook_address(cp: &ControlProc) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let logs = cp.logs();
-        if let Some(line) = logs.lines().find(|l| l.contains("listening address=")) {
-            return line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("webhook="))
-                .unwrap_or_else(|| panic!("no webhook address in {line:?}"))
-                .to_string();
-        }
-        assert!(Instant::now() < deadline, "no listening line:\n{logs}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn the_webhook_patches_pods_over_https_exactly_as_pylon_inject_does() {
     if !python_with_jsonpatch() {
@@ -289,7 +188,7 @@ fn the_webhook_patches_pods_over_https_exactly_as_pylon_inject_does() {
         "127.0.0.1:0".parse().unwrap(),
         &["--webhook-listen", "127.0.0.1:0"],
     );
-    let webhook = webhook_address(&cp);
+    let webhook = cp.webhook_address();
 
     let pod = replicaset_pod();
     let mut opted_out = pod.clone();

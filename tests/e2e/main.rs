@@ -9,6 +9,7 @@ mod grpc;
 mod http;
 mod identity;
 mod inject;
+mod install;
 mod iptables;
 mod lifecycle;
 mod observability;

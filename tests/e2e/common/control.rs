@@ -172,6 +172,27 @@ impl ControlProc {
         }
     }
 
+    /// The `webhook=` address of the `listening` line (logged by the time
+    /// `spawn_with` returns, but maybe not yet in the captured log).
+    pub fn webhook_address(&self) -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let logs = self.logs();
+            if let Some(line) = logs.lines().find(|l| l.contains("listening address=")) {
+                return line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("webhook="))
+                    .unwrap_or_else(|| panic!("no webhook address in {line:?}"))
+                    .to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no listening line:\n{logs}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod control;
 pub mod echo;
 pub mod http;
+pub mod k8s;
 pub mod otlp;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,25 @@
+# The pylon image: `pylon` (the sidecar, `pylon-init`'s `init-iptables`,
+# `inject`) and `pylon-control` (the control plane and its CLI).
+#
+#   docker build -t pylon/pylon:0.1.0 .
+#
+# The build runs the command CI runs (.ci/run), with the committed
+# Cargo.lock.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin pylon --bin pylon-control
+
+# Debian slim rather than distroless: the pylon-init container needs
+# iptables-restore. Nothing else is added but the CA certificates.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pylon /usr/local/bin/pylon
+COPY --from=build /src/target/release/pylon-control /usr/local/bin/pylon-control
+# The sidecar's UID: its own traffic is what iptables does not redirect.
+# pylon-init runs as root by its pod's securityContext.
+USER 1337:1337
+ENTRYPOINT ["/usr/local/bin/pylon"]
