@@ -188,6 +188,32 @@ fn install_refuses_a_key_that_is_not_the_certificates() {
     );
 }
 
+#[test]
+fn ca_new_root_writes_a_private_key_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("new-root");
+    let (cert, key) = new_root(dir.path());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    assert!(
+        std::fs::read_to_string(&cert)
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let before = std::fs::read(&key).unwrap();
+    let out = Command::new(CONTROL_BIN)
+        .args(["ca", "new-root", "--cert"])
+        .arg(dir.path().join("other.crt"))
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists: not overwritten"));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    assert!(!dir.path().join("other.crt").exists());
+}
+
 /// A copy of `deploy/` (links copied as files) with a new CA in the base,
 /// as an operator prepares it.
 fn deploy_with_ca(dir: &Path) -> PathBuf {
