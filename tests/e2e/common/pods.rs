@@ -6,7 +6,7 @@
 //! added to the root namespace: the only addresses used are those, and only
 //! inside namespaces made here. Names resolve through
 //! `/etc/netns/<namespace>/hosts`, which `ip netns exec` binds over
-//! `/etc/hosts`.
+//! `/etc/hosts`; no DNS query leaves a pod.
 //!
 //! A meshed pod is run the way a kubelet runs what `pylon inject` made of
 //! its manifest: `pylon init-iptables` with the `pylon-init` container's
@@ -113,12 +113,15 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Adds namespace `name` with loopback up and `hosts` as its
-    /// `/etc/hosts`.
+    /// Adds namespace `name` with loopback up, `hosts` as its `/etc/hosts`
+    /// and its own loopback as its DNS server.
     fn add(name: String, hosts: &str) -> Netns {
         let etc = Path::new("/etc/netns").join(&name);
         std::fs::create_dir_all(&etc).unwrap();
         std::fs::write(etc.join("hosts"), hosts).unwrap();
+        // A name not in `hosts` fails at once (nothing answers on the
+        // pod's loopback) instead of waiting for a server outside.
+        std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
         let ns = Netns { name };
         ip(&["netns", "add", &ns.name]);
         ns.ip(&["link", "set", "lo", "up"]);

@@ -8,6 +8,7 @@ Prints `LISTENING <port>` on stderr once bound.
 """
 import argparse
 import json
+import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -46,8 +47,16 @@ def main():
         def log_message(self, *_):
             pass
 
-    server = ThreadingHTTPServer((args.bind, args.port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def server_bind(self):
+            # HTTPServer's own would look up the host's FQDN: a DNS query
+            # no pod can answer, and seconds lost to its timeout.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+    server = Server((args.bind, args.port), Handler)
     print(f"LISTENING {server.server_address[1]}", file=sys.stderr, flush=True)
     server.serve_forever()
 
