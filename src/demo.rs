@@ -417,6 +417,7 @@ impl DemoMesh {
                 metrics_listen: None,
                 otlp_endpoint: otlp.map(str::to_string),
             },
+            webhook: None,
         })
         .await
         .context("cannot start the control plane")?;

@@ -19,6 +19,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::ca::OperatorCa;
+use crate::inject::{self, InjectOptions, webhook::WebhookConfig};
 use crate::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
 
 #[derive(Parser)]
@@ -171,8 +172,9 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[arg(long, env = "PYLON_TRUST_DOMAIN", default_value = "pylon.local")]
     pub trust_domain: String,
-    /// A DNS name or IP address the control plane is reached by (repeat).
-    #[arg(long = "name")]
+    /// A DNS name or IP address the control plane is reached by (repeat):
+    /// the serving certificate of --listen and --webhook-listen names it.
+    #[arg(long = "name", visible_alias = "dns-name")]
     pub names: Vec<String>,
     /// On first start: the operator's CA certificate instead of a new root.
     #[arg(long, requires = "ca_key")]
@@ -196,6 +198,28 @@ pub struct ServeArgs {
     /// http://127.0.0.1:4317).
     #[arg(long, env = "PYLON_CONTROL_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Serve the Kubernetes injection webhook (POST /inject, GET /healthz)
+    /// over HTTPS at ADDR, with the serving certificate of --listen (off by
+    /// default; e.g. 0.0.0.0:15011).
+    #[arg(long, env = "PYLON_CONTROL_WEBHOOK_LISTEN", value_name = "ADDR")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The image the webhook injects (the pylon-init and pylon containers).
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_SIDECAR_IMAGE",
+        value_name = "IMAGE",
+        default_value = inject::DEFAULT_IMAGE
+    )]
+    pub sidecar_image: String,
+    /// The control plane's URL as the sidecars the webhook injects reach
+    /// it.
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_SIDECAR_CONTROL_PLANE",
+        value_name = "URL",
+        default_value = inject::DEFAULT_CONTROL_PLANE
+    )]
+    pub sidecar_control_plane: String,
 }
 
 /// How the CLI reaches the control plane.
@@ -694,10 +718,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics_listen: args.metrics_listen,
             otlp_endpoint: args.otlp_endpoint,
         },
+        webhook: args.webhook_listen.map(|listen| WebhookConfig {
+            listen,
+            inject: InjectOptions {
+                image: args.sidecar_image,
+                control_plane: args.sidecar_control_plane,
+            },
+        }),
     })
     .await?;
+    let webhook = cp
+        .webhook_addr
+        .map(|addr| format!(" webhook={addr}"))
+        .unwrap_or_default();
     tracing::info!(
-        "listening address={} trust_bundle={} admin_token={}",
+        "listening address={}{webhook} trust_bundle={} admin_token={}",
         cp.addr,
         cp.files.bundle.display(),
         cp.files.admin_token.display()

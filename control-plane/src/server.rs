@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
+use crate::inject::webhook::WebhookConfig;
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
 use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
 use crate::tls::{self, PeerInfo};
@@ -52,6 +53,8 @@ pub struct ServeConfig {
     pub cert_ttl: Duration,
     /// Metrics listener and OTLP export (both off by default).
     pub telemetry: TelemetryConfig,
+    /// The Kubernetes injection webhook (off by default).
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// The default lifetime of workload certificates.
@@ -255,10 +258,13 @@ pub struct ControlPlane {
     pub state: Arc<State>,
     /// Where `GET /metrics` is served, with `--metrics-listen`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the injection webhook is served, with `--webhook-listen`.
+    pub webhook_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// The metrics listener and OTLP metrics export.
     telemetry_tasks: Vec<tokio::task::JoinHandle<()>>,
+    webhook_task: Option<tokio::task::JoinHandle<()>>,
     tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
@@ -351,6 +357,13 @@ impl ControlPlane {
 
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
+        let webhook = match config.webhook {
+            Some(webhook) => {
+                let listener = TcpListener::bind(webhook.listen).await?;
+                Some((listener.local_addr()?, listener, webhook.inject))
+            }
+            None => None,
+        };
         let admin = {
             let expected = state.admin_token_hash.clone();
             PolicyAdminServer::with_interceptor(AdminApi(state.clone()), move |req: Request<()>| {
@@ -374,6 +387,15 @@ impl ControlPlane {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
         );
+        let (webhook_addr, webhook_task) = match webhook {
+            Some((webhook_addr, listener, inject)) => {
+                let configs = tls::for_https(state.tls.subscribe());
+                let task = tokio::spawn(crate::inject::webhook::serve(listener, configs, inject));
+                tracing::info!(%webhook_addr, "serving the injection webhook");
+                (Some(webhook_addr), Some(task))
+            }
+            None => (None, None),
+        };
         tracing::info!(
             %addr,
             version,
@@ -387,9 +409,11 @@ impl ControlPlane {
             admin_token: token,
             state,
             metrics_addr,
+            webhook_addr,
             shutdown,
             task,
             telemetry_tasks,
+            webhook_task,
             tracer,
         })
     }
@@ -402,7 +426,7 @@ impl ControlPlane {
     /// Resolves when the server task ends (an error, or after `stop`).
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.send_replace(true);
-        for task in &self.telemetry_tasks {
+        for task in self.telemetry_tasks.iter().chain(&self.webhook_task) {
             task.abort();
         }
         if let Some(tracer) = &self.tracer {

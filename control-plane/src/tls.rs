@@ -113,6 +113,29 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The configurations of `configs`, for an HTTPS listener: ALPN h2 and
+/// http/1.1 (the API server calls webhooks over either), the rest the
+/// same. Follows every change of `configs`.
+pub fn for_https(
+    mut configs: watch::Receiver<Arc<ServerConfig>>,
+) -> watch::Receiver<Arc<ServerConfig>> {
+    let https = |config: &ServerConfig| {
+        let mut config = config.clone();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    };
+    let (tx, rx) = watch::channel(https(&configs.borrow_and_update()));
+    tokio::spawn(async move {
+        while configs.changed().await.is_ok() {
+            let next = https(&configs.borrow_and_update());
+            if tx.send(next).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Accepts on `listener` and yields handshaken connections; a failed
 /// handshake is logged and dropped, never ends the stream.
 ///
