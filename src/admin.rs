@@ -1,5 +1,9 @@
 //! The admin HTTP server (loopback): liveness, readiness, metrics, the
-//! config dump, the log filter (`GET`/`PUT /log-level`) and drain.
+//! config dump, the log filter (`GET`/`PUT /log-level`) and drain; and the
+//! probe listener (the pod IP, for the kubelet and Prometheus): `/live`,
+//! `/ready`, `/metrics` and `/app-health/<container>/<kind>`, which runs
+//! the app's original probe ([`crate::probes`]). Nothing on the probe
+//! listener changes state.
 //!
 //! `/ready` answers 200 once the listeners are bound, the identity is loaded
 //! (its certificate valid now) and a policy is installed, and 503 again
@@ -24,14 +28,17 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::KubernetesInfo;
 use crate::identity::IdentityStore;
 use crate::policy::PolicyStore;
+use crate::probes::{AppProbes, ProbeKind, Prober};
 use crate::proxy::body::ProxyBody;
 
 /// Addresses the sidecar's listeners are bound to.
 #[derive(Debug, Clone, Copy)]
 pub struct BoundAddrs {
     pub admin: SocketAddr,
+    pub probe: SocketAddr,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
 }
@@ -43,6 +50,19 @@ pub struct AdminState {
     pub identity: Arc<IdentityStore>,
     pub listening: AtomicBool,
     pub shutdown: watch::Sender<bool>,
+    /// The app's own probes, run by `/app-health/...`.
+    pub app_probes: AppProbes,
+    pub prober: Prober,
+    pub kubernetes: KubernetesInfo,
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// Loopback: everything.
+    Admin,
+    /// The pod IP: read-only.
+    Probe,
 }
 
 impl AdminState {
@@ -72,9 +92,9 @@ impl AdminState {
     }
 }
 
-/// Serves the admin API until the task is dropped (it outlives a drain, so
-/// that `/ready` can say so).
-pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>) {
+/// Serves the admin API (or, through `door`, the probe listener) until the
+/// task is dropped (it outlives a drain, so that `/ready` can say so).
+pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>, door: Door) {
     let server = crate::proxy::http_server();
     loop {
         let tcp = match listener.accept().await {
@@ -89,8 +109,15 @@ pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>) {
         let svc = service_fn(move |req| {
             let state = state.clone();
             async move {
-                if req.uri().path() == "/log-level" {
+                let path = req.uri().path();
+                if door == Door::Probe {
+                    return Ok::<_, Infallible>(probe_door(&state, req).await);
+                }
+                if path == "/log-level" {
                     return Ok::<_, Infallible>(log_level(req).await);
+                }
+                if path.starts_with(APP_HEALTH) {
+                    return Ok::<_, Infallible>(app_health(&state, req).await);
                 }
                 Ok::<_, Infallible>(handle(&state, req))
             }
@@ -99,6 +126,52 @@ pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+    }
+}
+
+const APP_HEALTH: &str = "/app-health/";
+
+/// The probe listener: reads only.
+async fn probe_door(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if path.starts_with(APP_HEALTH) {
+        return app_health(state, req).await;
+    }
+    match path {
+        "/live" | "/ready" | "/metrics" => handle(state, req),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `GET /app-health/<container>/<startup|readiness|liveness>`: runs the
+/// app's original probe; 200 when it passes, 503 with the reason when not.
+async fn app_health(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let rest = &req.uri().path()[APP_HEALTH.len()..];
+    let probe = rest
+        .split_once('/')
+        .and_then(|(container, kind)| Some((container, ProbeKind::parse(kind)?)))
+        .and_then(|(container, kind)| state.app_probes.get(container, kind));
+    let Some(probe) = probe else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no app probe {rest:?} (known: {})\n",
+                state.app_probes.names().join(", ")
+            ),
+        );
+    };
+    match state.prober.run(&probe).await {
+        Ok(what) => text(StatusCode::OK, format!("ok: {what}\n")),
+        Err(why) => {
+            tracing::debug!(probe = rest, %why, "app probe failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app probe failed: {why}\n"),
+            )
+        }
     }
 }
 
@@ -319,8 +392,11 @@ pub fn config_dump(state: &AdminState) -> Value {
             "notAfter": credentials.not_after,
         },
         "trustBundle": &*state.identity.bundle_fingerprints(),
+        "kubernetes": &state.kubernetes,
+        "appProbes": state.app_probes.names(),
         "listeners": {
             "admin": state.addrs.admin.to_string(),
+            "probe": state.addrs.probe.to_string(),
             "outbound": state.addrs.outbound.to_string(),
             "inbound": state.addrs.inbound.to_string(),
         },

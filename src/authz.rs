@@ -41,6 +41,15 @@ impl<'a> Caller<'a> {
         }
     }
 
+    /// A caller without a verified identity (plaintext, permissive mode):
+    /// it matches no `principals` or `namespaces` entry, not even `*`.
+    pub fn unauthenticated() -> Caller<'static> {
+        Caller {
+            principal: "",
+            namespace: None,
+        }
+    }
+
     pub fn principal(&self) -> &'a str {
         self.principal
     }
@@ -146,11 +155,11 @@ impl Rule {
     }
 
     fn matches(&self, caller: &Caller<'_>, call: &Call<'_>, path: &PathView<'_>) -> bool {
-        any_or_empty(&self.principals, |p| p.matches(caller.principal))
-            && any_or_empty(&self.namespaces, |p| {
-                caller.namespace.is_some_and(|ns| p.matches(ns))
-            })
-            && any_or_empty(&self.methods, |m| m.matches(call, path))
+        any_or_empty(&self.principals, |p| {
+            !caller.principal.is_empty() && p.matches(caller.principal)
+        }) && any_or_empty(&self.namespaces, |p| {
+            caller.namespace.is_some_and(|ns| p.matches(ns))
+        }) && any_or_empty(&self.methods, |m| m.matches(call, path))
             && any_or_empty(&self.paths, |p| path.matches(p))
     }
 }

@@ -19,15 +19,27 @@ use std::time::Duration;
 use pylon_proto::policy::{format_duration, parse_duration};
 use serde_json::Value;
 
+use crate::probes::AppProbes;
 use crate::telemetry::logging::LogFormat;
 
 /// Every key the bootstrap file may hold, and how to read it.
 const KEYS: &[(&str, KeyKind)] = &[
     ("admin.listen", KeyKind::Addr),
+    ("admin.probeListen", KeyKind::Addr),
     ("outbound.listen", KeyKind::Addr),
     ("outbound.retryBufferBytes", KeyKind::Bytes),
+    ("outbound.unmatched", KeyKind::Text),
+    ("outbound.detectTimeout", KeyKind::Duration),
+    ("outbound.serverFirstPorts", KeyKind::List),
     ("inbound.listen", KeyKind::Addr),
     ("inbound.app", KeyKind::Addr),
+    ("inbound.mode", KeyKind::Text),
+    ("appProbes", KeyKind::Json),
+    ("drainTimeout", KeyKind::Duration),
+    ("kubernetes.podName", KeyKind::Text),
+    ("kubernetes.namespace", KeyKind::Text),
+    ("kubernetes.serviceAccount", KeyKind::Text),
+    ("kubernetes.podIp", KeyKind::Text),
     ("identity.files.cert", KeyKind::Path),
     ("identity.files.key", KeyKind::Path),
     ("identity.files.trustBundle", KeyKind::Path),
@@ -69,6 +81,9 @@ enum KeyKind {
     Bytes,
     /// `true` or `false`.
     Bool,
+    /// A structured value: a mapping in the file, JSON text in the
+    /// environment (`appProbes`).
+    Json,
 }
 
 /// The validated bootstrap configuration.
@@ -92,12 +107,26 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Always present; the defaults when the file has no `dns` section.
     pub dns: DnsConfig,
+    /// `drainTimeout`: how long in-flight calls may take to finish once a
+    /// drain starts.
+    pub drain_timeout: Duration,
+    /// `appProbes`: the app's original Kubernetes probes, run by the probe
+    /// listener's `/app-health/...`.
+    pub app_probes: AppProbes,
+    /// Where the pod is, from the downward API (informational: `/config`).
+    pub kubernetes: KubernetesInfo,
 }
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The read-only probe listener (the pod IP): `/live`, `/ready`,
+    /// `/metrics`, `/app-health/...`.
+    pub probe_listen: SocketAddr,
 }
+
+/// The default of `drainTimeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
@@ -105,6 +134,56 @@ pub struct OutboundConfig {
     /// Request body bytes kept per call for replay by retries; a larger body
     /// is sent once and not retried.
     pub retry_buffer_bytes: usize,
+    /// `outbound.unmatched`: what happens to a redirected HTTP request no
+    /// route matches.
+    pub unmatched: Unmatched,
+    /// `outbound.detectTimeout`: how long a redirected connection may stay
+    /// silent before it is treated as opaque TCP (a server-first protocol).
+    pub detect_timeout: Duration,
+    /// `outbound.serverFirstPorts`: original destination ports passed
+    /// through as TCP without waiting for the client to speak.
+    pub server_first_ports: Vec<u16>,
+}
+
+/// What a redirected HTTP request with no route gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmatched {
+    /// Sent on, unchanged, to its original destination.
+    #[default]
+    Passthrough,
+    /// Refused with the proxy's `no-route` answer.
+    Deny,
+}
+
+/// The default of `outbound.detectTimeout`.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Well-known protocols whose server speaks first (SMTP, submission, MySQL,
+/// 4444, PostgreSQL, Redis, Elasticsearch transport, memcached): the
+/// default of `outbound.serverFirstPorts`, as Linkerd skips them.
+pub const DEFAULT_SERVER_FIRST_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// `inbound.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InboundMode {
+    /// Only mesh mTLS.
+    #[default]
+    Strict,
+    /// Mesh mTLS, and plaintext from outside the mesh (no identity).
+    Permissive,
+}
+
+/// The pod the sidecar serves, as the downward API tells it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<IpAddr>,
 }
 
 /// The default of `outbound.retryBufferBytes`.
@@ -118,8 +197,10 @@ const MAX_RETRY_BUFFER_BYTES: u64 = 16 << 20;
 #[derive(Debug, Clone)]
 pub struct InboundConfig {
     pub listen: SocketAddr,
-    /// Where the local application listens.
+    /// Where the local application listens (for connections that were not
+    /// redirected; a redirected one goes to `127.0.0.1:<original port>`).
     pub app: SocketAddr,
+    pub mode: InboundMode,
 }
 
 #[derive(Debug, Clone)]
@@ -285,16 +366,93 @@ impl Config {
         };
         let admin = AdminConfig {
             listen: r.addr("admin.listen", "127.0.0.1:15000"),
+            probe_listen: r.addr("admin.probeListen", "0.0.0.0:15020"),
+        };
+        let unmatched = match r.string("outbound.unmatched") {
+            None => Unmatched::default(),
+            Some((s, _)) if s.trim() == "passthrough" => Unmatched::Passthrough,
+            Some((s, _)) if s.trim() == "deny" => Unmatched::Deny,
+            Some((s, origin)) => {
+                r.problem(
+                    "outbound.unmatched",
+                    &origin,
+                    format!("expected passthrough or deny, found {s:?}"),
+                );
+                Unmatched::default()
+            }
+        };
+        let server_first_ports = if r.raw.contains_key("outbound.serverFirstPorts") {
+            r.list("outbound.serverFirstPorts", parse_port)
+        } else {
+            DEFAULT_SERVER_FIRST_PORTS.to_vec()
         };
         let outbound = OutboundConfig {
             listen: r.addr("outbound.listen", "127.0.0.1:15001"),
             retry_buffer_bytes: r
                 .bytes("outbound.retryBufferBytes", MAX_RETRY_BUFFER_BYTES)
                 .unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
+            unmatched,
+            detect_timeout: r
+                .duration("outbound.detectTimeout", DEFAULT_DETECT_TIMEOUT)
+                .unwrap_or(DEFAULT_DETECT_TIMEOUT),
+            server_first_ports,
+        };
+        let mode = match r.string("inbound.mode") {
+            None => InboundMode::default(),
+            Some((s, _)) if s.trim() == "strict" => InboundMode::Strict,
+            Some((s, _)) if s.trim() == "permissive" => InboundMode::Permissive,
+            Some((s, origin)) => {
+                r.problem(
+                    "inbound.mode",
+                    &origin,
+                    format!("expected strict or permissive, found {s:?}"),
+                );
+                InboundMode::default()
+            }
         };
         let inbound = InboundConfig {
             listen: r.addr("inbound.listen", "0.0.0.0:15006"),
             app: r.addr("inbound.app", "127.0.0.1:8080"),
+            mode,
+        };
+        let drain_timeout = r
+            .duration("drainTimeout", DEFAULT_DRAIN_TIMEOUT)
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let app_probes = match r.take("appProbes") {
+            None => AppProbes::default(),
+            Some((v, origin)) => {
+                let parsed = match v {
+                    Value::String(s) if s.trim().is_empty() => Ok(AppProbes::default()),
+                    Value::String(s) => serde_json::from_str::<Value>(&s)
+                        .map_err(|e| vec![format!("not JSON: {e}")])
+                        .and_then(|v| AppProbes::from_json(&v)),
+                    v => AppProbes::from_json(&v),
+                };
+                parsed.unwrap_or_else(|problems| {
+                    for p in problems {
+                        r.problem("appProbes", &origin, p);
+                    }
+                    AppProbes::default()
+                })
+            }
+        };
+        let pod_ip = r.string("kubernetes.podIp").and_then(|(s, origin)| {
+            s.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    r.problem(
+                        "kubernetes.podIp",
+                        &origin,
+                        format!("{s:?} is not an IP address"),
+                    )
+                })
+                .ok()
+        });
+        let kubernetes = KubernetesInfo {
+            pod_name: r.text("kubernetes.podName"),
+            namespace: r.text("kubernetes.namespace"),
+            service_account: r.text("kubernetes.serviceAccount"),
+            pod_ip,
         };
 
         let cert = r.path("identity.files.cert");
@@ -443,6 +601,7 @@ impl Config {
 
         let listens = [
             ("admin.listen", admin.listen),
+            ("admin.probeListen", admin.probe_listen),
             ("outbound.listen", outbound.listen),
             ("inbound.listen", inbound.listen),
         ];
@@ -468,6 +627,9 @@ impl Config {
                 control_plane,
                 state_dir,
                 dns,
+                drain_timeout,
+                app_probes,
+                kubernetes,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -754,6 +916,14 @@ fn flatten(
                 out.insert(key, (v, Origin::File));
             }
         }
+    }
+}
+
+/// A TCP port, 1 to 65535.
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{s:?} is not a port (1-65535)")),
     }
 }
 
@@ -1075,6 +1245,81 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
                 "telemetry.accessLog (from PYLON_TELEMETRY_ACCESS_LOG): expected true or false, found \"yes\""
             ]
         );
+    }
+
+    #[test]
+    fn pod_keys_have_production_defaults() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.admin.probe_listen, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(c.inbound.mode, InboundMode::Strict);
+        assert_eq!(c.outbound.unmatched, Unmatched::Passthrough);
+        assert_eq!(c.outbound.detect_timeout, DEFAULT_DETECT_TIMEOUT);
+        assert_eq!(c.outbound.server_first_ports, DEFAULT_SERVER_FIRST_PORTS);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(c.app_probes.is_empty());
+        assert!(c.kubernetes.pod_ip.is_none());
+    }
+
+    #[test]
+    fn pod_keys_come_from_the_environment_as_injection_sets_them() {
+        let e = env(&[
+            ("PYLON_ADMIN_PROBE_LISTEN", "0.0.0.0:25020"),
+            ("PYLON_INBOUND_MODE", "permissive"),
+            ("PYLON_OUTBOUND_UNMATCHED", "deny"),
+            ("PYLON_OUTBOUND_DETECT_TIMEOUT", "250ms"),
+            ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432, 6379"),
+            ("PYLON_DRAIN_TIMEOUT", "5s"),
+            (
+                "PYLON_APP_PROBES",
+                r#"{"app":{"readiness":{"httpGet":{"path":"/ready","port":8080}}}}"#,
+            ),
+            ("PYLON_KUBERNETES_POD_NAME", "web-7d9f"),
+            ("PYLON_KUBERNETES_NAMESPACE", "shop"),
+            ("PYLON_KUBERNETES_SERVICE_ACCOUNT", "web"),
+            ("PYLON_KUBERNETES_POD_IP", "198.18.0.10"),
+        ]);
+        let c = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.admin.probe_listen.port(), 25020);
+        assert_eq!(c.inbound.mode, InboundMode::Permissive);
+        assert_eq!(c.outbound.unmatched, Unmatched::Deny);
+        assert_eq!(c.outbound.detect_timeout, Duration::from_millis(250));
+        assert_eq!(c.outbound.server_first_ports, vec![5432, 6379]);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert!(
+            c.app_probes
+                .get("app", crate::probes::ProbeKind::Readiness)
+                .is_some()
+        );
+        assert_eq!(c.kubernetes.namespace.as_deref(), Some("shop"));
+        assert_eq!(c.kubernetes.pod_ip, Some("198.18.0.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn pod_keys_report_every_problem() {
+        let e = env(&[
+            ("PYLON_INBOUND_MODE", "lenient"),
+            ("PYLON_OUTBOUND_UNMATCHED", "drop"),
+            ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432,0,http"),
+            ("PYLON_DRAIN_TIMEOUT", "soon"),
+            ("PYLON_APP_PROBES", "{not json"),
+            ("PYLON_KUBERNETES_POD_IP", "pod"),
+        ]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        for want in [
+            "inbound.mode (from PYLON_INBOUND_MODE): expected strict or permissive",
+            "outbound.unmatched (from PYLON_OUTBOUND_UNMATCHED): expected passthrough or deny",
+            "outbound.serverFirstPorts[1] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
+            "outbound.serverFirstPorts[2] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
+            "drainTimeout (from PYLON_DRAIN_TIMEOUT)",
+            "appProbes (from PYLON_APP_PROBES): not JSON",
+            "kubernetes.podIp (from PYLON_KUBERNETES_POD_IP)",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{want}: {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), 7, "{errs:#?}");
     }
 
     #[test]

@@ -691,14 +691,21 @@ fn sidecar_config(
 ) -> Config {
     let free_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     Config {
-        admin: AdminConfig { listen: free_port },
+        admin: AdminConfig {
+            listen: free_port,
+            probe_listen: free_port,
+        },
         outbound: OutboundConfig {
             listen: free_port,
             retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+            unmatched: Default::default(),
+            detect_timeout: crate::config::DEFAULT_DETECT_TIMEOUT,
+            server_first_ports: crate::config::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
         },
         inbound: InboundConfig {
             listen: free_port,
             app,
+            mode: Default::default(),
         },
         identity: IdentitySource::ControlPlane {
             token_file: token.to_path_buf(),
@@ -711,6 +718,9 @@ fn sidecar_config(
         policy_max_bytes: crate::config::MAX_POLICY_BYTES as usize,
         state_dir: Some(policy.state_dir),
         dns: DnsConfig::default(),
+        drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+        app_probes: Default::default(),
+        kubernetes: Default::default(),
     }
 }
 

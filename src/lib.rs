@@ -26,6 +26,7 @@ pub mod identity;
 pub mod iptables;
 pub mod loadgen;
 pub mod policy;
+pub mod probes;
 pub mod proxy;
 pub mod resilience;
 pub mod routing;

@@ -111,10 +111,14 @@ async fn run_proxy(config: Config) -> ExitCode {
     };
     tokio::select! {
         _ = stop_signal() => tracing::info!("stop signal received; draining"),
-        _ = sidecar.draining() => {}
+        _ = sidecar.draining() => tracing::info!("drain requested"),
     }
-    sidecar.stop().await;
-    tracing::info!("stopped");
+    // Draining: readiness is 503, the listeners are closed, open calls
+    // finish within drainTimeout. A second signal ends the wait.
+    tokio::select! {
+        _ = sidecar.stop() => tracing::info!("stopped"),
+        _ = stop_signal() => tracing::warn!("second stop signal: exiting without waiting for open calls"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -4,26 +4,23 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, AdminState, BoundAddrs};
+use crate::admin::{self, AdminState, BoundAddrs, Door};
 use crate::config::{Config, IdentitySource, PolicySource};
 use crate::discovery::Dns;
 use crate::identity::control::{ControlPlaneIdentity, LastError};
 use crate::identity::{self, IdentityStore, tls};
 use crate::policy::control::ControlPlaneSource;
 use crate::policy::{self, PolicyStore};
+use crate::probes::Prober;
 use crate::proxy::accept_loop;
-use crate::proxy::inbound::Inbound;
-use crate::proxy::outbound::Outbound;
+use crate::proxy::inbound::{Inbound, InboundOptions};
+use crate::proxy::outbound::{Outbound, TransparentConfig};
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
-
-/// How long in-flight requests may take to finish once a drain starts.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -69,19 +66,22 @@ impl Sidecar {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         let admin_l = Arc::new(bind("admin", config.admin.listen).await?);
+        let probe_l = Arc::new(bind("probe", config.admin.probe_listen).await?);
         let outbound_l = bind("outbound", config.outbound.listen).await?;
         let inbound_l = bind("inbound", config.inbound.listen).await?;
         let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
         let addrs = BoundAddrs {
             admin: local(&admin_l, config.admin.listen),
+            probe: local(&probe_l, config.admin.probe_listen),
             outbound: local(&outbound_l, config.outbound.listen),
             inbound: local(&inbound_l, config.inbound.listen),
         };
         // Bound: connections queue until the accept loops start, and the
         // admin API answers from here on (not ready until serving).
         tracing::info!(
-            "listening admin={} outbound={} inbound={} app={}",
+            "listening admin={} probe={} outbound={} inbound={} app={}",
             addrs.admin,
+            addrs.probe,
             addrs.outbound,
             addrs.inbound,
             config.inbound.app
@@ -110,10 +110,14 @@ impl Sidecar {
                 };
                 tracing::info!(admin = %addrs.admin, address = %source.address, "waiting for a certificate from the control plane");
                 let last_error = LastError::default();
-                let starting =
-                    tokio::spawn(admin::serve_starting(admin_l.clone(), last_error.clone()));
+                // The kubelet's probes reach the probe listener meanwhile:
+                // alive, not ready.
+                let starting = [admin_l.clone(), probe_l.clone()]
+                    .map(|l| tokio::spawn(admin::serve_starting(l, last_error.clone())));
                 let (store, tasks) = identity::control::obtain(source, last_error).await;
-                starting.abort();
+                for task in starting {
+                    task.abort();
+                }
                 background.extend(tasks);
                 store
             }
@@ -172,8 +176,20 @@ impl Sidecar {
             identity: identity.clone(),
             listening: Default::default(),
             shutdown: shutdown.clone(),
+            prober: Prober::new(config.kubernetes.pod_ip),
+            app_probes: config.app_probes.clone(),
+            kubernetes: config.kubernetes.clone(),
         });
-        background.push(tokio::spawn(admin::serve(admin_l, state.clone())));
+        background.push(tokio::spawn(admin::serve(
+            admin_l,
+            state.clone(),
+            Door::Admin,
+        )));
+        background.push(tokio::spawn(admin::serve(
+            probe_l,
+            state.clone(),
+            Door::Probe,
+        )));
         if let Some(endpoint) = config
             .telemetry
             .as_ref()
@@ -201,16 +217,24 @@ impl Sidecar {
             &metrics,
         )
         .map_err(StartError::Telemetry)?;
+        let own_listeners = vec![addrs.admin, addrs.probe, addrs.outbound, addrs.inbound];
         let outbound = Outbound::new(
             policy.clone(),
             config.outbound.retry_buffer_bytes,
             telemetry.clone(),
+            TransparentConfig {
+                unmatched: config.outbound.unmatched,
+                detect_timeout: config.outbound.detect_timeout,
+                server_first_ports: config.outbound.server_first_ports.clone(),
+                own_listeners,
+            },
         );
+        let drain = config.drain_timeout;
         let connections = metrics.connections("outbound");
         tasks.spawn(accept_loop(
             outbound_l,
             shutdown.subscribe(),
-            DRAIN_TIMEOUT,
+            drain,
             move |tcp, peer, w| counted(connections.open(), outbound.clone().serve(tcp, peer, w)),
         ));
         let inbound = Inbound::new(
@@ -218,12 +242,21 @@ impl Sidecar {
             config.inbound.app,
             policy.inbound_limits().clone(),
             telemetry,
+            InboundOptions {
+                mode: config.inbound.mode,
+                own_ports: vec![
+                    addrs.admin.port(),
+                    addrs.probe.port(),
+                    addrs.outbound.port(),
+                ],
+                detect_timeout: config.outbound.detect_timeout,
+            },
         );
         let connections = metrics.connections("inbound");
         tasks.spawn(accept_loop(
             inbound_l,
             shutdown.subscribe(),
-            DRAIN_TIMEOUT,
+            drain,
             move |tcp, peer, w| counted(connections.open(), inbound.clone().serve(tcp, peer, w)),
         ));
         state.listening.store(true, Ordering::Release);
@@ -246,7 +279,7 @@ impl Sidecar {
     }
 
     /// Starts draining: listeners close, open connections finish what they
-    /// are doing (bounded by [`DRAIN_TIMEOUT`]).
+    /// are doing (bounded by `drainTimeout`).
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
     }

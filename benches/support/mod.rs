@@ -154,6 +154,7 @@ impl SidecarProcess {
 fn parse_listening(line: &str) -> anyhow::Result<BoundAddrs> {
     Ok(BoundAddrs {
         admin: field(line, "admin")?,
+        probe: field(line, "probe")?,
         outbound: field(line, "outbound")?,
         inbound: field(line, "inbound")?,
     })
@@ -333,7 +334,7 @@ pub fn one_line(r: &Report) -> String {
 /// A bootstrap config whose listeners all take free loopback ports.
 pub fn sidecar_config(identity: &IdentityFiles, policy: &Path, app: SocketAddr) -> String {
     format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
+        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
 outbound: {{ listen: \"127.0.0.1:0\" }}
 inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
 identity:

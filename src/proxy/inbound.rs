@@ -10,10 +10,13 @@
 //! h2c, HTTP/1.1 as HTTP/1.1 — including HTTP/1.1 that crossed the mesh
 //! as HTTP/2 and says so in `x-pylon-orig-proto`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Version};
@@ -31,8 +34,10 @@ use super::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
 };
-use super::http_server;
 use super::pool::{EndpointPool, Transport};
+use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
+use super::{http_server, original_dst};
+use crate::config::InboundMode;
 use arc_swap::ArcSwap;
 use pylon_proto::policy::RateLimit;
 use tokio::time::Instant;
@@ -54,8 +59,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     tls: TlsAcceptor,
-    app: Arc<EndpointPool>,
-    app_name: Arc<str>,
+    /// The configured app (`inbound.app`), for connections not redirected.
+    app: Arc<App>,
+    /// The app by port, for redirected connections.
+    apps: Mutex<HashMap<u16, Arc<App>>>,
+    options: InboundOptions,
     limits: Arc<InboundLimits>,
     telemetry: Arc<Telemetry>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
@@ -113,7 +121,10 @@ impl InboundLimits {
         if !authorization.allows(caller, call) {
             self.authorization.denied.inc();
             return Err(ProxyError::Unauthorized {
-                caller: caller.principal().to_string(),
+                caller: match caller.principal() {
+                    "" => "without a mesh identity (plaintext)".to_string(),
+                    id => id.to_string(),
+                },
                 call: call.to_string(),
             });
         }
@@ -147,12 +158,12 @@ impl InboundLimits {
     }
 }
 
-/// The verified SPIFFE ID of a connection's peer: as text for
-/// authorization, and as the value of `x-pylon-peer-identity`.
-struct PeerIdentity {
-    id: Arc<str>,
-    header: HeaderValue,
+/// A connection's peer: its address and, over mTLS, its verified SPIFFE
+/// ID (as text for authorization, and as the value of
+/// `x-pylon-peer-identity`); plaintext callers (permissive mode) have none.
+struct Peer {
     addr: SocketAddr,
+    identity: Option<(Arc<str>, HeaderValue)>,
 }
 
 /// A bulkhead permit held until the response body ends.
@@ -162,26 +173,99 @@ impl OnEnd for HeldPermit {
     fn on_end(self: Box<Self>, _end: BodyEnd) {}
 }
 
+/// The local app at one port.
+struct App {
+    pool: Arc<EndpointPool>,
+    name: Arc<str>,
+}
+
+impl App {
+    fn new(addr: SocketAddr) -> Arc<App> {
+        Arc::new(App {
+            pool: EndpointPool::new(addr, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
+            name: format!("inbound app {addr}").into(),
+        })
+    }
+}
+
+/// How the inbound listener treats what reaches it.
+#[derive(Debug, Clone)]
+pub struct InboundOptions {
+    pub mode: InboundMode,
+    /// Ports of the sidecar's other listeners: a connection redirected to
+    /// one of them is refused (it would loop).
+    pub own_ports: Vec<u16>,
+    /// How long a plaintext caller may stay silent (permissive mode).
+    pub detect_timeout: Duration,
+}
+
 impl Inbound {
     pub fn new(
         tls: Arc<rustls::ServerConfig>,
         app: SocketAddr,
         limits: Arc<InboundLimits>,
         telemetry: Arc<Telemetry>,
+        options: InboundOptions,
     ) -> Arc<Self> {
         Arc::new(Inbound {
             limits,
             telemetry,
             tls: TlsAcceptor::from(tls),
-            app: EndpointPool::new(app, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
-            app_name: format!("inbound app {app}").into(),
+            app: App::new(app),
+            apps: Mutex::new(HashMap::new()),
+            options,
             server: http_server(),
         })
     }
 
+    /// The app a connection goes to: the one it was addressed to before
+    /// iptables redirected it (`127.0.0.1:<original port>`), else the
+    /// configured one.
+    fn app_for(&self, dst: Option<SocketAddr>) -> Arc<App> {
+        let Some(dst) = dst else {
+            return self.app.clone();
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, dst.port()));
+        if addr == self.app.pool.addr() {
+            return self.app.clone();
+        }
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.entry(dst.port())
+            .or_insert_with(|| App::new(addr))
+            .clone()
+    }
+
     /// Serves one accepted connection: handshake, then HTTP until it closes.
-    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
+    /// In permissive mode a plaintext caller is served too, without an
+    /// identity: HTTP through the same checks, anything else passed to the
+    /// app unchanged.
+    pub async fn serve(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        let dst = original_dst(&tcp);
+        if let Some(dst) = dst
+            && self.options.own_ports.contains(&dst.port())
+        {
+            tracing::warn!(%peer, %dst, "refused an inbound connection redirected to one of the sidecar's own ports");
+            return;
+        }
+        let app = self.app_for(dst);
+        let mut prefix = Bytes::new();
+        if self.options.mode == InboundMode::Permissive {
+            let (protocol, read) = match detect(&mut tcp, self.options.detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "inbound connection failed during protocol detection");
+                    return;
+                }
+            };
+            if protocol != Protocol::Opaque || !is_tls(&read) {
+                return self
+                    .serve_plaintext(tcp, read, protocol, peer, app, watcher)
+                    .await;
+            }
+            prefix = read;
+        }
+        let io = Prefixed::new(prefix, tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "inbound TLS handshake refused");
@@ -201,33 +285,72 @@ impl Inbound {
             .and_then(|leaf| spiffe_id_of(leaf).ok())
             .and_then(|id| {
                 let header = HeaderValue::from_str(&id).ok()?;
-                Some(Arc::new(PeerIdentity {
-                    id: id.into(),
-                    header,
-                    addr: peer,
-                }))
+                Some((Arc::<str>::from(id), header))
             });
         let Some(identity) = identity else {
             tracing::info!(%peer, "inbound connection without a usable peer identity");
             return;
         };
-        tracing::debug!(%peer, identity = %identity.id, "inbound connection");
+        tracing::debug!(%peer, identity = %identity.0, "inbound connection");
+        let peer = Arc::new(Peer {
+            addr: peer,
+            identity: Some(identity),
+        });
+        self.serve_http(TokioIo::new(tls), peer, app, watcher).await;
+    }
+
+    /// A plaintext caller from outside the mesh (permissive mode).
+    async fn serve_plaintext(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        prefix: Bytes,
+        protocol: Protocol,
+        peer: SocketAddr,
+        app: Arc<App>,
+        watcher: Watcher,
+    ) {
+        if protocol == Protocol::Opaque {
+            match passthrough(tcp, prefix, app.pool.addr()).await {
+                Ok((up, down)) => {
+                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app")
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error")
+                }
+            }
+            return;
+        }
+        let peer = Arc::new(Peer {
+            addr: peer,
+            identity: None,
+        });
+        self.serve_http(TokioIo::new(Prefixed::new(prefix, tcp)), peer, app, watcher)
+            .await;
+    }
+
+    async fn serve_http<I>(self: Arc<Self>, io: I, peer: Arc<Peer>, app: Arc<App>, watcher: Watcher)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let addr = peer.addr;
         let this = self.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
-            let identity = identity.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &identity).await) }
+            let peer = peer.clone();
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, &peer, &app).await) }
         });
-        let conn = self.server.serve_connection(TokioIo::new(tls), svc);
+        let conn = self.server.serve_connection(io, svc);
         if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
+            tracing::debug!(peer = %addr, error = %e, "inbound connection ended with an error");
         }
     }
 
     async fn handle(
         &self,
         mut req: Request<Incoming>,
-        identity: &PeerIdentity,
+        peer: &Peer,
+        app: &App,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let timer = CallTimer::start(Some(&self.limits.requests), grpc);
@@ -236,16 +359,17 @@ impl Inbound {
             Side::Inbound,
             &mut req,
             grpc,
-            Some((identity.addr, &identity.id)),
+            peer.identity.as_ref().map(|(id, _)| (peer.addr, id)),
         );
-        let result = timer.finish(self.forward(req, identity, grpc, &scope).await);
+        let result = timer.finish(self.forward(req, peer, app, grpc, &scope).await);
         scope.finish(result)
     }
 
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        identity: &PeerIdentity,
+        peer: &Peer,
+        app: &App,
         grpc: bool,
         scope: &RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -254,15 +378,27 @@ impl Inbound {
             method: req.method().as_str(),
             path: req.uri().path(),
         };
-        let permit = self.limits.admit(&Caller::new(&identity.id), &call).await?;
+        let caller = match &peer.identity {
+            Some((id, _)) => Caller::new(id),
+            None => Caller::unauthenticated(),
+        };
+        let permit = self.limits.admit(&caller, &call).await?;
         let authority = request_authority(&req);
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
         let orig_http1 = headers
             .remove(X_PYLON_ORIG_PROTO)
             .is_some_and(|v| v.as_bytes().starts_with(b"HTTP/1"));
-        // `insert` replaces every copy the caller may have sent.
-        headers.insert(X_PYLON_PEER_IDENTITY, identity.header.clone());
+        // `insert` replaces every copy the caller may have sent; a caller
+        // without an identity gets none, whatever it sent.
+        match &peer.identity {
+            Some((_, header)) => {
+                headers.insert(X_PYLON_PEER_IDENTITY, header.clone());
+            }
+            None => {
+                headers.remove(X_PYLON_PEER_IDENTITY);
+            }
+        }
         // The app's spans are children of this sidecar's server span.
         if let Some(traceparent) = scope.traceparent() {
             headers.insert(TRACEPARENT, traceparent);
@@ -280,11 +416,11 @@ impl Inbound {
             authority.as_ref(),
             te_trailers,
         );
-        let mut resp = self
-            .app
+        let mut resp = app
+            .pool
             .send(req, wire)
             .await
-            .map_err(|e| upstream_error(&self.app_name, self.app.addr(), e))?;
+            .map_err(|e| upstream_error(&app.name, app.pool.addr(), e))?;
         response_for_caller(&mut resp);
         if let Some(permit) = permit {
             let grpc = is_grpc(resp.headers());

@@ -19,6 +19,7 @@ pub mod outbound;
 pub mod pool;
 pub mod replay;
 pub mod tracked;
+pub mod transparent;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -17,14 +17,24 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
+use bytes::Bytes;
+use http::Version;
+use http::uri::Scheme;
+
+use super::backend::upstream_error;
 use super::body::ProxyBody;
 use super::call::{CallRequest, CallSummary, call};
 use super::error::{ProxyError, is_grpc};
-use super::headers::{request_authority, response_for_caller, strip_hop_by_hop};
+use super::headers::{Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop};
+use super::pool::{EndpointPool, Transport};
+use super::transparent::{OwnSocket, Prefixed, Protocol, detect, passthrough};
 use super::{http_server, original_dst};
+use crate::config::Unmatched;
 use crate::policy::PolicyStore;
+use crate::resilience::bulkhead::ConnectionLimit;
 use crate::routing::RequestView;
 use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::ConnectionMetrics;
 use crate::telemetry::request::{RequestScope, Side};
 use crate::telemetry::requests::CallTimer;
 
@@ -32,7 +42,37 @@ pub struct Outbound {
     policy: Arc<PolicyStore>,
     retry_buffer_bytes: usize,
     telemetry: Arc<Telemetry>,
+    transparent: TransparentConfig,
+    passthrough_connections: ConnectionMetrics,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+/// How redirected connections are treated.
+#[derive(Debug, Clone)]
+pub struct TransparentConfig {
+    pub unmatched: Unmatched,
+    pub detect_timeout: std::time::Duration,
+    pub server_first_ports: Vec<u16>,
+    /// The sidecar's own listeners: a connection redirected to one of
+    /// them would loop.
+    pub own_listeners: Vec<SocketAddr>,
+}
+
+impl TransparentConfig {
+    /// Whether `dst` is one of the sidecar's own listeners.
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|l| {
+            l.port() == dst.port()
+                && (l.ip() == dst.ip() || l.ip().is_unspecified() || dst.ip().is_loopback())
+        })
+    }
+}
+
+/// The unrouted requests of one redirected connection go to its original
+/// destination over a connection of their own.
+struct Passthrough {
+    pool: Arc<EndpointPool>,
+    name: Arc<str>,
 }
 
 impl Outbound {
@@ -40,24 +80,80 @@ impl Outbound {
         policy: Arc<PolicyStore>,
         retry_buffer_bytes: usize,
         telemetry: Arc<Telemetry>,
+        transparent: TransparentConfig,
     ) -> Arc<Self> {
+        let passthrough_connections = policy.metrics().connections("passthrough");
         Arc::new(Outbound {
             policy,
             retry_buffer_bytes,
             telemetry,
+            transparent,
+            passthrough_connections,
             server: http_server(),
         })
     }
 
-    /// Serves one accepted connection until it closes.
-    pub async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    /// Serves one accepted connection until it closes. A connection that
+    /// iptables redirected is detected first: HTTP is served (and routed);
+    /// anything else goes to its original destination unchanged.
+    pub async fn serve(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
         let dst = original_dst(&tcp);
+        let mut prefix = Bytes::new();
+        if let Some(dst) = dst {
+            if OwnSocket::is_own(peer) || self.transparent.is_own_listener(dst) {
+                tracing::warn!(
+                    %peer, %dst,
+                    "refused a redirect loop: the sidecar's own traffic came back to it (is the proxy's UID excluded from interception?)"
+                );
+                return;
+            }
+            let protocol = if self.transparent.server_first_ports.contains(&dst.port()) {
+                Protocol::Opaque
+            } else {
+                match detect(&mut tcp, self.transparent.detect_timeout).await {
+                    Ok((protocol, read)) => {
+                        prefix = read;
+                        protocol
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, %dst, error = %e, "outbound connection failed during protocol detection");
+                        return;
+                    }
+                }
+            };
+            if protocol == Protocol::Opaque {
+                let _open = self.passthrough_connections.open();
+                match passthrough(tcp, prefix, dst).await {
+                    Ok((up, down)) => {
+                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through")
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error")
+                    }
+                }
+                return;
+            }
+        }
         let this = self.clone();
+        let passthrough = match (dst, self.transparent.unmatched) {
+            (Some(dst), Unmatched::Passthrough) => Some(Arc::new(Passthrough {
+                pool: EndpointPool::new(
+                    dst,
+                    Transport::Plain,
+                    Arc::new(ConnectionLimit::new(None)),
+                ),
+                name: format!("passthrough {dst}").into(),
+            })),
+            _ => None,
+        };
         let svc = service_fn(move |req| {
             let this = this.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, dst).await) }
+            let passthrough = passthrough.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, dst, passthrough.as_deref()).await) }
         });
-        let conn = self.server.serve_connection(TokioIo::new(tcp), svc);
+        let conn = self
+            .server
+            .serve_connection(TokioIo::new(Prefixed::new(prefix, tcp)), svc);
         if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(%peer, error = %e, "outbound connection ended with an error");
         }
@@ -67,10 +163,11 @@ impl Outbound {
         &self,
         mut req: Request<Incoming>,
         dst: Option<SocketAddr>,
+        passthrough: Option<&Passthrough>,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let mut scope = RequestScope::begin(&self.telemetry, Side::Outbound, &mut req, grpc, None);
-        let result = self.route(req, grpc, dst, &mut scope).await;
+        let result = self.route(req, grpc, dst, passthrough, &mut scope).await;
         scope.finish(result)
     }
 
@@ -79,6 +176,7 @@ impl Outbound {
         mut req: Request<Incoming>,
         grpc: bool,
         dst: Option<SocketAddr>,
+        passthrough: Option<&Passthrough>,
         scope: &mut RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let authority = request_authority(&req)
@@ -91,15 +189,24 @@ impl Outbound {
                 headers: req.headers(),
                 grpc,
             };
-            let rule = snapshot
+            let found = snapshot
                 .routes
-                .find(authority.as_ref().map(Authority::as_str), dst, &view)
-                .ok_or_else(|| ProxyError::NoRoute {
-                    authority: authority
-                        .as_ref()
-                        .map_or_else(String::new, |a| a.to_string()),
-                    path: req.uri().path().to_string(),
-                })?;
+                .find(authority.as_ref().map(Authority::as_str), dst, &view);
+            let rule = match (found, passthrough) {
+                (Some(rule), _) => rule,
+                (None, Some(p)) => {
+                    drop(snapshot);
+                    return pass_through(req, authority.as_ref(), p, scope).await;
+                }
+                (None, None) => {
+                    return Err(ProxyError::NoRoute {
+                        authority: authority
+                            .as_ref()
+                            .map_or_else(String::new, |a| a.to_string()),
+                        path: req.uri().path().to_string(),
+                    });
+                }
+            };
             let backend = rule
                 .pick_backend()
                 .cloned()
@@ -126,4 +233,31 @@ impl Outbound {
         response_for_caller(&mut resp);
         Ok(resp)
     }
+}
+
+/// An HTTP request no route matches, on a redirected connection: sent on
+/// unchanged to the connection's original destination, over the protocol
+/// the app spoke.
+async fn pass_through(
+    mut req: Request<Incoming>,
+    authority: Option<&Authority>,
+    p: &Passthrough,
+    scope: &mut RequestScope,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    scope.set_backend(&p.name);
+    let te_trailers = strip_hop_by_hop(req.headers_mut());
+    let wire = if req.version() == Version::HTTP_2 {
+        Wire::Http2
+    } else {
+        Wire::Http1
+    };
+    let mut req = req.map(ProxyBody::Incoming);
+    rewrite_for(&mut req, wire, Scheme::HTTP, authority, te_trailers);
+    let mut resp = p
+        .pool
+        .send(req, wire)
+        .await
+        .map_err(|e| upstream_error(&p.name, p.pool.addr(), e))?;
+    response_for_caller(&mut resp);
+    Ok(resp)
 }

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::headers::Wire;
+use super::transparent::OwnSocket;
 use crate::identity::tls::{IdentityMismatch, find_identity_mismatch};
 use crate::resilience::bulkhead::{ConnectionGuard, ConnectionLimit};
 
@@ -270,14 +271,15 @@ impl EndpointPool {
 
     /// A new connection, counted against the backend's `maxConnections`
     /// for as long as the returned guard lives.
-    async fn connect_io(&self) -> Result<(Io, ConnectionGuard), ConnectError> {
+    async fn connect_io(&self) -> Result<(Io, Held), ConnectError> {
         let guard = self.limit.try_open().ok_or(ConnectError::Overflow)?;
         let connect = async {
             let tcp = TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| ConnectError::Io(Arc::new(e)))?;
             let _ = tcp.set_nodelay(true);
-            match &self.transport {
+            let own = OwnSocket::register(&tcp);
+            let io = match &self.transport {
                 Transport::Plain => Ok(Io::Plain(tcp)),
                 Transport::Mesh(config) => {
                     // The verifier checks the SPIFFE ID; the IP only keeps
@@ -295,12 +297,13 @@ impl EndpointPool {
                     }
                     Ok(Io::Tls(Box::new(tls)))
                 }
-            }
+            }?;
+            Ok((io, own))
         };
-        let io = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let (io, own) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| ConnectError::Timeout(CONNECT_TIMEOUT))??;
-        Ok((io, guard))
+        Ok((io, (guard, own)))
     }
 }
 
@@ -309,10 +312,12 @@ enum Io {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-async fn handshake_h2<T>(
-    io: T,
-    guard: ConnectionGuard,
-) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
+/// What a connection holds while it is open: its place under the
+/// backend's cap, and its address in the registry of the sidecar's own
+/// sockets (redirect-loop detection).
+type Held = (ConnectionGuard, OwnSocket);
+
+async fn handshake_h2<T>(io: T, guard: Held) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {

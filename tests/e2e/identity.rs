@@ -25,7 +25,7 @@ use crate::common::{CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_
 /// A sidecar config: identity and policy from the control plane.
 fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
     format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
+        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
 outbound: {{ listen: \"127.0.0.1:0\" }}
 inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
 identity:

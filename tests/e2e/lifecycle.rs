@@ -60,7 +60,7 @@ fn unreadable_identity_files_are_all_reported() {
         &path,
         "identity: { files: { cert: nope.pem, key: nope.key, trustBundle: nope-bundle.pem } }
 policy: { file: policy.yaml }
-admin: { listen: \"127.0.0.1:0\" }
+admin: { listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }
 outbound: { listen: \"127.0.0.1:0\" }
 inbound: { listen: \"127.0.0.1:0\" }
 ",
@@ -104,6 +104,7 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
     std::fs::write(&client_policy, mesh_policy(server.inbound)).unwrap();
     let env = [
         ("PYLON_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("PYLON_ADMIN_PROBE_LISTEN", "127.0.0.1:0".to_string()),
         ("PYLON_OUTBOUND_LISTEN", "127.0.0.1:0".to_string()),
         ("PYLON_INBOUND_LISTEN", "127.0.0.1:0".to_string()),
         (

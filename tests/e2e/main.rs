@@ -10,6 +10,7 @@ mod http;
 mod identity;
 mod lifecycle;
 mod observability;
+mod pod_sidecar;
 mod pods;
 mod policy;
 mod resilience;

@@ -519,7 +519,7 @@ spec:
     std::fs::write(
         &cfg,
         format!(
-            "admin: {{ listen: \"127.0.0.1:0\" }}
+            "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
 outbound: {{ listen: \"127.0.0.1:0\" }}
 inbound: {{ listen: \"127.0.0.1:0\", app: \"127.0.0.1:9\" }}
 identity:

@@ -67,7 +67,7 @@ pub fn write_atomic(path: &Path, contents: &str) {
 /// The bootstrap config of a sidecar whose listeners all take free ports.
 pub fn sidecar_config(id: &IdentityFiles, policy: &Path, app: SocketAddr) -> String {
     format!(
-        "admin: {{ listen: \"127.0.0.1:0\" }}
+        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
 outbound: {{ listen: \"127.0.0.1:0\" }}
 inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
 identity:
@@ -119,6 +119,8 @@ pub fn spawn_logged(
 pub struct SidecarProc {
     child: Child,
     pub admin: SocketAddr,
+    /// The read-only probe listener (`admin.probeListen`).
+    pub probe: SocketAddr,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
@@ -166,6 +168,7 @@ impl SidecarProc {
         };
         SidecarProc {
             admin: field("admin"),
+            probe: field("probe"),
             outbound: field("outbound"),
             inbound: field("inbound"),
             child,
