@@ -876,10 +876,19 @@ pub struct LoadClient {
 }
 
 /// Calls counted by a [`LoadClient`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     pub ok: u64,
     pub failed: u64,
+    /// Successes by the pod that answered.
+    pub by_pod: std::collections::BTreeMap<String, u64>,
+}
+
+impl Counts {
+    /// Successes answered by `pod`.
+    pub fn served_by(&self, pod: &str) -> u64 {
+        self.by_pod.get(pod).copied().unwrap_or(0)
+    }
 }
 
 impl LoadClient {
@@ -934,11 +943,18 @@ impl LoadClient {
     }
 
     fn parse(text: &str) -> Counts {
-        let mut n = text.split_whitespace().map(|v| v.parse().unwrap());
-        Counts {
-            ok: n.next().unwrap(),
-            failed: n.next().unwrap(),
-        }
+        let mut words = text.split_whitespace();
+        let mut number = || words.next().unwrap().parse().unwrap();
+        let (ok, failed) = (number(), number());
+        let by_pod = text
+            .split_whitespace()
+            .skip(2)
+            .map(|w| {
+                let (pod, n) = w.split_once('=').unwrap();
+                (pod.to_string(), n.parse().unwrap())
+            })
+            .collect();
+        Counts { ok, failed, by_pod }
     }
 
     /// The counts so far.
@@ -949,20 +965,24 @@ impl LoadClient {
         Self::parse(&self.line("COUNTS "))
     }
 
-    /// Waits until at least `n` more calls succeeded than in `since`.
-    pub fn wait_successes(&mut self, since: Counts, n: u64) -> Counts {
+    /// Waits until `done(counts)` holds, at most [`PATIENCE`]; those
+    /// counts.
+    pub fn wait_until(&mut self, what: &str, done: impl Fn(&Counts) -> bool) -> Counts {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let now = self.counts();
-            if now.ok >= since.ok + n {
+            if done(&now) {
                 return now;
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {now:?} calls since {since:?}"
-            );
+            assert!(Instant::now() < deadline, "never {what}: {now:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until at least `n` more calls succeeded than in `since`.
+    pub fn wait_successes(&mut self, since: &Counts, n: u64) -> Counts {
+        let what = format!("{n} more successes than {since:?}");
+        self.wait_until(&what, |now| now.ok >= since.ok + n)
     }
 
     /// Closes its stdin: the final counts and the failures it listed.
