@@ -8,6 +8,7 @@ mod control;
 mod grpc;
 mod http;
 mod identity;
+mod iptables;
 mod lifecycle;
 mod observability;
 mod pod_sidecar;
