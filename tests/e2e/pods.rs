@@ -236,6 +236,12 @@ fn meshed_pods_talk_mtls_and_everything_else_passes_through() {
         !(200..300).contains(&reply.status) && !reply.body.contains("\"pod\""),
         "strict mode served plaintext: {reply:#?}"
     );
+    eprintln!(
+        "strict mode, plaintext from outside the mesh: curl exit {:?}, status {} {}",
+        reply.exit,
+        reply.status,
+        reply.stderr.trim()
+    );
     // ...served, with no identity, once B's sidecar is permissive.
     let (status, took, stopped_logs) = b.stop_sidecar();
     assert!(status.success(), "{status} after {took:?}:\n{stopped_logs}");
@@ -321,6 +327,14 @@ spec:
         backend_yaml("web", &endpoints, Some(&spiffe_id("web")))
     ));
 
+    // The drain timeout the test holds the sidecars to is the one injection
+    // gave them, from the annotation.
+    for s in &servers {
+        assert_eq!(
+            s.injected.env_value("pylon", "PYLON_DRAIN_TIMEOUT"),
+            Some("5s")
+        );
+    }
     a.init(&cp);
     a.start_sidecar(&node, &[]);
     for s in &mut servers {
@@ -381,6 +395,8 @@ spec:
              {down} of them while it was gone"
         );
     }
-    eprintln!("{counts:?} in all");
-    assert!(counts.ok > 0);
+    // Calls did go to the pod that was gone: they were retried on the other.
+    let retries = a.metric(&node, "pylon_retries_total", &["backend=\"Backend/web\""]);
+    eprintln!("{counts:?} in all, {retries} retries");
+    assert!(retries > 0.0, "no call was retried:\n{}", logs());
 }

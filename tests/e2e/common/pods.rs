@@ -561,6 +561,15 @@ impl Injected {
             .unwrap_or_else(|| panic!("no init container {name:?} in {:#}", self.pod))
     }
 
+    /// The literal value of env `name` of the container named `container`.
+    pub fn env_value(&self, container: &str, name: &str) -> Option<&str> {
+        self.init_container(container)["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == name)?["value"]
+            .as_str()
+    }
+
     /// A container's `args`.
     pub fn args(container: &Value) -> Vec<String> {
         container["args"]
