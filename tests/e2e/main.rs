@@ -13,6 +13,7 @@ mod iptables;
 mod lifecycle;
 mod observability;
 mod pod_sidecar;
+mod pods;
 mod policy;
 mod resilience;
 mod routing;

@@ -9,6 +9,7 @@ pub mod control;
 pub mod echo;
 pub mod http;
 pub mod otlp;
+pub mod pods;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
