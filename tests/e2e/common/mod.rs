@@ -250,6 +250,20 @@ impl SidecarProc {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits until a log line contains `needle` (lines are read by a
+    /// thread, so one written just now may not be there yet).
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !self.logs().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
