@@ -31,8 +31,8 @@ impl Netns {
         let ns = Netns(name);
         ns.run(&["ip", "link", "set", "lo", "up"]);
         // An extra local address, so connections to it stay inside.
-        ns.run(&["ip", "addr", "add", "10.0.0.7/32", "dev", "lo"]);
-        ns.run(&["ip", "addr", "add", "10.0.0.8/32", "dev", "lo"]);
+        ns.run(&["ip", "addr", "add", "198.18.0.7/32", "dev", "lo"]);
+        ns.run(&["ip", "addr", "add", "198.18.0.8/32", "dev", "lo"]);
         Some(ns)
     }
 
@@ -129,7 +129,7 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
         &policy,
         backend_yaml("web", &[format!("127.0.0.1:{app_port}")], None)
             + &route_yaml("HTTPRoute", "by-authority", "web.test", &[("web", 1)])
-            + &route_yaml("HTTPRoute", "by-address", "10.0.0.7:80", &[("web", 1)]),
+            + &route_yaml("HTTPRoute", "by-address", "198.18.0.7:80", &[("web", 1)]),
     )
     .unwrap();
     let cfg = dir.path().join("pylon.yaml");
@@ -161,11 +161,11 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
-    // Redirect what the app sends to port 80 of 10.0.0.7 and 10.0.0.8, and
+    // Redirect what the app sends to port 80 of 198.18.0.7 and 198.18.0.8, and
     // to 127.0.0.1:18080, to the outbound listener.
     for (dst, port) in [
-        ("10.0.0.7", "80"),
-        ("10.0.0.8", "80"),
+        ("198.18.0.7", "80"),
+        ("198.18.0.8", "80"),
         ("127.0.0.1", "18080"),
     ] {
         ns.run(&[
@@ -211,7 +211,7 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
     // The authority names nothing; the original destination does.
     let (head, body) = curl(&[
         "--resolve",
-        "unrouted.test:80:10.0.0.7",
+        "unrouted.test:80:198.18.0.7",
         "http://unrouted.test/hello.txt",
     ]);
     assert!(
@@ -227,7 +227,7 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
     // the outbound listener: refused as a loop, never recursed.
     let (head, _) = curl(&[
         "--resolve",
-        "unrouted.test:80:10.0.0.8",
+        "unrouted.test:80:198.18.0.8",
         "http://unrouted.test/hello.txt",
     ]);
     assert!(head.starts_with("HTTP/1.1 50"), "{head}");
@@ -236,4 +236,149 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
         "{head}"
     );
     sidecar.wait_log("refused a redirect loop").await;
+}
+
+#[tokio::test]
+async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    let tools = ["ip", "iptables", "ip6tables", "curl", "python3", "setpriv"];
+    if !(root && tools.iter().all(|t| have(t))) {
+        eprintln!("SKIPPED: IPv6 interception needs root and {tools:?}");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("SKIPPED: cannot create a network namespace here");
+        return;
+    };
+    // A link out of the pod (a veth pair, both ends in this namespace)
+    // with an address of the IPv6 benchmarking range (RFC 5180): traffic
+    // to 2001:2::7 leaves by it, not by loopback, which the rules leave
+    // alone.
+    let link = [
+        "ip link add pv0 type veth peer name pv1",
+        "ip link set pv0 up",
+        "ip link set pv1 up",
+        "ip -6 addr add 2001:2::1/64 dev pv0 nodad",
+    ];
+    let linked = link.iter().all(|c| {
+        let argv: Vec<&str> = c.split(' ').collect();
+        ns.cmd(argv[0])
+            .args(&argv[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !linked {
+        eprintln!("SKIPPED: no IPv6 or veth in this namespace");
+        return;
+    }
+    let dir = TempDir::new("transparent-v6");
+    std::fs::write(dir.path().join("hello.txt"), "hello over IPv6\n").unwrap();
+    let mut server = ns
+        .cmd("python3")
+        .args([
+            "-u",
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "::1",
+            "--directory",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Killed(server);
+    let app_port: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "port")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+
+    let ca = DevCa::new("pylon test root").unwrap();
+    let id = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        backend_yaml("web", &[format!("[::1]:{app_port}")], None)
+            + &route_yaml("HTTPRoute", "by-authority", "web.test", &[("web", 1)]),
+    )
+    .unwrap();
+    // The ports injection gives a pod's sidecar: this namespace is ours.
+    let cfg = dir.path().join("pylon.yaml");
+    std::fs::write(
+        &cfg,
+        sidecar_config(&id, &policy, "127.0.0.1:9".parse().unwrap())
+            .replace(
+                "admin: { listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }",
+                "admin: { listen: \"127.0.0.1:15000\", probeListen: \"0.0.0.0:15020\" }",
+            )
+            .replace(
+                "outbound: { listen: \"127.0.0.1:0\" }",
+                "outbound: { listen: \"127.0.0.1:15001\" }",
+            )
+            .replace(
+                "inbound: { listen: \"127.0.0.1:0\"",
+                "inbound: { listen: \"0.0.0.0:15006\"",
+            ),
+    )
+    .unwrap();
+    // The sidecar runs as the proxy UID, whose traffic is not redirected.
+    assert!(
+        Command::new("chown")
+            .args(["-R", "1337:1337"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut cmd = ns.cmd("setpriv");
+    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_pylon"))
+        .args(["proxy", "--config"])
+        .arg(&cfg);
+    let sidecar = SidecarProc::spawn_command(cmd);
+    sidecar
+        .wait_log("also listening on IPv6 addr=[::1]:15001")
+        .await;
+    sidecar
+        .wait_log("also listening on IPv6 addr=[::]:15006")
+        .await;
+    ns.run(&[env!("CARGO_BIN_EXE_pylon"), "init-iptables"]);
+    let ready = ns.run(&[
+        "curl",
+        "-sf",
+        "--retry",
+        "100",
+        "--retry-connrefused",
+        "--retry-delay",
+        "0",
+        "--retry-max-time",
+        "30",
+        "http://127.0.0.1:15000/ready",
+    ]);
+    assert!(ready.starts_with("ready"), "{ready}");
+
+    let out = ns
+        .cmd("curl")
+        .args(["-s", "-D", "-", "--max-time", "20", "-H", "Host: web.test"])
+        .arg("http://[2001:2::7]:8080/hello.txt")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{text}\n{}",
+        sidecar.logs()
+    );
+    assert!(text.ends_with("hello over IPv6\n"), "{text}");
 }

@@ -115,6 +115,24 @@ pub fn spawn_logged(
     }
 }
 
+/// `line` without its terminal colour sequences.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A `pylon proxy` process; killed on drop.
 pub struct SidecarProc {
     child: Child,
@@ -254,7 +272,7 @@ impl SidecarProc {
     /// thread, so one written just now may not be there yet).
     pub async fn wait_log(&self, needle: &str) {
         let deadline = std::time::Instant::now() + PATIENCE;
-        while !self.logs().contains(needle) {
+        while !strip_ansi(&self.logs()).contains(needle) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no log line with {needle:?}:\n{}",
