@@ -10,6 +10,7 @@ mod http;
 mod identity;
 mod inject;
 mod iptables;
+mod k8s_identity;
 mod lifecycle;
 mod observability;
 mod pod_sidecar;

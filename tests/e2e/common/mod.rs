@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod control;
 pub mod echo;
 pub mod http;
+pub mod issuer;
 pub mod otlp;
 pub mod pods;
 
