@@ -22,6 +22,7 @@
 //! Every namespace, `/etc/netns` directory, temporary directory and process
 //! made here is removed or killed on drop.
 
+use pylon_control::k8s_token::dev::{TestKey, jwks};
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
@@ -437,20 +438,38 @@ pub struct ControlPlane {
     proc: Proc,
     pub net: PodNet,
     data: TempDir,
+    /// The cluster's service-account signing key: the control plane trusts
+    /// its JWKS (`--kubernetes-jwks`), pods get tokens it signs.
+    issuer_key: TestKey,
 }
+
+/// The `iss` of the cluster's service-account tokens.
+const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const SA_KEY_ID: &str = "node-test-1";
 
 impl ControlPlane {
     pub fn start(node: &Node) -> ControlPlane {
         let net = node.pod_at("control", CONTROL_PLANE_IP);
         let data = TempDir::new("pods-control");
+        let issuer_key = TestKey::es256();
+        let jwks_file = data.path().join("jwks.json");
+        std::fs::write(&jwks_file, jwks(&[(&issuer_key, SA_KEY_ID)])).unwrap();
         let mut cmd = net.ns.cmd(env!("CARGO_BIN_EXE_pylon-control"));
         cmd.args(["serve", "--trust-domain", TRUST_DOMAIN, "--data-dir"])
             .arg(data.path())
+            .arg("--kubernetes-jwks")
+            .arg(&jwks_file)
+            .args(["--kubernetes-token-issuer", SA_ISSUER])
             .args(["--listen", "0.0.0.0:15010", "--name", CONTROL_PLANE_NAME])
             .args(["--name", &CONTROL_PLANE_IP.to_string()])
             .env("PYLON_LOG", "info,pylon_control=debug");
         let proc = Proc::spawn_until(cmd, "listening address=", "pylon-control");
-        ControlPlane { proc, net, data }
+        ControlPlane {
+            proc,
+            net,
+            data,
+            issuer_key,
+        }
     }
 
     /// Runs a `pylon-control` CLI command in the control plane's pod,
@@ -485,15 +504,16 @@ impl ControlPlane {
         );
     }
 
-    /// A bootstrap token for `identity`.
-    pub fn token(&self, identity: &str) -> String {
-        let out = self.cli(&["token", "create", "--identity", identity]);
-        assert!(
-            out.status.success(),
-            "token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    /// The projected service-account token the kubelet would give a pod
+    /// of `namespace`/`service_account` (audience `pylon`, valid an hour).
+    pub fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        self.issuer_key
+            .token(SA_KEY_ID, SA_ISSUER, namespace, service_account, exp)
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -707,12 +727,13 @@ impl MeshedPod {
     }
 
     /// What the kubelet does before the containers start: fresh volumes
-    /// (a new bootstrap token, the trust bundle, empty state) and the
+    /// (a new service-account token, the trust bundle, empty state) and the
     /// `pylon-init` container, `pylon init-iptables` with its arguments and
     /// environment, as root in the pod.
     pub fn init(&mut self, cp: &ControlPlane) {
         let volumes = TempDir::new(&format!("pods-{}", self.net.name));
-        let token = cp.token(&self.identity());
+        let token =
+            cp.service_account_token(self.injected.namespace(), self.injected.service_account());
         let ca = std::fs::read_to_string(cp.ca_file()).unwrap();
         self.injected.make_volumes(volumes.path(), &token, &ca);
         let init = self.injected.init_container("pylon-init");
