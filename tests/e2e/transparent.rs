@@ -5,122 +5,33 @@
 //! Runs in a network namespace of its own, so it needs root, `ip` and
 //! `iptables`; without them it says so and returns.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use pylon::identity::dev::DevCa;
 
+use crate::common::netns::{Netns, root_and};
 use crate::common::{
     CLIENT_ID, PATIENCE, SidecarProc, TempDir, backend_yaml, route_yaml, sidecar_config,
 };
 
-/// A network namespace with loopback up; deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let name = format!("pylon-tp-{}-{}", std::process::id(), fastrand::u32(..));
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .ok()?
-            .success();
-        if !ok {
-            return None;
-        }
-        let ns = Netns(name);
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        // An extra local address, so connections to it stay inside.
-        ns.run(&["ip", "addr", "add", "198.18.0.7/32", "dev", "lo"]);
-        ns.run(&["ip", "addr", "add", "198.18.0.8/32", "dev", "lo"]);
-        Some(ns)
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-
-    fn run(&self, argv: &[&str]) -> String {
-        let out = self.cmd(argv[0]).args(&argv[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn have(program: &str) -> bool {
-    Command::new("which")
-        .arg(program)
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test]
 async fn redirected_connections_route_by_authority_then_original_destination() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    if !(root && have("ip") && have("iptables") && have("curl") && have("python3")) {
-        eprintln!("SKIPPED: transparent mode needs root, ip, iptables, curl and python3");
+    if let Err(why) = root_and(&["ip", "iptables", "curl", "python3"]) {
+        eprintln!("SKIPPED: transparent mode {why}");
         return;
     }
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("tp") else {
         eprintln!("SKIPPED: cannot create a network namespace here");
         return;
     };
+    // Extra local addresses, so connections to them stay inside.
+    ns.run(&["ip", "addr", "add", "198.18.0.7/32", "dev", "lo"]);
+    ns.run(&["ip", "addr", "add", "198.18.0.8/32", "dev", "lo"]);
     let dir = TempDir::new("transparent");
     std::fs::write(dir.path().join("hello.txt"), "hello from the app\n").unwrap();
 
     // The app: a plain HTTP server inside the namespace.
-    let mut server = ns
-        .cmd("python3")
-        .args([
-            "-u",
-            "-m",
-            "http.server",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Killed(server);
-    let app_port: u16 = line
-        .split_whitespace()
-        .skip_while(|w| *w != "port")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let (_server, app_port) = ns.http_server("127.0.0.1", dir.path());
 
     let ca = DevCa::new("pylon test root").unwrap();
     let id = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
@@ -240,69 +151,24 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
 
 #[tokio::test]
 async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
     let tools = ["ip", "iptables", "ip6tables", "curl", "python3", "setpriv"];
-    if !(root && tools.iter().all(|t| have(t))) {
-        eprintln!("SKIPPED: IPv6 interception needs root and {tools:?}");
+    if let Err(why) = root_and(&tools) {
+        eprintln!("SKIPPED: IPv6 interception {why}");
         return;
     }
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("tp6") else {
         eprintln!("SKIPPED: cannot create a network namespace here");
         return;
     };
-    // A link out of the pod (a veth pair, both ends in this namespace)
-    // with an address of the IPv6 benchmarking range (RFC 5180): traffic
-    // to 2001:2::7 leaves by it, not by loopback, which the rules leave
-    // alone.
-    let link = [
-        "ip link add pv0 type veth peer name pv1",
-        "ip link set pv0 up",
-        "ip link set pv1 up",
-        "ip -6 addr add 2001:2::1/64 dev pv0 nodad",
-    ];
-    let linked = link.iter().all(|c| {
-        let argv: Vec<&str> = c.split(' ').collect();
-        ns.cmd(argv[0])
-            .args(&argv[1..])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !linked {
+    // Traffic to 2001:2::7 leaves by a link, not by loopback (which the
+    // rules leave alone).
+    if !ns.link_out(&["2001:2::1/64"]) {
         eprintln!("SKIPPED: no IPv6 or veth in this namespace");
         return;
     }
     let dir = TempDir::new("transparent-v6");
     std::fs::write(dir.path().join("hello.txt"), "hello over IPv6\n").unwrap();
-    let mut server = ns
-        .cmd("python3")
-        .args([
-            "-u",
-            "-m",
-            "http.server",
-            "0",
-            "--bind",
-            "::1",
-            "--directory",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Killed(server);
-    let app_port: u16 = line
-        .split_whitespace()
-        .skip_while(|w| *w != "port")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let (_server, app_port) = ns.http_server("::1", dir.path());
 
     let ca = DevCa::new("pylon test root").unwrap();
     let id = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();

@@ -9,6 +9,7 @@ pub mod control;
 pub mod echo;
 pub mod http;
 pub mod issuer;
+pub mod netns;
 pub mod otlp;
 pub mod pods;
 
