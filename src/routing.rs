@@ -699,10 +699,30 @@ mod tests {
             rule("ip"),
             rule("all"),
         );
-        t.add(&RouteHosts::hostnames(&["svc:8080".to_string()]), any(), vec![], &port);
-        t.add(&RouteHosts::hostnames(&["svc".to_string()]), any(), vec![], &bare);
-        t.add(&RouteHosts::hostnames(&["*.example.com".to_string()]), any(), vec![], &wild);
-        t.add(&RouteHosts::hostnames(&["10.1.2.3:80".to_string()]), any(), vec![], &ip);
+        t.add(
+            &RouteHosts::hostnames(&["svc:8080".to_string()]),
+            any(),
+            vec![],
+            &port,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["svc".to_string()]),
+            any(),
+            vec![],
+            &bare,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["*.example.com".to_string()]),
+            any(),
+            vec![],
+            &wild,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["10.1.2.3:80".to_string()]),
+            any(),
+            vec![],
+            &ip,
+        );
         t.add(&RouteHosts::default(), any(), vec![], &all);
         t.finish();
         let h = HeaderMap::new();
@@ -796,7 +816,11 @@ mod tests {
             "greeter.shop.svc.cluster.local.:50051",
             "Greeter.SHOP.svc:50051",
         ] {
-            assert_eq!(route_for(&t, authority).as_deref(), Some("svc"), "{authority}");
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("svc"),
+                "{authority}"
+            );
         }
         for authority in [
             "greeter:8080",
@@ -827,7 +851,11 @@ mod tests {
             "greeter.shop.svc",
             "greeter.shop.svc.cluster.local:1",
         ] {
-            assert_eq!(route_for(&t, authority).as_deref(), Some("svc"), "{authority}");
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("svc"),
+                "{authority}"
+            );
         }
         assert_eq!(route_for(&t, "greeter.other"), None);
     }
@@ -837,7 +865,11 @@ mod tests {
         let dns = cluster(Some("shop"));
         let t = table(&[("web", parent("web", "shop", Some(80), &dns))]);
         for authority in ["web", "web:80", "web.shop", "web.shop.svc.cluster.local:80"] {
-            assert_eq!(route_for(&t, authority).as_deref(), Some("web"), "{authority}");
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("web"),
+                "{authority}"
+            );
         }
         assert_eq!(route_for(&t, "web:8080"), None);
         let t = table(&[("web", parent("web", "shop", Some(8080), &dns))]);

@@ -950,11 +950,7 @@ fn route_parent_refs_name_kubernetes_services() {
                 "spec.parentRefs[0].group",
                 "unsupported group \"gateway.networking.k8s.io\"",
             ),
-            (
-                "[{kind: Service}]",
-                "spec.parentRefs[0].name",
-                "required",
-            ),
+            ("[{kind: Service}]", "spec.parentRefs[0].name", "required"),
             (
                 "[{kind: Service, name: greeter.shop}]",
                 "spec.parentRefs[0].name",
@@ -1013,7 +1009,11 @@ spec:
     - {name: web}
   rules: [{backendRefs: [{name: b}]}]
 ---
-".to_string() + BACKEND_B.replace("name: b}", "name: b, namespace: shop}").as_str();
+"
+    .to_string()
+        + BACKEND_B
+            .replace("name: b}", "name: b, namespace: shop}")
+            .as_str();
     assert_eq!(
         errors(&yaml),
         [
