@@ -20,6 +20,7 @@ use crate::probes::Prober;
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::{Inbound, InboundOptions};
 use crate::proxy::outbound::{Outbound, TransparentConfig};
+use crate::routing::ClusterDns;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +139,17 @@ impl Sidecar {
             (PolicySource::ControlPlane, Some(cp)) => format!("controlPlane:{}", cp.address),
             (PolicySource::ControlPlane, None) => "controlPlane".to_string(),
         };
-        let policy = PolicyStore::new(identity.clone(), metrics.clone(), Arc::new(dns), source);
+        let cluster = ClusterDns {
+            namespace: config.kubernetes.namespace.clone(),
+            domain: config.kubernetes.cluster_domain.clone(),
+        };
+        let policy = PolicyStore::new(
+            identity.clone(),
+            metrics.clone(),
+            Arc::new(dns),
+            cluster,
+            source,
+        );
         let policy_task = match (&config.policy, &config.control_plane) {
             (PolicySource::File(path), _) => tokio::spawn(policy::file::watch(
                 path.clone(),

@@ -5,6 +5,7 @@ mod common;
 
 mod authz;
 mod control;
+mod gamma;
 mod grpc;
 mod http;
 mod identity;
