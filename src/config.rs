@@ -40,6 +40,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("kubernetes.namespace", KeyKind::Text),
     ("kubernetes.serviceAccount", KeyKind::Text),
     ("kubernetes.podIp", KeyKind::Text),
+    ("kubernetes.clusterDomain", KeyKind::Text),
     ("identity.files.cert", KeyKind::Path),
     ("identity.files.key", KeyKind::Path),
     ("identity.files.trustBundle", KeyKind::Path),
@@ -172,8 +173,9 @@ pub enum InboundMode {
     Permissive,
 }
 
-/// The pod the sidecar serves, as the downward API tells it.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// The pod the sidecar serves, as the downward API tells it, and the
+/// cluster it runs in.
+#[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +186,42 @@ pub struct KubernetesInfo {
     pub service_account: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<IpAddr>,
+    /// The cluster's DNS domain (`cluster.local` unless the cluster was set
+    /// up otherwise): Services are `name.namespace.svc.<clusterDomain>`.
+    pub cluster_domain: String,
+}
+
+/// The default of `kubernetes.clusterDomain`.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+impl Default for KubernetesInfo {
+    fn default() -> Self {
+        KubernetesInfo {
+            pod_name: None,
+            namespace: None,
+            service_account: None,
+            pod_ip: None,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_string(),
+        }
+    }
+}
+
+/// A cluster domain: dot-separated DNS labels, returned lowercase and
+/// without a trailing dot.
+fn cluster_domain(s: &str) -> Result<String, String> {
+    let name = s.trim().strip_suffix('.').unwrap_or(s.trim());
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{s:?} is not a DNS domain (dot-separated labels of letters, digits and inner hyphens)"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// The default of `outbound.retryBufferBytes`.
@@ -448,11 +486,19 @@ impl Config {
                 })
                 .ok()
         });
+        let cluster_domain = match r.string("kubernetes.clusterDomain") {
+            None => DEFAULT_CLUSTER_DOMAIN.to_string(),
+            Some((s, origin)) => cluster_domain(&s).unwrap_or_else(|e| {
+                r.problem("kubernetes.clusterDomain", &origin, e);
+                DEFAULT_CLUSTER_DOMAIN.to_string()
+            }),
+        };
         let kubernetes = KubernetesInfo {
             pod_name: r.text("kubernetes.podName"),
             namespace: r.text("kubernetes.namespace"),
             service_account: r.text("kubernetes.serviceAccount"),
             pod_ip,
+            cluster_domain,
         };
 
         let cert = r.path("identity.files.cert");
@@ -1258,6 +1304,8 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert!(c.app_probes.is_empty());
         assert!(c.kubernetes.pod_ip.is_none());
+        assert!(c.kubernetes.namespace.is_none());
+        assert_eq!(c.kubernetes.cluster_domain, "cluster.local");
     }
 
     #[test]
@@ -1277,6 +1325,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             ("PYLON_KUBERNETES_NAMESPACE", "shop"),
             ("PYLON_KUBERNETES_SERVICE_ACCOUNT", "web"),
             ("PYLON_KUBERNETES_POD_IP", "198.18.0.10"),
+            ("PYLON_KUBERNETES_CLUSTER_DOMAIN", "Corp.Example."),
         ]);
         let c = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap();
         assert_eq!(c.admin.probe_listen.port(), 25020);
@@ -1292,6 +1341,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
         );
         assert_eq!(c.kubernetes.namespace.as_deref(), Some("shop"));
         assert_eq!(c.kubernetes.pod_ip, Some("198.18.0.10".parse().unwrap()));
+        assert_eq!(c.kubernetes.cluster_domain, "corp.example");
     }
 
     #[test]
@@ -1303,6 +1353,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             ("PYLON_DRAIN_TIMEOUT", "soon"),
             ("PYLON_APP_PROBES", "{not json"),
             ("PYLON_KUBERNETES_POD_IP", "pod"),
+            ("PYLON_KUBERNETES_CLUSTER_DOMAIN", "cluster..local"),
         ]);
         let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
         for want in [
@@ -1313,13 +1364,14 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             "drainTimeout (from PYLON_DRAIN_TIMEOUT)",
             "appProbes (from PYLON_APP_PROBES): not JSON",
             "kubernetes.podIp (from PYLON_KUBERNETES_POD_IP)",
+            "kubernetes.clusterDomain (from PYLON_KUBERNETES_CLUSTER_DOMAIN): \"cluster..local\" is not a DNS domain",
         ] {
             assert!(
                 errs.iter().any(|e| e.starts_with(want)),
                 "{want}: {errs:#?}"
             );
         }
-        assert_eq!(errs.len(), 7, "{errs:#?}");
+        assert_eq!(errs.len(), 8, "{errs:#?}");
     }
 
     #[test]

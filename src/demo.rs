@@ -418,6 +418,7 @@ impl DemoMesh {
                 otlp_endpoint: otlp.map(str::to_string),
             },
             webhook: None,
+            kubernetes: None,
         })
         .await
         .context("cannot start the control plane")?;

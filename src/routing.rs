@@ -5,6 +5,12 @@
 //! it falls through from `host:port` to `host` to wildcards to routes without
 //! hostnames) and a short scan, with no allocation in the common case.
 //!
+//! Routes attached to Kubernetes Services (`parentRefs`) are indexed under
+//! the Service's cluster DNS names, expanded here once per snapshot
+//! ([`RouteHosts`]): a parent with a port counts as a `host:port` hostname,
+//! one without as a `host` hostname, so both kinds of route meet in the same
+//! levels and the rule precedence below decides between them (ADR 13).
+//!
 //! Precedence within a hostname, most specific first: for HTTPRoute, exact
 //! path, then the longest path prefix, then a method match, then the most
 //! header matches; for GRPCRoute, the longest service, then the longest
@@ -242,11 +248,117 @@ impl HostRules {
     }
 }
 
+/// How Kubernetes names Services for this sidecar: its own namespace (bare
+/// Service names resolve there only, through the pod's DNS search path) and
+/// the cluster domain.
+#[derive(Debug, Clone)]
+pub struct ClusterDns {
+    /// `None` when the sidecar does not know its namespace: then no bare
+    /// name matches a Service.
+    pub namespace: Option<String>,
+    /// Lowercase, without a trailing dot (`cluster.local`).
+    pub domain: String,
+}
+
+impl Default for ClusterDns {
+    fn default() -> Self {
+        ClusterDns {
+            namespace: None,
+            domain: crate::config::DEFAULT_CLUSTER_DOMAIN.to_string(),
+        }
+    }
+}
+
+impl ClusterDns {
+    /// The fully qualified name of a Service, with the trailing dot that
+    /// keeps resolvers from trying search domains first.
+    pub fn service_fqdn(&self, name: &str, namespace: &str) -> String {
+        format!("{name}.{namespace}.svc.{}.", self.domain)
+    }
+
+    /// Every name a client of this sidecar reaches a Service by:
+    /// `name.ns`, `name.ns.svc`, `name.ns.svc.<domain>` (also with the
+    /// trailing dot) from any namespace, and `name` only from the Service's
+    /// own namespace.
+    pub fn service_names(&self, name: &str, namespace: &str) -> Vec<String> {
+        let short = format!("{name}.{namespace}");
+        let svc = format!("{short}.svc");
+        let full = format!("{svc}.{}", self.domain);
+        let fqdn = format!("{full}.");
+        let mut names = Vec::with_capacity(5);
+        if self.namespace.as_deref() == Some(namespace) {
+            names.push(name.to_string());
+        }
+        names.extend([short, svc, full, fqdn]);
+        names
+    }
+}
+
+/// Where a route applies: its `hostnames` as written, and the authorities
+/// its Service parents expand to. Built once per route per snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct RouteHosts {
+    hostnames: Vec<String>,
+    /// `name` (every port) or `name:port` keys of the Service parents.
+    services: Vec<String>,
+    /// Service names whose parent has port 80: an authority without a port
+    /// is a request to the scheme's default port, 80 for the plaintext
+    /// HTTP the outbound listener speaks.
+    services_port_80: Vec<String>,
+}
+
+impl RouteHosts {
+    /// A route with `hostnames` only (empty: every authority).
+    pub fn hostnames(hostnames: &[String]) -> Self {
+        RouteHosts {
+            hostnames: hostnames.to_vec(),
+            ..RouteHosts::default()
+        }
+    }
+
+    /// A route's hostnames and Service parents; each parent is `(name,
+    /// namespace, port)` with the namespace already defaulted to the route's.
+    pub fn new<'a>(
+        hostnames: &[String],
+        parents: impl IntoIterator<Item = (&'a str, &'a str, Option<u16>)>,
+        dns: &ClusterDns,
+    ) -> Self {
+        let mut hosts = RouteHosts::hostnames(hostnames);
+        for (name, namespace, port) in parents {
+            for host in dns.service_names(name, namespace) {
+                match port {
+                    None => hosts.services.push(host),
+                    Some(p) => {
+                        hosts.services.push(format!("{host}:{p}"));
+                        if p == 80 {
+                            hosts.services_port_80.push(host);
+                        }
+                    }
+                }
+            }
+        }
+        // Two parents may name the same authority; one entry is enough.
+        for keys in [&mut hosts.services, &mut hosts.services_port_80] {
+            keys.sort();
+            keys.dedup();
+        }
+        hosts
+    }
+
+    /// No hostnames and no parents: the route applies to every authority.
+    fn is_any(&self) -> bool {
+        self.hostnames.is_empty() && self.services.is_empty()
+    }
+}
+
 /// Every route rule of a snapshot, indexed by hostname.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// `host` and `host:port` keys, lowercase.
     exact: HashMap<String, HostRules>,
+    /// Service names of parents with port 80, for authorities without a
+    /// port; looked up at the `host:port` level.
+    port_80: HashMap<String, HostRules>,
     /// Hostnames that are IP literals, for routing by original destination.
     by_ip: HashMap<IpAddr, HostRules>,
     by_addr: HashMap<SocketAddr, HostRules>,
@@ -257,11 +369,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Adds one match of a rule for the given hostnames (empty: every host).
-    /// Call in route-name, rule, match order; then [`RouteTable::finish`].
+    /// Adds one match of a rule for the given hosts. Call in route-name,
+    /// rule, match order; then [`RouteTable::finish`].
     pub fn add(
         &mut self,
-        hostnames: &[String],
+        hosts: &RouteHosts,
         matcher: Matcher,
         headers: Vec<(HeaderName, HeaderValue)>,
         rule: &Arc<Rule>,
@@ -278,10 +390,16 @@ impl RouteTable {
                 Matcher::Http { .. } => rules.http.push(e),
             }
         };
-        if hostnames.is_empty() {
+        if hosts.is_any() {
             push(&mut self.any);
         }
-        for h in hostnames {
+        for h in &hosts.services {
+            push(self.exact.entry(h.clone()).or_default());
+        }
+        for h in &hosts.services_port_80 {
+            push(self.port_80.entry(h.clone()).or_default());
+        }
+        for h in &hosts.hostnames {
             let (host, port) = split_host_port(h);
             if let Some(suffix) = host.strip_prefix('*') {
                 let slot = match self
@@ -316,6 +434,7 @@ impl RouteTable {
         for rules in self
             .exact
             .values_mut()
+            .chain(self.port_80.values_mut())
             .chain(self.by_ip.values_mut())
             .chain(self.by_addr.values_mut())
             .chain(self.wildcard.iter_mut().map(|(_, _, r)| r))
@@ -339,8 +458,12 @@ impl RouteTable {
         if let Some(authority) = authority {
             let authority = ascii_lowercase(authority);
             let (host, port) = split_host_port(&authority);
-            let found = port
-                .and_then(|_| self.exact.get(authority.as_ref()))
+            // Without a port, `host` is also `host:80` for Service parents.
+            let with_port = match port {
+                Some(_) => self.exact.get(authority.as_ref()),
+                None => self.port_80.get(host),
+            };
+            let found = with_port
                 .and_then(|r| r.find(req))
                 .or_else(|| self.exact.get(host).and_then(|r| r.find(req)))
                 .or_else(|| {
@@ -463,25 +586,25 @@ mod tests {
             rule("exact"),
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             http(Some(PathMatch::Prefix("/".into())), None),
             vec![],
             &root,
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             http(Some(PathMatch::Prefix("/api".into())), None),
             vec![],
             &api,
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             http(Some(PathMatch::Prefix("/api".into())), Some(Method::GET)),
             vec![],
             &api_get,
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             http(Some(PathMatch::Prefix("/api".into())), None),
             vec![(
                 HeaderName::from_static("x-v"),
@@ -490,7 +613,7 @@ mod tests {
             &api_hdr,
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             http(Some(PathMatch::Exact("/api/exact".into())), None),
             vec![],
             &exact,
@@ -526,7 +649,7 @@ mod tests {
         let hosts = vec!["greeter".to_string()];
         let (svc, m) = (rule("svc"), rule("method"));
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             Matcher::Grpc {
                 service: Some("helloworld.Greeter".into()),
                 method: None,
@@ -535,7 +658,7 @@ mod tests {
             &svc,
         );
         t.add(
-            &hosts,
+            &RouteHosts::hostnames(&hosts),
             Matcher::Grpc {
                 service: Some("helloworld.Greeter".into()),
                 method: Some("SayHello".into()),
@@ -576,11 +699,31 @@ mod tests {
             rule("ip"),
             rule("all"),
         );
-        t.add(&["svc:8080".to_string()], any(), vec![], &port);
-        t.add(&["svc".to_string()], any(), vec![], &bare);
-        t.add(&["*.example.com".to_string()], any(), vec![], &wild);
-        t.add(&["10.1.2.3:80".to_string()], any(), vec![], &ip);
-        t.add(&[], any(), vec![], &all);
+        t.add(
+            &RouteHosts::hostnames(&["svc:8080".to_string()]),
+            any(),
+            vec![],
+            &port,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["svc".to_string()]),
+            any(),
+            vec![],
+            &bare,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["*.example.com".to_string()]),
+            any(),
+            vec![],
+            &wild,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["10.1.2.3:80".to_string()]),
+            any(),
+            vec![],
+            &ip,
+        );
+        t.add(&RouteHosts::default(), any(), vec![], &all);
         t.finish();
         let h = HeaderMap::new();
         let v = view(&Method::GET, "/", &h, false);
@@ -627,6 +770,311 @@ mod tests {
             &Metrics::new(),
         );
         assert!(none.pick_backend().is_none());
+    }
+
+    fn cluster(namespace: Option<&str>) -> ClusterDns {
+        ClusterDns {
+            namespace: namespace.map(Into::into),
+            domain: "cluster.local".into(),
+        }
+    }
+
+    /// A table of match-everything HTTP rules, one per `(route, hosts)`.
+    fn table(routes: &[(&str, RouteHosts)]) -> RouteTable {
+        let mut t = RouteTable::default();
+        for (name, hosts) in routes {
+            t.add(hosts, http(None, None), vec![], &rule(name));
+        }
+        t.finish();
+        t
+    }
+
+    fn route_for(t: &RouteTable, authority: &str) -> Option<String> {
+        let h = HeaderMap::new();
+        t.find(Some(authority), None, &view(&Method::GET, "/", &h, false))
+            .map(|r| r.route.to_string())
+    }
+
+    fn parent(
+        name: &'static str,
+        ns: &'static str,
+        port: Option<u16>,
+        dns: &ClusterDns,
+    ) -> RouteHosts {
+        RouteHosts::new(&[], [(name, ns, port)], dns)
+    }
+
+    #[test]
+    fn a_service_parent_matches_every_dns_form_of_its_port() {
+        let dns = cluster(Some("shop"));
+        let t = table(&[("svc", parent("greeter", "shop", Some(50051), &dns))]);
+        for authority in [
+            "greeter:50051",
+            "greeter.shop:50051",
+            "greeter.shop.svc:50051",
+            "greeter.shop.svc.cluster.local:50051",
+            "greeter.shop.svc.cluster.local.:50051",
+            "Greeter.SHOP.svc:50051",
+        ] {
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("svc"),
+                "{authority}"
+            );
+        }
+        for authority in [
+            "greeter:8080",
+            "greeter.shop:8080",
+            "greeter.shop.svc.cluster.local:80",
+            "greeter",
+            "greeter.shop",
+            "greeter.other:50051",
+            "greeter.shop.svc.cluster:50051",
+            "greeter.shop.svc.other.local:50051",
+            "greeter.shop.cluster.local:50051",
+            "greeter-x.shop:50051",
+            "x.greeter.shop:50051",
+        ] {
+            assert_eq!(route_for(&t, authority), None, "{authority}");
+        }
+    }
+
+    #[test]
+    fn a_service_parent_without_a_port_matches_every_port() {
+        let dns = cluster(Some("shop"));
+        let t = table(&[("svc", parent("greeter", "shop", None, &dns))]);
+        for authority in [
+            "greeter",
+            "greeter:50051",
+            "greeter.shop",
+            "greeter.shop:8080",
+            "greeter.shop.svc",
+            "greeter.shop.svc.cluster.local:1",
+        ] {
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("svc"),
+                "{authority}"
+            );
+        }
+        assert_eq!(route_for(&t, "greeter.other"), None);
+    }
+
+    #[test]
+    fn an_authority_without_a_port_is_port_80_for_service_parents() {
+        let dns = cluster(Some("shop"));
+        let t = table(&[("web", parent("web", "shop", Some(80), &dns))]);
+        for authority in ["web", "web:80", "web.shop", "web.shop.svc.cluster.local:80"] {
+            assert_eq!(
+                route_for(&t, authority).as_deref(),
+                Some("web"),
+                "{authority}"
+            );
+        }
+        assert_eq!(route_for(&t, "web:8080"), None);
+        let t = table(&[("web", parent("web", "shop", Some(8080), &dns))]);
+        assert_eq!(route_for(&t, "web:8080").as_deref(), Some("web"));
+        assert_eq!(route_for(&t, "web"), None, "no port is 80, not 8080");
+    }
+
+    #[test]
+    fn bare_service_names_match_only_from_the_services_namespace() {
+        let from = |ns: Option<&str>| {
+            let dns = cluster(ns);
+            table(&[("svc", parent("greeter", "shop", Some(50051), &dns))])
+        };
+        let elsewhere = from(Some("web"));
+        assert_eq!(route_for(&elsewhere, "greeter:50051"), None);
+        assert_eq!(
+            route_for(&elsewhere, "greeter.shop:50051").as_deref(),
+            Some("svc")
+        );
+        let unknown = from(None);
+        assert_eq!(route_for(&unknown, "greeter:50051"), None);
+        assert_eq!(
+            route_for(&unknown, "greeter.shop.svc:50051").as_deref(),
+            Some("svc")
+        );
+        assert_eq!(
+            route_for(&from(Some("shop")), "greeter:50051").as_deref(),
+            Some("svc")
+        );
+    }
+
+    #[test]
+    fn a_same_named_service_of_another_namespace_does_not_match() {
+        let dns = cluster(Some("shop"));
+        let t = table(&[
+            ("other/greeter", parent("greeter", "other", None, &dns)),
+            ("shop/greeter", parent("greeter", "shop", None, &dns)),
+        ]);
+        assert_eq!(route_for(&t, "greeter").as_deref(), Some("shop/greeter"));
+        assert_eq!(
+            route_for(&t, "greeter.shop:50051").as_deref(),
+            Some("shop/greeter")
+        );
+        assert_eq!(
+            route_for(&t, "greeter.other:50051").as_deref(),
+            Some("other/greeter")
+        );
+        assert_eq!(
+            route_for(&t, "greeter.other.svc.cluster.local").as_deref(),
+            Some("other/greeter")
+        );
+        let t = table(&[("other/greeter", parent("greeter", "other", None, &dns))]);
+        assert_eq!(route_for(&t, "greeter"), None);
+        assert_eq!(route_for(&t, "greeter.shop"), None);
+    }
+
+    #[test]
+    fn the_cluster_domain_comes_from_the_sidecar() {
+        let dns = ClusterDns {
+            namespace: Some("shop".into()),
+            domain: "corp.example".into(),
+        };
+        let t = table(&[("svc", parent("greeter", "shop", None, &dns))]);
+        assert_eq!(
+            route_for(&t, "greeter.shop.svc.corp.example").as_deref(),
+            Some("svc")
+        );
+        assert_eq!(route_for(&t, "greeter.shop.svc.cluster.local"), None);
+    }
+
+    #[test]
+    fn a_route_with_only_service_parents_is_not_a_catch_all() {
+        let dns = cluster(Some("shop"));
+        let t = table(&[
+            ("all", RouteHosts::default()),
+            ("svc", parent("greeter", "shop", Some(50051), &dns)),
+        ]);
+        assert_eq!(route_for(&t, "greeter:50051").as_deref(), Some("svc"));
+        assert_eq!(route_for(&t, "elsewhere").as_deref(), Some("all"));
+        assert_eq!(route_for(&t, "greeter:8080").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn service_parents_and_hostnames_share_the_hostname_levels() {
+        let dns = cluster(Some("shop"));
+        let svc_port = || parent("greeter", "shop", Some(50051), &dns);
+        let svc_any = || parent("greeter", "shop", None, &dns);
+        let host = |h: &str| RouteHosts::hostnames(&[h.to_string()]);
+
+        // A parent with a port is a `host:port` hostname: it beats `host`
+        // and wildcard hostnames, whatever their rules.
+        let t = table(&[
+            ("a-host", host("greeter")),
+            ("b-wild", host("*.svc.cluster.local")),
+            ("c-svc", svc_port()),
+        ]);
+        assert_eq!(route_for(&t, "greeter:50051").as_deref(), Some("c-svc"));
+        assert_eq!(
+            route_for(&t, "greeter.shop.svc.cluster.local:50051").as_deref(),
+            Some("c-svc")
+        );
+        assert_eq!(route_for(&t, "greeter:8080").as_deref(), Some("a-host"));
+        assert_eq!(
+            route_for(&t, "greeter.shop.svc.cluster.local:8080").as_deref(),
+            Some("b-wild")
+        );
+
+        // A `host:port` hostname beats a parent without a port.
+        let t = table(&[("a-svc", svc_any()), ("b-host", host("greeter:50051"))]);
+        assert_eq!(route_for(&t, "greeter:50051").as_deref(), Some("b-host"));
+        assert_eq!(route_for(&t, "greeter:8080").as_deref(), Some("a-svc"));
+
+        // On the same level the rule precedence decides, then route order.
+        let t = table(&[("a-host", host("greeter:50051")), ("b-svc", svc_port())]);
+        assert_eq!(route_for(&t, "greeter:50051").as_deref(), Some("a-host"));
+        let t = table(&[("a-svc", svc_port()), ("b-host", host("greeter:50051"))]);
+        assert_eq!(route_for(&t, "greeter:50051").as_deref(), Some("a-svc"));
+
+        let mut t = RouteTable::default();
+        let h = HeaderMap::new();
+        let (by_host, by_svc) = (rule("a-host"), rule("b-svc"));
+        t.add(&host("greeter:50051"), http(None, None), vec![], &by_host);
+        t.add(
+            &svc_port(),
+            http(Some(PathMatch::Prefix("/api".into())), None),
+            vec![],
+            &by_svc,
+        );
+        t.finish();
+        let find = |path: &str| {
+            t.find(
+                Some("greeter:50051"),
+                None,
+                &view(&Method::GET, path, &h, false),
+            )
+            .map(|r| r.route.to_string())
+        };
+        assert_eq!(find("/api/x").as_deref(), Some("b-svc"), "longer prefix");
+        assert_eq!(find("/other").as_deref(), Some("a-host"));
+    }
+
+    #[test]
+    fn a_level_without_a_matching_rule_falls_through_to_hostnames() {
+        let dns = cluster(Some("shop"));
+        let mut t = RouteTable::default();
+        let (by_svc, by_host) = (rule("svc"), rule("host"));
+        t.add(
+            &parent("greeter", "shop", Some(50051), &dns),
+            Matcher::Grpc {
+                service: Some("helloworld.Greeter".into()),
+                method: Some("SayHello".into()),
+            },
+            vec![],
+            &by_svc,
+        );
+        t.add(
+            &RouteHosts::hostnames(&["greeter".to_string()]),
+            Matcher::Grpc {
+                service: None,
+                method: None,
+            },
+            vec![],
+            &by_host,
+        );
+        t.finish();
+        let h = HeaderMap::new();
+        let find = |path: &str| {
+            t.find(
+                Some("greeter:50051"),
+                None,
+                &view(&Method::POST, path, &h, true),
+            )
+            .map(|r| r.route.to_string())
+        };
+        assert_eq!(find("/helloworld.Greeter/SayHello").as_deref(), Some("svc"));
+        assert_eq!(find("/helloworld.Greeter/Other").as_deref(), Some("host"));
+    }
+
+    #[test]
+    fn service_names_and_route_hosts() {
+        let dns = cluster(Some("shop"));
+        assert_eq!(
+            dns.service_names("greeter", "shop"),
+            [
+                "greeter",
+                "greeter.shop",
+                "greeter.shop.svc",
+                "greeter.shop.svc.cluster.local",
+                "greeter.shop.svc.cluster.local.",
+            ]
+        );
+        assert_eq!(dns.service_names("greeter", "other").len(), 4);
+        assert_eq!(
+            dns.service_fqdn("greeter", "other"),
+            "greeter.other.svc.cluster.local."
+        );
+        // Two parents naming the same authorities index them once.
+        let hosts = RouteHosts::new(
+            &[],
+            [("greeter", "shop", Some(80)), ("greeter", "shop", Some(80))],
+            &dns,
+        );
+        assert_eq!(hosts.services.len(), 5);
+        assert_eq!(hosts.services_port_80.len(), 5);
+        assert!(hosts.services.contains(&"greeter.shop.svc:80".to_string()));
     }
 
     #[test]

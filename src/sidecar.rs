@@ -20,6 +20,7 @@ use crate::probes::Prober;
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::{Inbound, InboundOptions};
 use crate::proxy::outbound::{Outbound, TransparentConfig};
+use crate::routing::ClusterDns;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +139,17 @@ impl Sidecar {
             (PolicySource::ControlPlane, Some(cp)) => format!("controlPlane:{}", cp.address),
             (PolicySource::ControlPlane, None) => "controlPlane".to_string(),
         };
-        let policy = PolicyStore::new(identity.clone(), metrics.clone(), Arc::new(dns), source);
+        let cluster = ClusterDns {
+            namespace: config.kubernetes.namespace.clone(),
+            domain: config.kubernetes.cluster_domain.clone(),
+        };
+        let policy = PolicyStore::new(
+            identity.clone(),
+            metrics.clone(),
+            Arc::new(dns),
+            cluster,
+            source,
+        );
         let policy_task = match (&config.policy, &config.control_plane) {
             (PolicySource::File(path), _) => tokio::spawn(policy::file::watch(
                 path.clone(),
@@ -230,13 +241,18 @@ impl Sidecar {
             },
         );
         let drain = config.drain_timeout;
-        let connections = metrics.connections("outbound");
-        tasks.spawn(accept_loop(
-            outbound_l,
-            shutdown.subscribe(),
-            drain,
-            move |tcp, peer, w| counted(connections.open(), outbound.clone().serve(tcp, peer, w)),
-        ));
+        for listener in std::iter::once(outbound_l).chain(ipv6_companion(addrs.outbound)) {
+            let connections = metrics.connections("outbound");
+            let outbound = outbound.clone();
+            tasks.spawn(accept_loop(
+                listener,
+                shutdown.subscribe(),
+                drain,
+                move |tcp, peer, w| {
+                    counted(connections.open(), outbound.clone().serve(tcp, peer, w))
+                },
+            ));
+        }
         let inbound = Inbound::new(
             server_tls,
             config.inbound.app,
@@ -252,13 +268,18 @@ impl Sidecar {
                 detect_timeout: config.outbound.detect_timeout,
             },
         );
-        let connections = metrics.connections("inbound");
-        tasks.spawn(accept_loop(
-            inbound_l,
-            shutdown.subscribe(),
-            drain,
-            move |tcp, peer, w| counted(connections.open(), inbound.clone().serve(tcp, peer, w)),
-        ));
+        for listener in std::iter::once(inbound_l).chain(ipv6_companion(addrs.inbound)) {
+            let connections = metrics.connections("inbound");
+            let inbound = inbound.clone();
+            tasks.spawn(accept_loop(
+                listener,
+                shutdown.subscribe(),
+                drain,
+                move |tcp, peer, w| {
+                    counted(connections.open(), inbound.clone().serve(tcp, peer, w))
+                },
+            ));
+        }
         state.listening.store(true, Ordering::Release);
         tracing::info!("serving");
         Ok(Sidecar {
@@ -293,6 +314,42 @@ impl Sidecar {
     pub async fn stop(mut self) {
         self.shutdown();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The IPv6 twin of a listener on `127.0.0.1:P` (`[::1]:P`) or `0.0.0.0:P`
+/// (`[::]:P`, IPv6 only): where `pylon init-iptables`' ip6tables rules
+/// redirect a dual-stack pod's IPv6 connections. `None` for other
+/// addresses, for port 0, and where the host has no IPv6.
+fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let v6: std::net::IpAddr = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_loopback() => std::net::Ipv6Addr::LOCALHOST.into(),
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        _ => return None,
+    };
+    if addr.port() == 0 {
+        return None;
+    }
+    let v6 = SocketAddr::new(v6, addr.port());
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&v6.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    match bind() {
+        Ok(l) => {
+            tracing::info!(addr = %v6, "also listening on IPv6");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::debug!(addr = %v6, error = %e, "no IPv6 listener");
+            None
+        }
     }
 }
 

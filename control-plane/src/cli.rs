@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 
 use crate::ca::OperatorCa;
 use crate::inject::{self, InjectOptions, webhook::WebhookConfig};
+use crate::k8s_fetch::Discovery;
+use crate::k8s_token::KeySource;
 use crate::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
 
 #[derive(Parser)]
@@ -36,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print every Kubernetes object of the mesh, for `kubectl apply -f -`.
     Install(crate::install::InstallArgs),
     /// Apply resources from YAML files, a directory of them, or - (stdin).
@@ -235,6 +237,74 @@ pub struct ServeArgs {
         default_value = inject::DEFAULT_CONTROL_PLANE
     )]
     pub sidecar_control_plane: String,
+    /// Accept pods' projected service-account tokens (audience `pylon`)
+    /// signed by a key of this JWKS file as bootstrap credentials (read
+    /// again when a token names an unknown key id).
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_KUBERNETES_JWKS",
+        value_name = "FILE",
+        conflicts_with = "kubernetes_issuer"
+    )]
+    pub kubernetes_jwks: Option<PathBuf>,
+    /// The same, with the keys found by OIDC discovery at
+    /// URL/.well-known/openid-configuration (e.g.
+    /// https://kubernetes.default.svc.cluster.local); tokens must carry
+    /// URL as their `iss`.
+    #[arg(long, env = "PYLON_CONTROL_KUBERNETES_ISSUER", value_name = "URL")]
+    pub kubernetes_issuer: Option<String>,
+    /// The `iss` tokens must carry with --kubernetes-jwks.
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_KUBERNETES_TOKEN_ISSUER",
+        value_name = "ISS",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    pub kubernetes_token_issuer: String,
+    /// The roots that verify the issuer's HTTPS certificate.
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_KUBERNETES_ISSUER_CA",
+        value_name = "FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kubernetes_issuer_ca: PathBuf,
+    /// A bearer token for discovery (by default the control plane's own
+    /// service-account token, when that file exists).
+    #[arg(
+        long,
+        env = "PYLON_CONTROL_KUBERNETES_ISSUER_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub kubernetes_issuer_token_file: Option<PathBuf>,
+}
+
+/// The control plane's own service-account token in a pod.
+const POD_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+impl ServeArgs {
+    /// The issuer and key source for service-account tokens, if enabled.
+    fn kubernetes(&self) -> Option<(String, KeySource)> {
+        if let Some(jwks) = &self.kubernetes_jwks {
+            return Some((
+                self.kubernetes_token_issuer.clone(),
+                KeySource::File(jwks.clone()),
+            ));
+        }
+        let issuer = self.kubernetes_issuer.clone()?;
+        let token_file = self.kubernetes_issuer_token_file.clone().or_else(|| {
+            let pod = PathBuf::from(POD_TOKEN);
+            pod.exists().then_some(pod)
+        });
+        Some((
+            issuer.clone(),
+            KeySource::Discovery(Discovery {
+                issuer,
+                ca_file: self.kubernetes_issuer_ca.clone(),
+                token_file,
+            }),
+        ))
+    }
 }
 
 /// How the CLI reaches the control plane.
@@ -371,7 +441,7 @@ fn when(unix: i64) -> String {
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Install(args) => {
             let yaml = crate::install::run(&args)?;
             std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())?;
@@ -754,6 +824,7 @@ fn print_resources(resources: &[pb::StoredResource], output: Option<Output>) -> 
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let kubernetes = args.kubernetes();
     let operator_ca = args.ca_cert.map(|cert| OperatorCa {
         cert,
         key: args.ca_key.unwrap_or_default(),
@@ -778,6 +849,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 control_plane: args.sidecar_control_plane,
             },
         }),
+        kubernetes,
     })
     .await?;
     let webhook = cp

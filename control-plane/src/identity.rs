@@ -2,9 +2,13 @@
 //! follow the trust bundle.
 //!
 //! A caller authenticates with a client certificate the mesh CA issued (its
-//! SPIFFE ID is who it is; renewals use it), or with a bootstrap token
-//! (`authorization: Bearer …`) bound to one identity. A CSR is signed only
-//! for the caller's own identity ([`crate::ca::CaState::sign_csr`]).
+//! SPIFFE ID is who it is; renewals use it), or with a bootstrap credential
+//! (`authorization: Bearer …`): a token of `pylon-control token create`,
+//! bound to one identity, or — with `--kubernetes-jwks`/`--kubernetes-issuer`
+//! — a pod's projected service-account token (audience `pylon`), which
+//! names `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
+//! ([`crate::k8s_token`]). A CSR is signed only for the caller's own
+//! identity ([`crate::ca::CaState::sign_csr`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use pylon_proto::v1::{self as pb};
 use tonic::{Request, Response, Status};
 
 use crate::ca::{CaState, CsrError};
+use crate::k8s_token::TokenVerifier;
 use crate::server::{State, bearer, blocking};
 use crate::tls::PeerInfo;
 
@@ -42,6 +47,9 @@ pub async fn authenticate<T>(
             Status::unauthenticated("a workload certificate or a bootstrap token is required")
         })?
         .to_string();
+    if TokenVerifier::looks_like_jwt(&token) {
+        return kubernetes_identity(state, &token).await;
+    }
     let store = state.store.clone();
     let info = blocking(move || {
         if consume {
@@ -52,11 +60,38 @@ pub async fn authenticate<T>(
     })
     .await?
     .ok_or_else(|| {
+        state.metrics.credential_refused("bootstrap", "invalid");
         Status::unauthenticated(
             "the bootstrap token is not valid (unknown, expired, used or revoked)",
         )
     })?;
     Ok(info.identity)
+}
+
+/// The identity a Kubernetes service-account token names, once verified.
+async fn kubernetes_identity(state: &Arc<State>, token: &str) -> Result<String, Status> {
+    let Some(verifier) = state.k8s_tokens.as_ref() else {
+        state
+            .metrics
+            .credential_refused("kubernetes", "not_configured");
+        return Err(Status::unauthenticated(
+            "service-account tokens are not accepted here (the control plane runs without --kubernetes-jwks or --kubernetes-issuer)",
+        ));
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match verifier.verify(token, now).await {
+        Ok(workload) => {
+            let trust_domain = state.ca.borrow().trust_domain.clone();
+            Ok(workload.spiffe_id(&trust_domain))
+        }
+        Err(e) => {
+            state.metrics.credential_refused("kubernetes", e.reason());
+            tracing::info!(error = %e, "service-account token refused");
+            Err(Status::unauthenticated(e.to_string()))
+        }
+    }
 }
 
 fn certificate_identity(der: &[u8]) -> Result<String, Status> {

@@ -430,5 +430,7 @@ async fn load(source: &KeySource) -> Result<Jwks, String> {
     }
 }
 
+pub mod dev;
+
 #[cfg(test)]
 mod tests;

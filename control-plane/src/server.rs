@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
 use crate::inject::webhook::WebhookConfig;
+use crate::k8s_token::{KeySource, TokenVerifier};
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoreError, StoredResource};
 use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
 use crate::tls::{self, PeerInfo};
@@ -53,6 +54,9 @@ pub struct ServeConfig {
     pub cert_ttl: Duration,
     /// Metrics listener and OTLP export (both off by default).
     pub telemetry: TelemetryConfig,
+    /// Kubernetes service-account tokens as bootstrap credentials: the
+    /// issuer (`iss`) and where its keys are.
+    pub kubernetes: Option<(String, KeySource)>,
     /// The Kubernetes injection webhook (off by default).
     pub webhook: Option<WebhookConfig>,
 }
@@ -160,6 +164,8 @@ pub struct State {
     next_id: AtomicU64,
     next_nonce: AtomicU64,
     pub(crate) metrics: Arc<ControlMetrics>,
+    /// Verifies pods' service-account tokens, when configured.
+    pub(crate) k8s_tokens: Option<TokenVerifier>,
 }
 
 impl State {
@@ -293,6 +299,14 @@ impl ControlPlane {
         })
         .await??;
         let store = Arc::new(store);
+        let k8s_tokens = match config.kubernetes.clone() {
+            Some((issuer, source)) => Some(
+                TokenVerifier::new(issuer, source)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("Kubernetes token issuer: {e}"))?,
+            ),
+            None => None,
+        };
 
         let (version, resources) = {
             let store = store.clone();
@@ -316,6 +330,7 @@ impl ControlPlane {
             next_id: AtomicU64::new(1),
             next_nonce: AtomicU64::new(1),
             metrics: ControlMetrics::new(),
+            k8s_tokens,
         });
 
         let mut telemetry_tasks = Vec::new();

@@ -41,6 +41,15 @@ const SERVICES: [&str; 3] = [
 const ISSUE_CERTIFICATE: &str = "/pylon.v1.Identity/IssueCertificate";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    /// `kubernetes` (a service-account JWT) or `bootstrap` (a token of
+    /// `pylon-control token create`).
+    kind: &'static str,
+    /// Why: `expired`, `audience`, `signature`, … (a fixed set).
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     /// `PolicyAdmin/Apply`, or `other`.
     method: String,
@@ -57,6 +66,7 @@ pub struct ControlMetrics {
     pub(crate) nacks: Counter,
     certificates_issued: Counter,
     certificates_refused: Counter,
+    credentials_refused: Family<RefusedLabels, Counter>,
     rpcs: Family<RpcLabels, Counter>,
     pub(crate) connected_sidecars: Gauge,
     pub(crate) policy_version: Gauge,
@@ -66,6 +76,13 @@ pub struct ControlMetrics {
 }
 
 impl ControlMetrics {
+    /// Counts a refused bootstrap credential.
+    pub fn credential_refused(&self, kind: &'static str, reason: &'static str) {
+        self.credentials_refused
+            .get_or_create(&RefusedLabels { kind, reason })
+            .inc();
+    }
+
     pub fn new() -> Arc<ControlMetrics> {
         let mut registry = Registry::with_prefix("pylon_control");
         let m = ControlMetrics {
@@ -76,6 +93,7 @@ impl ControlMetrics {
             nacks: Counter::default(),
             certificates_issued: Counter::default(),
             certificates_refused: Counter::default(),
+            credentials_refused: Family::default(),
             rpcs: Family::default(),
             connected_sidecars: Gauge::default(),
             policy_version: Gauge::default(),
@@ -99,6 +117,11 @@ impl ControlMetrics {
             "certificates_issued",
             "Workload certificates signed",
             m.certificates_issued.clone(),
+        );
+        registry.register(
+            "credentials_refused",
+            "Bootstrap credentials refused: service-account JWTs and bootstrap tokens, by reason",
+            m.credentials_refused.clone(),
         );
         registry.register(
             "certificates_refused",

@@ -20,9 +20,9 @@ use pylon_proto::policy::{
 use super::{InboundPolicy, Snapshot};
 use crate::authz::Authorization;
 use crate::identity::{IdentityStore, tls};
-use crate::proxy::backend::{Backend, BackendConfig};
+use crate::proxy::backend::{Backend, BackendConfig, EndpointSource};
 use crate::proxy::pool::Transport;
-use crate::routing::{Matcher, RouteTable, Rule, RulePolicy};
+use crate::routing::{ClusterDns, Matcher, RouteHosts, RouteTable, Rule, RulePolicy};
 use crate::telemetry::metrics::Metrics;
 
 /// What compiling needs besides the resources.
@@ -33,13 +33,16 @@ pub struct CompileContext<'a> {
     /// ID: the AuthorizationPolicies and the BackendTrafficPolicy targeting
     /// it protect the local app.
     pub service_account: Option<(String, String)>,
+    /// How Kubernetes Services are named here, for route parents and
+    /// Service endpoints.
+    pub cluster: &'a ClusterDns,
 }
 
 /// New configuration for a backend, applied once the policy compiled.
 pub struct BackendUpdate {
     pub backend: Arc<Backend>,
     pub config: BackendConfig,
-    pub endpoints: Endpoints,
+    pub endpoints: EndpointSource,
 }
 
 /// Compiles validated resources. `prev` lends its backends.
@@ -111,7 +114,11 @@ pub fn compile(
                     updates.push(BackendUpdate {
                         backend,
                         config,
-                        endpoints: spec.endpoints.clone(),
+                        endpoints: endpoint_source(
+                            &spec.endpoints,
+                            &r.metadata.namespace,
+                            ctx.cluster,
+                        ),
                     });
                 }
                 Err(e) => errors.push(format!("{}: {e}", r.display_name())),
@@ -129,8 +136,8 @@ pub fn compile(
     });
     for r in ordered {
         let result = match &r.spec {
-            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx.metrics),
-            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx.metrics),
+            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx),
+            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -150,6 +157,26 @@ pub fn compile(
         inbound,
     };
     Ok((snapshot, updates))
+}
+
+/// Where a Backend's endpoints come from. A Service is named by its fully
+/// qualified name, so the pod's search domains play no part.
+fn endpoint_source(endpoints: &Endpoints, namespace: &str, cluster: &ClusterDns) -> EndpointSource {
+    match endpoints {
+        Endpoints::Static(addrs) => EndpointSource::Static(addrs.clone()),
+        Endpoints::Dns { hostname, port } => EndpointSource::Dns {
+            hostname: hostname.clone(),
+            port: *port,
+        },
+        Endpoints::Service {
+            name,
+            namespace: ns,
+            port,
+        } => EndpointSource::Dns {
+            hostname: cluster.service_fqdn(name, ns.as_deref().unwrap_or(namespace)),
+            port: *port,
+        },
+    }
 }
 
 fn backend_config(
@@ -274,9 +301,15 @@ fn add_route<M: RouteMatch>(
     r: &Resource,
     spec: &RouteSpec<M>,
     backends: &BTreeMap<String, Arc<Backend>>,
-    metrics: &Metrics,
+    ctx: &CompileContext<'_>,
 ) -> Result<(), String> {
     let name: Arc<str> = r.display_name().into();
+    let route_ns = r.metadata.namespace.as_str();
+    let parents = spec.parent_refs.iter().map(|p| {
+        let ns = p.namespace.as_deref().unwrap_or(route_ns);
+        (p.name.as_str(), ns, p.port)
+    });
+    let hosts = RouteHosts::new(&spec.hostnames, parents, ctx.cluster);
     for (i, rule) in spec.rules.iter().enumerate() {
         let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends)
             .map_err(|e| format!("spec.rules[{i}].backendRefs: {e}"))?;
@@ -285,16 +318,60 @@ fn add_route<M: RouteMatch>(
             retry: rule.retry.clone(),
             fault_injection: rule.fault_injection.clone(),
         };
-        let compiled = Arc::new(Rule::new(name.clone(), i, weighted, policy, metrics));
+        let compiled = Arc::new(Rule::new(name.clone(), i, weighted, policy, ctx.metrics));
         if rule.matches.is_empty() {
-            routes.add(&spec.hostnames, M::match_all(), vec![], &compiled);
+            routes.add(&hosts, M::match_all(), vec![], &compiled);
         }
         for (j, m) in rule.matches.iter().enumerate() {
             let at = format!("spec.rules[{i}].matches[{j}]");
             let matcher = m.matcher().map_err(|e| format!("{at}.{e}"))?;
             let headers = compile_headers(m.headers()).map_err(|e| format!("{at}.headers: {e}"))?;
-            routes.add(&spec.hostnames, matcher, headers, &compiled);
+            routes.add(&hosts, matcher, headers, &compiled);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_endpoint_is_its_fully_qualified_name() {
+        let cluster = ClusterDns {
+            namespace: Some("web".into()),
+            domain: "corp.example".into(),
+        };
+        let service = |namespace: Option<&str>| Endpoints::Service {
+            name: "greeter-headless".into(),
+            namespace: namespace.map(Into::into),
+            port: 50051,
+        };
+        assert_eq!(
+            endpoint_source(&service(None), "shop", &cluster),
+            EndpointSource::Dns {
+                hostname: "greeter-headless.shop.svc.corp.example.".into(),
+                port: 50051
+            },
+            "the Backend's namespace, not the sidecar's"
+        );
+        assert_eq!(
+            endpoint_source(&service(Some("data")), "shop", &cluster),
+            EndpointSource::Dns {
+                hostname: "greeter-headless.data.svc.corp.example.".into(),
+                port: 50051
+            }
+        );
+        let dns = Endpoints::Dns {
+            hostname: "greeter".into(),
+            port: 1,
+        };
+        assert_eq!(
+            endpoint_source(&dns, "shop", &cluster),
+            EndpointSource::Dns {
+                hostname: "greeter".into(),
+                port: 1
+            }
+        );
+    }
 }

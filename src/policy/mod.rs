@@ -25,7 +25,7 @@ use crate::discovery::Dns;
 use crate::identity::IdentityStore;
 use crate::proxy::backend::Backend;
 use crate::proxy::inbound::InboundLimits;
-use crate::routing::RouteTable;
+use crate::routing::{ClusterDns, RouteTable};
 use crate::telemetry::metrics::Metrics;
 
 /// A compiled policy: what every request reads.
@@ -79,6 +79,7 @@ pub struct PolicyStore {
     metrics: Arc<Metrics>,
     dns: Arc<Dns>,
     inbound: Arc<InboundLimits>,
+    cluster: ClusterDns,
     source: String,
     source_state: Mutex<SourceState>,
 }
@@ -93,10 +94,12 @@ impl std::fmt::Debug for PolicyStore {
 
 impl PolicyStore {
     /// An empty store (no route for anything) until a policy is applied.
+    /// `cluster` names Kubernetes Services for every policy compiled here.
     pub fn new(
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
         dns: Arc<Dns>,
+        cluster: ClusterDns,
         source: String,
     ) -> Arc<Self> {
         Arc::new(PolicyStore {
@@ -107,6 +110,7 @@ impl PolicyStore {
             identity,
             metrics,
             dns,
+            cluster,
             source,
             source_state: Mutex::new(SourceState::default()),
         })
@@ -164,6 +168,7 @@ impl PolicyStore {
             identity: &self.identity,
             metrics: &self.metrics,
             service_account: crate::identity::service_account(&self.identity.spiffe_id()),
+            cluster: &self.cluster,
         };
         let result = pylon_proto::policy::parse(yaml)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())

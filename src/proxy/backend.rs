@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use http::uri::Scheme;
 use http::{Request, Response, Version};
 use pylon_proto::policy::{
-    BackendTls, CircuitBreaker, Endpoints, LoadBalancerType, OutlierDetection, Protocol, RateLimit,
+    BackendTls, CircuitBreaker, LoadBalancerType, OutlierDetection, Protocol, RateLimit,
 };
 use tokio::time::Instant;
 
@@ -57,6 +57,14 @@ impl Candidate for Endpoint {
     fn health(&self) -> &EndpointHealth {
         &self.health
     }
+}
+
+/// Where a backend's endpoints come from, with names already completed
+/// (a Kubernetes Service in policy becomes its fully qualified DNS name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSource {
+    Static(Vec<SocketAddr>),
+    Dns { hostname: String, port: u16 },
 }
 
 /// What policy says about a backend, swapped whole on reload.
@@ -205,16 +213,16 @@ impl Backend {
     /// Installs the endpoints policy names: static addresses now; a DNS
     /// name is watched (re-resolved at its TTL) by a task this backend owns,
     /// kept across reloads that name the same host and port.
-    pub fn set_endpoints(self: &Arc<Self>, endpoints: &Endpoints, dns: &Arc<Dns>) {
+    pub fn set_endpoints(self: &Arc<Self>, endpoints: &EndpointSource, dns: &Arc<Dns>) {
         let mut watch = self.dns_watch.lock().unwrap_or_else(|e| e.into_inner());
         match endpoints {
-            Endpoints::Static(addrs) => {
+            EndpointSource::Static(addrs) => {
                 if let Some((_, task)) = watch.take() {
                     task.abort();
                 }
                 self.set_addresses(addrs);
             }
-            Endpoints::Dns { hostname, port } => {
+            EndpointSource::Dns { hostname, port } => {
                 let target = (hostname.clone(), *port);
                 if watch.as_ref().is_some_and(|(t, _)| *t == target) {
                     return;

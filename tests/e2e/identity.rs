@@ -23,7 +23,7 @@ use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::{CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, mesh_policy};
 
 /// A sidecar config: identity and policy from the control plane.
-fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
+pub(crate) fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
     format!(
         "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
 outbound: {{ listen: \"127.0.0.1:0\" }}
@@ -139,7 +139,7 @@ impl Load {
 }
 
 /// Polls `f` until it returns `Some`.
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         if let Some(v) = f().await {
@@ -170,13 +170,13 @@ fn bundle_of(config: &serde_json::Value) -> Vec<String> {
 }
 
 /// The identity service, verified with the control plane's CA file.
-fn identity_client(cp: &ControlProc) -> IdentityClient<Channel> {
+pub(crate) fn identity_client(cp: &ControlProc) -> IdentityClient<Channel> {
     let roots = pylon_control::cli::roots_from(&cp.ca_file()).unwrap();
     let tls = pylon_proto::client::client_config(roots, None).unwrap();
     IdentityClient::new(pylon_proto::client::lazy_channel(&cp.address(), tls).unwrap())
 }
 
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         "authorization",
@@ -185,7 +185,7 @@ fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
     req
 }
 
-fn csr(sans: &[&str], key: &KeyPair) -> Vec<u8> {
+pub(crate) fn csr(sans: &[&str], key: &KeyPair) -> Vec<u8> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = sans
@@ -221,7 +221,7 @@ async fn issue(
     )
 }
 
-fn certificates_issued(cp: &ControlProc) -> usize {
+pub(crate) fn certificates_issued(cp: &ControlProc) -> usize {
     cp.logs().matches("certificate issued").count()
 }
 

@@ -7,7 +7,9 @@
 //! addresses are used, only inside the namespace.
 
 use std::io::{BufRead, BufReader, Lines};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
+
+use crate::common::netns::{Netns, have, root_and};
 
 const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
 
@@ -19,91 +21,37 @@ const INIT: [&str; 5] = [
     "198.18.5.0/24",
 ];
 
-/// A network namespace with loopback up and a veth pair (both ends inside)
-/// whose `p0` holds 198.18.9.1/16, so 198.18.9.9 and 198.18.5.5 are routed
-/// out of `p0`, not over `lo`; deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let name = format!("pylon-ipt-{}-{}", std::process::id(), fastrand::u32(..));
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .ok()?
-            .success();
-        if !ok {
-            return None;
-        }
-        let ns = Netns(name);
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        ns.run(&[
-            "ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1",
-        ]);
-        ns.run(&["ip", "addr", "add", "198.18.9.1/16", "dev", "p0"]);
-        ns.run(&["ip", "link", "set", "p0", "up"]);
-        ns.run(&["ip", "link", "set", "p1", "up"]);
-        Some(ns)
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-
-    fn output(&self, argv: &[&str]) -> Output {
-        self.cmd(argv).output().unwrap()
-    }
-
-    fn run(&self, argv: &[&str]) -> String {
-        let out = self.output(argv);
-        assert!(
-            out.status.success(),
-            "{argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    /// The nat table as `save` prints it, without comments and counters.
-    fn nat(&self, save: &str) -> String {
-        self.run(&[save, "-t", "nat"])
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| match l.rsplit_once(" [") {
-                Some((chain, _)) if l.starts_with(':') => chain,
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Connects to `dst` (as `uid` when given) and says how it went.
-    fn connect(&self, uid: Option<&str>, dst: &str) -> Result<(), String> {
-        let (host, port) = dst.split_once(':').unwrap();
-        let script = format!("exec 3<>/dev/tcp/{host}/{port}");
-        let ids = uid.map(|uid| [format!("--reuid={uid}"), format!("--regid={uid}")]);
-        let mut argv = Vec::new();
-        if let Some([reuid, regid]) = &ids {
-            argv.extend(["setpriv", reuid, regid, "--clear-groups"]);
-        }
-        argv.extend(["timeout", "20", "bash", "-c", &script]);
-        let out = self.output(&argv);
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
-    }
+/// The nat table as `save` prints it in `ns`, without comments and
+/// counters.
+fn nat(ns: &Netns, save: &str) -> String {
+    ns.run(&[save, "-t", "nat"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.rsplit_once(" [") {
+            Some((chain, _)) if l.starts_with(':') => chain,
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+/// Connects to `dst` from `ns` (as `uid` when given) and says how it went.
+fn connect(ns: &Netns, uid: Option<&str>, dst: &str) -> Result<(), String> {
+    let (host, port) = dst.split_once(':').unwrap();
+    let script = format!("exec 3<>/dev/tcp/{host}/{port}");
+    let ids = uid.map(|uid| [format!("--reuid={uid}"), format!("--regid={uid}")]);
+    let mut argv = Vec::new();
+    if let Some([reuid, regid]) = &ids {
+        argv.extend(["setpriv", reuid, regid, "--clear-groups"]);
+    }
+    argv.extend(["timeout", "20", "bash", "-c", &script]);
+    let out = ns.output(&argv);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
-
 /// A listener on the outbound port that prints each connection's original
 /// destination (`SO_ORIGINAL_DST`), one line per connection.
 struct Listener {
@@ -130,7 +78,8 @@ while True:
 
     fn spawn(ns: &Netns) -> Listener {
         let mut child = ns
-            .cmd(&["python3", "-u", "-c", Self::SCRIPT])
+            .cmd("python3")
+            .args(["-u", "-c", Self::SCRIPT])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -155,14 +104,6 @@ impl Drop for Listener {
     }
 }
 
-fn have(program: &str) -> bool {
-    Command::new("which")
-        .arg(program)
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// `pylon init-iptables …` with the test's flags and `extra`.
 fn with(extra: &[&'static str]) -> Vec<&'static str> {
     std::iter::once(PYLON)
@@ -181,31 +122,29 @@ fn ipv4_part(dry_run: &str) -> &str {
 
 #[test]
 fn init_iptables_redirects_the_apps_tcp_and_is_idempotent() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    if !(root && have("ip") && have("iptables") && have("iptables-save")) {
-        eprintln!("SKIPPED: init-iptables needs root, ip and iptables");
+    if let Err(why) = root_and(&["ip", "iptables", "iptables-save"]) {
+        eprintln!("SKIPPED: init-iptables {why}");
         return;
     }
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("ipt") else {
         eprintln!("SKIPPED: cannot create a network namespace here");
         return;
     };
+    // 198.18.9.9 and 198.18.5.5 are routed out of a link, not over lo.
+    assert!(ns.link_out(&["198.18.9.1/16"]), "no veth in the namespace");
 
     // A dry run prints the input for both families and changes nothing.
-    let empty = ns.nat("iptables-save");
+    let empty = nat(&ns, "iptables-save");
     let dry_run = ns.run(&with(&["--dry-run"]));
     assert!(dry_run.contains("\nCOMMIT\n# ipv6\n*nat\n"), "{dry_run}");
-    assert_eq!(ns.nat("iptables-save"), empty);
+    assert_eq!(nat(&ns, "iptables-save"), empty);
 
     let applied = ns.run(&with(&[]));
     assert!(
         applied.starts_with("pylon init-iptables: applied ipv4"),
         "{applied}"
     );
-    let rules = ns.nat("iptables-save");
+    let rules = nat(&ns, "iptables-save");
     for expected in [
         ":PYLON_INBOUND -",
         ":PYLON_OUTPUT -",
@@ -226,7 +165,7 @@ fn init_iptables_redirects_the_apps_tcp_and_is_idempotent() {
     for line in ipv4_part(&dry_run).lines().filter(|l| l.starts_with("-A")) {
         assert!(rules.lines().any(|l| l == line), "{line}:\n{rules}");
     }
-    let v6_rules = have("ip6tables-save").then(|| ns.nat("ip6tables-save"));
+    let v6_rules = have("ip6tables-save").then(|| nat(&ns, "ip6tables-save"));
     if let Some(v6) = &v6_rules {
         assert!(
             v6.contains("\n-A PYLON_OUTPUT -d ::1/128 -j RETURN\n"),
@@ -237,14 +176,14 @@ fn init_iptables_redirects_the_apps_tcp_and_is_idempotent() {
 
     // Again: nothing changes, and a dry run now adds no jumps.
     ns.run(&with(&[]));
-    assert_eq!(ns.nat("iptables-save"), rules);
+    assert_eq!(nat(&ns, "iptables-save"), rules);
     if let Some(v6) = &v6_rules {
-        assert_eq!(&ns.nat("ip6tables-save"), v6);
+        assert_eq!(&nat(&ns, "ip6tables-save"), v6);
     }
     let dry_run = ns.run(&with(&["--dry-run"]));
     assert!(!dry_run.contains("-A PREROUTING"), "{dry_run}");
     assert!(!dry_run.contains("-A OUTPUT"), "{dry_run}");
-    assert_eq!(ns.nat("iptables-save"), rules);
+    assert_eq!(nat(&ns, "iptables-save"), rules);
 
     if !(have("python3") && have("setpriv") && have("timeout")) {
         eprintln!("SKIPPED: the traffic half needs python3, setpriv and timeout");
@@ -270,16 +209,16 @@ fn init_iptables_redirects_the_apps_tcp_and_is_idempotent() {
     let mut listener = Listener::spawn(&ns);
 
     // The app (root here) is redirected, its original destination kept.
-    ns.connect(None, "198.18.9.9:80").unwrap();
+    connect(&ns, None, "198.18.9.9:80").unwrap();
     assert_eq!(listener.next_line(), "got 198.18.9.9:80");
 
     // The proxy's UID and the skipped CIDR are not.
-    let refused = ns.connect(Some("1337"), "198.18.9.9:81").unwrap_err();
+    let refused = connect(&ns, Some("1337"), "198.18.9.9:81").unwrap_err();
     assert!(refused.contains("refused"), "{refused}");
-    let refused = ns.connect(None, "198.18.5.5:82").unwrap_err();
+    let refused = connect(&ns, None, "198.18.5.5:82").unwrap_err();
     assert!(refused.contains("refused"), "{refused}");
 
     // The listener accepts in order: had either arrived, it would come first.
-    ns.connect(None, "198.18.9.9:83").unwrap();
+    connect(&ns, None, "198.18.9.9:83").unwrap();
     assert_eq!(listener.next_line(), "got 198.18.9.9:83");
 }

@@ -5,15 +5,18 @@ mod common;
 
 mod authz;
 mod control;
+mod gamma;
 mod grpc;
 mod http;
 mod identity;
 mod inject;
 mod install;
 mod iptables;
+mod k8s_identity;
 mod lifecycle;
 mod observability;
 mod pod_sidecar;
+mod pods;
 mod policy;
 mod resilience;
 mod routing;

@@ -401,18 +401,6 @@ async fn unrouted_call(sidecar: &SidecarProc) {
 
 const UNROUTED_LOG: &str = "request failed in the proxy";
 
-async fn wait_logged(sidecar: &SidecarProc, needle: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !sidecar.logs().contains(needle) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never logged {needle:?}:\n{}",
-            sidecar.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing() {
     let dir = TempDir::new("log-level");
@@ -429,9 +417,11 @@ async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing(
 
     let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=debug").await;
     assert_eq!((status, body.as_str()), (200, "pylon=debug,info\n"));
-    wait_logged(&sidecar, "log filter changed on the admin API").await;
+    sidecar
+        .wait_log("log filter changed on the admin API")
+        .await;
     unrouted_call(&sidecar).await;
-    wait_logged(&sidecar, UNROUTED_LOG).await;
+    sidecar.wait_log(UNROUTED_LOG).await;
 
     let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=shouty").await;
     assert_eq!(status, 400, "{body}");
@@ -455,7 +445,7 @@ async fn json_logs_are_one_object_per_line() {
     let sidecar = sidecar(dir.path(), "", &[("PYLON_TELEMETRY_LOG_FORMAT", "json")]);
     sidecar.wait_ready().await;
     unrouted_call(&sidecar).await;
-    wait_logged(&sidecar, UNROUTED_LOG).await;
+    sidecar.wait_log(UNROUTED_LOG).await;
     let logs = sidecar.logs();
     let mut messages = Vec::new();
     for line in logs.lines() {

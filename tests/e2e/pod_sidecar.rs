@@ -13,8 +13,8 @@ use pylon::identity::dev::DevCa;
 
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::{
-    CLIENT_ID, Mesh, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request,
-    mesh_policy, sidecar_config,
+    CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, mesh_policy,
+    sidecar_config,
 };
 
 fn sigterm(pid: u32) {
@@ -144,11 +144,7 @@ async fn drain_timeout_bounds_a_stream_that_never_ends() {
     // and exits cleanly; the caller sees the stream cut, not completed.
     let status = server.wait_exit();
     assert!(status.success(), "{status:?}\n{}", server.logs());
-    assert!(
-        server.logs().contains("still open after the drain timeout"),
-        "{}",
-        server.logs()
-    );
+    server.wait_log("still open after the drain timeout").await;
     assert!(body.collect().await.is_err(), "the stream was cut");
 }
 
@@ -171,30 +167,14 @@ async fn a_second_sigterm_exits_without_waiting_for_open_calls() {
 
     // The default drain timeout is 30 s; the first signal starts it.
     sigterm(mesh.server.pid());
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !mesh
-        .server
-        .logs()
-        .contains("stop signal received; draining")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}",
-            mesh.server.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    mesh.server.wait_log("stop signal received; draining").await;
     let (status, _) = admin_get(mesh.server.probe, "/ready").await.unwrap();
     assert_eq!(status, 503, "not ready while draining");
     // The second ends the wait: the call is still open (its gate shut).
     sigterm(mesh.server.pid());
     let status = mesh.server.wait_exit();
     assert!(status.success(), "{status:?}");
-    assert!(
-        mesh.server.logs().contains("second stop signal"),
-        "{}",
-        mesh.server.logs()
-    );
+    mesh.server.wait_log("second stop signal").await;
     assert!(body.collect().await.is_err(), "the open call was cut");
 }
 

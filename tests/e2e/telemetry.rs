@@ -14,7 +14,9 @@ use crate::common::chaos::ChaosServer;
 use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::otlp::{CLIENT, Collector, INTERNAL, SERVER, Span, export_app_span};
-use crate::common::{CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, sidecar_config};
+use crate::common::{
+    CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, sidecar_config, strip_ansi,
+};
 
 /// Two sidecars (client → server, mTLS) in front of `app`, both with the
 /// bootstrap `telemetry` section given (a YAML line, or empty).
@@ -455,36 +457,6 @@ fn access_records(logs: &str) -> Vec<std::collections::BTreeMap<String, String>>
         .collect()
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Waits for a log line containing `needle`.
-async fn wait_log(sidecar: &SidecarProc, needle: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !strip_ansi(&sidecar.logs()).contains(needle) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {needle:?} in:\n{}",
-            sidecar.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn access_logs_one_record_per_request_when_switched_on() {
     let app = start_http_app().await;
@@ -504,8 +476,8 @@ async fn access_logs_one_record_per_request_when_switched_on() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     text(resp).await;
-    wait_log(&mesh.client, "request_id=acc-2").await;
-    wait_log(&mesh.server, "request_id=acc-1").await;
+    mesh.client.wait_log("request_id=acc-2").await;
+    mesh.server.wait_log("request_id=acc-1").await;
 
     let records = access_records(&mesh.client.logs());
     let ok: Vec<_> = records
@@ -567,7 +539,7 @@ async fn access_logs_are_off_by_default() {
         .await
         .unwrap();
     text(resp).await;
-    wait_log(&mesh.client, "request failed in the proxy").await;
+    mesh.client.wait_log("request failed in the proxy").await;
     assert!(access_records(&mesh.client.logs()).is_empty());
     assert!(access_records(&mesh.server.logs()).is_empty());
 }

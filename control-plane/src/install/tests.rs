@@ -1,4 +1,4 @@
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 
 use super::*;
 use crate::cli::{Cli, Command};
@@ -120,27 +120,13 @@ fn the_control_plane_is_named_by_its_service_and_hands_that_name_to_sidecars() {
 fn the_pod_runs_the_serve_command_the_cli_accepts() {
     let objects = objects_of(&install(&[]));
     let mut argv = vec!["pylon-control".to_string()];
-    let args: Vec<String> = container(&objects)["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
-    // `--kubernetes-issuer` belongs to `serve` once service-account identity
-    // lands; until then it is checked by the test above only.
-    let serve_knows_issuer = Cli::command()
-        .find_subcommand("serve")
-        .unwrap()
-        .get_arguments()
-        .any(|a| a.get_long() == Some("kubernetes-issuer"));
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        if arg == "--kubernetes-issuer" && !serve_knows_issuer {
-            rest.next();
-            continue;
-        }
-        argv.push(arg.clone());
-    }
+    argv.extend(
+        container(&objects)["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string()),
+    );
     let Command::Serve(serve) = Cli::try_parse_from(&argv).unwrap().command else {
         panic!("not serve");
     };
@@ -154,6 +140,10 @@ fn the_pod_runs_the_serve_command_the_cli_accepts() {
     );
     assert_eq!(serve.webhook_listen.unwrap().port(), 15011);
     assert_eq!(serve.metrics_listen.unwrap().port(), 15014);
+    assert_eq!(
+        serve.kubernetes_issuer.as_deref(),
+        Some("https://kubernetes.default.svc.cluster.local")
+    );
     assert_eq!(
         serve.sidecar_control_plane,
         inject::DEFAULT_CONTROL_PLANE,

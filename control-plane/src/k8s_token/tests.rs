@@ -1,94 +1,25 @@
+use super::dev::{TestKey, claims_for};
 use super::*;
 use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::json;
+
+fn rsa_key() -> TestKey {
+    TestKey::rsa_pkcs8_pem(include_str!("test-rsa.pem")).unwrap()
+}
+
+fn ec_key() -> TestKey {
+    TestKey::es256()
+}
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const NOW: u64 = 1_800_000_000;
 
-/// A signing key for tests, with its JWK.
-pub(crate) enum TestKey {
-    Rsa(RsaKeyPair),
-    Ec(EcdsaKeyPair),
-}
-
-pub(crate) fn rsa_key() -> TestKey {
-    let pem = pem::parse(include_str!("test-rsa.pem")).unwrap();
-    TestKey::Rsa(RsaKeyPair::from_pkcs8(pem.contents()).unwrap())
-}
-
-pub(crate) fn ec_key() -> TestKey {
-    let rng = SystemRandom::new();
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    TestKey::Ec(
-        EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            pkcs8.as_ref(),
-            &rng,
-        )
-        .unwrap(),
-    )
-}
-
-impl TestKey {
-    pub(crate) fn alg(&self) -> &'static str {
-        match self {
-            TestKey::Rsa(_) => "RS256",
-            TestKey::Ec(_) => "ES256",
-        }
-    }
-
-    pub(crate) fn jwk(&self, kid: &str) -> Value {
-        let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
-        match self {
-            TestKey::Rsa(k) => {
-                let c = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(k.public());
-                json!({"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig", "n": b64(&c.n), "e": b64(&c.e)})
-            }
-            TestKey::Ec(k) => {
-                let p = k.public_key().as_ref();
-                json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": b64(&p[1..33]), "y": b64(&p[33..65])})
-            }
-        }
-    }
-
-    pub(crate) fn sign(&self, header: &Value, claims: &Value) -> String {
-        let h = URL_SAFE_NO_PAD.encode(header.to_string());
-        let c = URL_SAFE_NO_PAD.encode(claims.to_string());
-        let msg = format!("{h}.{c}");
-        let rng = SystemRandom::new();
-        let sig = match self {
-            TestKey::Rsa(k) => {
-                let mut sig = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, msg.as_bytes(), &mut sig)
-                    .unwrap();
-                sig
-            }
-            TestKey::Ec(k) => k.sign(&rng, msg.as_bytes()).unwrap().as_ref().to_vec(),
-        };
-        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig))
-    }
-}
-
-pub(crate) fn claims(ns: &str, sa: &str, exp: u64) -> Value {
-    json!({
-        "iss": ISSUER,
-        "aud": ["pylon"],
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "iat": exp - 3600,
-        "nbf": exp - 3600,
-        "exp": exp,
-        "kubernetes.io": {
-            "namespace": ns,
-            "serviceaccount": {"name": sa, "uid": "0d3b6c2e-1111-2222-3333-444455556666"},
-            "pod": {"name": format!("{sa}-7d9f"), "uid": "9a0c9a0c-1111-2222-3333-444455556666"}
-        }
-    })
+fn claims(ns: &str, sa: &str, exp: u64) -> Value {
+    claims_for(ISSUER, ns, sa, exp)
 }
 
 fn jwks_of(keys: &[(&TestKey, &str)]) -> String {
-    json!({"keys": keys.iter().map(|(k, kid)| k.jwk(kid)).collect::<Vec<_>>()}).to_string()
+    super::dev::jwks(keys)
 }
 
 async fn verifier(dir: &std::path::Path, jwks: &str) -> TokenVerifier {

@@ -380,16 +380,26 @@ impl Decoder {
     /// Reports a pair of fields of which exactly one must be set; returns
     /// whether the rule holds.
     pub fn exactly_one(&mut self, obj: &Obj<'_>, a: &str, b: &str) -> bool {
-        match (obj.has(a), obj.has(b)) {
-            (true, false) | (false, true) => true,
-            (false, false) => {
-                self.error(&obj.val, format!("one of {a} and {b} is required"));
-                false
-            }
-            (true, true) => {
-                self.error(&obj.val, format!("only one of {a} and {b} may be set"));
-                false
-            }
+        self.exactly_one_of(obj, &[a, b])
+    }
+
+    /// Reports fields of which exactly one must be set; returns whether the
+    /// rule holds.
+    pub fn exactly_one_of(&mut self, obj: &Obj<'_>, keys: &[&str]) -> bool {
+        let set = keys.iter().filter(|k| obj.has(k)).count();
+        if set == 1 {
+            return true;
         }
+        let names = match keys {
+            [init @ .., last] if !init.is_empty() => format!("{} and {last}", init.join(", ")),
+            _ => keys.join(""),
+        };
+        let message = if set == 0 {
+            format!("one of {names} is required")
+        } else {
+            format!("only one of {names} may be set")
+        };
+        self.error(&obj.val, message);
+        false
     }
 }

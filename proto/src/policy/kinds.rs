@@ -140,8 +140,8 @@ fn backend(d: &mut Decoder, at: &Val<'_>) -> Option<BackendSpec> {
 }
 
 fn endpoints(d: &mut Decoder, at: &Val<'_>) -> Option<Endpoints> {
-    let o = d.obj(at, &["static", "dns"])?;
-    let one = d.exactly_one(&o, "static", "dns");
+    let o = d.obj(at, &["static", "dns", "service"])?;
+    let one = d.exactly_one_of(&o, &["static", "dns", "service"]);
     let addrs = d.opt(&o, "static", |d, v| {
         d.each_nonempty(v, |d, a| {
             d.string(a).and_then(|s| d.check(a, socket_addr(&s)))
@@ -156,11 +156,22 @@ fn endpoints(d: &mut Decoder, at: &Val<'_>) -> Option<Endpoints> {
             port: u16::try_from(port?).ok()?,
         })
     });
-    let (addrs, dns) = (addrs?, dns?);
+    let service = d.opt(&o, "service", |d, v| {
+        let o = d.obj(v, &["name", "namespace", "port"])?;
+        let name = d.req(&o, "name", |d, v| d.string_with(v, service_name));
+        let namespace = d.opt(&o, "namespace", |d, v| d.string_with(v, namespace));
+        let port = d.req(&o, "port", |d, v| d.int(v, 1, 65535));
+        Some(Endpoints::Service {
+            name: name?,
+            namespace: namespace?,
+            port: u16::try_from(port?).ok()?,
+        })
+    });
+    let (addrs, dns, service) = (addrs?, dns?, service?);
     if !one {
         return None;
     }
-    addrs.map(Endpoints::Static).or(dns)
+    addrs.map(Endpoints::Static).or(dns).or(service)
 }
 
 fn tls(d: &mut Decoder, at: &Val<'_>) -> Option<BackendTls> {
@@ -196,7 +207,19 @@ fn route<M>(
     at: &Val<'_>,
     matcher: impl Fn(&mut Decoder, &Val<'_>) -> Option<M>,
 ) -> Option<RouteSpec<M>> {
-    let o = d.obj(at, &["hostnames", "rules"])?;
+    let o = d.obj(at, &["parentRefs", "hostnames", "rules"])?;
+    let parent_refs = d.opt(&o, "parentRefs", |d, v| {
+        let refs = d.each(v, parent_ref)?;
+        let items = d.list(v)?;
+        let mut ok = true;
+        for (j, p) in refs.iter().enumerate() {
+            if refs[..j].contains(p) {
+                d.error(&items[j], "duplicate parentRef");
+                ok = false;
+            }
+        }
+        ok.then_some(refs)
+    });
     let hostnames = d.opt(&o, "hostnames", |d, v| {
         d.each(v, |d, h| d.string_with(h, route_hostname))
     });
@@ -227,8 +250,55 @@ fn route<M>(
         })
     });
     Some(RouteSpec {
+        parent_refs: parent_refs?.unwrap_or_default(),
         hostnames: hostnames?.unwrap_or_default(),
         rules: rules?,
+    })
+}
+
+/// A `parentRefs` entry. Gateway API defaults `kind` to Gateway, which a
+/// sidecar has no use for, so `kind: Service` must be written out.
+fn parent_ref(d: &mut Decoder, at: &Val<'_>) -> Option<ParentRef> {
+    const ONLY_SERVICE: &str = "only Service is supported (Gateway API mesh, GAMMA)";
+    let o = d.obj(at, &["group", "kind", "name", "namespace", "port"])?;
+    let group = d.opt(&o, "group", |d, v| {
+        let g = d.string(v)?;
+        if !g.is_empty() {
+            d.error(
+                v,
+                format!("unsupported group {g:?} (a Service is in the core group: write \"\" or leave group out)"),
+            );
+            return None;
+        }
+        Some(())
+    });
+    let kind = match o.get("kind") {
+        None => {
+            d.error_at(
+                o.path("kind"),
+                o.val.line(),
+                format!("required: {ONLY_SERVICE}"),
+            );
+            None
+        }
+        Some(v) => d.string(&v).and_then(|k| {
+            if k == "Service" {
+                Some(())
+            } else {
+                d.error(&v, format!("{ONLY_SERVICE}, not {k:?}"));
+                None
+            }
+        }),
+    };
+    let name = d.req(&o, "name", |d, v| d.string_with(v, service_name));
+    let namespace = d.opt(&o, "namespace", |d, v| d.string_with(v, namespace));
+    let port = d.opt(&o, "port", |d, v| d.int(v, 1, 65535));
+    group?;
+    kind?;
+    Some(ParentRef {
+        name: name?,
+        namespace: namespace?,
+        port: port?.map(u16::try_from).transpose().ok()?,
     })
 }
 

@@ -166,6 +166,17 @@ pub enum Endpoints {
         hostname: String,
         port: u16,
     },
+    /// A Kubernetes Service, resolved by DNS as
+    /// `name.namespace.svc.<cluster domain>.`: each sidecar knows its cluster
+    /// domain, so the name is completed when the sidecar compiles policy.
+    Service {
+        /// A DNS-1035 label, as Kubernetes requires of Service names.
+        name: String,
+        /// `None`: the Backend's namespace.
+        namespace: Option<String>,
+        /// The port on every address the name resolves to.
+        port: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +193,11 @@ pub enum BackendTls {
 /// GRPCRoute and HTTPRoute share their shape; only the matches differ.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSpec<M> {
-    /// Empty: the route applies to every authority.
+    /// Kubernetes Services the route is attached to (`parentRefs`, kind
+    /// Service: Gateway API's mesh profile, GAMMA). The route matches
+    /// requests addressed to them by their cluster DNS names.
+    pub parent_refs: Vec<ParentRef>,
+    /// With `parent_refs` also empty: the route applies to every authority.
     pub hostnames: Vec<String>,
     pub rules: Vec<RouteRule<M>>,
 }
@@ -202,6 +217,18 @@ pub type GrpcRouteSpec = RouteSpec<GrpcRouteMatch>;
 pub type GrpcRouteRule = RouteRule<GrpcRouteMatch>;
 pub type HttpRouteSpec = RouteSpec<HttpRouteMatch>;
 pub type HttpRouteRule = RouteRule<HttpRouteMatch>;
+
+/// A route's parent: a Kubernetes Service (`group: ""`, `kind: Service`,
+/// the only parent kind).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ParentRef {
+    /// A DNS-1035 label, as Kubernetes requires of Service names.
+    pub name: String,
+    /// `None`: the route's own namespace.
+    pub namespace: Option<String>,
+    /// Only requests to this port; `None`: every port.
+    pub port: Option<u16>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GrpcRouteMatch {

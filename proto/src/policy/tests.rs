@@ -123,6 +123,7 @@ fn design_example_parses_to_what_it_says() {
         Resource {
             metadata: meta.clone(),
             spec: Spec::GrpcRoute(GrpcRouteSpec {
+                parent_refs: vec![],
                 hostnames: vec!["greeter".into(), "greeter.default.svc.cluster.local".into()],
                 rules: vec![GrpcRouteRule {
                     matches: vec![GrpcRouteMatch {
@@ -587,12 +588,12 @@ fn backend_rules() {
         (
             "{endpoints: {}}".into(),
             "spec.endpoints",
-            "one of static and dns is required",
+            "one of static, dns and service is required",
         ),
         (
             "{endpoints: {static: [\"10.0.0.1:80\"], dns: {hostname: a, port: 1}}}".into(),
             "spec.endpoints",
-            "only one of static and dns may be set",
+            "only one of static, dns and service may be set",
         ),
         (
             "{endpoints: {static: []}}".into(),
@@ -681,6 +682,83 @@ fn backend_rules() {
         ),
     ] {
         rejects("Backend", &spec, path, message);
+    }
+}
+
+#[test]
+fn backend_endpoints_can_name_a_kubernetes_service() {
+    let Spec::Backend(b) = ok(
+        "Backend",
+        "{endpoints: {service: {name: greeter-headless, port: 50051}}}",
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        b.endpoints,
+        Endpoints::Service {
+            name: "greeter-headless".into(),
+            namespace: None,
+            port: 50051
+        }
+    );
+    let Spec::Backend(b) = ok(
+        "Backend",
+        "{endpoints: {service: {name: db, namespace: data, port: 5432}}}",
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        b.endpoints,
+        Endpoints::Service {
+            name: "db".into(),
+            namespace: Some("data".into()),
+            port: 5432
+        }
+    );
+
+    for (spec, path, message) in [
+        (
+            "{endpoints: {dns: {hostname: a, port: 1}, service: {name: a, port: 1}}}",
+            "spec.endpoints",
+            "only one of static, dns and service may be set",
+        ),
+        (
+            "{endpoints: {service: {port: 80}}}",
+            "spec.endpoints.service.name",
+            "required",
+        ),
+        (
+            "{endpoints: {service: {name: a}}}",
+            "spec.endpoints.service.port",
+            "required",
+        ),
+        (
+            "{endpoints: {service: {name: a.b, port: 80}}}",
+            "spec.endpoints.service.name",
+            "invalid Service name \"a.b\"",
+        ),
+        (
+            "{endpoints: {service: {name: 1a, port: 80}}}",
+            "spec.endpoints.service.name",
+            "must start with a lowercase letter",
+        ),
+        (
+            "{endpoints: {service: {name: a, namespace: A, port: 80}}}",
+            "spec.endpoints.service.namespace",
+            "invalid namespace \"A\"",
+        ),
+        (
+            "{endpoints: {service: {name: a, port: 0}}}",
+            "spec.endpoints.service.port",
+            "must be ≥ 1",
+        ),
+        (
+            "{endpoints: {service: {name: a, port: 80, kind: Service}}}",
+            "spec.endpoints.service.kind",
+            "unknown field \"kind\" (expected one of: name, namespace, port)",
+        ),
+    ] {
+        rejects("Backend", spec, path, message);
     }
 }
 
@@ -808,6 +886,186 @@ fn route_hostnames_and_backend_refs() {
             rejects(kind, &spec, path, message);
         }
     }
+}
+
+fn parents(kind: &str, refs: &str) -> Vec<ParentRef> {
+    let spec = format!("{{parentRefs: {refs}, {}", &route_rule("")[1..]);
+    match ok(kind, &spec) {
+        Spec::GrpcRoute(r) => r.parent_refs,
+        Spec::HttpRoute(r) => r.parent_refs,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn route_parent_refs_name_kubernetes_services() {
+    for kind in ["GRPCRoute", "HTTPRoute"] {
+        assert_eq!(
+            parents(
+                kind,
+                "[{group: \"\", kind: Service, name: greeter, namespace: shop, port: 50051}, \
+                 {kind: Service, name: web}]"
+            ),
+            [
+                ParentRef {
+                    name: "greeter".into(),
+                    namespace: Some("shop".into()),
+                    port: Some(50051),
+                },
+                ParentRef {
+                    name: "web".into(),
+                    namespace: None,
+                    port: None,
+                },
+            ]
+        );
+        assert!(parents(kind, "[]").is_empty());
+        // A route may have both, and the hostnames are kept as they were.
+        let spec = format!(
+            "{{parentRefs: [{{kind: Service, name: greeter}}], hostnames: [greeter.example], {}",
+            &route_rule("")[1..]
+        );
+        let (parent_refs, hostnames) = match ok(kind, &spec) {
+            Spec::GrpcRoute(r) => (r.parent_refs, r.hostnames),
+            Spec::HttpRoute(r) => (r.parent_refs, r.hostnames),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(parent_refs.len(), 1);
+        assert_eq!(hostnames, ["greeter.example"]);
+
+        let with = |refs: &str| format!("{{parentRefs: {refs}, {}", &route_rule("")[1..]);
+        for (refs, path, message) in [
+            (
+                "[{name: greeter}]",
+                "spec.parentRefs[0].kind",
+                "required: only Service is supported (Gateway API mesh, GAMMA)",
+            ),
+            (
+                "[{kind: Gateway, name: greeter}]",
+                "spec.parentRefs[0].kind",
+                "only Service is supported (Gateway API mesh, GAMMA), not \"Gateway\"",
+            ),
+            (
+                "[{group: gateway.networking.k8s.io, kind: Service, name: greeter}]",
+                "spec.parentRefs[0].group",
+                "unsupported group \"gateway.networking.k8s.io\"",
+            ),
+            ("[{kind: Service}]", "spec.parentRefs[0].name", "required"),
+            (
+                "[{kind: Service, name: greeter.shop}]",
+                "spec.parentRefs[0].name",
+                "invalid Service name \"greeter.shop\"",
+            ),
+            (
+                "[{kind: Service, name: greeter, namespace: Shop}]",
+                "spec.parentRefs[0].namespace",
+                "invalid namespace \"Shop\"",
+            ),
+            (
+                "[{kind: Service, name: greeter, port: 0}]",
+                "spec.parentRefs[0].port",
+                "must be ≥ 1",
+            ),
+            (
+                "[{kind: Service, name: greeter, port: 65536}]",
+                "spec.parentRefs[0].port",
+                "must be ≤ 65535",
+            ),
+            (
+                "[{kind: Service, name: greeter, port: \"80\"}]",
+                "spec.parentRefs[0].port",
+                "expected an integer, found a string",
+            ),
+            (
+                "[{kind: Service, name: greeter, sectionName: grpc}]",
+                "spec.parentRefs[0].sectionName",
+                "unknown field \"sectionName\" (expected one of: group, kind, name, namespace, port)",
+            ),
+            (
+                "[{kind: Service, name: a, port: 80}, {kind: Service, name: a, port: 80}]",
+                "spec.parentRefs[1]",
+                "duplicate parentRef",
+            ),
+            (
+                "{kind: Service, name: a}",
+                "spec.parentRefs",
+                "expected a list, found a mapping",
+            ),
+        ] {
+            rejects(kind, &with(refs), path, message);
+        }
+    }
+}
+
+#[test]
+fn every_parent_ref_problem_is_reported_with_its_path() {
+    let yaml = "apiVersion: pylon.dev/v1
+kind: GRPCRoute
+metadata: {name: greeter, namespace: shop}
+spec:
+  parentRefs:
+    - {kind: Gateway, name: mesh}
+    - {group: apps, kind: Service, name: Greeter, port: 0}
+    - {name: web}
+  rules: [{backendRefs: [{name: b}]}]
+---
+"
+    .to_string()
+        + BACKEND_B
+            .replace("name: b}", "name: b, namespace: shop}")
+            .as_str();
+    assert_eq!(
+        errors(&yaml),
+        [
+            "GRPCRoute/shop/greeter: spec.parentRefs[0].kind: only Service is supported (Gateway API mesh, GAMMA), not \"Gateway\" (line 6)",
+            "GRPCRoute/shop/greeter: spec.parentRefs[1].group: unsupported group \"apps\" (a Service is in the core group: write \"\" or leave group out) (line 7)",
+            "GRPCRoute/shop/greeter: spec.parentRefs[1].name: invalid Service name \"Greeter\": must consist of lowercase letters, digits and '-', and start and end with a letter or digit (line 7)",
+            "GRPCRoute/shop/greeter: spec.parentRefs[1].port: must be ≥ 1 (line 7)",
+            "GRPCRoute/shop/greeter: spec.parentRefs[2].kind: required: only Service is supported (Gateway API mesh, GAMMA) (line 8)",
+        ]
+    );
+}
+
+#[test]
+fn parent_refs_round_trip_with_the_core_group_written_out() {
+    let yaml = "apiVersion: pylon.dev/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 8080}, {kind: Service, name: web, namespace: other}]
+  hostnames: [web.example]
+  rules: [{backendRefs: [{name: b}]}]
+---
+apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {name: b, namespace: shop}
+spec: {endpoints: {service: {name: web-headless, port: 8080}}}
+";
+    let resources = parse(yaml).unwrap();
+    let out = to_yaml(&resources);
+    assert!(
+        out.contains(
+            "spec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n    port: 8080\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(parse(&out), Ok(resources.clone()), "{out}");
+    let json = to_json(&resources[0]);
+    assert_eq!(
+        json["spec"]["parentRefs"],
+        serde_json::json!([
+            {"group": "", "kind": "Service", "name": "web", "port": 8080},
+            {"group": "", "kind": "Service", "name": "web", "namespace": "other"},
+        ])
+    );
+    assert_eq!(
+        to_json(&resources[1])["spec"]["endpoints"],
+        serde_json::json!({"service": {"name": "web-headless", "port": 8080}})
+    );
+    assert_eq!(
+        parse_documents(&json.to_string()),
+        Ok(vec![resources[0].clone()])
+    );
 }
 
 #[test]
@@ -1563,9 +1821,24 @@ spec:
   endpoints: {dns: {hostname: example.com., port: 443}}
 ---
 apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {name: svc, namespace: team-a}
+spec:
+  endpoints: {service: {name: greeter-headless, port: 50051}}
+---
+apiVersion: pylon.dev/v1
+kind: Backend
+metadata: {name: svc-other}
+spec:
+  endpoints: {service: {name: greeter, namespace: team-a, port: 8080}}
+---
+apiVersion: pylon.dev/v1
 kind: GRPCRoute
 metadata: {name: greeter, namespace: team-a}
 spec:
+  parentRefs:
+    - {group: "", kind: Service, name: greeter, port: 50051}
+    - {kind: Service, name: greeter, namespace: team-b}
   hostnames: ["greeter", "*.example.com:8443"]
   rules:
     - matches:
@@ -1638,7 +1911,7 @@ spec:
 #[test]
 fn to_yaml_round_trips() {
     let resources = parse(RICH).expect("rich policy");
-    assert_eq!(resources.len(), 8);
+    assert_eq!(resources.len(), 10);
     let yaml = to_yaml(&resources);
     assert_eq!(parse(&yaml).as_ref(), Ok(&resources), "{yaml}");
     assert_eq!(
@@ -1718,6 +1991,7 @@ fn model_built_in_code_round_trips() {
     let r = Resource {
         metadata,
         spec: Spec::HttpRoute(HttpRouteSpec {
+            parent_refs: vec![],
             hostnames: vec![],
             rules: vec![HttpRouteRule {
                 matches: vec![HttpRouteMatch::default()],

@@ -21,6 +21,18 @@ pub(crate) fn namespace(s: &str) -> Result<String, String> {
     rfc1123(s, 63, false).map_err(|why| format!("invalid namespace {s:?}: {why}"))
 }
 
+/// A Kubernetes Service name: a DNS-1035 label (lowercase letters, digits
+/// and `-`, starting with a letter, ending with a letter or digit, at most 63
+/// characters), since it becomes the first label of the Service's DNS names.
+pub(crate) fn service_name(s: &str) -> Result<String, String> {
+    let fail = |why: &str| Err(format!("invalid Service name {s:?}: {why}"));
+    rfc1123(s, 63, false).or_else(|why| fail(&why))?;
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return fail("must start with a lowercase letter");
+    }
+    Ok(s.to_string())
+}
+
 fn rfc1123(s: &str, max: usize, dots: bool) -> Result<String, String> {
     let allowed =
         |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');

@@ -186,6 +186,17 @@ fn backend(s: &BackendSpec) -> M {
             "dns",
             M::default().set("hostname", hostname).set("port", *port),
         ),
+        Endpoints::Service {
+            name,
+            namespace,
+            port,
+        } => M::default().set(
+            "service",
+            M::default()
+                .set("name", name)
+                .opt("namespace", namespace.as_ref())
+                .set("port", *port),
+        ),
     };
     let tls = match &s.tls {
         // Absent means disabled, so the default is left out.
@@ -202,7 +213,19 @@ fn backend(s: &BackendSpec) -> M {
 
 fn route<T>(spec: &RouteSpec<T>, matcher: fn(&T) -> Out) -> M {
     let rules = spec.rules.iter().map(|r| route_rule(r, matcher)).collect();
+    // `group: ""` is written out: Gateway API's default group is its own,
+    // where no Service kind exists, so a CRD reader needs it.
+    let parent_ref = |p: &ParentRef| {
+        M::default()
+            .set("group", "")
+            .set("kind", "Service")
+            .set("name", &p.name)
+            .opt("namespace", p.namespace.as_ref())
+            .opt("port", p.port)
+            .into()
+    };
     M::default()
+        .list("parentRefs", &spec.parent_refs, parent_ref)
         .strings("hostnames", &spec.hostnames)
         .set("rules", Out::List(rules))
 }

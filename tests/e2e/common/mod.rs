@@ -8,8 +8,11 @@ pub mod chaos;
 pub mod control;
 pub mod echo;
 pub mod http;
+pub mod issuer;
 pub mod k8s;
+pub mod netns;
 pub mod otlp;
+pub mod pods;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -113,6 +116,24 @@ pub fn spawn_logged(
             panic!("{what} did not start:\n{}", logs.lock().unwrap().join("\n"));
         }
     }
+}
+
+/// `line` without its terminal colour sequences.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A `pylon proxy` process; killed on drop.
@@ -248,6 +269,20 @@ impl SidecarProc {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle` (lines are read by a
+    /// thread, so one written just now may not be there yet).
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !strip_ansi(&self.logs()).contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {
