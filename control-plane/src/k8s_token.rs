@@ -356,15 +356,25 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// Reads the keys once; an unreadable source is an error at start.
+    /// Reads the keys once. An unreadable file is an error at start; an
+    /// issuer that cannot be reached yet (the API server restarting) is
+    /// not: the control plane starts without keys and reads them at the
+    /// first token.
     pub async fn new(issuer: String, source: KeySource) -> Result<TokenVerifier, String> {
-        let jwks = load(&source).await?;
+        let (jwks, last_refresh) = match (load(&source).await, &source) {
+            (Ok(jwks), _) => (jwks, Some(Instant::now())),
+            (Err(e), KeySource::Discovery(_)) => {
+                tracing::warn!(%issuer, error = %e, "the issuer's keys are not available yet; they are read again at the first token");
+                (Jwks::default(), None)
+            }
+            (Err(e), KeySource::File(_)) => return Err(e),
+        };
         tracing::info!(%issuer, keys = ?jwks.key_ids(), "verifying Kubernetes service-account tokens");
         Ok(TokenVerifier {
             issuer,
             source,
             keys: Mutex::new(Arc::new(jwks)),
-            last_refresh: Mutex::new(Some(Instant::now())),
+            last_refresh: Mutex::new(last_refresh),
             refreshing: tokio::sync::Mutex::new(()),
         })
     }

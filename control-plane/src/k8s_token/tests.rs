@@ -259,3 +259,32 @@ fn jwks_documents_are_read_strictly() {
     short["x"] = json!("AAAA");
     assert!(Jwks::parse(&json!({"keys": [short]}).to_string()).is_err());
 }
+
+#[tokio::test]
+async fn an_unreachable_issuer_delays_keys_but_not_the_start() {
+    let dir = temp_dir("unreachable");
+    let v = TokenVerifier::new(
+        "https://127.0.0.1:1".into(),
+        KeySource::Discovery(crate::k8s_fetch::Discovery {
+            issuer: "https://127.0.0.1:1".into(),
+            ca_file: dir.join("missing-ca.pem"),
+            token_file: None,
+        }),
+    )
+    .await
+    .unwrap();
+    let token = ec_key().sign(
+        &json!({"alg": "ES256", "kid": "k"}),
+        &claims("shop", "web", NOW + 600),
+    );
+    assert_eq!(
+        v.verify(&token, NOW).await.unwrap_err().reason(),
+        "keys_unavailable"
+    );
+    // A JWKS file that cannot be read is a configuration error at start.
+    assert!(
+        TokenVerifier::new(ISSUER.into(), KeySource::File(dir.join("missing.json")))
+            .await
+            .is_err()
+    );
+}
