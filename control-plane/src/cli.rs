@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use crate::ca::OperatorCa;
 use crate::inject::{self, InjectOptions, webhook::WebhookConfig};
 use crate::k8s_fetch::Discovery;
-use crate::k8s_token::KeySource;
+use crate::k8s_token::{self, KeySource};
 use crate::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
 
 #[derive(Parser)]
@@ -239,28 +239,26 @@ pub struct ServeArgs {
     pub sidecar_control_plane: String,
     /// Accept pods' projected service-account tokens (audience `pylon`)
     /// signed by a key of this JWKS file as bootstrap credentials (read
-    /// again when a token names an unknown key id).
-    #[arg(
-        long,
-        env = "PYLON_CONTROL_KUBERNETES_JWKS",
-        value_name = "FILE",
-        conflicts_with = "kubernetes_issuer"
-    )]
+    /// again when a token names an unknown key id). Their `iss` must be
+    /// --kubernetes-issuer (or --kubernetes-token-issuer) when given, else
+    /// one of the usual defaults (https://kubernetes.default.svc.cluster.local,
+    /// https://kubernetes.default.svc).
+    #[arg(long, env = "PYLON_CONTROL_KUBERNETES_JWKS", value_name = "FILE")]
     pub kubernetes_jwks: Option<PathBuf>,
-    /// The same, with the keys found by OIDC discovery at
-    /// URL/.well-known/openid-configuration (e.g.
-    /// https://kubernetes.default.svc.cluster.local); tokens must carry
-    /// URL as their `iss`.
+    /// The cluster's service-account issuer: tokens must carry URL as their
+    /// `iss`; without --kubernetes-jwks its keys are found by OIDC
+    /// discovery at URL/.well-known/openid-configuration (e.g.
+    /// https://kubernetes.default.svc.cluster.local).
     #[arg(long, env = "PYLON_CONTROL_KUBERNETES_ISSUER", value_name = "URL")]
     pub kubernetes_issuer: Option<String>,
-    /// The `iss` tokens must carry with --kubernetes-jwks.
+    /// The `iss` tokens must carry, when it differs from --kubernetes-issuer
+    /// (or with --kubernetes-jwks alone).
     #[arg(
         long,
         env = "PYLON_CONTROL_KUBERNETES_TOKEN_ISSUER",
-        value_name = "ISS",
-        default_value = "https://kubernetes.default.svc.cluster.local"
+        value_name = "ISS"
     )]
-    pub kubernetes_token_issuer: String,
+    pub kubernetes_token_issuer: Option<String>,
     /// The roots that verify the issuer's HTTPS certificate.
     #[arg(
         long,
@@ -283,13 +281,18 @@ pub struct ServeArgs {
 const POD_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 impl ServeArgs {
-    /// The issuer and key source for service-account tokens, if enabled.
-    fn kubernetes(&self) -> Option<(String, KeySource)> {
+    /// The accepted issuers and the key source for service-account
+    /// tokens, if enabled.
+    fn kubernetes(&self) -> Option<(Vec<String>, KeySource)> {
+        let issuers = match (&self.kubernetes_token_issuer, &self.kubernetes_issuer) {
+            (Some(iss), _) | (None, Some(iss)) => vec![iss.clone()],
+            (None, None) => k8s_token::DEFAULT_ISSUERS
+                .iter()
+                .map(|i| i.to_string())
+                .collect(),
+        };
         if let Some(jwks) = &self.kubernetes_jwks {
-            return Some((
-                self.kubernetes_token_issuer.clone(),
-                KeySource::File(jwks.clone()),
-            ));
+            return Some((issuers, KeySource::File(jwks.clone())));
         }
         let issuer = self.kubernetes_issuer.clone()?;
         let token_file = self.kubernetes_issuer_token_file.clone().or_else(|| {
@@ -297,7 +300,7 @@ impl ServeArgs {
             pod.exists().then_some(pod)
         });
         Some((
-            issuer.clone(),
+            issuers,
             KeySource::Discovery(Discovery {
                 issuer,
                 ca_file: self.kubernetes_issuer_ca.clone(),

@@ -44,8 +44,11 @@ pub enum TokenError {
     UnknownKey(String),
     #[error("token signature does not verify")]
     Signature,
-    #[error("token issuer {found:?} is not {expected:?}")]
-    Issuer { found: String, expected: String },
+    #[error("token issuer {found:?} is not one of {expected:?}")]
+    Issuer {
+        found: String,
+        expected: Vec<String>,
+    },
     #[error("token audience does not include {AUDIENCE:?}")]
     Audience,
     #[error("token expired")]
@@ -268,12 +271,12 @@ fn verify_signature(p: &Parsed<'_>, key: &Key) -> Result<(), TokenError> {
 }
 
 /// Checks the claims of a token whose signature verified.
-fn check_claims(claims: &Value, issuer: &str, now: u64) -> Result<Workload, TokenError> {
+fn check_claims(claims: &Value, issuers: &[String], now: u64) -> Result<Workload, TokenError> {
     let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-    if iss != issuer {
+    if !issuers.iter().any(|i| i == iss) {
         return Err(TokenError::Issuer {
             found: iss.to_string(),
-            expected: issuer.to_string(),
+            expected: issuers.to_vec(),
         });
     }
     let audience_ok = match claims.get("aud") {
@@ -345,9 +348,18 @@ pub enum KeySource {
     Discovery(crate::k8s_fetch::Discovery),
 }
 
+/// The `iss` of service-account tokens on most clusters (kubeadm, kind,
+/// k3s: `--service-account-issuer` defaults), accepted with a JWKS file
+/// when no issuer is named.
+pub const DEFAULT_ISSUERS: &[&str] = &[
+    "https://kubernetes.default.svc.cluster.local",
+    "https://kubernetes.default.svc",
+];
+
 /// Verifies service-account tokens for one trust domain.
 pub struct TokenVerifier {
-    issuer: String,
+    /// The `iss` values accepted.
+    issuers: Vec<String>,
     source: KeySource,
     keys: Mutex<Arc<Jwks>>,
     last_refresh: Mutex<Option<Instant>>,
@@ -360,18 +372,18 @@ impl TokenVerifier {
     /// issuer that cannot be reached yet (the API server restarting) is
     /// not: the control plane starts without keys and reads them at the
     /// first token.
-    pub async fn new(issuer: String, source: KeySource) -> Result<TokenVerifier, String> {
+    pub async fn new(issuers: Vec<String>, source: KeySource) -> Result<TokenVerifier, String> {
         let (jwks, last_refresh) = match (load(&source).await, &source) {
             (Ok(jwks), _) => (jwks, Some(Instant::now())),
             (Err(e), KeySource::Discovery(_)) => {
-                tracing::warn!(%issuer, error = %e, "the issuer's keys are not available yet; they are read again at the first token");
+                tracing::warn!(?issuers, error = %e, "the issuer's keys are not available yet; they are read again at the first token");
                 (Jwks::default(), None)
             }
             (Err(e), KeySource::File(_)) => return Err(e),
         };
-        tracing::info!(%issuer, keys = ?jwks.key_ids(), "verifying Kubernetes service-account tokens");
+        tracing::info!(?issuers, keys = ?jwks.key_ids(), "verifying Kubernetes service-account tokens");
         Ok(TokenVerifier {
-            issuer,
+            issuers,
             source,
             keys: Mutex::new(Arc::new(jwks)),
             last_refresh: Mutex::new(last_refresh),
@@ -396,7 +408,7 @@ impl TokenVerifier {
             }
         };
         verify_signature(&parsed, &key)?;
-        check_claims(&parsed.claims, &self.issuer, now)
+        check_claims(&parsed.claims, &self.issuers, now)
     }
 
     fn key(&self, p: &Parsed<'_>) -> Option<Key> {

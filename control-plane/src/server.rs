@@ -55,8 +55,8 @@ pub struct ServeConfig {
     /// Metrics listener and OTLP export (both off by default).
     pub telemetry: TelemetryConfig,
     /// Kubernetes service-account tokens as bootstrap credentials: the
-    /// issuer (`iss`) and where its keys are.
-    pub kubernetes: Option<(String, KeySource)>,
+    /// issuers (`iss`) accepted and where the keys are.
+    pub kubernetes: Option<(Vec<String>, KeySource)>,
     /// The Kubernetes injection webhook (off by default).
     pub webhook: Option<WebhookConfig>,
 }

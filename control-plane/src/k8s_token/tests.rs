@@ -25,7 +25,7 @@ fn jwks_of(keys: &[(&TestKey, &str)]) -> String {
 async fn verifier(dir: &std::path::Path, jwks: &str) -> TokenVerifier {
     let path = dir.join("jwks.json");
     std::fs::write(&path, jwks).unwrap();
-    TokenVerifier::new(ISSUER.to_string(), KeySource::File(path))
+    TokenVerifier::new(vec![ISSUER.to_string()], KeySource::File(path))
         .await
         .unwrap()
 }
@@ -264,7 +264,7 @@ fn jwks_documents_are_read_strictly() {
 async fn an_unreachable_issuer_delays_keys_but_not_the_start() {
     let dir = temp_dir("unreachable");
     let v = TokenVerifier::new(
-        "https://127.0.0.1:1".into(),
+        vec!["https://127.0.0.1:1".into()],
         KeySource::Discovery(crate::k8s_fetch::Discovery {
             issuer: "https://127.0.0.1:1".into(),
             ca_file: dir.join("missing-ca.pem"),
@@ -283,8 +283,11 @@ async fn an_unreachable_issuer_delays_keys_but_not_the_start() {
     );
     // A JWKS file that cannot be read is a configuration error at start.
     assert!(
-        TokenVerifier::new(ISSUER.into(), KeySource::File(dir.join("missing.json")))
-            .await
-            .is_err()
+        TokenVerifier::new(
+            vec![ISSUER.into()],
+            KeySource::File(dir.join("missing.json"))
+        )
+        .await
+        .is_err()
     );
 }
