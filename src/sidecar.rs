@@ -238,6 +238,7 @@ impl Sidecar {
                 detect_timeout: config.outbound.detect_timeout,
                 server_first_ports: config.outbound.server_first_ports.clone(),
                 own_listeners,
+                local_ips: config.kubernetes.pod_ip.into_iter().collect(),
             },
         );
         let drain = config.drain_timeout;

@@ -6,7 +6,7 @@
 //! `Arc` keeps its snapshot's state alive until the request is done.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::uri::Authority;
@@ -56,14 +56,23 @@ pub struct TransparentConfig {
     /// The sidecar's own listeners: a connection redirected to one of
     /// them would loop.
     pub own_listeners: Vec<SocketAddr>,
+    /// This pod's addresses (the pod IP, when known), on which listeners
+    /// bound to all addresses are reached.
+    pub local_ips: Vec<IpAddr>,
 }
 
 impl TransparentConfig {
-    /// Whether `dst` is one of the sidecar's own listeners.
+    /// Whether `dst` is one of the sidecar's own listeners: its port, on
+    /// the listener's address, on loopback, or on this pod's address when
+    /// the listener takes every address. (Another host's port 15006 is
+    /// not ours.)
     pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        let ip = dst.ip();
         self.own_listeners.iter().any(|l| {
             l.port() == dst.port()
-                && (l.ip() == dst.ip() || l.ip().is_unspecified() || dst.ip().is_loopback())
+                && (l.ip() == ip
+                    || ip.is_loopback()
+                    || (l.ip().is_unspecified() && self.local_ips.contains(&ip)))
         })
     }
 }
@@ -260,4 +269,32 @@ async fn pass_through(
         .map_err(|e| upstream_error(&p.name, p.pool.addr(), e))?;
     response_for_caller(&mut resp);
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_pods_listeners_count_as_its_own() {
+        let config = TransparentConfig {
+            unmatched: Unmatched::Passthrough,
+            detect_timeout: std::time::Duration::from_secs(1),
+            server_first_ports: Vec::new(),
+            own_listeners: vec![
+                "127.0.0.1:15001".parse().unwrap(),
+                "0.0.0.0:15006".parse().unwrap(),
+            ],
+            local_ips: vec!["198.18.0.10".parse().unwrap()],
+        };
+        let own = |a: &str| config.is_own_listener(a.parse().unwrap());
+        assert!(own("127.0.0.1:15001"));
+        assert!(own("127.0.0.2:15001"));
+        assert!(own("127.0.0.1:15006"));
+        assert!(own("198.18.0.10:15006"));
+        // Another pod's inbound port, and this pod's other ports.
+        assert!(!own("198.18.0.11:15006"));
+        assert!(!own("198.18.0.10:15001"));
+        assert!(!own("198.18.0.10:8080"));
+    }
 }
