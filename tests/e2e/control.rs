@@ -53,7 +53,7 @@ struct CpMesh {
 impl CpMesh {
     async fn start(app: SocketAddr, client_extra: &str) -> CpMesh {
         let dir = TempDir::new("cp");
-        let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+        let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
         let ca = DevCa::new("pylon test root").unwrap();
         let server = spawn_sidecar(&dir, &ca, &cp, "server", SERVER_ID, app, "");
         let client = spawn_sidecar(
@@ -89,7 +89,7 @@ fn spawn_sidecar(
     let state = dir.path().join(format!("{name}-state"));
     let cfg = dir.path().join(format!("{name}.yaml"));
     std::fs::write(&cfg, cp_config(&files, cp, &token, &state, app, extra)).unwrap();
-    SidecarProc::spawn(&cfg)
+    SidecarProc::spawn(crate::common::PYLON, &cfg)
 }
 
 #[tokio::test]
@@ -128,7 +128,7 @@ async fn an_apply_reaches_every_sidecar_which_routes_by_it() {
 #[tokio::test]
 async fn a_bad_batch_is_refused_whole_with_every_problem() {
     let dir = TempDir::new("cp-bad");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let before = cp.status().0;
     let bad = backend_yaml("other", &["10.0.0.2:80".into()], None)
@@ -162,7 +162,7 @@ async fn a_bad_batch_is_refused_whole_with_every_problem() {
     // Without the admin token: UNAUTHENTICATED.
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "pylon_admin_nope").unwrap();
-    let out = std::process::Command::new(crate::common::control::CONTROL_BIN)
+    let out = std::process::Command::new(crate::common::PYLON_CONTROL)
         .args(["status", "--server", &cp.address(), "--ca-file"])
         .arg(cp.ca_file())
         .arg("--token-file")
@@ -176,7 +176,7 @@ async fn a_bad_batch_is_refused_whole_with_every_problem() {
 #[tokio::test]
 async fn a_stale_resource_version_conflicts() {
     let dir = TempDir::new("cp-conflict");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let got = cp.cli(&["get", "backend", "app", "-o", "yaml"]);
     let yaml = String::from_utf8_lossy(&got.stdout).to_string();
@@ -231,7 +231,7 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
             "policy:\n  controlPlane: {}\n  maxBytes: 1500\n",
         );
         std::fs::write(&cfg, yaml).unwrap();
-        SidecarProc::spawn(&cfg)
+        SidecarProc::spawn(crate::common::PYLON, &cfg)
     };
     let limited_id = "spiffe://pylon.test/ns/default/sa/limited";
 
@@ -304,7 +304,7 @@ async fn acknowledged_applies_survive_kill_9_and_sidecars_resync() {
                         &format!("r{i}.test"),
                         &[("app", 1)],
                     );
-                let out = std::process::Command::new(crate::common::control::CONTROL_BIN)
+                let out = std::process::Command::new(crate::common::PYLON_CONTROL)
                     .args(["apply", "-f", "-"])
                     .env("PYLON_CONTROL_SERVER", &cli_env.0)
                     .env("PYLON_CONTROL_TOKEN_FILE", cli_env.1.join("admin.token"))
@@ -337,7 +337,7 @@ async fn acknowledged_applies_survive_kill_9_and_sidecars_resync() {
     let acknowledged = applier.join().unwrap();
     let last = *acknowledged.last().expect("some applies were acknowledged");
 
-    mesh.cp = ControlProc::spawn_at(&data, address);
+    mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     let got = mesh.cp.cli(&["get", "httproute", &format!("r{last}")]);
     assert!(
         got.status.success(),
@@ -362,7 +362,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     // The client sidecar restarts with the control plane gone.
     drop(std::mem::replace(
         &mut mesh.client,
-        SidecarProc::spawn(&mesh.dir.path().join("client.yaml")),
+        SidecarProc::spawn(crate::common::PYLON, &mesh.dir.path().join("client.yaml")),
     ));
     mesh.client.wait_ready().await;
     let (_, body) = crate::common::admin_get(mesh.client.admin, "/ready")
@@ -373,7 +373,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     echo.unary(EchoRequest::default()).await.unwrap();
 
     // The control plane comes back: the sidecar reconnects on its own.
-    mesh.cp = ControlProc::spawn_at(&data, address);
+    mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     mesh.cp.wait_acked(&[CLIENT_ID], version).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -391,7 +391,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
 #[tokio::test]
 async fn rollback_restores_an_earlier_version() {
     let dir = TempDir::new("cp-rollback");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let v1 = cp.status().0;
     cp.apply(
@@ -427,7 +427,7 @@ async fn a_hundred_applies_under_load_lose_no_request() {
     let a = start_named_echo("a").await;
     let b = start_named_echo("b").await;
     let dir = TempDir::new("cp-load");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     let ca = DevCa::new("pylon test root").unwrap();
     let side_a = spawn_sidecar(
         &dir,

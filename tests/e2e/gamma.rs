@@ -71,7 +71,11 @@ fn client_in(
     let yaml = sidecar_config(&files, &policy_path, "127.0.0.1:9".parse().unwrap())
         + &format!("dns: {{ nameservers: [\"{}\"], minTtl: 1s }}\n", dns.addr());
     std::fs::write(&cfg, yaml).unwrap();
-    SidecarProc::spawn_with_env(&cfg, &[("PYLON_KUBERNETES_NAMESPACE", namespace)])
+    SidecarProc::spawn_with_env(
+        crate::common::PYLON,
+        &cfg,
+        &[("PYLON_KUBERNETES_NAMESPACE", namespace)],
+    )
 }
 
 /// Who answered a call to `authority` through `sidecar`: the echo server's

@@ -51,7 +51,7 @@ fn spawn(
     let cfg = dir.path().join(format!("{name}.yaml"));
     let state = dir.path().join(format!("{name}-state"));
     std::fs::write(&cfg, cp_config(cp, &token, &state, app)).unwrap();
-    SidecarProc::spawn(&cfg)
+    SidecarProc::spawn(crate::common::PYLON, &cfg)
 }
 
 /// A control plane and two sidecars that get everything from it.
@@ -66,6 +66,7 @@ impl IdMesh {
     async fn start(app: SocketAddr, serve_args: &[&str]) -> IdMesh {
         let dir = TempDir::new("identity");
         let cp = ControlProc::spawn_with(
+            crate::common::PYLON_CONTROL,
             &dir.path().join("cp-data"),
             "127.0.0.1:0".parse().unwrap(),
             serve_args,
@@ -275,14 +276,14 @@ async fn probe_inbound(
 async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
     let app = start_named_echo("app").await;
     let dir = TempDir::new("identity-tokens");
-    let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
 
     // No token yet: alive, not ready, and it says why.
     let token_path = dir.path().join("server.token");
     let cfg = dir.path().join("server.yaml");
     let state = dir.path().join("server-state");
     std::fs::write(&cfg, cp_config(&cp, &token_path, &state, app.addr)).unwrap();
-    let server = SidecarProc::spawn(&cfg);
+    let server = SidecarProc::spawn(crate::common::PYLON, &cfg);
     assert_eq!(admin_get(server.admin, "/live").await.unwrap().0, 200);
     let (status, body) = admin_get(server.admin, "/ready").await.unwrap();
     assert_eq!(status, 503);
@@ -347,7 +348,7 @@ async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
     let (data, address) = (cp.data_dir.clone(), cp.addr);
     let mut cp = cp;
     cp.kill9();
-    let cp = ControlProc::spawn_at(&data, address);
+    let cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     // Each sidecar gets the mesh's routes, and only its own inbound
     // policies: the server one more resource than the client.
     cp.apply(&format!(
@@ -379,7 +380,7 @@ spec:
 #[tokio::test]
 async fn the_control_plane_signs_only_what_the_token_allows() {
     let dir = TempDir::new("identity-refusals");
-    let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
     let token = std::fs::read_to_string(cp.token_file(dir.path(), "c", CLIENT_ID)).unwrap();
     let mut ids = identity_client(&cp);
 
@@ -635,7 +636,12 @@ async fn a_failed_renewal_keeps_the_current_certificate_until_the_control_plane_
     let load = Load::start(mesh.client.outbound).await;
 
     // The control plane is back: the next attempt renews.
-    mesh.cp = ControlProc::spawn_with(&data, address, &["--cert-ttl", "20s"]);
+    mesh.cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
+        &data,
+        address,
+        &["--cert-ttl", "20s"],
+    );
     eventually("a renewed certificate", async || {
         (cert_field(&mesh.server.config().await, "serial") != serial).then_some(())
     })

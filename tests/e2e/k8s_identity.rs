@@ -50,6 +50,7 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
     issuer.publish(jwks(&[(&ec, "ec-2026-11"), (&rsa, "rsa-2026-11")]));
     let ca = issuer.ca_file.to_str().unwrap();
     let cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("cp-data"),
         "127.0.0.1:0".parse().unwrap(),
         &[
@@ -94,7 +95,7 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
         let cfg = dir.path().join(format!("{name}.yaml"));
         let state = dir.path().join(format!("{name}-state"));
         std::fs::write(&cfg, cp_config(&cp, &token_file, &state, app)).unwrap();
-        let sidecar = SidecarProc::spawn(&cfg);
+        let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
         sidecars.push((sa, sidecar));
     }
     let (server, client) = (&sidecars[0].1, &sidecars[1].1);

@@ -16,7 +16,7 @@ use crate::common::{
 };
 
 fn run_pylon(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon"));
+    let mut cmd = Command::new(crate::common::PYLON);
     cmd.args(args).env_remove("PYLON_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
@@ -96,7 +96,11 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
     )
     .unwrap();
     let app_addr = app.addr.to_string();
-    let server = SidecarProc::spawn_with_env(&server_cfg, &[("PYLON_INBOUND_APP", &app_addr)]);
+    let server = SidecarProc::spawn_with_env(
+        crate::common::PYLON,
+        &server_cfg,
+        &[("PYLON_INBOUND_APP", &app_addr)],
+    );
 
     // The client has no file at all: every key from the environment.
     let client_files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
@@ -122,7 +126,7 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
         ("PYLON_POLICY_FILE", client_policy.display().to_string()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let client = SidecarProc::spawn_without_config(&env);
+    let client = SidecarProc::spawn_without_config(crate::common::PYLON, &env);
     server.wait_ready().await;
     client.wait_ready().await;
 
@@ -227,7 +231,7 @@ async fn a_restarted_peer_gets_new_connections_without_failed_calls() {
         &format!("inbound: {{ listen: \"{inbound}\""),
     );
     std::fs::write(&cfg, yaml).unwrap();
-    let restarted = SidecarProc::spawn(&cfg);
+    let restarted = SidecarProc::spawn(crate::common::PYLON, &cfg);
     assert_eq!(restarted.inbound, inbound);
     restarted.wait_ready().await;
 

@@ -199,7 +199,7 @@ fn sidecar(dir: &Path, policy: &str, env: &[(&str, &str)]) -> SidecarProc {
     let cfg = dir.join("client.yaml");
     let app: SocketAddr = "127.0.0.1:9".parse().unwrap();
     std::fs::write(&cfg, sidecar_config(&files, &policy_path, app)).unwrap();
-    SidecarProc::spawn_with_env(&cfg, env)
+    SidecarProc::spawn_with_env(crate::common::PYLON, &cfg, env)
 }
 
 /// A gRPC route `svc.test` to backend `svc` over `endpoints`, retrying
@@ -478,6 +478,7 @@ async fn control_plane_metrics_count_an_apply_and_an_ack() {
     let dir = TempDir::new("control-metrics");
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let control = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("data"),
         listen,
         &["--metrics-listen", "127.0.0.1:0"],
@@ -528,7 +529,7 @@ stateDir: {:?}
         ),
     )
     .unwrap();
-    let sidecar = SidecarProc::spawn(&cfg);
+    let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
     sidecar.wait_ready().await;
     control.wait_acked(&[CLIENT_ID], version).await;
 
@@ -618,7 +619,7 @@ async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
     let receiver = Receiver::start().await;
     let endpoint = receiver.endpoint();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pylon"))
+        std::process::Command::new(crate::common::PYLON)
             .args(["demo", "--duration", "2s", "--rps", "50", "--otlp"])
             .arg(endpoint)
             .env_remove("PYLON_LOG")
@@ -665,6 +666,7 @@ async fn control_plane_api_spans_continue_the_callers_trace() {
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let endpoint = receiver.endpoint();
     let control = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("data"),
         listen,
         &["--otlp-endpoint", &endpoint],

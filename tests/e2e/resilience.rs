@@ -988,7 +988,7 @@ spec:
     let yaml = crate::common::sidecar_config(&files, &policy_path, "127.0.0.1:9".parse().unwrap())
         + &format!("dns: {{ nameservers: [\"{}\"], minTtl: 1s }}\n", dns.addr());
     std::fs::write(&cfg, yaml).unwrap();
-    let sidecar = SidecarProc::spawn(&cfg);
+    let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
     sidecar.wait_ready().await;
     let endpoints_are = |want: String| {
         let sidecar = &sidecar;

@@ -71,7 +71,7 @@ impl TracedMesh {
             std::fs::write(&policy_path, policy).unwrap();
             let cfg = dir.join(format!("{name}.yaml"));
             std::fs::write(&cfg, sidecar_config(&files, &policy_path, app) + telemetry).unwrap();
-            SidecarProc::spawn(&cfg)
+            SidecarProc::spawn(crate::common::PYLON, &cfg)
         };
         let server = spawn(dir.path(), "server", SERVER_ID, app, "");
         let unused_app: SocketAddr = "127.0.0.1:9".parse().unwrap();

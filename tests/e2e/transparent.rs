@@ -49,7 +49,7 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
         sidecar_config(&id, &policy, "127.0.0.1:9".parse().unwrap()),
     )
     .unwrap();
-    let mut cmd = ns.cmd(env!("CARGO_BIN_EXE_pylon"));
+    let mut cmd = ns.cmd(crate::common::PYLON);
     cmd.args(["proxy", "--config"]).arg(&cfg);
     let sidecar = SidecarProc::spawn_command(cmd);
     let outbound_port = sidecar.outbound.port().to_string();
@@ -209,7 +209,7 @@ async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
     );
     let mut cmd = ns.cmd("setpriv");
     cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_pylon"))
+        .arg(crate::common::PYLON)
         .args(["proxy", "--config"])
         .arg(&cfg);
     let sidecar = SidecarProc::spawn_command(cmd);
@@ -219,7 +219,7 @@ async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
     sidecar
         .wait_log("also listening on IPv6 addr=[::]:15006")
         .await;
-    ns.run(&[env!("CARGO_BIN_EXE_pylon"), "init-iptables"]);
+    ns.run(&[crate::common::PYLON, "init-iptables"]);
     let ready = ns.run(&[
         "curl",
         "-sf",
