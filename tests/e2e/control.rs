@@ -4,41 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pylon::identity::dev::{DevCa, IdentityFiles};
+use pylon::identity::dev::DevCa;
 use pylon_proto::v1::EchoRequest;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_policy_config};
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::{
     CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, backend_yaml, mesh_policy, route_yaml,
-    sidecar_config,
 };
-
-/// A sidecar config whose policy comes from the control plane.
-fn cp_config(
-    id: &IdentityFiles,
-    cp: &ControlProc,
-    token: &Path,
-    state_dir: &Path,
-    app: SocketAddr,
-    extra: &str,
-) -> String {
-    let unused_policy = Path::new("/nonexistent");
-    sidecar_config(id, unused_policy, app).replace(
-        &format!("policy:\n  file: {unused_policy:?}\n"),
-        "policy:\n  controlPlane: {}\n",
-    ) + &format!(
-        "controlPlane: {{ address: \"{}\", caFile: {:?}, tokenFile: {:?} }}\nstateDir: {:?}\n{extra}",
-        cp.address(),
-        cp.ca_file(),
-        token,
-        state_dir
-    )
-}
 
 /// A control plane, a server sidecar in front of `app` and a client
 /// sidecar, both fed by the control plane.
@@ -88,7 +64,11 @@ fn spawn_sidecar(
     let token = cp.token_file(dir.path(), name, identity);
     let state = dir.path().join(format!("{name}-state"));
     let cfg = dir.path().join(format!("{name}.yaml"));
-    std::fs::write(&cfg, cp_config(&files, cp, &token, &state, app, extra)).unwrap();
+    std::fs::write(
+        &cfg,
+        cp_policy_config(&files, cp, &token, &state, app, extra),
+    )
+    .unwrap();
     SidecarProc::spawn(crate::common::PYLON, &cfg)
 }
 
@@ -218,7 +198,7 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
             "spiffe://pylon.test/ns/default/sa/limited",
         );
         let cfg = dir.path().join("limited.yaml");
-        let yaml = cp_config(
+        let yaml = cp_policy_config(
             &files,
             &mesh.cp,
             &token,

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use pylon::identity::{IdentityStore, credentials_from, provider};
 use pylon_proto::v1::identity_client::IdentityClient;
@@ -18,27 +17,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_config};
 use crate::common::echo::{echo_client, start_named_echo};
-use crate::common::{CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, mesh_policy};
-
-/// A sidecar config: identity and policy from the control plane.
-pub(crate) fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
-    format!(
-        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
-outbound: {{ listen: \"127.0.0.1:0\" }}
-inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
-identity:
-  controlPlane: {{ tokenFile: {token:?} }}
-policy:
-  controlPlane: {{}}
-controlPlane: {{ address: \"{}\", caFile: {:?} }}
-stateDir: {state:?}
-",
-        cp.address(),
-        cp.ca_file()
-    )
-}
+use crate::common::{
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, admin_get, eventually, mesh_policy,
+};
 
 fn spawn(
     dir: &TempDir,
@@ -136,21 +119,6 @@ impl Load {
         );
         assert!(total > 0, "no call ran");
         total
-    }
-}
-
-/// Polls `f` until it returns `Some`.
-pub(crate) async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -12,11 +12,11 @@ use pylon_proto::v1::{IssueCertificateRequest, WhoAmIRequest};
 use rcgen::KeyPair;
 use serde_json::json;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_config};
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::issuer::Issuer;
-use crate::common::{SidecarProc, TempDir, mesh_policy};
-use crate::identity::{certificates_issued, cp_config, eventually, identity_client, with_token};
+use crate::common::{SidecarProc, TempDir, eventually, mesh_policy};
+use crate::identity::{certificates_issued, identity_client, with_token};
 
 fn now() -> u64 {
     SystemTime::now()
