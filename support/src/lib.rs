@@ -23,5 +23,7 @@ pub mod sidecar;
 mod poll;
 mod scratch;
 
-pub use poll::{GaveUp, PATIENCE, POLL, Poll, eventually, eventually_blocking, poll_until};
+pub use poll::{
+    GaveUp, PATIENCE, POLL, Poll, eventually, eventually_blocking, eventually_every, poll_until,
+};
 pub use scratch::{TempDir, write_atomic};

@@ -83,6 +83,18 @@ pub async fn eventually<P: Poll>(
         .unwrap_or_else(|gave_up| panic!("never: {what}{gave_up}"))
 }
 
+/// [`eventually`] looking every `every`: for a look that acts (sends a
+/// request), whose pace the test depends on.
+pub async fn eventually_every<P: Poll>(
+    what: impl fmt::Display,
+    every: Duration,
+    look: impl AsyncFnMut() -> P,
+) -> P::Output {
+    poll_until(every, look)
+        .await
+        .unwrap_or_else(|gave_up| panic!("never: {what}{gave_up}"))
+}
+
 /// [`eventually`] for a caller that is not async (it blocks the thread).
 pub fn eventually_blocking<P: Poll>(
     what: impl fmt::Display,

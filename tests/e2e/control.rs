@@ -13,7 +13,7 @@ use pylon_proto::v1::EchoRequest;
 use crate::common::control::{ControlProc, cp_policy_config};
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, backend_yaml, mesh_policy, route_yaml,
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, backend_yaml, eventually, mesh_policy, route_yaml,
 };
 
 /// A control plane, a server sidecar in front of `app` and a client
@@ -232,23 +232,17 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
     mesh.cp.apply(&big);
     let bigger = mesh.cp.status().0;
     mesh.cp.wait_acked(&[CLIENT_ID], bigger).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let (acked, nack) = eventually("a NACK naming policy.maxBytes", async || {
         let (_, sidecars) = mesh.cp.status();
         let row = sidecars.iter().find(|(id, _, _)| id == limited_id).cloned();
-        if let Some((_, acked, nack)) = row
-            && nack.contains("policy.maxBytes")
-        {
-            assert_eq!(acked, good, "it keeps its last good version");
-            assert!(nack.starts_with(&format!("version {bigger}:")), "{nack}");
-            break;
+        match row {
+            Some((_, acked, nack)) if nack.contains("policy.maxBytes") => Ok((acked, nack)),
+            _ => Err(format!("{sidecars:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no NACK: {sidecars:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    })
+    .await;
+    assert_eq!(acked, good, "it keeps its last good version");
+    assert!(nack.starts_with(&format!("version {bigger}:")), "{nack}");
     let config = limited.config().await;
     assert_eq!(config["policy"]["version"], good.to_string());
     // It still routes by the last good policy.
@@ -307,11 +301,7 @@ async fn acknowledged_applies_survive_kill_9_and_sidecars_resync() {
         })
     };
     // Let a few applies land, then kill -9 mid-stream.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while mesh.cp.status().0 < 6 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("six applies", async || mesh.cp.status().0 >= 6).await;
     mesh.cp.kill9();
     stop.store(true, Ordering::Relaxed);
     let acknowledged = applier.join().unwrap();
@@ -355,17 +345,13 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     // The control plane comes back: the sidecar reconnects on its own.
     mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     mesh.cp.wait_acked(&[CLIENT_ID], version).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the client sidecar ready again", async || {
         let (_, body) = crate::common::admin_get(mesh.client.admin, "/ready")
             .await
             .unwrap();
-        if body == "ready\n" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+        if body == "ready\n" { Ok(()) } else { Err(body) }
+    })
+    .await;
 }
 
 #[tokio::test]

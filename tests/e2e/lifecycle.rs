@@ -11,7 +11,7 @@ use pylon::identity::dev::DevCa;
 use crate::common::echo::{echo_client, start_echo};
 use crate::common::http::{empty, http1, start_http_app};
 use crate::common::{
-    CLIENT_ID, Mesh, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request,
+    CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, eventually,
     mesh_policy, sidecar_config,
 };
 
@@ -176,17 +176,12 @@ async fn post_drain_and_sigterm_finish_in_flight_requests_then_exit() {
     );
 
     // New connections are refused once the listener closes...
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while tokio::net::TcpStream::connect(mesh.client.outbound)
-        .await
-        .is_ok()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the outbound listener stayed open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the outbound listener closed", async || {
+        tokio::net::TcpStream::connect(mesh.client.outbound)
+            .await
+            .is_err()
+    })
+    .await;
     // ...while the request in flight completes.
     app.gate.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();

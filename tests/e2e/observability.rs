@@ -14,8 +14,9 @@ use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
 use crate::common::otlp::Collector;
 use crate::common::{
-    CLIENT_ID, PATIENCE, SidecarProc, TempDir, admin_get, admin_send, sidecar_config,
+    CLIENT_ID, SidecarProc, TempDir, admin_get, admin_send, eventually, sidecar_config,
 };
+use pylon_test_support::admin::sample;
 
 fn count(receiver: &Collector, name: &str, with: &[(&str, &str)]) -> u64 {
     receiver.count(name, with)
@@ -175,15 +176,17 @@ async fn an_absent_collector_slows_no_call() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Failed exports are counted (and exported with the rest, once a
     // collector answers), and logged once per outage.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while sidecar
-        .metric("pylon_otlp_metrics_export_failures_total")
-        .await
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < deadline, "{}", sidecar.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("two failed metrics exports", async || {
+        let failures = sidecar
+            .metric("pylon_otlp_metrics_export_failures_total")
+            .await;
+        if failures >= 2 {
+            Ok(())
+        } else {
+            Err(sidecar.logs())
+        }
+    })
+    .await;
     assert_eq!(
         sidecar.logs().matches("OTLP metrics export failed").count()
             + sidecar
@@ -345,37 +348,25 @@ stateDir: {:?}
     sidecar.wait_ready().await;
     control.wait_acked(&[CLIENT_ID], version).await;
 
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let scraped = admin_get(metrics_addr, "/metrics").await;
-        if let Ok((200, text)) = &scraped {
-            let value = |sample: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().to_string()))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            if value("pylon_control_applies_total") >= 1.0
-                && value("pylon_control_acks_total") >= 1.0
-                && value("pylon_control_connected_sidecars") >= 1.0
-            {
-                assert!(text.contains("pylon_control_pushes_total"), "{text}");
-                assert!(text.contains("pylon_control_nacks_total"), "{text}");
-                break;
+    let text = eventually("an apply and an ACK counted", async || {
+        match admin_get(metrics_addr, "/metrics").await {
+            Ok((200, text)) => {
+                let value = |name: &str| sample(&text, name);
+                if value("pylon_control_applies_total") >= 1
+                    && value("pylon_control_acks_total") >= 1
+                    && value("pylon_control_connected_sidecars") >= 1
+                {
+                    Ok(text)
+                } else {
+                    Err(text)
+                }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no apply and ACK counted:\n{text}"
-            );
-        } else {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no metrics: {scraped:?}\n{}",
-                control.logs()
-            );
+            scraped => Err(format!("no metrics: {scraped:?}\n{}", control.logs())),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(text.contains("pylon_control_pushes_total"), "{text}");
+    assert!(text.contains("pylon_control_nacks_total"), "{text}");
     drop(sidecar);
 }
 
@@ -504,26 +495,18 @@ async fn control_plane_api_spans_continue_the_callers_trace() {
     admin.status(req).await.unwrap();
 
     // Spans leave in batches (every 5 s by default).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let span = loop {
-        let found = receiver
+    let span = eventually("a span for Status", async || {
+        receiver
             .trace_exports()
             .iter()
             .flat_map(|r| &r.resource_spans)
             .flat_map(|rs| &rs.scope_spans)
             .flat_map(|ss| &ss.spans)
             .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
-            .cloned();
-        if let Some(span) = found {
-            break span;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no span for Status:\n{}",
-            control.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            .cloned()
+            .ok_or_else(|| control.logs())
+    })
+    .await;
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(hex(&span.trace_id), trace_id);
     assert_eq!(hex(&span.parent_span_id), parent_id);
@@ -581,16 +564,13 @@ async fn red_metrics_on_both_sides_of_a_mesh_call_and_state_gauges() {
         3
     );
     // The server side counts when the response body ends: poll.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while mesh
-        .server
-        .metric("pylon_inbound_requests_total{status=\"OK\"}")
-        .await
-        != 3
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("three OK calls counted by the server", async || {
+        mesh.server
+            .metric("pylon_inbound_requests_total{status=\"OK\"}")
+            .await
+            == 3
+    })
+    .await;
     assert_eq!(
         mesh.server
             .metric("pylon_inbound_request_duration_seconds_count")

@@ -15,7 +15,7 @@ use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::otlp::{CLIENT, Collector, INTERNAL, SERVER, Span, export_app_span};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, sidecar_config, strip_ansi,
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, eventually, sidecar_config, strip_ansi,
 };
 
 /// Two sidecars (client → server, mTLS) in front of `app`, both with the
@@ -272,21 +272,13 @@ async fn a_trace_starts_at_the_client_sidecar_and_proxy_failures_are_marked() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let failed = loop {
-        let found = collector
+    let failed = eventually("a span for the failed call", async || {
+        collector
             .spans()
             .into_iter()
-            .find(|s| s.attr("pylon.request_id") == Some(request_id.as_str()));
-        if let Some(s) = found {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no span for the failed call"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+            .find(|s| s.attr("pylon.request_id") == Some(request_id.as_str()))
+    })
+    .await;
     assert_eq!(failed.kind, INTERNAL);
     assert_eq!(failed.attr("pylon.error"), Some("no-route"));
     assert_eq!(failed.attr("http.response.status_code"), Some("404"));
@@ -371,21 +363,18 @@ async fn with_the_collector_down_calls_succeed_and_dropped_spans_are_counted() {
         assert_eq!(resp.status(), StatusCode::OK);
         text(resp).await;
     }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the spans of five calls dropped", async || {
         let client = mesh.client.metric("pylon_trace_spans_dropped_total").await;
         let server = mesh.server.metric("pylon_trace_spans_dropped_total").await;
         // Five calls: a call span and an attempt span each on the client,
         // a server span each on the server.
         if client >= 10 && server >= 5 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("dropped spans: client {client}, server {server}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dropped spans: client {client}, server {server}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert_eq!(
         mesh.client.metric("pylon_trace_spans_exported_total").await,
         0
@@ -569,18 +558,15 @@ async fn a_collector_that_never_answers_loses_spans_not_requests() {
     }
     // The batch in flight when the calls ended times out (5 s) and is
     // dropped with the rest: 20 calls, two client spans each.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("40 spans dropped", async || {
         let dropped = mesh.client.metric("pylon_trace_spans_dropped_total").await;
         if dropped >= 40 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("dropped spans: {dropped}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dropped spans: {dropped}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(
         mesh.client.metric("pylon_trace_spans_exported_total").await,
         0

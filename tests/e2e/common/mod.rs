@@ -23,7 +23,9 @@ pub use pylon_test_support::admin::{admin_get, admin_request, admin_send};
 pub use pylon_test_support::policy::{backend_yaml, route_yaml};
 pub use pylon_test_support::process::{Process, strip_ansi};
 pub use pylon_test_support::sidecar::{SidecarProc, set_policy, sidecar_config};
-pub use pylon_test_support::{PATIENCE, TempDir, eventually, eventually_blocking, write_atomic};
+pub use pylon_test_support::{
+    PATIENCE, TempDir, eventually, eventually_blocking, eventually_every, write_atomic,
+};
 pub use pylon_test_support::{control, otlp};
 
 /// The binaries under test, as cargo built them for this test crate.
