@@ -9,7 +9,7 @@ use pylon::identity::dev::IdentityFiles;
 
 use crate::admin::{admin_get, sample};
 use crate::process::{Process, field};
-use crate::{POLL, eventually, poll_until, write_atomic};
+use crate::{POLL, poll_until, write_atomic};
 
 /// `PYLON_LOG` unless the command or the caller's environment sets one.
 const DEFAULT_LOG: &str = "info,pylon=debug";
@@ -128,20 +128,6 @@ impl SidecarProc {
         let (status, text) = admin_get(self.admin, "/metrics").await.unwrap();
         assert_eq!(status, 200);
         sample(&text, name)
-    }
-
-    /// Waits until the `/metrics` sample `name` is at least `at_least`; its
-    /// value then.
-    pub async fn wait_metric(&self, name: &str, at_least: u64) -> u64 {
-        eventually(format_args!("{name} ≥ {at_least}"), async || {
-            let now = self.metric(name).await;
-            if now >= at_least {
-                Ok(now)
-            } else {
-                Err(format!("{now}\n{}", self.logs()))
-            }
-        })
-        .await
     }
 
     pub fn logs(&self) -> String {

@@ -1,6 +1,8 @@
-//! Traces, request IDs and access logs, end to end: two sidecars exporting
-//! to an OTLP/gRPC receiver started by the test, an app behind the server
-//! sidecar that records the context it was handed.
+//! What one request leaves behind, end to end: its spans (two sidecars and
+//! the control plane exporting to an OTLP/gRPC receiver started by the
+//! test, an app behind the server sidecar that records the context it was
+//! handed), its request ID and its access-log record. Counts over many
+//! requests and the processes' own logs are in `metrics.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +13,7 @@ use pylon_proto::v1::EchoRequest;
 use tonic::metadata::MetadataValue;
 
 use crate::common::chaos::ChaosServer;
+use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::otlp::{CLIENT, Collector, INTERNAL, SERVER, Span, export_app_span};
@@ -572,4 +575,73 @@ async fn a_collector_that_never_answers_loses_spans_not_requests() {
         0
     );
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_api_spans_continue_the_callers_trace() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let receiver = Collector::start().await;
+    let dir = TempDir::new("control-traces");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let endpoint = receiver.endpoint();
+    let control = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
+        &dir.path().join("data"),
+        listen,
+        &["--otlp-endpoint", &endpoint],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    let bundle = std::fs::read_to_string(control.ca_file()).unwrap();
+    for cert in pylon::identity::certs_from_pem(&bundle).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let tls = pylon_proto::client::client_config(roots, None).unwrap();
+    let channel = pylon_proto::client::lazy_channel(&control.address(), tls).unwrap();
+    let mut admin = pylon_proto::v1::policy_admin_client::PolicyAdminClient::new(channel);
+    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut req = tonic::Request::new(pylon_proto::v1::StatusRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
+    );
+    admin.status(req).await.unwrap();
+
+    // Spans leave in batches (every 5 s by default).
+    let span = eventually("a span for Status", async || {
+        receiver
+            .trace_exports()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
+            .cloned()
+            .ok_or_else(|| control.logs())
+    })
+    .await;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent_id);
+    let attr = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    assert_eq!(attr("rpc.system"), Some(Value::StringValue("grpc".into())));
+    assert_eq!(
+        attr("rpc.service"),
+        Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
+    );
+    assert_eq!(
+        attr("rpc.method"),
+        Some(Value::StringValue("Status".into()))
+    );
+    assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
 }

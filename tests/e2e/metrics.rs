@@ -1,6 +1,9 @@
 //! Metrics and logs as operators see them: OTLP metric points at a real
-//! OTLP/gRPC receiver started here, the same names at `/metrics`, the log
-//! filter changed at run time, JSON logs, and the control plane's metrics.
+//! OTLP/gRPC receiver started here, the same names at `/metrics`, RED
+//! metrics on both sides of a call, the log filter changed at run time,
+//! JSON logs, the control plane's metrics, and the demo and collector
+//! config wiring both pipelines. What one request leaves behind (spans,
+//! request IDs, access logs) is in `traces.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -457,75 +460,6 @@ async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
         "{spans}"
     );
     assert!(spans.contains("rpc.system"), "{spans}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_plane_api_spans_continue_the_callers_trace() {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    let receiver = Collector::start().await;
-    let dir = TempDir::new("control-traces");
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let endpoint = receiver.endpoint();
-    let control = ControlProc::spawn_with(
-        crate::common::PYLON_CONTROL,
-        &dir.path().join("data"),
-        listen,
-        &["--otlp-endpoint", &endpoint],
-    );
-    let mut roots = rustls::RootCertStore::empty();
-    let bundle = std::fs::read_to_string(control.ca_file()).unwrap();
-    for cert in pylon::identity::certs_from_pem(&bundle).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let tls = pylon_proto::client::client_config(roots, None).unwrap();
-    let channel = pylon_proto::client::lazy_channel(&control.address(), tls).unwrap();
-    let mut admin = pylon_proto::v1::policy_admin_client::PolicyAdminClient::new(channel);
-    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).unwrap();
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let parent_id = "00f067aa0ba902b7";
-    let mut req = Request::new(pylon_proto::v1::StatusRequest::default());
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", token.trim()).parse().unwrap(),
-    );
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
-    );
-    admin.status(req).await.unwrap();
-
-    // Spans leave in batches (every 5 s by default).
-    let span = eventually("a span for Status", async || {
-        receiver
-            .trace_exports()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
-            .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
-            .cloned()
-            .ok_or_else(|| control.logs())
-    })
-    .await;
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    assert_eq!(hex(&span.trace_id), trace_id);
-    assert_eq!(hex(&span.parent_span_id), parent_id);
-    let attr = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone()?.value)
-    };
-    assert_eq!(attr("rpc.system"), Some(Value::StringValue("grpc".into())));
-    assert_eq!(
-        attr("rpc.service"),
-        Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
-    );
-    assert_eq!(
-        attr("rpc.method"),
-        Some(Value::StringValue("Status".into()))
-    );
-    assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
 }
 
 #[tokio::test]
