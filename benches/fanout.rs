@@ -32,7 +32,6 @@ mod support;
 use support::{env_or, load_average, ms};
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -44,6 +43,7 @@ use pylon::demo::ScratchDir;
 use pylon_proto::v1::discovery_client::DiscoveryClient;
 use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
 use pylon_proto::v1::{self as pb, DiscoveryRequest};
+use pylon_test_support::control::ControlProc;
 use rustls::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Request;
@@ -106,14 +106,15 @@ fn run() -> anyhow::Result<()> {
 
     // Processes and files are set up outside the runtime: this part blocks.
     let scratch = ScratchDir::create("fanout")?;
-    let cp = ControlProcess::spawn(&scratch.path().join("cp-data"))?;
+    let cp = spawn_control(&scratch.path().join("cp-data"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let measured = runtime.block_on(measure(&cp, &settings));
     // Closes every subscriber's connection before the control plane goes.
     drop(runtime);
-    let measured = measured.map_err(|e| anyhow::anyhow!("{e:#}\n{}", cp.recent_logs()))?;
+    let measured =
+        measured.map_err(|e| anyhow::anyhow!("{e:#}\npylon-control's log:\n{}", cp.logs()))?;
     drop(cp);
     drop(scratch);
 
@@ -170,7 +171,7 @@ struct Measured {
     memory: Vec<(&'static str, Option<Memory>)>,
 }
 
-async fn measure(cp: &ControlProcess, settings: &Settings) -> anyhow::Result<Measured> {
+async fn measure(cp: &ControlProc, settings: &Settings) -> anyhow::Result<Measured> {
     let n = settings.subscribers.get();
     let data_dir = &cp.data_dir;
     let roots = pylon_control::cli::roots_from(&data_dir.join("ca.pem"))?;
@@ -583,42 +584,18 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
 }
 
-/// A `pylon-control serve` process; killed on drop.
-struct ControlProcess {
-    addr: SocketAddr,
-    data_dir: std::path::PathBuf,
-    process: support::Logged,
-}
-
-impl ControlProcess {
-    /// Starts `pylon-control serve` on a free loopback port and waits until
-    /// it has logged its address. Blocking.
-    fn spawn(data_dir: &Path) -> anyhow::Result<ControlProcess> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon-control"));
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            // Warnings, plus the line that reports the address.
-            .env("PYLON_LOG", "warn,pylon_control::cli=info");
-        let (process, line) = support::Logged::spawn(cmd, "pylon-control", "listening address=")?;
-        Ok(ControlProcess {
-            addr: support::field(&line, "address")?,
-            data_dir: data_dir.to_path_buf(),
-            process,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
-    fn recent_logs(&self) -> String {
-        format!(
-            "pylon-control's last log lines:\n{}",
-            self.process.recent_logs()
-        )
-    }
+/// Starts the bench build's `pylon-control serve` on a free loopback port,
+/// logging warnings and the line that reports its address, and waits until
+/// it has logged it. Blocking.
+fn spawn_control(data_dir: &Path) -> anyhow::Result<ControlProc> {
+    let bin = env!("CARGO_BIN_EXE_pylon-control");
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("PYLON_LOG", "warn,pylon_control::cli=info");
+    ControlProc::try_spawn_command(bin, cmd, data_dir)
 }
 
 /// The nearest-rank `p`th percentile of `values` (not empty).

@@ -27,8 +27,7 @@
 mod support;
 
 use support::{
-    LoadSettings as Settings, Measured, SidecarProcess, load_average, measure, print_table,
-    sidecar_config,
+    LoadSettings as Settings, Measured, load_average, measure, print_table, spawn_sidecar,
 };
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -42,6 +41,7 @@ use pylon::demo::{
     CLIENT_ID, GREETER_ID, Identities, ScratchDir, client_policy, resilient_client_policy,
 };
 use pylon::loadgen::Report;
+use pylon_test_support::sidecar::{SidecarProc, sidecar_config};
 
 fn main() -> ExitCode {
     match run() {
@@ -67,10 +67,10 @@ fn run() -> anyhow::Result<()> {
     let mesh = ProcessMesh::spawn(scratch.path(), greeter.addr)?;
 
     let (direct, meshed, resilient) = runtime.block_on(async {
-        mesh.wait_ready().await?;
+        mesh.wait_ready().await;
         let direct = measure("direct", greeter.addr, &settings).await?;
-        let meshed = measure("mesh", mesh.client.addrs.outbound, &settings).await?;
-        let resilient = measure("mesh+r", mesh.resilient.addrs.outbound, &settings).await?;
+        let meshed = measure("mesh", mesh.client.outbound, &settings).await?;
+        let resilient = measure("mesh+r", mesh.resilient.outbound, &settings).await?;
         anyhow::Ok((direct, meshed, resilient))
     })?;
     drop(mesh);
@@ -89,9 +89,9 @@ fn run() -> anyhow::Result<()> {
 /// `server`, which forwards to the greeter; `resilient` does the same with
 /// the resilience policy on.
 struct ProcessMesh {
-    client: SidecarProcess,
-    resilient: SidecarProcess,
-    server: SidecarProcess,
+    client: SidecarProc,
+    resilient: SidecarProc,
+    server: SidecarProc,
 }
 
 impl ProcessMesh {
@@ -106,10 +106,10 @@ impl ProcessMesh {
             &server_config,
             sidecar_config(&identities.greeter, &server_policy, greeter),
         )?;
-        let server = SidecarProcess::spawn("server", &server_config)?;
+        let server = spawn_sidecar("server", &server_config)?;
 
         let client_policy_path = dir.join("client-policy.yaml");
-        std::fs::write(&client_policy_path, client_policy(&[server.addrs.inbound]))?;
+        std::fs::write(&client_policy_path, client_policy(&[server.inbound]))?;
         // Nothing calls the client sidecar's inbound side.
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let client_config = dir.join("client.yaml");
@@ -117,19 +117,19 @@ impl ProcessMesh {
             &client_config,
             sidecar_config(&identities.client, &client_policy_path, no_app),
         )?;
-        let client = SidecarProcess::spawn("client", &client_config)?;
+        let client = spawn_sidecar("client", &client_config)?;
 
         let resilient_policy = dir.join("resilient-policy.yaml");
         std::fs::write(
             &resilient_policy,
-            resilient_client_policy(&[server.addrs.inbound]),
+            resilient_client_policy(&[server.inbound]),
         )?;
         let resilient_config = dir.join("resilient.yaml");
         std::fs::write(
             &resilient_config,
             sidecar_config(&identities.client, &resilient_policy, no_app),
         )?;
-        let resilient = SidecarProcess::spawn("resilient client", &resilient_config)?;
+        let resilient = spawn_sidecar("resilient client", &resilient_config)?;
         Ok(ProcessMesh {
             client,
             resilient,
@@ -137,10 +137,10 @@ impl ProcessMesh {
         })
     }
 
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        self.server.wait_ready().await?;
-        self.client.wait_ready().await?;
-        self.resilient.wait_ready().await
+    async fn wait_ready(&self) {
+        self.server.wait_ready().await;
+        self.client.wait_ready().await;
+        self.resilient.wait_ready().await;
     }
 }
 

@@ -25,27 +25,20 @@
 mod support;
 
 use support::{
-    LoadSettings, Measured, SidecarProcess, admin_get, env_or, load_average, measure, ms,
-    print_table, sidecar_config,
+    LoadSettings, Measured, env_or, load_average, measure, ms, print_table, spawn_sidecar,
 };
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use pylon::demo::greeter::RunningGreeter;
 use pylon::demo::{Identities, ScratchDir, client_policy};
 use pylon::loadgen::Report;
+use pylon_test_support::otlp::SpanCounter;
+use pylon_test_support::sidecar::{SidecarProc, sidecar_config};
 
 /// The configurations measured: a label and the sampling ratio (`None`:
 /// tracing off).
@@ -85,7 +78,7 @@ fn run() -> anyhow::Result<()> {
         .build()?;
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let greeter = runtime.block_on(RunningGreeter::start(loopback))?;
-    let receiver = runtime.block_on(Receiver::start())?;
+    let receiver = runtime.block_on(SpanCounter::start())?;
 
     let scratch = ScratchDir::create("bench-tracing")?;
     let identities = Identities::issue(scratch.path())?;
@@ -109,8 +102,8 @@ fn run() -> anyhow::Result<()> {
 
     let results = runtime.block_on(async {
         for pair in &meshes {
-            pair.server.wait_ready().await?;
-            pair.client.wait_ready().await?;
+            pair.server.wait_ready().await;
+            pair.client.wait_ready().await;
         }
         let mut results: Vec<Traced> = CONFIGS.iter().map(|_| Traced::default()).collect();
         // Whatever runs first meets a colder machine: odd rounds go the
@@ -123,17 +116,17 @@ fn run() -> anyhow::Result<()> {
             for i in order {
                 let label = format!("{} (round {})", CONFIGS[i].0, round + 1);
                 let pair = &meshes[i];
-                let spans_before = receiver.spans.load(Ordering::Relaxed);
-                let measured = measure(&label, pair.client.addrs.outbound, &settings.load).await?;
+                let spans_before = receiver.spans();
+                let measured = measure(&label, pair.client.outbound, &settings.load).await?;
                 // Let the last batches (500 ms apart at most) reach the receiver.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                results[i].received += receiver.spans.load(Ordering::Relaxed) - spans_before;
+                results[i].received += receiver.spans() - spans_before;
                 results[i].rounds.push(measured);
             }
         }
         for (t, pair) in results.iter_mut().zip(&meshes) {
             for sidecar in [&pair.client, &pair.server] {
-                t.dropped += metric(sidecar.addrs.admin, "pylon_trace_spans_dropped_total").await?;
+                t.dropped += sidecar.metric("pylon_trace_spans_dropped_total").await;
             }
         }
         anyhow::Ok(results)
@@ -150,56 +143,10 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An OTLP/gRPC trace receiver that counts spans and keeps nothing.
-struct Receiver {
-    addr: SocketAddr,
-    spans: Arc<AtomicU64>,
-}
-
-struct Discard(Arc<AtomicU64>);
-
-#[tonic::async_trait]
-impl TraceService for Discard {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let n: usize = request
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Receiver {
-    async fn start() -> anyhow::Result<Receiver> {
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
-        let spans = Arc::new(AtomicU64::new(0));
-        let service = TraceServiceServer::new(Discard(spans.clone()));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(incoming)
-                .await
-            {
-                eprintln!("OTLP receiver: {e}");
-            }
-        });
-        Ok(Receiver { addr, spans })
-    }
-}
-
 /// A client and a server sidecar, as in the mesh benchmark.
 struct Pair {
-    client: SidecarProcess,
-    server: SidecarProcess,
+    client: SidecarProc,
+    server: SidecarProc,
 }
 
 impl Pair {
@@ -218,16 +165,16 @@ impl Pair {
             &server_config,
             sidecar_config(&identities.greeter, &server_policy, greeter) + telemetry,
         )?;
-        let server = SidecarProcess::spawn("server", &server_config)?;
+        let server = spawn_sidecar("server", &server_config)?;
         let client_policy_path = dir.join("client-policy.yaml");
-        std::fs::write(&client_policy_path, client_policy(&[server.addrs.inbound]))?;
+        std::fs::write(&client_policy_path, client_policy(&[server.inbound]))?;
         let no_app = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
         let client_config = dir.join("client.yaml");
         std::fs::write(
             &client_config,
             sidecar_config(&identities.client, &client_policy_path, no_app) + telemetry,
         )?;
-        let client = SidecarProcess::spawn("client", &client_config)?;
+        let client = spawn_sidecar("client", &client_config)?;
         Ok(Pair { client, server })
     }
 }
@@ -262,18 +209,6 @@ impl Traced {
             .min_by_key(|r| r.latency.as_ref().map_or(Duration::MAX, |l| l.p99))
             .expect("at least one round")
     }
-}
-
-/// The value of one unlabelled sample of a sidecar's `/metrics`.
-async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<u64> {
-    let (_, body) = admin_get(admin, "/metrics").await?;
-    Ok(body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .map_or(0, |v| v as u64))
 }
 
 fn print_results(settings: &Settings, results: &[Traced]) {

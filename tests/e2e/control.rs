@@ -4,41 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pylon::identity::dev::{DevCa, IdentityFiles};
+use pylon::identity::dev::DevCa;
 use pylon_proto::v1::EchoRequest;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_policy_config};
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, backend_yaml, mesh_policy, route_yaml,
-    sidecar_config,
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, backend_yaml, eventually, mesh_policy, route_yaml,
 };
-
-/// A sidecar config whose policy comes from the control plane.
-fn cp_config(
-    id: &IdentityFiles,
-    cp: &ControlProc,
-    token: &Path,
-    state_dir: &Path,
-    app: SocketAddr,
-    extra: &str,
-) -> String {
-    let unused_policy = Path::new("/nonexistent");
-    sidecar_config(id, unused_policy, app).replace(
-        &format!("policy:\n  file: {unused_policy:?}\n"),
-        "policy:\n  controlPlane: {}\n",
-    ) + &format!(
-        "controlPlane: {{ address: \"{}\", caFile: {:?}, tokenFile: {:?} }}\nstateDir: {:?}\n{extra}",
-        cp.address(),
-        cp.ca_file(),
-        token,
-        state_dir
-    )
-}
 
 /// A control plane, a server sidecar in front of `app` and a client
 /// sidecar, both fed by the control plane.
@@ -53,7 +29,7 @@ struct CpMesh {
 impl CpMesh {
     async fn start(app: SocketAddr, client_extra: &str) -> CpMesh {
         let dir = TempDir::new("cp");
-        let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+        let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
         let ca = DevCa::new("pylon test root").unwrap();
         let server = spawn_sidecar(&dir, &ca, &cp, "server", SERVER_ID, app, "");
         let client = spawn_sidecar(
@@ -88,8 +64,12 @@ fn spawn_sidecar(
     let token = cp.token_file(dir.path(), name, identity);
     let state = dir.path().join(format!("{name}-state"));
     let cfg = dir.path().join(format!("{name}.yaml"));
-    std::fs::write(&cfg, cp_config(&files, cp, &token, &state, app, extra)).unwrap();
-    SidecarProc::spawn(&cfg)
+    std::fs::write(
+        &cfg,
+        cp_policy_config(&files, cp, &token, &state, app, extra),
+    )
+    .unwrap();
+    SidecarProc::spawn(crate::common::PYLON, &cfg)
 }
 
 #[tokio::test]
@@ -128,7 +108,7 @@ async fn an_apply_reaches_every_sidecar_which_routes_by_it() {
 #[tokio::test]
 async fn a_bad_batch_is_refused_whole_with_every_problem() {
     let dir = TempDir::new("cp-bad");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let before = cp.status().0;
     let bad = backend_yaml("other", &["10.0.0.2:80".into()], None)
@@ -162,7 +142,7 @@ async fn a_bad_batch_is_refused_whole_with_every_problem() {
     // Without the admin token: UNAUTHENTICATED.
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "pylon_admin_nope").unwrap();
-    let out = std::process::Command::new(crate::common::control::CONTROL_BIN)
+    let out = std::process::Command::new(crate::common::PYLON_CONTROL)
         .args(["status", "--server", &cp.address(), "--ca-file"])
         .arg(cp.ca_file())
         .arg("--token-file")
@@ -176,7 +156,7 @@ async fn a_bad_batch_is_refused_whole_with_every_problem() {
 #[tokio::test]
 async fn a_stale_resource_version_conflicts() {
     let dir = TempDir::new("cp-conflict");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let got = cp.cli(&["get", "backend", "app", "-o", "yaml"]);
     let yaml = String::from_utf8_lossy(&got.stdout).to_string();
@@ -218,7 +198,7 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
             "spiffe://pylon.test/ns/default/sa/limited",
         );
         let cfg = dir.path().join("limited.yaml");
-        let yaml = cp_config(
+        let yaml = cp_policy_config(
             &files,
             &mesh.cp,
             &token,
@@ -231,7 +211,7 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
             "policy:\n  controlPlane: {}\n  maxBytes: 1500\n",
         );
         std::fs::write(&cfg, yaml).unwrap();
-        SidecarProc::spawn(&cfg)
+        SidecarProc::spawn(crate::common::PYLON, &cfg)
     };
     let limited_id = "spiffe://pylon.test/ns/default/sa/limited";
 
@@ -252,23 +232,17 @@ async fn a_sidecar_that_cannot_apply_a_snapshot_nacks_it_and_keeps_serving() {
     mesh.cp.apply(&big);
     let bigger = mesh.cp.status().0;
     mesh.cp.wait_acked(&[CLIENT_ID], bigger).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let (acked, nack) = eventually("a NACK naming policy.maxBytes", async || {
         let (_, sidecars) = mesh.cp.status();
         let row = sidecars.iter().find(|(id, _, _)| id == limited_id).cloned();
-        if let Some((_, acked, nack)) = row
-            && nack.contains("policy.maxBytes")
-        {
-            assert_eq!(acked, good, "it keeps its last good version");
-            assert!(nack.starts_with(&format!("version {bigger}:")), "{nack}");
-            break;
+        match row {
+            Some((_, acked, nack)) if nack.contains("policy.maxBytes") => Ok((acked, nack)),
+            _ => Err(format!("{sidecars:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no NACK: {sidecars:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    })
+    .await;
+    assert_eq!(acked, good, "it keeps its last good version");
+    assert!(nack.starts_with(&format!("version {bigger}:")), "{nack}");
     let config = limited.config().await;
     assert_eq!(config["policy"]["version"], good.to_string());
     // It still routes by the last good policy.
@@ -304,7 +278,7 @@ async fn acknowledged_applies_survive_kill_9_and_sidecars_resync() {
                         &format!("r{i}.test"),
                         &[("app", 1)],
                     );
-                let out = std::process::Command::new(crate::common::control::CONTROL_BIN)
+                let out = std::process::Command::new(crate::common::PYLON_CONTROL)
                     .args(["apply", "-f", "-"])
                     .env("PYLON_CONTROL_SERVER", &cli_env.0)
                     .env("PYLON_CONTROL_TOKEN_FILE", cli_env.1.join("admin.token"))
@@ -327,17 +301,13 @@ async fn acknowledged_applies_survive_kill_9_and_sidecars_resync() {
         })
     };
     // Let a few applies land, then kill -9 mid-stream.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while mesh.cp.status().0 < 6 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("six applies", async || mesh.cp.status().0 >= 6).await;
     mesh.cp.kill9();
     stop.store(true, Ordering::Relaxed);
     let acknowledged = applier.join().unwrap();
     let last = *acknowledged.last().expect("some applies were acknowledged");
 
-    mesh.cp = ControlProc::spawn_at(&data, address);
+    mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     let got = mesh.cp.cli(&["get", "httproute", &format!("r{last}")]);
     assert!(
         got.status.success(),
@@ -362,7 +332,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     // The client sidecar restarts with the control plane gone.
     drop(std::mem::replace(
         &mut mesh.client,
-        SidecarProc::spawn(&mesh.dir.path().join("client.yaml")),
+        SidecarProc::spawn(crate::common::PYLON, &mesh.dir.path().join("client.yaml")),
     ));
     mesh.client.wait_ready().await;
     let (_, body) = crate::common::admin_get(mesh.client.admin, "/ready")
@@ -373,25 +343,21 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     echo.unary(EchoRequest::default()).await.unwrap();
 
     // The control plane comes back: the sidecar reconnects on its own.
-    mesh.cp = ControlProc::spawn_at(&data, address);
+    mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     mesh.cp.wait_acked(&[CLIENT_ID], version).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the client sidecar ready again", async || {
         let (_, body) = crate::common::admin_get(mesh.client.admin, "/ready")
             .await
             .unwrap();
-        if body == "ready\n" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+        if body == "ready\n" { Ok(()) } else { Err(body) }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn rollback_restores_an_earlier_version() {
     let dir = TempDir::new("cp-rollback");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     cp.apply(&backend_yaml("app", &["10.0.0.1:80".into()], None));
     let v1 = cp.status().0;
     cp.apply(
@@ -427,7 +393,7 @@ async fn a_hundred_applies_under_load_lose_no_request() {
     let a = start_named_echo("a").await;
     let b = start_named_echo("b").await;
     let dir = TempDir::new("cp-load");
-    let cp = ControlProc::spawn(&dir.path().join("data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("data"));
     let ca = DevCa::new("pylon test root").unwrap();
     let side_a = spawn_sidecar(
         &dir,

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use pylon::discovery::testing::TestDnsServer;
 use pylon::identity::dev::DevCa;
@@ -16,7 +15,7 @@ use tonic::Code;
 
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SidecarProc, TempDir, backend_yaml, server_sidecar, sidecar_config,
+    CLIENT_ID, SidecarProc, TempDir, backend_yaml, eventually, server_sidecar, sidecar_config,
 };
 
 const GREETER_ID: &str = "spiffe://pylon.test/ns/shop/sa/greeter";
@@ -71,7 +70,11 @@ fn client_in(
     let yaml = sidecar_config(&files, &policy_path, "127.0.0.1:9".parse().unwrap())
         + &format!("dns: {{ nameservers: [\"{}\"], minTtl: 1s }}\n", dns.addr());
     std::fs::write(&cfg, yaml).unwrap();
-    SidecarProc::spawn_with_env(&cfg, &[("PYLON_KUBERNETES_NAMESPACE", namespace)])
+    SidecarProc::spawn_with_env(
+        crate::common::PYLON,
+        &cfg,
+        &[("PYLON_KUBERNETES_NAMESPACE", namespace)],
+    )
 }
 
 /// Who answered a call to `authority` through `sidecar`: the echo server's
@@ -99,8 +102,7 @@ async fn call(sidecar: &SidecarProc, authority: &str) -> Result<String, (Code, S
 
 /// Waits until the Backend named by the Service shorthand has resolved.
 async fn wait_resolved(sidecar: &SidecarProc, want: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("greeter resolved", async || {
         let config = sidecar.config().await;
         let greeter = config["backends"]
             .as_array()
@@ -110,14 +112,12 @@ async fn wait_resolved(sidecar: &SidecarProc, want: &str) {
             .cloned()
             .unwrap_or_default();
         if greeter["endpoints"][0]["address"] == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{greeter:#}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "greeter never resolved: {greeter:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

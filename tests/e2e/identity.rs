@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use pylon::identity::{IdentityStore, credentials_from, provider};
 use pylon_proto::v1::identity_client::IdentityClient;
@@ -18,27 +17,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_config};
 use crate::common::echo::{echo_client, start_named_echo};
-use crate::common::{CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, mesh_policy};
-
-/// A sidecar config: identity and policy from the control plane.
-pub(crate) fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
-    format!(
-        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
-outbound: {{ listen: \"127.0.0.1:0\" }}
-inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
-identity:
-  controlPlane: {{ tokenFile: {token:?} }}
-policy:
-  controlPlane: {{}}
-controlPlane: {{ address: \"{}\", caFile: {:?} }}
-stateDir: {state:?}
-",
-        cp.address(),
-        cp.ca_file()
-    )
-}
+use crate::common::{
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, admin_get, eventually, mesh_policy,
+};
 
 fn spawn(
     dir: &TempDir,
@@ -51,7 +34,7 @@ fn spawn(
     let cfg = dir.path().join(format!("{name}.yaml"));
     let state = dir.path().join(format!("{name}-state"));
     std::fs::write(&cfg, cp_config(cp, &token, &state, app)).unwrap();
-    SidecarProc::spawn(&cfg)
+    SidecarProc::spawn(crate::common::PYLON, &cfg)
 }
 
 /// A control plane and two sidecars that get everything from it.
@@ -66,6 +49,7 @@ impl IdMesh {
     async fn start(app: SocketAddr, serve_args: &[&str]) -> IdMesh {
         let dir = TempDir::new("identity");
         let cp = ControlProc::spawn_with(
+            crate::common::PYLON_CONTROL,
             &dir.path().join("cp-data"),
             "127.0.0.1:0".parse().unwrap(),
             serve_args,
@@ -135,21 +119,6 @@ impl Load {
         );
         assert!(total > 0, "no call ran");
         total
-    }
-}
-
-/// Polls `f` until it returns `Some`.
-pub(crate) async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -275,14 +244,14 @@ async fn probe_inbound(
 async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
     let app = start_named_echo("app").await;
     let dir = TempDir::new("identity-tokens");
-    let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
 
     // No token yet: alive, not ready, and it says why.
     let token_path = dir.path().join("server.token");
     let cfg = dir.path().join("server.yaml");
     let state = dir.path().join("server-state");
     std::fs::write(&cfg, cp_config(&cp, &token_path, &state, app.addr)).unwrap();
-    let server = SidecarProc::spawn(&cfg);
+    let server = SidecarProc::spawn(crate::common::PYLON, &cfg);
     assert_eq!(admin_get(server.admin, "/live").await.unwrap().0, 200);
     let (status, body) = admin_get(server.admin, "/ready").await.unwrap();
     assert_eq!(status, 503);
@@ -347,7 +316,7 @@ async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
     let (data, address) = (cp.data_dir.clone(), cp.addr);
     let mut cp = cp;
     cp.kill9();
-    let cp = ControlProc::spawn_at(&data, address);
+    let cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     // Each sidecar gets the mesh's routes, and only its own inbound
     // policies: the server one more resource than the client.
     cp.apply(&format!(
@@ -379,7 +348,7 @@ spec:
 #[tokio::test]
 async fn the_control_plane_signs_only_what_the_token_allows() {
     let dir = TempDir::new("identity-refusals");
-    let cp = ControlProc::spawn(&dir.path().join("cp-data"));
+    let cp = ControlProc::spawn(crate::common::PYLON_CONTROL, &dir.path().join("cp-data"));
     let token = std::fs::read_to_string(cp.token_file(dir.path(), "c", CLIENT_ID)).unwrap();
     let mut ids = identity_client(&cp);
 
@@ -635,7 +604,12 @@ async fn a_failed_renewal_keeps_the_current_certificate_until_the_control_plane_
     let load = Load::start(mesh.client.outbound).await;
 
     // The control plane is back: the next attempt renews.
-    mesh.cp = ControlProc::spawn_with(&data, address, &["--cert-ttl", "20s"]);
+    mesh.cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
+        &data,
+        address,
+        &["--cert-ttl", "20s"],
+    );
     eventually("a renewed certificate", async || {
         (cert_field(&mesh.server.config().await, "serial") != serial).then_some(())
     })

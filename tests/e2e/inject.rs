@@ -15,7 +15,7 @@ use crate::common::TempDir;
 use crate::common::control::ControlProc;
 use crate::common::k8s::validator_or_skip;
 
-const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
+use crate::common::PYLON;
 const EXAMPLES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/deploy/kubernetes/examples/workloads"
@@ -184,6 +184,7 @@ fn the_webhook_patches_pods_over_https_exactly_as_pylon_inject_does() {
     }
     let dir = TempDir::new("webhook");
     let cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("control"),
         "127.0.0.1:0".parse().unwrap(),
         &["--webhook-listen", "127.0.0.1:0"],

@@ -18,11 +18,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
+use crate::common::PYLON_CONTROL as CONTROL_BIN;
 use crate::common::TempDir;
-use crate::common::control::{CONTROL_BIN, ControlProc};
+use crate::common::control::ControlProc;
 use crate::common::k8s::{kustomize_or_skip, validator_or_skip};
 
-const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
+use crate::common::PYLON;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// The Service's name as the API server dials the webhook.
 const SERVICE_DNS: &str = "pylon-control.pylon-system.svc";
@@ -512,6 +513,7 @@ fn a_client_trusting_only_the_webhooks_ca_bundle_reaches_healthz_by_the_service_
         args.extend(["--dns-name", name]);
     }
     let cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("data"),
         "127.0.0.1:0".parse().unwrap(),
         &args,

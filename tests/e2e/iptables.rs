@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout, Stdio};
 
 use crate::common::netns::{Netns, have, root_and};
 
-const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
+use crate::common::PYLON;
 
 const INIT: [&str; 5] = [
     "init-iptables",

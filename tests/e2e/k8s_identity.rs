@@ -12,11 +12,11 @@ use pylon_proto::v1::{IssueCertificateRequest, WhoAmIRequest};
 use rcgen::KeyPair;
 use serde_json::json;
 
-use crate::common::control::ControlProc;
+use crate::common::control::{ControlProc, cp_config};
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::issuer::Issuer;
-use crate::common::{SidecarProc, TempDir, mesh_policy};
-use crate::identity::{certificates_issued, cp_config, eventually, identity_client, with_token};
+use crate::common::{SidecarProc, TempDir, eventually, mesh_policy};
+use crate::identity::{certificates_issued, identity_client, with_token};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -50,6 +50,7 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
     issuer.publish(jwks(&[(&ec, "ec-2026-11"), (&rsa, "rsa-2026-11")]));
     let ca = issuer.ca_file.to_str().unwrap();
     let cp = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("cp-data"),
         "127.0.0.1:0".parse().unwrap(),
         &[
@@ -94,7 +95,7 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
         let cfg = dir.path().join(format!("{name}.yaml"));
         let state = dir.path().join(format!("{name}-state"));
         std::fs::write(&cfg, cp_config(&cp, &token_file, &state, app)).unwrap();
-        let sidecar = SidecarProc::spawn(&cfg);
+        let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
         sidecars.push((sa, sidecar));
     }
     let (server, client) = (&sidecars[0].1, &sidecars[1].1);

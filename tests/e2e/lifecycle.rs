@@ -11,12 +11,12 @@ use pylon::identity::dev::DevCa;
 use crate::common::echo::{echo_client, start_echo};
 use crate::common::http::{empty, http1, start_http_app};
 use crate::common::{
-    CLIENT_ID, Mesh, PATIENCE, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request,
+    CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, eventually,
     mesh_policy, sidecar_config,
 };
 
 fn run_pylon(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pylon"));
+    let mut cmd = Command::new(crate::common::PYLON);
     cmd.args(args).env_remove("PYLON_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
@@ -96,7 +96,11 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
     )
     .unwrap();
     let app_addr = app.addr.to_string();
-    let server = SidecarProc::spawn_with_env(&server_cfg, &[("PYLON_INBOUND_APP", &app_addr)]);
+    let server = SidecarProc::spawn_with_env(
+        crate::common::PYLON,
+        &server_cfg,
+        &[("PYLON_INBOUND_APP", &app_addr)],
+    );
 
     // The client has no file at all: every key from the environment.
     let client_files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
@@ -122,7 +126,7 @@ async fn the_environment_overrides_the_file_and_can_replace_it() {
         ("PYLON_POLICY_FILE", client_policy.display().to_string()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let client = SidecarProc::spawn_without_config(&env);
+    let client = SidecarProc::spawn_without_config(crate::common::PYLON, &env);
     server.wait_ready().await;
     client.wait_ready().await;
 
@@ -172,17 +176,12 @@ async fn post_drain_and_sigterm_finish_in_flight_requests_then_exit() {
     );
 
     // New connections are refused once the listener closes...
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while tokio::net::TcpStream::connect(mesh.client.outbound)
-        .await
-        .is_ok()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the outbound listener stayed open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the outbound listener closed", async || {
+        tokio::net::TcpStream::connect(mesh.client.outbound)
+            .await
+            .is_err()
+    })
+    .await;
     // ...while the request in flight completes.
     app.gate.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();
@@ -227,7 +226,7 @@ async fn a_restarted_peer_gets_new_connections_without_failed_calls() {
         &format!("inbound: {{ listen: \"{inbound}\""),
     );
     std::fs::write(&cfg, yaml).unwrap();
-    let restarted = SidecarProc::spawn(&cfg);
+    let restarted = SidecarProc::spawn(crate::common::PYLON, &cfg);
     assert_eq!(restarted.inbound, inbound);
     restarted.wait_ready().await;
 

@@ -39,7 +39,7 @@ fn server_with_env(
     std::fs::write(&policy, "").unwrap();
     let cfg = dir.path().join("server.yaml");
     std::fs::write(&cfg, sidecar_config(&files, &policy, app)).unwrap();
-    SidecarProc::spawn_with_env(&cfg, env)
+    SidecarProc::spawn_with_env(crate::common::PYLON, &cfg, env)
 }
 
 #[tokio::test]
@@ -120,7 +120,7 @@ async fn drain_timeout_bounds_a_stream_that_never_ends() {
     std::fs::write(&policy, mesh_policy(server.inbound)).unwrap();
     let cfg = dir.path().join("client.yaml");
     std::fs::write(&cfg, sidecar_config(&files, &policy, app.addr)).unwrap();
-    let client = SidecarProc::spawn(&cfg);
+    let client = SidecarProc::spawn(crate::common::PYLON, &cfg);
     server.wait_ready().await;
     client.wait_ready().await;
 
@@ -234,7 +234,7 @@ async fn strict_inbound_refuses_plaintext_and_permissive_serves_it_without_ident
     std::fs::write(&policy, mesh_policy(permissive.inbound)).unwrap();
     let cfg = dir.path().join("client.yaml");
     std::fs::write(&cfg, sidecar_config(&files, &policy, app.addr)).unwrap();
-    let client = SidecarProc::spawn(&cfg);
+    let client = SidecarProc::spawn(crate::common::PYLON, &cfg);
     client.wait_ready().await;
     let mut conn = http1(client.outbound).await;
     let resp = conn

@@ -12,10 +12,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::common::pods::{
-    ControlPlane, LoadClient, MeshedPod, Node, PodNet, Proc, Tools, pod_manifest, prerequisites,
+    ControlPlane, LoadClient, MeshedPod, Node, PodNet, Tools, pod_manifest, prerequisites,
     spiffe_id,
 };
-use crate::common::{TempDir, backend_yaml, route_yaml};
+use crate::common::{Process, TempDir, backend_yaml, route_yaml};
 
 /// The tools, or `None` after saying why the test is skipped.
 fn tools() -> Option<Tools> {
@@ -59,7 +59,7 @@ fn start_server_apps(pod: &mut MeshedPod) {
 /// The unmeshed pod: a TCP echo server on 9000 and a TLS echo server on
 /// 9443 with a self-signed certificate for its address; returns the app and
 /// the certificate's file (the clients' CA).
-fn start_external(c: &PodNet, dir: &TempDir) -> (Proc, String) {
+fn start_external(c: &PodNet, dir: &TempDir) -> (Process, String) {
     let cert = rcgen::generate_simple_self_signed(vec![c.ip.to_string()]).unwrap();
     let cert_file = dir.path().join("external.pem");
     let key_file = dir.path().join("external.key");

@@ -15,7 +15,10 @@ use tonic::{Code, Request, Status};
 
 use crate::common::chaos::ChaosServer;
 use crate::common::echo::{echo_client, start_echo};
-use crate::common::{PATIENCE, SidecarProc, TempDir, admin_get, client_sidecar, set_policy};
+use crate::common::{
+    PATIENCE, SidecarProc, TempDir, admin_get, client_sidecar, eventually, eventually_every,
+    set_policy,
+};
 
 type Client = pylon_proto::v1::echo_client::EchoClient<tonic::transport::Channel>;
 
@@ -383,14 +386,7 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
     let forwarded =
         pylon::proxy::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
     assert!(forwarded <= Duration::from_millis(300), "{forwarded:?}");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.cancelled() < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the upstream call was never reset"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the upstream call reset", async || server.cancelled() >= 1).await;
 
     // The route's deadline, when the caller sets none.
     set_policy(
@@ -549,17 +545,12 @@ async fn when_every_endpoint_is_ejected_calls_fail_fast_until_one_returns() {
     // Healed, they come back after their ejection time, on probation.
     a.set_mode("ok");
     b.set_mode("ok");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if client.unary(chaos("", b"back")).await.is_ok() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the endpoints never returned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        "the endpoints returned",
+        Duration::from_millis(50),
+        async || client.unary(chaos("", b"back")).await.is_ok(),
+    )
+    .await;
     let states: Vec<String> = f
         .endpoints()
         .await
@@ -588,11 +579,10 @@ async fn a_full_bulkhead_fails_fast_with_overflow() {
         let mut c = client.clone();
         held.push(tokio::spawn(async move { c.unary(chaos("", b"")).await }));
     }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.requests() < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("both held calls at the server", async || {
+        server.requests() >= 2
+    })
+    .await;
     let status = client.clone().unary(chaos("", b"")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(pylon_error(&status).as_deref(), Some("overflow"));
@@ -737,14 +727,7 @@ async fn ejections_and_permits_survive_a_reload() {
     let before = good.requests();
     let mut holder = client.clone();
     let held = tokio::spawn(async move { holder.unary(chaos("hang", b"")).await });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while good.requests() == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the held call never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the held call arrived", async || good.requests() != before).await;
 
     set_policy(
         &f.sidecar,
@@ -893,11 +876,10 @@ async fn max_connections_caps_connections_to_a_backend() {
             .unwrap();
         conn.send_request(req).await
     });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while server.requests() < 1 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the held request at the server", async || {
+        server.requests() >= 1
+    })
+    .await;
     let resp = http_get(&f.sidecar, "").await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-pylon-error"], "overflow");
@@ -927,11 +909,7 @@ spec:
     app.set_mode("hang");
     let mut holder = client.clone();
     let held = tokio::spawn(async move { holder.unary(chaos("", b"")).await });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while app.requests() < 1 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the held call at the app", async || app.requests() >= 1).await;
     let status = client.clone().unary(chaos("", b"")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(pylon_error(&status).as_deref(), Some("overflow"));
@@ -988,13 +966,12 @@ spec:
     let yaml = crate::common::sidecar_config(&files, &policy_path, "127.0.0.1:9".parse().unwrap())
         + &format!("dns: {{ nameservers: [\"{}\"], minTtl: 1s }}\n", dns.addr());
     std::fs::write(&cfg, yaml).unwrap();
-    let sidecar = SidecarProc::spawn(&cfg);
+    let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
     sidecar.wait_ready().await;
     let endpoints_are = |want: String| {
         let sidecar = &sidecar;
         async move {
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
+            eventually(format_args!("endpoints [{want}]"), async || {
                 let c = sidecar.config().await;
                 let got: Vec<String> = c["backends"][0]["endpoints"]
                     .as_array()
@@ -1003,14 +980,12 @@ spec:
                     .map(|e| e["address"].as_str().unwrap().to_string())
                     .collect();
                 if got == vec![want.clone()] {
-                    return;
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "endpoints {got:?}, want {want}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await;
         }
     };
     endpoints_are(format!("127.0.0.1:{port}")).await;
@@ -1038,14 +1013,10 @@ spec:
     // Resolution fails: the last good set stays.
     dns.fail("svc.mesh.test");
     let before = dns.queries("svc.mesh.test");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while dns.queries("svc.mesh.test") < before + 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no re-resolution attempt"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("two re-resolution attempts", async || {
+        dns.queries("svc.mesh.test") >= before + 2
+    })
+    .await;
     endpoints_are(format!("127.0.0.2:{port}")).await;
     assert_eq!(
         served_by(&client.unary(chaos("", b"")).await.unwrap()),

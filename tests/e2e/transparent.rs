@@ -11,7 +11,7 @@ use pylon::identity::dev::DevCa;
 
 use crate::common::netns::{Netns, root_and};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SidecarProc, TempDir, backend_yaml, route_yaml, sidecar_config,
+    CLIENT_ID, SidecarProc, TempDir, backend_yaml, eventually_blocking, route_yaml, sidecar_config,
 };
 
 #[tokio::test]
@@ -49,28 +49,21 @@ async fn redirected_connections_route_by_authority_then_original_destination() {
         sidecar_config(&id, &policy, "127.0.0.1:9".parse().unwrap()),
     )
     .unwrap();
-    let mut cmd = ns.cmd(env!("CARGO_BIN_EXE_pylon"));
+    let mut cmd = ns.cmd(crate::common::PYLON);
     cmd.args(["proxy", "--config"]).arg(&cfg);
     let sidecar = SidecarProc::spawn_command(cmd);
     let outbound_port = sidecar.outbound.port().to_string();
 
     // Wait for readiness from inside the namespace.
     let ready_url = format!("http://{}/ready", sidecar.admin);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while ns
-        .cmd("curl")
-        .args(["-sf", &ready_url])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never ready:\n{}",
-            sidecar.logs()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually_blocking("ready, seen from inside the namespace", || {
+        let ready = ns
+            .cmd("curl")
+            .args(["-sf", &ready_url])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ready { Ok(()) } else { Err(sidecar.logs()) }
+    });
 
     // Redirect what the app sends to port 80 of 198.18.0.7 and 198.18.0.8, and
     // to 127.0.0.1:18080, to the outbound listener.
@@ -209,7 +202,7 @@ async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
     );
     let mut cmd = ns.cmd("setpriv");
     cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_pylon"))
+        .arg(crate::common::PYLON)
         .args(["proxy", "--config"])
         .arg(&cfg);
     let sidecar = SidecarProc::spawn_command(cmd);
@@ -219,7 +212,7 @@ async fn ipv6_connections_are_intercepted_by_init_iptables_too() {
     sidecar
         .wait_log("also listening on IPv6 addr=[::]:15006")
         .await;
-    ns.run(&[env!("CARGO_BIN_EXE_pylon"), "init-iptables"]);
+    ns.run(&[crate::common::PYLON, "init-iptables"]);
     let ready = ns.run(&[
         "curl",
         "-sf",

@@ -31,11 +31,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{PATIENCE, TempDir};
+use super::{PATIENCE, Process, TempDir, eventually_blocking};
+use pylon_test_support::admin::sum_samples;
 
 /// Where the pods' Python apps live.
 pub const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/pods");
@@ -235,94 +236,6 @@ impl Reply {
     }
 }
 
-/// A process started in a pod, its stderr kept as a log; killed on drop.
-pub struct Proc {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-    pub what: String,
-}
-
-impl Proc {
-    /// Starts `cmd` (stdin and stdout closed), its stderr drained into the
-    /// log; waits for nothing.
-    pub fn spawn(mut cmd: Command, what: &str) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Proc {
-            child,
-            logs,
-            what: what.to_string(),
-        }
-    }
-
-    /// Starts `cmd` and waits for a line of its stderr containing `marker`.
-    pub fn spawn_until(cmd: Command, marker: &'static str, what: &str) -> Proc {
-        let (child, logs, _) = super::spawn_logged(cmd, marker, what);
-        Proc {
-            child,
-            logs,
-            what: what.to_string(),
-        }
-    }
-
-    pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status if it has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-
-    /// SIGTERM, then waits for the exit, at most [`PATIENCE`]: the status
-    /// and how long it took.
-    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
-        let sent = Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot signal {}", self.what);
-        loop {
-            if let Some(status) = self.exited() {
-                return (status, sent.elapsed());
-            }
-            assert!(
-                sent.elapsed() < PATIENCE,
-                "{} did not exit after SIGTERM:\n{}",
-                self.what,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The node: a namespace with the bridge every pod is plugged into.
 pub struct Node {
     ns: Netns,
@@ -415,10 +328,10 @@ impl PodNet {
     }
 
     /// Starts a Python app and waits for it to print `LISTENING`.
-    pub fn start_app(&self, script: &str, args: &[&str]) -> Proc {
+    pub fn start_app(&self, script: &str, args: &[&str]) -> Process {
         let mut cmd = self.python(script);
         cmd.args(args);
-        Proc::spawn_until(cmd, "LISTENING", &format!("{script} in pod {}", self.name))
+        Process::spawn_until(cmd, "LISTENING", &format!("{script} in pod {}", self.name)).0
     }
 
     /// Runs a Python script to its end, bounded by `--timeout` flags of its
@@ -435,7 +348,7 @@ impl PodNet {
 /// `pylon-control serve` in a pod of its own at [`CONTROL_PLANE_IP`],
 /// serving the name the sidecars dial.
 pub struct ControlPlane {
-    proc: Proc,
+    proc: Process,
     pub net: PodNet,
     data: TempDir,
     /// The cluster's service-account signing key: the control plane trusts
@@ -454,7 +367,7 @@ impl ControlPlane {
         let issuer_key = TestKey::es256();
         let jwks_file = data.path().join("jwks.json");
         std::fs::write(&jwks_file, jwks(&[(&issuer_key, SA_KEY_ID)])).unwrap();
-        let mut cmd = net.ns.cmd(env!("CARGO_BIN_EXE_pylon-control"));
+        let mut cmd = net.ns.cmd(super::PYLON_CONTROL);
         cmd.args(["serve", "--trust-domain", TRUST_DOMAIN, "--data-dir"])
             .arg(data.path())
             .arg("--kubernetes-jwks")
@@ -463,7 +376,7 @@ impl ControlPlane {
             .args(["--listen", "0.0.0.0:15010", "--name", CONTROL_PLANE_NAME])
             .args(["--name", &CONTROL_PLANE_IP.to_string()])
             .env("PYLON_LOG", "info,pylon_control=debug");
-        let proc = Proc::spawn_until(cmd, "listening address=", "pylon-control");
+        let proc = Process::spawn_until(cmd, "listening address=", "pylon-control").0;
         ControlPlane {
             proc,
             net,
@@ -477,7 +390,7 @@ impl ControlPlane {
     pub fn cli(&self, args: &[&str]) -> Output {
         self.net
             .ns
-            .cmd(env!("CARGO_BIN_EXE_pylon-control"))
+            .cmd(super::PYLON_CONTROL)
             .args(args)
             .args(["--server", &format!("https://{CONTROL_PLANE_NAME}:15010")])
             .arg("--token-file")
@@ -536,7 +449,7 @@ impl Injected {
         let dir = TempDir::new("pods-manifest");
         let file = dir.path().join("pod.yaml");
         std::fs::write(&file, manifest).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_pylon"))
+        let out = Command::new(super::PYLON)
             .args(["inject", "-f"])
             .arg(&file)
             .output()
@@ -699,8 +612,8 @@ pub struct MeshedPod {
     pub injected: Injected,
     /// The kubelet's directories for this incarnation's volumes.
     volumes: Option<TempDir>,
-    pub apps: Vec<Proc>,
-    pub sidecar: Option<Proc>,
+    pub apps: Vec<Process>,
+    pub sidecar: Option<Process>,
 }
 
 impl MeshedPod {
@@ -746,7 +659,7 @@ impl MeshedPod {
         let out = self
             .net
             .ns
-            .cmd(env!("CARGO_BIN_EXE_pylon"))
+            .cmd(super::PYLON)
             .args(&args)
             .envs(self.injected.env(init, self.ip(), volumes.path()))
             .output()
@@ -787,28 +700,21 @@ impl MeshedPod {
             &format!("--regid={PROXY_UID}"),
             "--clear-groups",
             "--",
-            env!("CARGO_BIN_EXE_pylon"),
+            super::PYLON,
         ])
         .args(&args)
         .envs(env)
         .envs(extra.iter().copied());
-        let mut sidecar = Proc::spawn(cmd, &format!("sidecar of pod {}", self.net.name));
-        let deadline = Instant::now() + PATIENCE;
-        loop {
+        let mut sidecar = Process::spawn(cmd, &format!("sidecar of pod {}", self.net.name));
+        eventually_blocking(format!("{} ready", sidecar.what), || {
             if node.probe(self.ip(), "/ready").status == 200 {
-                break;
+                return Ok(());
             }
             if let Some(status) = sidecar.exited() {
                 panic!("{} exited ({status}):\n{}", sidecar.what, sidecar.logs());
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} never ready:\n{}",
-                sidecar.what,
-                sidecar.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Err(sidecar.logs())
+        });
         self.sidecar = Some(sidecar);
     }
 
@@ -820,7 +726,7 @@ impl MeshedPod {
     }
 
     pub fn sidecar_logs(&self) -> String {
-        self.sidecar.as_ref().map(Proc::logs).unwrap_or_default()
+        self.sidecar.as_ref().map(Process::logs).unwrap_or_default()
     }
 
     /// Everything the pod's processes logged, for a failure message.
@@ -843,27 +749,6 @@ impl MeshedPod {
         assert_eq!(reply.status, 200, "{reply:#?}");
         sum_samples(&reply.body, family, labels)
     }
-}
-
-/// The sum of the Prometheus samples of `family` (exactly that name) in
-/// `text` whose label set contains each of `labels` (`key="value"`).
-pub fn sum_samples(text: &str, family: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(family)?;
-            let (set, value) = match rest.strip_prefix('{') {
-                Some(r) => r.split_once('}')?,
-                None if rest.starts_with(' ') => ("", rest),
-                None => return None,
-            };
-            labels
-                .iter()
-                .all(|want| set.split(',').any(|have| have == *want))
-                .then(|| value.trim().parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
 }
 
 /// A pod manifest: `containers` are YAML list items (already indented for
@@ -998,15 +883,14 @@ impl LoadClient {
     /// Waits until `done(counts)` holds, at most [`PATIENCE`]; those
     /// counts.
     pub fn wait_until(&mut self, what: &str, done: impl Fn(&Counts) -> bool) -> Counts {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
+        eventually_blocking(format_args!("{what}"), || {
             let now = self.counts();
             if done(&now) {
-                return now;
+                Ok(now)
+            } else {
+                Err(format!("{now:?}"))
             }
-            assert!(Instant::now() < deadline, "never {what}: {now:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// Waits until at least `n` more calls succeeded than in `since`.

@@ -1,6 +1,8 @@
-//! Traces, request IDs and access logs, end to end: two sidecars exporting
-//! to an OTLP/gRPC receiver started by the test, an app behind the server
-//! sidecar that records the context it was handed.
+//! What one request leaves behind, end to end: its spans (two sidecars and
+//! the control plane exporting to an OTLP/gRPC receiver started by the
+//! test, an app behind the server sidecar that records the context it was
+//! handed), its request ID and its access-log record. Counts over many
+//! requests and the processes' own logs are in `metrics.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,11 +13,12 @@ use pylon_proto::v1::EchoRequest;
 use tonic::metadata::MetadataValue;
 
 use crate::common::chaos::ChaosServer;
+use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::otlp::{CLIENT, Collector, INTERNAL, SERVER, Span, export_app_span};
 use crate::common::{
-    CLIENT_ID, PATIENCE, SERVER_ID, SidecarProc, TempDir, sidecar_config, strip_ansi,
+    CLIENT_ID, SERVER_ID, SidecarProc, TempDir, eventually, sidecar_config, strip_ansi,
 };
 
 /// Two sidecars (client → server, mTLS) in front of `app`, both with the
@@ -71,7 +74,7 @@ impl TracedMesh {
             std::fs::write(&policy_path, policy).unwrap();
             let cfg = dir.join(format!("{name}.yaml"));
             std::fs::write(&cfg, sidecar_config(&files, &policy_path, app) + telemetry).unwrap();
-            SidecarProc::spawn(&cfg)
+            SidecarProc::spawn(crate::common::PYLON, &cfg)
         };
         let server = spawn(dir.path(), "server", SERVER_ID, app, "");
         let unused_app: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -272,21 +275,13 @@ async fn a_trace_starts_at_the_client_sidecar_and_proxy_failures_are_marked() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let failed = loop {
-        let found = collector
+    let failed = eventually("a span for the failed call", async || {
+        collector
             .spans()
             .into_iter()
-            .find(|s| s.attr("pylon.request_id") == Some(request_id.as_str()));
-        if let Some(s) = found {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no span for the failed call"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+            .find(|s| s.attr("pylon.request_id") == Some(request_id.as_str()))
+    })
+    .await;
     assert_eq!(failed.kind, INTERNAL);
     assert_eq!(failed.attr("pylon.error"), Some("no-route"));
     assert_eq!(failed.attr("http.response.status_code"), Some("404"));
@@ -371,21 +366,18 @@ async fn with_the_collector_down_calls_succeed_and_dropped_spans_are_counted() {
         assert_eq!(resp.status(), StatusCode::OK);
         text(resp).await;
     }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the spans of five calls dropped", async || {
         let client = mesh.client.metric("pylon_trace_spans_dropped_total").await;
         let server = mesh.server.metric("pylon_trace_spans_dropped_total").await;
         // Five calls: a call span and an attempt span each on the client,
         // a server span each on the server.
         if client >= 10 && server >= 5 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("dropped spans: client {client}, server {server}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dropped spans: client {client}, server {server}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert_eq!(
         mesh.client.metric("pylon_trace_spans_exported_total").await,
         0
@@ -569,21 +561,87 @@ async fn a_collector_that_never_answers_loses_spans_not_requests() {
     }
     // The batch in flight when the calls ended times out (5 s) and is
     // dropped with the rest: 20 calls, two client spans each.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("40 spans dropped", async || {
         let dropped = mesh.client.metric("pylon_trace_spans_dropped_total").await;
         if dropped >= 40 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("dropped spans: {dropped}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dropped spans: {dropped}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(
         mesh.client.metric("pylon_trace_spans_exported_total").await,
         0
     );
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_api_spans_continue_the_callers_trace() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let receiver = Collector::start().await;
+    let dir = TempDir::new("control-traces");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let endpoint = receiver.endpoint();
+    let control = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
+        &dir.path().join("data"),
+        listen,
+        &["--otlp-endpoint", &endpoint],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    let bundle = std::fs::read_to_string(control.ca_file()).unwrap();
+    for cert in pylon::identity::certs_from_pem(&bundle).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let tls = pylon_proto::client::client_config(roots, None).unwrap();
+    let channel = pylon_proto::client::lazy_channel(&control.address(), tls).unwrap();
+    let mut admin = pylon_proto::v1::policy_admin_client::PolicyAdminClient::new(channel);
+    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut req = tonic::Request::new(pylon_proto::v1::StatusRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
+    );
+    admin.status(req).await.unwrap();
+
+    // Spans leave in batches (every 5 s by default).
+    let span = eventually("a span for Status", async || {
+        receiver
+            .trace_exports()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
+            .cloned()
+            .ok_or_else(|| control.logs())
+    })
+    .await;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent_id);
+    let attr = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    assert_eq!(attr("rpc.system"), Some(Value::StringValue("grpc".into())));
+    assert_eq!(
+        attr("rpc.service"),
+        Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
+    );
+    assert_eq!(
+        attr("rpc.method"),
+        Some(Value::StringValue("Status".into()))
+    );
+    assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
 }

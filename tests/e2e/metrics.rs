@@ -1,193 +1,28 @@
 //! Metrics and logs as operators see them: OTLP metric points at a real
-//! OTLP/gRPC receiver started here, the same names at `/metrics`, the log
-//! filter changed at run time, JSON logs, and the control plane's metrics.
+//! OTLP/gRPC receiver started here, the same names at `/metrics`, RED
+//! metrics on both sides of a call, the log filter changed at run time,
+//! JSON logs, the control plane's metrics, and the demo and collector
+//! config wiring both pipelines. What one request leaves behind (spans,
+//! request IDs, access logs) is in `traces.rs`.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::metrics::v1::{Metric, metric, number_data_point};
 use pylon_proto::v1::EchoRequest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Request;
 
 use crate::common::chaos::ChaosServer;
 use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
-use crate::common::{CLIENT_ID, PATIENCE, SidecarProc, TempDir, admin_get, sidecar_config};
+use crate::common::otlp::Collector;
+use crate::common::{
+    CLIENT_ID, SidecarProc, TempDir, admin_get, admin_send, eventually, sidecar_config,
+};
+use pylon_test_support::admin::sample;
 
-/// An OTLP/gRPC metrics receiver on a free loopback port that keeps every
-/// request it is sent.
-struct Receiver {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
-    spans: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Clone, Default)]
-struct Keep(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
-
-#[derive(Clone, Default)]
-struct KeepSpans(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for KeepSpans {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-#[tonic::async_trait]
-impl MetricsService for Keep {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-    }
-}
-
-impl Receiver {
-    async fn start() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let keep = Keep::default();
-        let got = keep.0.clone();
-        let keep_spans = KeepSpans::default();
-        let spans = keep_spans.0.clone();
-        let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(MetricsServiceServer::new(keep))
-                .add_service(TraceServiceServer::new(keep_spans))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await;
-        });
-        Receiver {
-            addr,
-            got,
-            spans,
-            task,
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The newest export's metric called `name`, if any export had one.
-    fn latest(&self, name: &str) -> Option<Metric> {
-        let got = self.got.lock().unwrap();
-        got.iter().rev().find_map(|req| {
-            req.resource_metrics
-                .iter()
-                .flat_map(|rm| &rm.scope_metrics)
-                .flat_map(|sm| &sm.metrics)
-                .find(|m| m.name == name)
-                .cloned()
-        })
-    }
-
-    /// Every metric name of the newest export.
-    fn names(&self) -> Vec<String> {
-        let got = self.got.lock().unwrap();
-        got.last()
-            .map(|req| {
-                req.resource_metrics
-                    .iter()
-                    .flat_map(|rm| &rm.scope_metrics)
-                    .flat_map(|sm| &sm.metrics)
-                    .map(|m| m.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Polls until `check` holds of the exports received, or panics.
-    async fn wait_for(&self, what: &str, check: impl Fn(&Receiver) -> bool) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !check(self) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the receiver never got {what}; it has: {:?}",
-                self.names()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The sum of a counter's points, or of a histogram's counts, whose
-/// attributes include every `(key, value)` of `with`.
-fn total(metric: &Metric, with: &[(&str, &str)]) -> u64 {
-    let matches = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
-        with.iter().all(|(k, v)| {
-            attrs.iter().any(|kv| {
-                kv.key == *k
-                    && matches!(
-                        kv.value.as_ref().and_then(|a| a.value.as_ref()),
-                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == v
-                    )
-            })
-        })
-    };
-    match &metric.data {
-        Some(metric::Data::Sum(sum)) => sum
-            .data_points
-            .iter()
-            .filter(|p| matches(&p.attributes))
-            .map(|p| match p.value {
-                Some(number_data_point::Value::AsInt(n)) => n as u64,
-                Some(number_data_point::Value::AsDouble(d)) => d as u64,
-                None => 0,
-            })
-            .sum(),
-        Some(metric::Data::Gauge(g)) => g
-            .data_points
-            .iter()
-            .filter(|p| matches(&p.attributes))
-            .map(|p| match p.value {
-                Some(number_data_point::Value::AsInt(n)) => n as u64,
-                Some(number_data_point::Value::AsDouble(d)) => d as u64,
-                None => 0,
-            })
-            .sum(),
-        Some(metric::Data::Histogram(h)) => h
-            .data_points
-            .iter()
-            .filter(|p| matches(&p.attributes))
-            .map(|p| p.count)
-            .sum(),
-        _ => 0,
-    }
-}
-
-fn count(receiver: &Receiver, name: &str, with: &[(&str, &str)]) -> u64 {
-    receiver.latest(name).map_or(0, |m| total(&m, with))
+fn count(receiver: &Collector, name: &str, with: &[(&str, &str)]) -> u64 {
+    receiver.count(name, with)
 }
 
 /// A sidecar with identity files in `dir`, `policy`, and extra environment.
@@ -199,7 +34,7 @@ fn sidecar(dir: &Path, policy: &str, env: &[(&str, &str)]) -> SidecarProc {
     let cfg = dir.join("client.yaml");
     let app: SocketAddr = "127.0.0.1:9".parse().unwrap();
     std::fs::write(&cfg, sidecar_config(&files, &policy_path, app)).unwrap();
-    SidecarProc::spawn_with_env(&cfg, env)
+    SidecarProc::spawn_with_env(crate::common::PYLON, &cfg, env)
 }
 
 /// A gRPC route `svc.test` to backend `svc` over `endpoints`, retrying
@@ -237,7 +72,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_retries_and_ejections_reach_an_otlp_receiver_under_the_names_of_metrics() {
-    let receiver = Receiver::start().await;
+    let receiver = Collector::start().await;
     let bad = ChaosServer::start("bad").await;
     bad.set_mode("status=14");
     let good = ChaosServer::start("good").await;
@@ -275,7 +110,7 @@ async fn requests_retries_and_ejections_reach_an_otlp_receiver_under_the_names_o
         })
         .await;
     let resource = {
-        let got = receiver.got.lock().unwrap();
+        let got = receiver.metric_exports();
         got.last().unwrap().resource_metrics[0]
             .resource
             .clone()
@@ -344,15 +179,17 @@ async fn an_absent_collector_slows_no_call() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Failed exports are counted (and exported with the rest, once a
     // collector answers), and logged once per outage.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while sidecar
-        .metric("pylon_otlp_metrics_export_failures_total")
-        .await
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < deadline, "{}", sidecar.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("two failed metrics exports", async || {
+        let failures = sidecar
+            .metric("pylon_otlp_metrics_export_failures_total")
+            .await;
+        if failures >= 2 {
+            Ok(())
+        } else {
+            Err(sidecar.logs())
+        }
+    })
+    .await;
     assert_eq!(
         sidecar.logs().matches("OTLP metrics export failed").count()
             + sidecar
@@ -365,37 +202,12 @@ async fn an_absent_collector_slows_no_call() {
     );
 }
 
-/// `method path` on an admin address with `body`; returns status and body.
-async fn admin_send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// An HTTP call through the outbound listener that no route matches: the
 /// proxy logs it at debug level.
 async fn unrouted_call(sidecar: &SidecarProc) {
-    let (status, _) = admin_send(sidecar.outbound, "GET", "/nowhere", "").await;
+    let (status, _) = admin_send(sidecar.outbound, "GET", "/nowhere", "")
+        .await
+        .unwrap();
     assert_eq!(status, 404);
 }
 
@@ -415,7 +227,9 @@ async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing(
     // The response came after the record would have been written.
     assert!(!sidecar.logs().contains(UNROUTED_LOG), "{}", sidecar.logs());
 
-    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=debug").await;
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=debug")
+        .await
+        .unwrap();
     assert_eq!((status, body.as_str()), (200, "pylon=debug,info\n"));
     sidecar
         .wait_log("log filter changed on the admin API")
@@ -423,7 +237,9 @@ async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing(
     unrouted_call(&sidecar).await;
     sidecar.wait_log(UNROUTED_LOG).await;
 
-    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=shouty").await;
+    let (status, body) = admin_send(sidecar.admin, "PUT", "/log-level", "info,pylon=shouty")
+        .await
+        .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("invalid filter directive"), "{body}");
     assert_eq!(
@@ -431,7 +247,9 @@ async fn the_log_filter_changes_at_run_time_and_a_bad_directive_changes_nothing(
         (200, "pylon=debug,info\n".to_string())
     );
 
-    let (status, _) = admin_send(sidecar.admin, "PUT", "/log-level", "warn").await;
+    let (status, _) = admin_send(sidecar.admin, "PUT", "/log-level", "warn")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert_eq!(
         admin_get(sidecar.admin, "/log-level").await.unwrap(),
@@ -478,6 +296,7 @@ async fn control_plane_metrics_count_an_apply_and_an_ack() {
     let dir = TempDir::new("control-metrics");
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let control = ControlProc::spawn_with(
+        crate::common::PYLON_CONTROL,
         &dir.path().join("data"),
         listen,
         &["--metrics-listen", "127.0.0.1:0"],
@@ -528,41 +347,29 @@ stateDir: {:?}
         ),
     )
     .unwrap();
-    let sidecar = SidecarProc::spawn(&cfg);
+    let sidecar = SidecarProc::spawn(crate::common::PYLON, &cfg);
     sidecar.wait_ready().await;
     control.wait_acked(&[CLIENT_ID], version).await;
 
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let scraped = admin_get(metrics_addr, "/metrics").await;
-        if let Ok((200, text)) = &scraped {
-            let value = |sample: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().to_string()))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            if value("pylon_control_applies_total") >= 1.0
-                && value("pylon_control_acks_total") >= 1.0
-                && value("pylon_control_connected_sidecars") >= 1.0
-            {
-                assert!(text.contains("pylon_control_pushes_total"), "{text}");
-                assert!(text.contains("pylon_control_nacks_total"), "{text}");
-                break;
+    let text = eventually("an apply and an ACK counted", async || {
+        match admin_get(metrics_addr, "/metrics").await {
+            Ok((200, text)) => {
+                let value = |name: &str| sample(&text, name);
+                if value("pylon_control_applies_total") >= 1
+                    && value("pylon_control_acks_total") >= 1
+                    && value("pylon_control_connected_sidecars") >= 1
+                {
+                    Ok(text)
+                } else {
+                    Err(text)
+                }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no apply and ACK counted:\n{text}"
-            );
-        } else {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no metrics: {scraped:?}\n{}",
-                control.logs()
-            );
+            scraped => Err(format!("no metrics: {scraped:?}\n{}", control.logs())),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(text.contains("pylon_control_pushes_total"), "{text}");
+    assert!(text.contains("pylon_control_nacks_total"), "{text}");
     drop(sidecar);
 }
 
@@ -615,10 +422,10 @@ fn the_collector_config_wires_every_pipeline_to_defined_components() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
-    let receiver = Receiver::start().await;
+    let receiver = Collector::start().await;
     let endpoint = receiver.endpoint();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pylon"))
+        std::process::Command::new(crate::common::PYLON)
             .args(["demo", "--duration", "2s", "--rps", "50", "--otlp"])
             .arg(endpoint)
             .env_remove("PYLON_LOG")
@@ -634,9 +441,7 @@ async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
         String::from_utf8_lossy(&out.stderr)
     );
     let services: Vec<String> = receiver
-        .got
-        .lock()
-        .unwrap()
+        .metric_exports()
         .iter()
         .flat_map(|r| &r.resource_metrics)
         .map(|rm| format!("{:?}", rm.resource))
@@ -648,91 +453,13 @@ async fn the_demo_exports_metrics_and_control_plane_spans_to_a_collector() {
         );
     }
     // The control plane's API spans are flushed when it stops.
-    let spans = format!("{:?}", receiver.spans.lock().unwrap());
+    let spans = format!("{:?}", receiver.trace_exports());
     assert!(spans.contains("pylon-control"), "{spans}");
     assert!(
         spans.contains("/pylon.v1.Identity/IssueCertificate"),
         "{spans}"
     );
     assert!(spans.contains("rpc.system"), "{spans}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_plane_api_spans_continue_the_callers_trace() {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    let receiver = Receiver::start().await;
-    let dir = TempDir::new("control-traces");
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let endpoint = receiver.endpoint();
-    let control = ControlProc::spawn_with(
-        &dir.path().join("data"),
-        listen,
-        &["--otlp-endpoint", &endpoint],
-    );
-    let mut roots = rustls::RootCertStore::empty();
-    let bundle = std::fs::read_to_string(control.ca_file()).unwrap();
-    for cert in pylon::identity::certs_from_pem(&bundle).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let tls = pylon_proto::client::client_config(roots, None).unwrap();
-    let channel = pylon_proto::client::lazy_channel(&control.address(), tls).unwrap();
-    let mut admin = pylon_proto::v1::policy_admin_client::PolicyAdminClient::new(channel);
-    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).unwrap();
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let parent_id = "00f067aa0ba902b7";
-    let mut req = Request::new(pylon_proto::v1::StatusRequest::default());
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", token.trim()).parse().unwrap(),
-    );
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
-    );
-    admin.status(req).await.unwrap();
-
-    // Spans leave in batches (every 5 s by default).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let span = loop {
-        let found = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
-            .find(|s| s.name == "/pylon.v1.PolicyAdmin/Status")
-            .cloned();
-        if let Some(span) = found {
-            break span;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no span for Status:\n{}",
-            control.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    assert_eq!(hex(&span.trace_id), trace_id);
-    assert_eq!(hex(&span.parent_span_id), parent_id);
-    let attr = |key: &str| {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone()?.value)
-    };
-    assert_eq!(attr("rpc.system"), Some(Value::StringValue("grpc".into())));
-    assert_eq!(
-        attr("rpc.service"),
-        Some(Value::StringValue("pylon.v1.PolicyAdmin".into()))
-    );
-    assert_eq!(
-        attr("rpc.method"),
-        Some(Value::StringValue("Status".into()))
-    );
-    assert_eq!(attr("rpc.grpc.status_code"), Some(Value::IntValue(0)));
 }
 
 #[tokio::test]
@@ -771,16 +498,13 @@ async fn red_metrics_on_both_sides_of_a_mesh_call_and_state_gauges() {
         3
     );
     // The server side counts when the response body ends: poll.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while mesh
-        .server
-        .metric("pylon_inbound_requests_total{status=\"OK\"}")
-        .await
-        != 3
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("three OK calls counted by the server", async || {
+        mesh.server
+            .metric("pylon_inbound_requests_total{status=\"OK\"}")
+            .await
+            == 3
+    })
+    .await;
     assert_eq!(
         mesh.server
             .metric("pylon_inbound_request_duration_seconds_count")

@@ -1,57 +1,68 @@
-//! A `pylon-control serve` process and its CLI, for the control-plane tests.
+//! A `pylon-control serve` process and its CLI; the bootstrap configs of
+//! sidecars it feeds.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 
-use super::PATIENCE;
+use pylon::identity::dev::IdentityFiles;
 
-pub const CONTROL_BIN: &str = env!("CARGO_BIN_EXE_pylon-control");
+use crate::process::{Process, field};
+use crate::sidecar::sidecar_config;
+use crate::{eventually, eventually_blocking};
 
 /// A control plane process; killed on drop.
 pub struct ControlProc {
-    child: Child,
+    process: Process,
+    /// The `pylon-control` binary, for the CLI.
+    bin: String,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
-    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl ControlProc {
-    /// Starts `pylon-control serve` on a free port with `data_dir`.
-    pub fn spawn(data_dir: &Path) -> ControlProc {
-        Self::spawn_at(data_dir, "127.0.0.1:0".parse().unwrap())
+    /// Starts `bin serve` on a free port with `data_dir`.
+    pub fn spawn(bin: &str, data_dir: &Path) -> ControlProc {
+        Self::spawn_at(bin, data_dir, "127.0.0.1:0".parse().unwrap())
     }
 
     /// Starts it on `listen` (to restart one where sidecars expect it).
-    pub fn spawn_at(data_dir: &Path, listen: SocketAddr) -> ControlProc {
-        Self::spawn_with(data_dir, listen, &[])
+    pub fn spawn_at(bin: &str, data_dir: &Path, listen: SocketAddr) -> ControlProc {
+        Self::spawn_with(bin, data_dir, listen, &[])
     }
 
-    /// Starts it with more `serve` arguments.
-    pub fn spawn_with(data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> ControlProc {
-        let mut cmd = Command::new(CONTROL_BIN);
+    /// Starts it with more `serve` arguments, trust domain `pylon.test`.
+    pub fn spawn_with(
+        bin: &str,
+        data_dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> ControlProc {
+        let mut cmd = Command::new(bin);
         cmd.args(["serve", "--trust-domain", "pylon.test", "--data-dir"])
             .arg(data_dir)
             .arg("--listen")
             .arg(listen.to_string())
             .args(extra)
             .env("PYLON_LOG", "info,pylon_control=debug");
-        let (child, logs, line) = super::spawn_logged(cmd, "listening address=", "pylon-control");
-        let start = line.find("address=").unwrap() + "address=".len();
-        let addr = line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        ControlProc {
-            child,
-            addr,
+        Self::try_spawn_command(bin, cmd, data_dir).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Starts a prepared `bin serve` command line whose data directory is
+    /// `data_dir`, once it logs its address.
+    pub fn try_spawn_command(
+        bin: &str,
+        cmd: Command,
+        data_dir: &Path,
+    ) -> anyhow::Result<ControlProc> {
+        let (process, line) = Process::try_spawn_until(cmd, "listening address=", "pylon-control")?;
+        Ok(ControlProc {
+            addr: field(&line, "address")?,
+            bin: bin.to_string(),
             data_dir: data_dir.to_path_buf(),
-            logs,
-        }
+            process,
+        })
     }
 
     pub fn address(&self) -> String {
@@ -68,7 +79,7 @@ impl ControlProc {
     }
 
     pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(CONTROL_BIN)
+        let mut child = Command::new(&self.bin)
             .args(args)
             .env("PYLON_CONTROL_SERVER", self.address())
             .env(
@@ -152,60 +163,93 @@ impl ControlProc {
 
     /// Waits until every sidecar in `identities` has acknowledged `version`.
     pub async fn wait_acked(&self, identities: &[&str], version: u64) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let (_, sidecars) = self.status();
-            let all = identities.iter().all(|id| {
-                sidecars
-                    .iter()
-                    .any(|(i, acked, _)| i == id && *acked == version)
-            });
-            if all {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "version {version} not acknowledged by {identities:?}: {sidecars:?}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        eventually(
+            format_args!("version {version} acknowledged by {identities:?}"),
+            async || {
+                let (_, sidecars) = self.status();
+                let all = identities.iter().all(|id| {
+                    sidecars
+                        .iter()
+                        .any(|(i, acked, _)| i == id && *acked == version)
+                });
+                if all {
+                    Ok(())
+                } else {
+                    Err(format!("{sidecars:?}\n{}", self.logs()))
+                }
+            },
+        )
+        .await
     }
 
     /// The `webhook=` address of the `listening` line (logged by the time
     /// `spawn_with` returns, but maybe not yet in the captured log).
     pub fn webhook_address(&self) -> String {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
+        let line = eventually_blocking("the listening line of pylon-control", || {
             let logs = self.logs();
-            if let Some(line) = logs.lines().find(|l| l.contains("listening address=")) {
-                return line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("webhook="))
-                    .unwrap_or_else(|| panic!("no webhook address in {line:?}"))
-                    .to_string();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no listening line:\n{logs}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+            logs.lines()
+                .find(|l| l.contains("listening address="))
+                .map(str::to_string)
+                .ok_or(logs)
+        });
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("webhook="))
+            .unwrap_or_else(|| panic!("no webhook address in {line:?}"))
+            .to_string()
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.process.logs()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill9();
     }
 }
 
-impl Drop for ControlProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// A sidecar config whose identity and policy both come from the control
+/// plane `cp`, bootstrapped with the token in `token`.
+pub fn cp_config(cp: &ControlProc, token: &Path, state: &Path, app: SocketAddr) -> String {
+    format!(
+        "admin: {{ listen: \"127.0.0.1:0\", probeListen: \"127.0.0.1:0\" }}
+outbound: {{ listen: \"127.0.0.1:0\" }}
+inbound: {{ listen: \"127.0.0.1:0\", app: \"{app}\" }}
+identity:
+  controlPlane: {{ tokenFile: {token:?} }}
+policy:
+  controlPlane: {{}}
+controlPlane: {{ address: \"{}\", caFile: {:?} }}
+stateDir: {state:?}
+",
+        cp.address(),
+        cp.ca_file()
+    )
+}
+
+/// A sidecar config whose identity comes from files and whose policy comes
+/// from the control plane `cp`; `extra` is appended as is.
+pub fn cp_policy_config(
+    id: &IdentityFiles,
+    cp: &ControlProc,
+    token: &Path,
+    state_dir: &Path,
+    app: SocketAddr,
+    extra: &str,
+) -> String {
+    let unused_policy = Path::new("/nonexistent");
+    sidecar_config(id, unused_policy, app).replace(
+        &format!("policy:\n  file: {unused_policy:?}\n"),
+        "policy:\n  controlPlane: {}\n",
+    ) + &format!(
+        "controlPlane: {{ address: \"{}\", caFile: {:?}, tokenFile: {:?} }}\nstateDir: {:?}\n{extra}",
+        cp.address(),
+        cp.ca_file(),
+        token,
+        state_dir
+    )
 }
