@@ -342,31 +342,6 @@ mod tests {
     }
 
     #[test]
-    fn malformed_traceparents_are_ignored() {
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(
-                TraceParent::parse(&HeaderValue::from_static(bad)),
-                None,
-                "{bad:?}"
-            );
-        }
-        // A later version may append fields.
-        let v = HeaderValue::from_static(
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
-        );
-        assert!(TraceParent::parse(&v).is_some());
-    }
-
-    #[test]
     fn ratio_sampling_follows_the_trace_id() {
         let (tx, _rx) = mpsc::channel(1);
         let m = TraceMetrics::default();
