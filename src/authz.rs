@@ -269,10 +269,7 @@ fn has_encoded_separator(bytes: &[u8]) -> bool {
 /// The namespace of a SPIFFE ID of the form `spiffe://<td>/ns/<ns>/sa/<sa>`
 /// (the form [`crate::identity::service_account`] reads), without copying.
 fn namespace_of(spiffe_id: &str) -> Option<&str> {
-    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
-    let (ns, sa) = path.strip_prefix("ns/")?.split_once('/')?;
-    let sa = sa.strip_prefix("sa/")?;
-    (!ns.is_empty() && !sa.is_empty() && !sa.contains('/')).then_some(ns)
+    pylon_proto::spiffe::parse_shape(spiffe_id).map(|w| w.namespace)
 }
 
 #[cfg(test)]

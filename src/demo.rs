@@ -36,6 +36,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 
 use pylon_control::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
+use pylon_proto::client::authed;
 use pylon_proto::v1 as pb;
 use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
 use tonic::transport::Channel;
@@ -422,12 +423,8 @@ impl DemoMesh {
         })
         .await
         .context("cannot start the control plane")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in
-            crate::identity::certs_from_pem(&control.bundle_pem()?).map_err(anyhow::Error::msg)?
-        {
-            roots.add(cert)?;
-        }
+        let roots = pylon_proto::tls_roots::roots_from_pem(control.bundle_pem()?.as_bytes())
+            .map_err(anyhow::Error::msg)?;
         let address = format!("https://{}", control.addr);
         let tls = pylon_proto::client::client_config(roots, None)?;
         let admin = PolicyAdminClient::new(pylon_proto::client::lazy_channel(&address, tls)?);
@@ -658,15 +655,6 @@ impl Admin {
             .map_err(|s| anyhow::anyhow!("token for {identity}: {}", s.message()))?;
         Ok(reply.into_inner().token)
     }
-}
-
-fn authed<T>(msg: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))?,
-    );
-    Ok(req)
 }
 
 /// Policy from the control plane, cached in a state directory.

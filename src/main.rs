@@ -12,6 +12,7 @@ use pylon::config::Config;
 use pylon::demo::DemoArgs;
 use pylon::sidecar::Sidecar;
 use pylon::telemetry::logging::{self, LogFormat};
+use pylon_proto::signal::stop_signal;
 
 #[derive(Parser)]
 #[command(
@@ -120,20 +121,4 @@ async fn run_proxy(config: Config) -> ExitCode {
         _ = stop_signal() => tracing::warn!("second stop signal: exiting without waiting for open calls"),
     }
     ExitCode::SUCCESS
-}
-
-/// SIGTERM or SIGINT.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -17,14 +17,13 @@
 //! and that its only SAN is the caller's SPIFFE ID, and signs a leaf whose
 //! every field the control plane chooses.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -301,25 +300,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 /// Replaces `path` with `contents` in one step: a crash leaves the old file
 /// or the new one, never a mix.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("cannot write", &tmp, e))?;
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", path, e))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    pylon_proto::fs::write_atomic(path, contents, mode).map_err(|e| io("cannot write", path, e))
 }
 
 impl CaMaterial {
@@ -342,28 +323,16 @@ impl CaMaterial {
 /// A new self-signed root, also the issuer.
 fn generate_root(trust_domain: &str) -> anyhow::Result<CaMaterial> {
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
     let now = OffsetDateTime::now_utc();
-    let mut dn = DistinguishedName::new();
     // Every generated root gets its own name, so that a bundle holding an
     // old and a new one tells them apart by subject too.
-    dn.push(
-        DnType::CommonName,
-        format!(
-            "pylon mesh root ({trust_domain}) {}-{:02}-{:02} {}",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            random_hex(4)?
-        ),
-    );
-    params.distinguished_name = dn;
+    let mut params = pylon_proto::root_ca::params(&format!(
+        "pylon mesh root ({trust_domain}) {}-{:02}-{:02} {}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        random_hex(4)?
+    ));
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + time::Duration::days(3650);
     let cert = params.self_signed(&key)?;

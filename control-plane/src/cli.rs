@@ -8,14 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pylon_proto::client::authed;
 use pylon_proto::policy::{Kind, parse_documents, to_json};
+use pylon_proto::signal::stop_signal;
 use pylon_proto::v1 as pb;
 use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::ca::OperatorCa;
@@ -350,26 +348,11 @@ impl Conn {
 
 /// The certificates of a PEM file as trust anchors.
 pub fn roots_from(path: &Path) -> anyhow::Result<RootCertStore> {
-    let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        roots
-            .add(cert.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    }
+    let roots = pylon_proto::tls_roots::roots_from_file(path).map_err(anyhow::Error::msg)?;
     if roots.is_empty() {
         anyhow::bail!("{}: no certificate", path.display());
     }
     Ok(roots)
-}
-
-fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}"))?,
-    );
-    Ok(req)
 }
 
 /// A call's error as the user reads it: the server's message, one problem
@@ -868,20 +851,4 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stop_signal().await;
     tracing::info!("stopping");
     cp.stop().await
-}
-
-/// SIGTERM or SIGINT.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -17,17 +17,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status as SpanStatus, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt as _,
+    TraceFlags, TraceId, TraceState, Tracer as _, TracerProvider as _,
 };
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use pylon_proto::traceparent::{TRACEPARENT, TraceParent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -301,16 +301,33 @@ pub struct RpcService<S> {
     layer: RpcLayer,
 }
 
-struct Headers<'a>(&'a http::HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
+/// The caller's span as the parent of ours: `traceparent` as the sidecar
+/// reads it (`pylon_proto::traceparent`), with its `tracestate`.
+fn remote_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
+    let current = opentelemetry::Context::current();
+    let Some(parent) = headers
+        .get(TRACEPARENT)
+        .and_then(|v| TraceParent::parse(v.as_bytes()))
+    else {
+        return current;
+    };
+    let state = headers
+        .get("tracestate")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let flags = if parent.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    current.with_remote_span_context(SpanContext::new(
+        TraceId::from(parent.trace_id),
+        SpanId::from(parent.span_id),
+        flags,
+        true,
+        state,
+    ))
 }
 
 /// The gRPC status of a response head: `grpc-status` when the call ended
@@ -346,7 +363,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_string();
         let span = self.layer.tracer.as_ref().map(|tracer| {
-            let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
+            let parent = remote_parent(req.headers());
             let (service, method) = path
                 .strip_prefix('/')
                 .and_then(|p| p.split_once('/'))

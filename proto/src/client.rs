@@ -4,7 +4,9 @@
 //! The server is verified with webpki against the given roots, by the host
 //! name (or IP address) of the `https://host:port` address. A client may
 //! present a certificate (a workload's, through a resolver that follows its
-//! rotation). Keepalive pings find a dead control plane.
+//! rotation). Keepalive pings find a dead control plane. A call proves who
+//! makes it with a bearer token ([`authed`], [`insert_bearer`]) when it has
+//! no certificate to show.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,9 @@ use hyper_util::rt::TokioIo;
 use rustls::client::ResolvesClientCert;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::ServerName;
+use tonic::Request;
+use tonic::metadata::errors::InvalidMetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// How long a connect and TLS handshake may take.
@@ -86,6 +91,23 @@ pub fn lazy_channel(address: &str, tls: Arc<ClientConfig>) -> Result<Channel, Cl
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
+/// `msg` as a request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(msg: T, token: &str) -> Result<Request<T>, InvalidMetadataValue> {
+    let mut req = Request::new(msg);
+    insert_bearer(req.metadata_mut(), token)?;
+    Ok(req)
+}
+
+/// Sets `authorization: Bearer <token>`; an error when the token holds
+/// bytes a header value cannot.
+pub fn insert_bearer(metadata: &mut MetadataMap, token: &str) -> Result<(), InvalidMetadataValue> {
+    metadata.insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}"))?,
+    );
+    Ok(())
+}
+
 fn authority(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
@@ -111,5 +133,19 @@ mod tests {
         assert_eq!(host_port("https://[::1]:99").unwrap(), ("::1".into(), 99));
         assert!(host_port("http://x:1").is_err());
         assert!(host_port("not an address").is_err());
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let req = authed((), "abc.def").unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer abc.def"
+        );
+        let mut req = authed((), "old").unwrap();
+        insert_bearer(req.metadata_mut(), "new").unwrap();
+        assert_eq!(req.metadata().get_all("authorization").iter().count(), 1);
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer new");
+        assert!(authed((), "line\nbreak").is_err());
     }
 }

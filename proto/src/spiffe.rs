@@ -19,12 +19,22 @@ pub fn parse(id: &str) -> Option<WorkloadId<'_>> {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
     };
     let segment_ok = |s: &str| {
-        !s.is_empty()
-            && s != "."
+        s != "."
             && s != ".."
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
     };
+    parse_shape(id).filter(|w| {
+        domain_ok(w.trust_domain) && segment_ok(w.namespace) && segment_ok(w.service_account)
+    })
+}
+
+/// Splits an ID of the workload shape, `spiffe://<td>/ns/<ns>/sa/<sa>` with
+/// a non-empty namespace and service account, without checking characters:
+/// how the sidecar reads an identity it was given (its own, or a verified
+/// peer's), which may come from a CA other than the mesh's. `None` for any
+/// other shape.
+pub fn parse_shape(id: &str) -> Option<WorkloadId<'_>> {
     let mut parts = id.strip_prefix("spiffe://")?.split('/');
     let (domain, ns_label, ns, sa_label, sa) = (
         parts.next()?,
@@ -36,9 +46,8 @@ pub fn parse(id: &str) -> Option<WorkloadId<'_>> {
     (parts.next().is_none()
         && ns_label == "ns"
         && sa_label == "sa"
-        && domain_ok(domain)
-        && segment_ok(ns)
-        && segment_ok(sa))
+        && !ns.is_empty()
+        && !sa.is_empty())
     .then_some(WorkloadId {
         trust_domain: domain,
         namespace: ns,
@@ -93,6 +102,30 @@ mod tests {
             "https://td/ns/a/sa/b",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn workload_shapes_without_character_checks() {
+        let w = parse_shape("spiffe://Other CA/ns/Team X/sa/web").unwrap();
+        assert_eq!(
+            (w.trust_domain, w.namespace, w.service_account),
+            ("Other CA", "Team X", "web")
+        );
+        assert_eq!(
+            parse_shape("spiffe:///ns/a/sa/b").map(|w| w.trust_domain),
+            Some("")
+        );
+        for bad in [
+            "spiffe://td/ns/x/sa/",
+            "spiffe://td/ns//sa/y",
+            "spiffe://td/ns/x/sa/y/z",
+            "spiffe://td/ns/x",
+            "spiffe://td/sa/y/ns/x",
+            "spiffe://td",
+            "https://td/ns/x/sa/y",
+        ] {
+            assert_eq!(parse_shape(bad), None, "{bad}");
         }
     }
 }

@@ -24,6 +24,7 @@ use hickory_resolver::net::{DnsError as ResponseError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::Name;
 use hickory_resolver::{Resolver, TokioResolver};
+use pylon_proto::backoff::Backoff;
 
 use crate::config::DnsConfig;
 
@@ -247,7 +248,7 @@ pub async fn watch(
     mut on_change: impl FnMut(Vec<SocketAddr>) + Send + 'static,
 ) {
     let mut last: Option<Vec<SocketAddr>> = None;
-    let mut backoff = Backoff::new(FIRST_RETRY, dns.max_ttl);
+    let mut backoff = Backoff::equal_jitter(FIRST_RETRY, dns.max_ttl);
     loop {
         let wait = match dns.resolve(&hostname, port).await {
             Ok(Resolved { addrs, ttl }) => {
@@ -260,7 +261,7 @@ pub async fn watch(
                 ttl
             }
             Err(error) => {
-                let retry_in = backoff.next_delay(fastrand::f64());
+                let retry_in = backoff.next_delay();
                 tracing::warn!(
                     %hostname,
                     port,
@@ -273,39 +274,6 @@ pub async fn watch(
             }
         };
         tokio::time::sleep(wait).await;
-    }
-}
-
-/// Exponential backoff with "equal jitter": the n-th delay is drawn from
-/// `[d/2, d]` where `d = first × 2ⁿ`, capped at `max`. Half the delay is
-/// guaranteed, so retries stay bounded in rate; the other half spreads
-/// sidecars that failed together.
-#[derive(Debug)]
-struct Backoff {
-    first: Duration,
-    max: Duration,
-    nominal: Duration,
-}
-
-impl Backoff {
-    fn new(first: Duration, max: Duration) -> Self {
-        let first = first.min(max);
-        Backoff {
-            first,
-            max,
-            nominal: first,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.nominal = self.first;
-    }
-
-    /// The next delay; `jitter` is uniform in `[0, 1]`.
-    fn next_delay(&mut self, jitter: f64) -> Duration {
-        let nominal = self.nominal;
-        self.nominal = nominal.saturating_mul(2).min(self.max);
-        nominal.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
     }
 }
 
@@ -492,20 +460,6 @@ mod tests {
         );
         assert!(rx.try_recv().is_err());
         task.abort();
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_below_the_nominal_delay() {
-        let secs = Duration::from_secs;
-        let mut b = Backoff::new(secs(1), secs(10));
-        let top: Vec<_> = (0..6).map(|_| b.next_delay(1.0)).collect();
-        assert_eq!(top, [1, 2, 4, 8, 10, 10].map(secs));
-        b.reset();
-        let bottom: Vec<_> = (0..3).map(|_| b.next_delay(0.0)).collect();
-        assert_eq!(bottom, [500, 1000, 2000].map(Duration::from_millis));
-
-        let mut small = Backoff::new(secs(1), Duration::from_millis(400));
-        assert_eq!(small.next_delay(1.0), Duration::from_millis(400));
     }
 
     #[test]

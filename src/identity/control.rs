@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use pylon_proto::backoff::Backoff;
 use pylon_proto::v1::identity_client::IdentityClient;
 use pylon_proto::v1::{IssueCertificateRequest, WatchTrustBundleRequest, WhoAmIRequest};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
@@ -24,7 +25,6 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::Request;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::{Credentials, IdentityStore, credentials_from, provider, tls, unix_now};
@@ -83,13 +83,10 @@ impl ControlPlaneIdentity {
     fn roots(&self, extra: Option<&RootCertStore>) -> Result<RootCertStore, IssueError> {
         let mut roots = RootCertStore::empty();
         if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| IssueError::Setup(format!("{}: {e}", path.display())))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert =
-                    cert.map_err(|e| IssueError::Setup(format!("{}: {e}", path.display())))?;
-                let _ = roots.add(cert);
-            }
+            // A certificate that is no usable anchor is skipped here: the
+            // mesh bundle may still verify the control plane.
+            let certs = pylon_proto::tls_roots::certs_from_file(path).map_err(IssueError::Setup)?;
+            roots.add_parsable_certificates(certs);
         }
         if let Some(extra) = extra {
             roots.roots.extend(extra.roots.iter().cloned());
@@ -192,13 +189,11 @@ fn csr_for(identity: &str, key: &KeyPair) -> Result<Vec<u8>, IssueError> {
 }
 
 fn authed<T>(msg: T, token: Option<&str>) -> Result<Request<T>, IssueError> {
-    let mut req = Request::new(msg);
-    if let Some(token) = token {
-        let value = MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| IssueError::Setup("the token file holds no valid token".into()))?;
-        req.metadata_mut().insert("authorization", value);
+    match token {
+        Some(token) => pylon_proto::client::authed(msg, token)
+            .map_err(|_| IssueError::Setup("the token file holds no valid token".into())),
+        None => Ok(Request::new(msg)),
     }
-    Ok(req)
 }
 
 fn credentials_of(issued: &Issued) -> Result<Credentials, IssueError> {
@@ -237,7 +232,7 @@ pub async fn obtain(
             (store, unix_now())
         }
         None => {
-            let mut backoff = MIN_BACKOFF;
+            let mut backoff = Backoff::equal_jitter(MIN_BACKOFF, MAX_BACKOFF);
             loop {
                 match first(&config).await {
                     Ok((store, issued)) => {
@@ -250,8 +245,7 @@ pub async fn obtain(
                         *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                     }
                 }
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     };
@@ -284,10 +278,6 @@ fn renewal_time(store: &IdentityStore, received_at: i64) -> i64 {
     received_at + ((not_after - received_at).max(0) as f64 * RENEW_AT) as i64
 }
 
-fn jitter(d: Duration) -> Duration {
-    Duration::from_nanos(fastrand::u64(d.as_nanos() as u64 / 2..=d.as_nanos() as u64))
-}
-
 /// Sleeps until Unix second `at` (at most a day at a time, in case the
 /// wall clock moves).
 async fn sleep_until_unix(at: i64) {
@@ -307,7 +297,7 @@ async fn sleep_until_unix(at: i64) {
 async fn renew(config: ControlPlaneIdentity, store: Arc<IdentityStore>, mut renew_at: i64) {
     loop {
         sleep_until_unix(renew_at).await;
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::equal_jitter(MIN_BACKOFF, MAX_BACKOFF);
         let mut attempt = 0u32;
         loop {
             // Alternate: the current certificate (and token), then the token
@@ -346,22 +336,20 @@ async fn renew(config: ControlPlaneIdentity, store: Arc<IdentityStore>, mut rene
             attempt += 1;
             // Never wait past a good share of what is left.
             let left = Duration::from_secs((current.not_after - unix_now()).max(1) as u64);
-            tokio::time::sleep(jitter(backoff).min(left / 4).max(MIN_BACKOFF / 2)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_delay().min(left / 4).max(MIN_BACKOFF / 2)).await;
         }
     }
 }
 
 /// Follows the control plane's trust bundle, forever.
 async fn watch_bundle(config: ControlPlaneIdentity, store: Arc<IdentityStore>) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::equal_jitter(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         match follow_bundle(&config, &store).await {
-            Ok(()) => backoff = MIN_BACKOFF,
+            Ok(()) => backoff.reset(),
             Err(e) => tracing::warn!(error = %e, "no trust bundle stream from the control plane"),
         }
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -394,7 +382,7 @@ async fn follow_bundle(
                 if let Some(dir) = config.state_dir.clone() {
                     let pem = pem_certs(&bundle.roots_der);
                     let _ = tokio::task::spawn_blocking(move || {
-                        write_file(&dir.join(BUNDLE_FILE), pem.as_bytes(), 0o644)
+                        pylon_proto::fs::write_atomic(&dir.join(BUNDLE_FILE), pem.as_bytes(), 0o644)
                     })
                     .await;
                 }
@@ -412,21 +400,6 @@ fn pem_certs(ders: &[Vec<u8>]) -> String {
         .collect()
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Keeps the key (0600), certificate and bundle in the state directory.
 async fn persist(config: &ControlPlaneIdentity, issued: &Issued) {
     let Some(dir) = config.state_dir.clone() else {
@@ -442,9 +415,9 @@ async fn persist(config: &ControlPlaneIdentity, issued: &Issued) {
         std::fs::create_dir_all(&dir)?;
         // The key first: a crash in between leaves a key without its
         // certificate, which the next start ignores.
-        write_file(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
-        write_file(&dir.join(CERT_FILE), pem_certs(&chain).as_bytes(), 0o644)?;
-        write_file(&dir.join(BUNDLE_FILE), bundle.as_bytes(), 0o644)?;
+        pylon_proto::fs::write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
+        pylon_proto::fs::write_atomic(&dir.join(CERT_FILE), pem_certs(&chain).as_bytes(), 0o644)?;
+        pylon_proto::fs::write_atomic(&dir.join(BUNDLE_FILE), bundle.as_bytes(), 0o644)?;
         std::fs::File::open(&dir)?.sync_all()
     })
     .await;

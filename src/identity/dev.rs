@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 /// A self-signed root that issues workload certificates.
@@ -32,16 +32,7 @@ pub struct IdentityFiles {
 impl DevCa {
     pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
+        let params = pylon_proto::root_ca::params(common_name);
         let cert = params.self_signed(&key)?;
         Ok(DevCa {
             cert_pem: cert.pem(),
@@ -88,9 +79,8 @@ impl DevCa {
         let credentials = super::credentials_from(chain, key, &super::provider())?;
         let mut roots = rustls::RootCertStore::empty();
         for ca in trusted {
-            for cert in super::certs_from_pem(ca.cert_pem())? {
-                roots.add(cert).map_err(|e| e.to_string())?;
-            }
+            let anchors = pylon_proto::tls_roots::roots_from_pem(ca.cert_pem().as_bytes())?;
+            roots.roots.extend(anchors.roots);
         }
         Ok(super::IdentityStore::new(credentials, roots))
     }

@@ -224,13 +224,8 @@ pub fn credentials_from(
 /// The Kubernetes service account a SPIFFE ID names
 /// (`spiffe://<trust domain>/ns/<namespace>/sa/<name>`), as (namespace, name).
 pub fn service_account(spiffe_id: &str) -> Option<(String, String)> {
-    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
-    match path.split('/').collect::<Vec<_>>().as_slice() {
-        ["ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => {
-            Some((ns.to_string(), sa.to_string()))
-        }
-        _ => None,
-    }
+    pylon_proto::spiffe::parse_shape(spiffe_id)
+        .map(|w| (w.namespace.to_string(), w.service_account.to_string()))
 }
 
 /// The single `spiffe://` URI SAN of a certificate.
@@ -281,7 +276,5 @@ fn roots_from(
 
 /// Parses PEM certificates from memory (used by the demo and tests).
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())
+    pylon_proto::tls_roots::certs_from_pem(pem.as_bytes())
 }

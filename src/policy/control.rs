@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pylon_proto::backoff::Backoff;
 use pylon_proto::v1::discovery_client::DiscoveryClient;
 use pylon_proto::v1::{DiscoveryRequest, DiscoveryResponse};
 use rustls::RootCertStore;
 use tokio::sync::mpsc;
 use tonic::Request;
-use tonic::metadata::MetadataValue;
 
 use super::{PolicyStore, SourceState};
 use crate::identity::IdentityStore;
@@ -58,18 +58,12 @@ pub fn read_cache(state_dir: &Path) -> Option<(String, String)> {
     Some((version, rest.to_string()))
 }
 
-/// Writes the policy cache atomically: a sibling file, synced, renamed over.
+/// Writes the policy cache atomically (`pylon_proto::fs`), with the mode
+/// `File::create` gives (0666 less the umask).
 fn write_cache(state_dir: &Path, version: &str, yaml: &str) -> std::io::Result<()> {
-    use std::io::Write;
     std::fs::create_dir_all(state_dir)?;
-    let tmp = state_dir.join(format!("{CACHE_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{CACHE_HEADER}{version}\n").as_bytes())?;
-    f.write_all(yaml.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, state_dir.join(CACHE_FILE))?;
-    // The rename itself is durable once the directory is synced.
-    std::fs::File::open(state_dir)?.sync_all()
+    let contents = format!("{CACHE_HEADER}{version}\n{yaml}");
+    pylon_proto::fs::write_atomic(&state_dir.join(CACHE_FILE), contents.as_bytes(), 0o666)
 }
 
 /// Serves the cached policy (if any), then follows the control plane until
@@ -94,11 +88,11 @@ pub async fn run(
             }
         }
     }
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::full_jitter(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         match follow(&source, &store, &identity).await {
             Ok(()) => {
-                backoff = MIN_BACKOFF;
+                backoff.reset();
                 tracing::warn!(address = %source.address, "the control plane closed the policy stream");
             }
             Err(e) => {
@@ -107,9 +101,7 @@ pub async fn run(
             }
         }
         store.set_source_state(|s| s.connected = false);
-        let wait = Duration::from_nanos(fastrand::u64(0..=backoff.as_nanos() as u64));
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -140,7 +132,7 @@ async fn follow(
     // The control plane's serving certificate follows the mesh CA through a
     // rotation: trust the configured roots and the live mesh bundle.
     let mut roots = match &source.ca_file {
-        Some(path) => roots_from(path)?,
+        Some(path) => pylon_proto::tls_roots::roots_from_file(path).map_err(StreamError::Setup)?,
         None => RootCertStore::empty(),
     };
     roots.roots.extend(identity.roots().roots.iter().cloned());
@@ -165,9 +157,8 @@ async fn follow(
         .map_err(|_| StreamError::Setup("the request stream closed".into()))?;
     let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
     if let Some(token) = token {
-        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        pylon_proto::client::insert_bearer(req.metadata_mut(), token.trim())
             .map_err(|_| StreamError::Setup("the token file holds no valid token".into()))?;
-        req.metadata_mut().insert("authorization", bearer);
     }
     let mut snapshots = client.stream_policy(req).await?.into_inner();
     store.set_source_state(|s| {
@@ -232,18 +223,6 @@ async fn apply(
             }
         }
     }
-}
-
-fn roots_from(path: &Path) -> Result<RootCertStore, StreamError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let bad = |e: &dyn std::fmt::Display| StreamError::Setup(format!("{}: {e}", path.display()));
-    let pem = std::fs::read(path).map_err(|e| bad(&e))?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    Ok(roots)
 }
 
 impl SourceState {

@@ -716,11 +716,7 @@ fn backoff(retry: &Retry, n: u32) -> Duration {
         .map_or((DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX), |b| {
             (b.base, b.max)
         });
-    let ceiling = base
-        .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX))
-        .min(max);
-    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(fastrand::u64(0..=nanos))
+    pylon_proto::backoff::Backoff::full_jitter(base, max).delay(n.saturating_sub(1))
 }
 
 /// True with probability `percent` / 100.

@@ -61,9 +61,7 @@ impl Telemetry {
 /// The service account of a SPIFFE ID (`spiffe://td/ns/N/sa/NAME` →
 /// `NAME`), or the whole ID when it has another shape.
 pub fn service_account(spiffe_id: &str) -> &str {
-    spiffe_id
-        .rsplit_once("/sa/")
-        .map_or(spiffe_id, |(_, sa)| sa)
+    pylon_proto::spiffe::parse_shape(spiffe_id).map_or(spiffe_id, |w| w.service_account)
 }
 
 #[cfg(test)]

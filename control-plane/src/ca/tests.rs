@@ -1,4 +1,5 @@
 use super::*;
+use rcgen::{BasicConstraints, IsCa};
 
 fn temp_dir(label: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
