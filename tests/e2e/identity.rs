@@ -194,6 +194,20 @@ pub(crate) fn certificates_issued(cp: &ControlProc) -> usize {
     cp.logs().matches("certificate issued").count()
 }
 
+/// Waits until the control plane has logged `n` issued certificates (its
+/// log is read by a thread, so a line written just now may still come).
+pub(crate) async fn wait_issued(cp: &ControlProc, n: usize) {
+    crate::common::eventually(format!("{n} certificates issued"), async || {
+        let seen = certificates_issued(cp);
+        if seen >= n {
+            Ok(())
+        } else {
+            Err(format!("{seen}"))
+        }
+    })
+    .await;
+}
+
 /// Handshakes with a sidecar's inbound listener presenting `chain`/`key`
 /// and sends the HTTP/2 preface: `Ok(the server's leaf serial)` when the
 /// sidecar answers, `Err` when it refuses the client certificate.
@@ -390,6 +404,7 @@ async fn the_control_plane_signs_only_what_the_token_allows() {
     // The right CSR: signed, by the CA, for that identity only.
     let (chain, _) = issue(&cp, &token, CLIENT_ID).await;
     assert_eq!(pylon::identity::spiffe_id_of(&chain[0]).unwrap(), CLIENT_ID);
+    wait_issued(&cp, before + 1).await;
     assert_eq!(certificates_issued(&cp), before + 1);
 
     // A revoked token issues nothing.
