@@ -1,15 +1,18 @@
-# The pylon image: `pylon` (the sidecar, `pylon-init`'s `init-iptables`,
-# `inject`) and `pylon-control` (the control plane and its CLI).
+# The pylon image: `pylon` (the sidecar and `pylon-init`'s `init-iptables`)
+# and `pylon-control` (the control plane and its CLI).
 #
 #   docker build -t pylon/pylon:0.1.0 .
 #
-# The build runs the command CI runs (.ci/run), with the committed
-# Cargo.lock.
+# The build runs the commands CI runs (.ci/run), with the committed
+# Cargo.lock. The sidecar is built without the default feature `full`
+# (the demo, its embedded control plane, the load generator and `inject`),
+# so the binary on every pod carries the sidecar only.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin pylon --bin pylon-control
+RUN cargo build --release --locked --no-default-features --bin pylon
+RUN cargo build --release --locked --bin pylon-control
 
 # Debian slim rather than distroless: the pylon-init container needs
 # iptables-restore. Nothing else is added but the CA certificates.

@@ -12,7 +12,9 @@
 //! current.
 //!
 //! [`loadgen`] (a gRPC load generator) and [`demo`] (`pylon demo`: a mesh on
-//! loopback with live traffic) serve the showcase and the benchmarks.
+//! loopback with live traffic) serve the showcase and the benchmarks; they
+//! and `pylon inject` come with the default feature `full`, which the
+//! sidecar image leaves out.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -20,10 +22,12 @@
 pub mod admin;
 pub mod authz;
 pub mod config;
+#[cfg(feature = "full")]
 pub mod demo;
 pub mod discovery;
 pub mod identity;
 pub mod iptables;
+#[cfg(feature = "full")]
 pub mod loadgen;
 pub mod policy;
 pub mod probes;

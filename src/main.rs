@@ -9,9 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pylon::config::Config;
+#[cfg(feature = "full")]
 use pylon::demo::DemoArgs;
 use pylon::sidecar::Sidecar;
-use pylon::telemetry::logging::{self, LogFormat};
+use pylon::telemetry::logging;
 use pylon_proto::signal::stop_signal;
 
 #[derive(Parser)]
@@ -36,9 +37,11 @@ enum Command {
     },
     /// Run a two-sidecar mTLS mesh on loopback with live gRPC traffic and
     /// print what it measures.
+    #[cfg(feature = "full")]
     Demo(DemoArgs),
     /// Add the sidecar to Kubernetes workloads: reads YAML (a file or `-`),
     /// writes the meshed YAML to stdout.
+    #[cfg(feature = "full")]
     Inject(pylon_control::inject::InjectArgs),
     /// The init container's job: redirect the pod's TCP traffic to the
     /// sidecar with iptables.
@@ -63,11 +66,13 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
+        #[cfg(feature = "full")]
         Command::Inject(args) => pylon_control::inject::run_cli(args),
         Command::InitIptables(args) => pylon::iptables::run(args),
+        #[cfg(feature = "full")]
         Command::Demo(args) => {
             // Sidecar logs would break up the demo's table.
-            logging::init(LogFormat::Text, "error");
+            logging::init(logging::LogFormat::Text, "error");
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,
