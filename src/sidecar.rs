@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::Watcher;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -242,18 +244,18 @@ impl Sidecar {
             },
         );
         let drain = config.drain_timeout;
-        for listener in std::iter::once(outbound_l).chain(ipv6_companion(addrs.outbound)) {
-            let connections = metrics.connections("outbound");
-            let outbound = outbound.clone();
-            tasks.spawn(accept_loop(
-                listener,
-                shutdown.subscribe(),
-                drain,
-                move |tcp, peer, w| {
-                    counted(connections.open(), outbound.clone().serve(tcp, peer, w))
-                },
-            ));
-        }
+        let serving = Serving {
+            metrics: &metrics,
+            shutdown: &shutdown,
+            drain,
+        };
+        serving.spawn(
+            &mut tasks,
+            outbound_l,
+            addrs.outbound,
+            "outbound",
+            move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
+        );
         let inbound = Inbound::new(
             server_tls,
             config.inbound.app,
@@ -269,18 +271,13 @@ impl Sidecar {
                 detect_timeout: config.outbound.detect_timeout,
             },
         );
-        for listener in std::iter::once(inbound_l).chain(ipv6_companion(addrs.inbound)) {
-            let connections = metrics.connections("inbound");
-            let inbound = inbound.clone();
-            tasks.spawn(accept_loop(
-                listener,
-                shutdown.subscribe(),
-                drain,
-                move |tcp, peer, w| {
-                    counted(connections.open(), inbound.clone().serve(tcp, peer, w))
-                },
-            ));
-        }
+        serving.spawn(
+            &mut tasks,
+            inbound_l,
+            addrs.inbound,
+            "inbound",
+            move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
+        );
         state.listening.store(true, Ordering::Release);
         tracing::info!("serving");
         Ok(Sidecar {
@@ -315,6 +312,40 @@ impl Sidecar {
     pub async fn stop(mut self) {
         self.shutdown();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// What every proxy listener shares: connection counting and the drain.
+struct Serving<'a> {
+    metrics: &'a Metrics,
+    shutdown: &'a watch::Sender<bool>,
+    drain: Duration,
+}
+
+impl Serving<'_> {
+    /// Serves `listener` (bound to `addr`) and its IPv6 twin with `serve`
+    /// until the drain ends, each connection counted under `direction`.
+    fn spawn<F, Fut>(
+        &self,
+        tasks: &mut JoinSet<()>,
+        listener: TcpListener,
+        addr: SocketAddr,
+        direction: &'static str,
+        serve: F,
+    ) where
+        F: Fn(TcpStream, SocketAddr, Watcher) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for listener in std::iter::once(listener).chain(ipv6_companion(addr)) {
+            let connections = self.metrics.connections(direction);
+            let serve = serve.clone();
+            tasks.spawn(accept_loop(
+                listener,
+                self.shutdown.subscribe(),
+                self.drain,
+                move |tcp, peer, w| counted(connections.open(), serve(tcp, peer, w)),
+            ));
+        }
     }
 }
 
