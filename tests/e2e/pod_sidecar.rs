@@ -109,18 +109,25 @@ async fn the_probe_listener_runs_the_apps_probes_and_changes_nothing() {
     assert_eq!(config["kubernetes"]["podIp"], "127.0.0.1");
 }
 
+/// A client sidecar (identity [`CLIENT_ID`]) whose routes lead to the
+/// server sidecar at `inbound`.
+fn client_of(dir: &TempDir, ca: &DevCa, inbound: std::net::SocketAddr) -> SidecarProc {
+    let files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
+    let policy = dir.path().join("client-policy.yaml");
+    std::fs::write(&policy, mesh_policy(inbound)).unwrap();
+    let cfg = dir.path().join("client.yaml");
+    let unused_app: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    std::fs::write(&cfg, sidecar_config(&files, &policy, unused_app)).unwrap();
+    SidecarProc::spawn(crate::common::PYLON, &cfg)
+}
+
 #[tokio::test]
 async fn drain_timeout_bounds_a_stream_that_never_ends() {
     let app = start_http_app().await;
     let dir = TempDir::new("drain-timeout");
     let ca = DevCa::new("pylon test root").unwrap();
     let mut server = server_with_env(&dir, &ca, app.addr, &[("PYLON_DRAIN_TIMEOUT", "1s")]);
-    let files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
-    let policy = dir.path().join("client-policy.yaml");
-    std::fs::write(&policy, mesh_policy(server.inbound)).unwrap();
-    let cfg = dir.path().join("client.yaml");
-    std::fs::write(&cfg, sidecar_config(&files, &policy, app.addr)).unwrap();
-    let client = SidecarProc::spawn(crate::common::PYLON, &cfg);
+    let client = client_of(&dir, &ca, server.inbound);
     server.wait_ready().await;
     client.wait_ready().await;
 
@@ -229,12 +236,7 @@ async fn strict_inbound_refuses_plaintext_and_permissive_serves_it_without_ident
     );
 
     // Mesh callers keep their identity in permissive mode.
-    let files = ca.write_identity(dir.path(), "client", CLIENT_ID).unwrap();
-    let policy = dir.path().join("client-policy.yaml");
-    std::fs::write(&policy, mesh_policy(permissive.inbound)).unwrap();
-    let cfg = dir.path().join("client.yaml");
-    std::fs::write(&cfg, sidecar_config(&files, &policy, app.addr)).unwrap();
-    let client = SidecarProc::spawn(crate::common::PYLON, &cfg);
+    let client = client_of(&dir, &ca, permissive.inbound);
     client.wait_ready().await;
     let mut conn = http1(client.outbound).await;
     let resp = conn
