@@ -34,9 +34,9 @@ use crate::policy::PolicyStore;
 use crate::resilience::bulkhead::ConnectionLimit;
 use crate::routing::RequestView;
 use crate::telemetry::Telemetry;
+use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::metrics::ConnectionMetrics;
-use crate::telemetry::request::{RequestScope, Side};
-use crate::telemetry::requests::CallTimer;
+use crate::telemetry::request_scope::{RequestScope, Side};
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
