@@ -384,7 +384,7 @@ impl Call<'_> {
             if let Some(span) = &mut span {
                 match &answer {
                     Answer::Deliver(resp, peeked, ..) => {
-                        self.record_head(span, resp, peeked.as_ref())
+                        self.record_head(span, resp, peeked.as_ref());
                     }
                     Answer::Failed(e) => record_error(span, e),
                 }

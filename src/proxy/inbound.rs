@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -229,7 +229,7 @@ impl Inbound {
         if addr == self.app.pool.addr() {
             return self.app.clone();
         }
-        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut apps = self.apps.lock().unwrap_or_else(PoisonError::into_inner);
         apps.entry(dst.port())
             .or_insert_with(|| App::new(addr))
             .clone()
@@ -312,10 +312,10 @@ impl Inbound {
         if protocol == Protocol::Opaque {
             match passthrough(tcp, prefix, app.pool.addr()).await {
                 Ok((up, down)) => {
-                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app")
+                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app");
                 }
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error")
+                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error");
                 }
             }
             return;

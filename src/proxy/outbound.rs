@@ -134,10 +134,10 @@ impl Outbound {
                 let _open = self.passthrough_connections.open();
                 match passthrough(tcp, prefix, dst).await {
                     Ok((up, down)) => {
-                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through")
+                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through");
                     }
                     Err(e) => {
-                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error")
+                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error");
                     }
                 }
                 return;
@@ -211,7 +211,7 @@ impl Outbound {
                     return Err(ProxyError::NoRoute {
                         authority: authority
                             .as_ref()
-                            .map_or_else(String::new, |a| a.to_string()),
+                            .map_or_else(String::new, ToString::to_string),
                         path: req.uri().path().to_string(),
                     });
                 }

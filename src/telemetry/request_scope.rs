@@ -444,7 +444,7 @@ impl RequestEnd {
                 authority = %access.authority,
                 path = %access.path,
                 status = self.status,
-                grpc_status = self.grpc_status.map(|c| c.as_u8()),
+                grpc_status = self.grpc_status.map(GrpcCode::as_u8),
                 duration_ms = scope.start.elapsed().as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 backend = scope.backend.as_deref(),
