@@ -24,6 +24,7 @@
 //! `benches/README.md`). The subscribers and the control plane share the
 //! machine's cores, so the numbers describe this machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -21,6 +21,7 @@
 //! Everything shares the machine's cores, so the numbers describe this
 //! machine, not the proxy alone.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

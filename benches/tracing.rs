@@ -19,6 +19,7 @@
 //! Settings come from the environment, as for the mesh benchmark (see
 //! `benches/README.md`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -14,8 +14,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::UNIX_EPOCH;
 
 use crate::resilience::outlier::EndpointState;
@@ -23,7 +23,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use pylon_proto::policy::BackendTls;
+use pylon_proto::policy::{BackendTls, Protocol};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -241,7 +241,10 @@ pub async fn serve_starting(
             let mut resp = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
                 _ => {
-                    let why = last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let why = last_error
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         match why {
@@ -372,7 +375,7 @@ pub fn config_dump(state: &AdminState) -> Value {
                 .collect();
             json!({
                 "name": &*b.name,
-                "protocol": config.protocol.map(|p| p.as_str()),
+                "protocol": config.protocol.map(Protocol::as_str),
                 "loadBalancer": config.load_balancer.as_str(),
                 "tls": match &config.tls {
                     BackendTls::Mesh { identity } => json!({ "mode": "mesh", "identity": identity }),

@@ -55,9 +55,9 @@ impl<'a> Caller<'a> {
     }
 }
 
-/// What is being called.
+/// The inbound call being authorized: what a rule's `to` side matches.
 #[derive(Debug, Clone, Copy)]
-pub struct Call<'a> {
+pub struct InboundCall<'a> {
     /// A gRPC call (by content type); its path is `/package.Service/Method`.
     pub grpc: bool,
     /// The HTTP method (`POST` for every gRPC call).
@@ -67,7 +67,7 @@ pub struct Call<'a> {
 }
 
 /// How a denial names the call: the gRPC method's path, or `METHOD /path`.
-impl fmt::Display for Call<'_> {
+impl fmt::Display for InboundCall<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.grpc {
             f.write_str(self.path)
@@ -114,7 +114,7 @@ impl Authorization {
     }
 
     /// Whether `caller` may make `call`.
-    pub fn allows(&self, caller: &Caller<'_>, call: &Call<'_>) -> bool {
+    pub fn allows(&self, caller: &Caller<'_>, call: &InboundCall<'_>) -> bool {
         let Some(rules) = &self.rules else {
             return true;
         };
@@ -154,7 +154,7 @@ impl Rule {
         }
     }
 
-    fn matches(&self, caller: &Caller<'_>, call: &Call<'_>, path: &PathView<'_>) -> bool {
+    fn matches(&self, caller: &Caller<'_>, call: &InboundCall<'_>, path: &PathView<'_>) -> bool {
         any_or_empty(&self.principals, |p| {
             !caller.principal.is_empty() && p.matches(caller.principal)
         }) && any_or_empty(&self.namespaces, |p| {
@@ -220,7 +220,7 @@ impl MethodPattern {
         }
     }
 
-    fn matches(&self, call: &Call<'_>, path: &PathView<'_>) -> bool {
+    fn matches(&self, call: &InboundCall<'_>, path: &PathView<'_>) -> bool {
         match self {
             MethodPattern::Grpc(p) => call.grpc && path.matches(p),
             MethodPattern::Http(p) => p.matches(call.method),
@@ -281,16 +281,16 @@ mod tests {
     const OTHER_NS: &str = "spiffe://pylon.test/ns/team-x/sa/client-a";
     const OWN: (&str, &str) = ("default", "greeter");
 
-    fn grpc(path: &str) -> Call<'_> {
-        Call {
+    fn grpc(path: &str) -> InboundCall<'_> {
+        InboundCall {
             grpc: true,
             method: "POST",
             path,
         }
     }
 
-    fn http<'a>(method: &'a str, path: &'a str) -> Call<'a> {
-        Call {
+    fn http<'a>(method: &'a str, path: &'a str) -> InboundCall<'a> {
+        InboundCall {
             grpc: false,
             method,
             path,
@@ -322,7 +322,7 @@ spec:
         )
     }
 
-    fn allows(a: &Authorization, caller: &str, call: Call<'_>) -> bool {
+    fn allows(a: &Authorization, caller: &str, call: InboundCall<'_>) -> bool {
         a.allows(&Caller::new(caller), &call)
     }
 

@@ -482,7 +482,7 @@ impl Config {
                         "kubernetes.podIp",
                         &origin,
                         format!("{s:?} is not an IP address"),
-                    )
+                    );
                 })
                 .ok()
         });
@@ -847,7 +847,7 @@ impl Reader<'_> {
             let item_key = format!("{key}[{i}]");
             match item {
                 Value::String(s) if s.trim().is_empty() => {
-                    self.problem(&item_key, &origin, "must not be empty")
+                    self.problem(&item_key, &origin, "must not be empty");
                 }
                 Value::String(s) => match parse(s.trim()) {
                     Ok(t) => out.push(t),

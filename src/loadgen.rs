@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -493,7 +493,7 @@ impl Stats {
 
 /// Recording goes on if a recorder panicked: counters stay meaningful.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts and latencies of some calls.
@@ -505,6 +505,10 @@ struct Tally {
 }
 
 impl Tally {
+    #[allow(
+        clippy::expect_used,
+        reason = "the bounds are constants that hdrhistogram accepts (low >= 1, high >= 2 * low, 0..=5 digits)"
+    )]
     fn new() -> Tally {
         Tally {
             latency: Histogram::new_with_bounds(LOWEST_MICROS, HIGHEST_MICROS, SIGNIFICANT_DIGITS)

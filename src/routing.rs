@@ -219,8 +219,8 @@ impl HostRules {
         // which settles ties.
         self.grpc.sort_by_key(|e| match &e.matcher {
             Matcher::Grpc { service, method } => (
-                Reverse(service.as_ref().map_or(0, |s| s.len())),
-                Reverse(method.as_ref().map_or(0, |m| m.len())),
+                Reverse(service.as_ref().map_or(0, String::len)),
+                Reverse(method.as_ref().map_or(0, String::len)),
                 Reverse(e.headers.len()),
             ),
             Matcher::Http { .. } => (Reverse(0), Reverse(0), Reverse(0)),

@@ -7,6 +7,8 @@
 //! passed. It does not test pylon against itself or against tonic: that is
 //! the `e2e` target's job.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "e2e/common/mod.rs"]
 mod common;
 

@@ -132,21 +132,26 @@ impl CaCert {
             .collect()
     }
 
-    fn parsed(&self) -> X509Certificate<'_> {
-        // Parsed once already when the value was made.
+    /// The certificate, parsed again (it parsed when the value was made, so
+    /// this does not fail in practice).
+    fn parsed(&self) -> anyhow::Result<X509Certificate<'_>> {
         X509Certificate::from_der(&self.der)
-            .expect("a CaCert holds a parsed certificate")
-            .1
+            .map(|(_, c)| c)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid X.509 certificate: {e}", self.subject))
     }
 
     fn self_signed(&self) -> bool {
-        let c = self.parsed();
+        let Ok(c) = self.parsed() else {
+            return false;
+        };
         c.subject() == c.issuer() && c.verify_signature(None).is_ok()
     }
 
     /// Whether `self` signed `child`.
     fn signed(&self, child: &CaCert) -> bool {
-        let (me, child) = (self.parsed(), child.parsed());
+        let (Ok(me), Ok(child)) = (self.parsed(), child.parsed()) else {
+            return false;
+        };
         me.subject() == child.issuer() && child.verify_signature(Some(me.public_key())).is_ok()
     }
 }
@@ -174,25 +179,27 @@ impl std::fmt::Debug for Signer {
 
 impl Signer {
     /// The same signer, no longer anchored by root `fingerprint`.
-    fn without_anchor(&self, fingerprint: &str) -> Arc<Signer> {
+    fn without_anchor(&self, fingerprint: &str) -> anyhow::Result<Arc<Signer>> {
         let mut anchors = self.anchors.clone();
         anchors.retain(|a| a != fingerprint);
-        Arc::new(Signer {
+        let subject = &self.cert.subject;
+        // Both parsed when this signer was made.
+        let key = KeyPair::from_pem(&self.key_pem)
+            .map_err(|e| anyhow::anyhow!("the key of {subject}: {e}"))?;
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(self.cert.der.as_slice()), key)
+            .map_err(|e| anyhow::anyhow!("the certificate of {subject}: {e}"))?;
+        Ok(Arc::new(Signer {
             cert: self.cert.clone(),
             key_pem: self.key_pem.clone(),
-            issuer: Issuer::from_ca_cert_der(
-                &CertificateDer::from(self.cert.der.as_slice()),
-                KeyPair::from_pem(&self.key_pem).expect("a signer's key parsed before"),
-            )
-            .expect("a signer's certificate parsed before"),
+            issuer,
             anchors,
             chain_suffix: self.chain_suffix.clone(),
-        })
+        }))
     }
 
     fn new(cert: CaCert, key_pem: String, roots: &[CaCert]) -> anyhow::Result<Signer> {
         let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow::anyhow!("bad CA key: {e}"))?;
-        let spki = cert.parsed().public_key().raw.to_vec();
+        let spki = cert.parsed()?.public_key().raw.to_vec();
         if key.subject_public_key_info() != spki {
             anyhow::bail!(
                 "the key does not belong to the certificate {}",
@@ -539,11 +546,12 @@ impl CaState {
         }
         let mut next = self.next();
         next.roots.retain(|r| r.fingerprint != fingerprint);
-        next.active = self.active.without_anchor(&fingerprint);
+        next.active = self.active.without_anchor(&fingerprint)?;
         next.pending = self
             .pending
             .as_ref()
-            .map(|p| p.without_anchor(&fingerprint));
+            .map(|p| p.without_anchor(&fingerprint))
+            .transpose()?;
         Ok(next)
     }
 

@@ -286,7 +286,7 @@ impl ServeArgs {
             (Some(iss), _) | (None, Some(iss)) => vec![iss.clone()],
             (None, None) => k8s_token::DEFAULT_ISSUERS
                 .iter()
-                .map(|i| i.to_string())
+                .map(ToString::to_string)
                 .collect(),
         };
         if let Some(jwks) = &self.kubernetes_jwks {

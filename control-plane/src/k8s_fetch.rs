@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Uri, header};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Collected, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde_json::Value;
@@ -137,7 +137,7 @@ async fn get(
         Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map(|b| b.to_bytes())
+            .map(Collected::to_bytes)
             .map_err(|e| format!("{url}: {e}"))
     };
     tokio::time::timeout(FETCH_TIMEOUT, fetch)

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -412,7 +412,11 @@ impl TokenVerifier {
     }
 
     fn key(&self, p: &Parsed<'_>) -> Option<Key> {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         if let Some(k) = keys.keys.get(&p.kid) {
             return Some(k.clone());
         }
@@ -427,15 +431,21 @@ impl TokenVerifier {
     async fn refresh(&self) -> Result<(), TokenError> {
         let _one = self.refreshing.lock().await;
         {
-            let last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+            let last = self
+                .last_refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
                 return Ok(());
             }
         }
-        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let jwks = load(&self.source).await.map_err(TokenError::Keys)?;
         tracing::info!(keys = ?jwks.key_ids(), "the issuer's keys were read again");
-        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(jwks);
+        *self.keys.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(jwks);
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
@@ -119,7 +119,7 @@ impl Published {
             .filter(|(_, r)| selection(r) == Some(true))
             .map(|(i, _)| i)
             .collect();
-        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rendered = self.rendered.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(yaml) = rendered.get(&mine) {
             return yaml.clone();
         }
@@ -185,7 +185,7 @@ impl State {
     }
 
     fn sidecars(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SidecarRecord>> {
-        self.sidecars.lock().unwrap_or_else(|e| e.into_inner())
+        self.sidecars.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the CA: the new state is persisted, then served (a serving

@@ -14,7 +14,7 @@
 //! holds now, open connections are left alone.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use pylon_proto::backoff::Backoff;
@@ -237,12 +237,13 @@ pub async fn obtain(
                 match first(&config).await {
                     Ok((store, issued)) => {
                         persist(&config, &issued).await;
-                        *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        *last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
                         break (store.clone(), renewal_time(&store, issued.received_at));
                     }
                     Err(e) => {
                         tracing::warn!(address = %config.address, error = %e, "no certificate from the control plane yet");
-                        *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        *last_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(e.to_string());
                     }
                 }
                 tokio::time::sleep(backoff.next_delay()).await;

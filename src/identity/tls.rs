@@ -7,7 +7,7 @@
 //! [`IdentityStore`] on every handshake, so rotation needs no new config.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
@@ -217,7 +217,7 @@ type VerifierFor = (Arc<RootCertStore>, Arc<dyn ClientCertVerifier>);
 impl SpiffeClientVerifier {
     fn webpki(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {
         let roots = self.store.roots();
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((for_roots, verifier)) = cached.as_ref()
             && Arc::ptr_eq(for_roots, &roots)
         {

@@ -69,12 +69,9 @@ async fn reload(
     if installed == Some(version.as_str()) {
         return Reload::Read(version);
     }
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(_) => {
-            tracing::error!(path = %path.display(), "the policy file is not UTF-8; keeping the current policy");
-            return Reload::Read(version);
-        }
+    let Ok(text) = String::from_utf8(bytes) else {
+        tracing::error!(path = %path.display(), "the policy file is not UTF-8; keeping the current policy");
+        return Reload::Read(version);
     };
     match store.apply(&text, version.clone()) {
         Ok(()) => tracing::info!(path = %path.display(), %version, "policy installed"),

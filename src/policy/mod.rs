@@ -14,7 +14,7 @@ pub mod file;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, Guard};
@@ -146,18 +146,23 @@ impl PolicyStore {
     pub fn source_state(&self) -> SourceState {
         self.source_state
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
     pub fn set_source_state(&self, change: impl FnOnce(&mut SourceState)) {
-        change(&mut self.source_state.lock().unwrap_or_else(|e| e.into_inner()));
+        change(
+            &mut self
+                .source_state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
     }
 
     pub fn status(&self) -> ApplyStatus {
         self.status
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
@@ -175,7 +180,7 @@ impl PolicyStore {
             .and_then(|resources| {
                 compile::compile(resources, version.clone(), &self.current.load(), &ctx)
             });
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok((snapshot, updates)) => {
                 // The policy compiled whole: now its backends change.

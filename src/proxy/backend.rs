@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -151,7 +151,7 @@ impl Backend {
     pub fn own_task(&self, task: tokio::task::AbortHandle) {
         self.tasks
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .push(task);
     }
 
@@ -214,7 +214,10 @@ impl Backend {
     /// name is watched (re-resolved at its TTL) by a task this backend owns,
     /// kept across reloads that name the same host and port.
     pub fn set_endpoints(self: &Arc<Self>, endpoints: &EndpointSource, dns: &Arc<Dns>) {
-        let mut watch = self.dns_watch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watch = self
+            .dns_watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match endpoints {
             EndpointSource::Static(addrs) => {
                 if let Some((_, task)) = watch.take() {

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::end_of_body::TrackedBody;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
-use super::tracked::TrackedBody;
-use crate::telemetry::request::ObservedBody;
+use crate::telemetry::request_scope::ObservedBody;
 
 /// Errors of any body the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

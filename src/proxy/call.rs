@@ -8,7 +8,7 @@
 //! starts) → outcome observed for outlier detection → retry decision
 //! (policy codes, never-sent failures, budget, backoff or pushback, body
 //! replay, deadline) → the response, whose body keeps the deadline and
-//! reports its end (`proxy::tracked`).
+//! reports its end (`proxy::end_of_body`).
 //!
 //! Nothing is retried without a retry policy on the route, and never once
 //! response headers have been passed on. The state the stack consults lives
@@ -29,14 +29,14 @@ use tokio::time::Instant;
 use super::backend::{Backend, Endpoint};
 use super::body::ProxyBody;
 use super::deadline::{GRPC_TIMEOUT, effective_deadline, format_grpc_timeout, parse_grpc_timeout};
+use super::end_of_body::{BodyEnd, OnEnd, StreamDeadline, TrackedBody, grpc_status};
 use super::error::{ProxyError, grpc_code_for_http, http_status_for_grpc};
 use super::replay::ReplayBody;
-use super::tracked::{BodyEnd, OnEnd, StreamDeadline, TrackedBody, grpc_status};
 use crate::resilience::balancer::LoadGuard;
 use crate::resilience::bulkhead::BulkheadPermit;
 use crate::resilience::outlier::Outcome;
 use crate::routing::Rule;
-use crate::telemetry::request::{CallTrace, record_error, record_status};
+use crate::telemetry::request_scope::{CallTrace, record_error, record_status};
 use crate::telemetry::trace::{SpanRecord, TRACEPARENT};
 use opentelemetry::KeyValue;
 
@@ -384,7 +384,7 @@ impl Call<'_> {
             if let Some(span) = &mut span {
                 match &answer {
                     Answer::Deliver(resp, peeked, ..) => {
-                        self.record_head(span, resp, peeked.as_ref())
+                        self.record_head(span, resp, peeked.as_ref());
                     }
                     Answer::Failed(e) => record_error(span, e),
                 }

@@ -15,7 +15,7 @@ use pylon_proto::policy::{AbortStatus, GrpcCode};
 use super::body::ProxyBody;
 use super::pool::ConnectError;
 use crate::identity::tls::IdentityMismatch;
-use crate::telemetry::request::X_REQUEST_ID;
+use crate::telemetry::request_scope::X_REQUEST_ID;
 
 /// The header naming the proxy's own failure.
 pub const X_PYLON_ERROR: &str = "x-pylon-error";

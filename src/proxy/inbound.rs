@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,16 +42,16 @@ use arc_swap::ArcSwap;
 use pylon_proto::policy::RateLimit;
 use tokio::time::Instant;
 
-use super::tracked::{BodyEnd, OnEnd, TrackedBody};
-use crate::authz::{Call, Caller};
+use super::end_of_body::{BodyEnd, OnEnd, TrackedBody};
+use crate::authz::{Caller, InboundCall};
 use crate::identity::spiffe_id_of;
 use crate::policy::InboundPolicy;
 use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
 use crate::resilience::ratelimit::RateLimiter;
 use crate::telemetry::Telemetry;
+use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics, RequestMetrics};
-use crate::telemetry::request::{RequestScope, Side};
-use crate::telemetry::requests::CallTimer;
+use crate::telemetry::request_scope::{RequestScope, Side};
 use crate::telemetry::trace::TRACEPARENT;
 
 /// How long a caller may take to complete the TLS handshake.
@@ -112,7 +112,7 @@ impl InboundLimits {
     async fn admit(
         &self,
         caller: &Caller<'_>,
-        call: &Call<'_>,
+        call: &InboundCall<'_>,
     ) -> Result<Option<BulkheadPermit>, ProxyError> {
         let policy = self.policy.load();
         // Before the limits: a call that may not reach the app spends none
@@ -229,7 +229,7 @@ impl Inbound {
         if addr == self.app.pool.addr() {
             return self.app.clone();
         }
-        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut apps = self.apps.lock().unwrap_or_else(PoisonError::into_inner);
         apps.entry(dst.port())
             .or_insert_with(|| App::new(addr))
             .clone()
@@ -312,10 +312,10 @@ impl Inbound {
         if protocol == Protocol::Opaque {
             match passthrough(tcp, prefix, app.pool.addr()).await {
                 Ok((up, down)) => {
-                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app")
+                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app");
                 }
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error")
+                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error");
                 }
             }
             return;
@@ -373,7 +373,7 @@ impl Inbound {
         grpc: bool,
         scope: &RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let call = Call {
+        let call = InboundCall {
             grpc,
             method: req.method().as_str(),
             path: req.uri().path(),

@@ -12,13 +12,13 @@ pub mod backend;
 pub mod body;
 pub mod call;
 pub mod deadline;
+pub mod end_of_body;
 pub mod error;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
 pub mod replay;
-pub mod tracked;
 pub mod transparent;
 
 use std::future::Future;

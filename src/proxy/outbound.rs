@@ -34,9 +34,9 @@ use crate::policy::PolicyStore;
 use crate::resilience::bulkhead::ConnectionLimit;
 use crate::routing::RequestView;
 use crate::telemetry::Telemetry;
+use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::metrics::ConnectionMetrics;
-use crate::telemetry::request::{RequestScope, Side};
-use crate::telemetry::requests::CallTimer;
+use crate::telemetry::request_scope::{RequestScope, Side};
 
 pub struct Outbound {
     policy: Arc<PolicyStore>,
@@ -134,10 +134,10 @@ impl Outbound {
                 let _open = self.passthrough_connections.open();
                 match passthrough(tcp, prefix, dst).await {
                     Ok((up, down)) => {
-                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through")
+                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through");
                     }
                     Err(e) => {
-                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error")
+                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error");
                     }
                 }
                 return;
@@ -211,7 +211,7 @@ impl Outbound {
                     return Err(ProxyError::NoRoute {
                         authority: authority
                             .as_ref()
-                            .map_or_else(String::new, |a| a.to_string()),
+                            .map_or_else(String::new, ToString::to_string),
                         path: req.uri().path().to_string(),
                     });
                 }

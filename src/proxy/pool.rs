@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -347,18 +347,24 @@ struct IdleH1 {
 
 impl IdleH1 {
     fn len(&self) -> usize {
-        self.stack.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.stack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn put(&self, sender: http1::SendRequest<ProxyBody>) {
-        let mut stack = self.stack.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         if stack.len() < H1_MAX_IDLE {
             stack.push((Instant::now(), sender));
         }
     }
 
     fn pop(&self) -> Option<(Instant, http1::SendRequest<ProxyBody>)> {
-        self.stack.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        self.stack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
     }
 
     /// An idle connection ready for a request, if any is left.

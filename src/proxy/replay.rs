@@ -13,7 +13,7 @@
 //! Not here: deciding whether to retry (`proxy::call`).
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -82,7 +82,7 @@ impl<B> ReplayBody<B> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared<B>> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether a new attempt could send the whole body again.
@@ -116,7 +116,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
         let this = self.get_mut();
-        let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = this.shared.lock().unwrap_or_else(PoisonError::into_inner);
         if shared.active != this.attempt {
             return Poll::Ready(Some(Err(ReplayError::Superseded)));
         }
@@ -182,7 +182,10 @@ where
         let shared = self.lock();
         shared.active == self.attempt
             && self.seen >= shared.frames_read
-            && shared.source.as_ref().is_none_or(|s| s.is_end_stream())
+            && shared
+                .source
+                .as_ref()
+                .is_none_or(http_body::Body::is_end_stream)
             && (self.trailers_sent || shared.trailers.is_none())
     }
 

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -218,7 +218,7 @@ impl OwnSocket {
         if let Some(a) = addr {
             OWN_SOCKETS
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(PoisonError::into_inner)
                 .insert(a);
         }
         OwnSocket(addr)
@@ -229,7 +229,7 @@ impl OwnSocket {
     pub fn is_own(peer: SocketAddr) -> bool {
         OWN_SOCKETS
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .contains(&peer)
     }
 }
@@ -239,7 +239,7 @@ impl Drop for OwnSocket {
         if let Some(a) = self.0 {
             OWN_SOCKETS
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(PoisonError::into_inner)
                 .remove(&a);
         }
     }

@@ -319,7 +319,7 @@ mod tests {
             server_error: true,
             gateway_error: true,
         };
-        let health = all.iter().map(|e| e.health());
+        let health = all.iter().map(Candidate::health);
         assert!(detector.observe(&all[i].health, gateway, health, now));
     }
 

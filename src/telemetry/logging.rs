@@ -83,7 +83,7 @@ pub enum LevelError {
 pub fn current_filter() -> Result<String, LevelError> {
     let handle = FILTER.get().ok_or(LevelError::Unavailable)?;
     handle
-        .with_current(|f| f.to_string())
+        .with_current(ToString::to_string)
         .map_err(|_| LevelError::Unavailable)
 }
 

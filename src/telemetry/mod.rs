@@ -1,13 +1,14 @@
 //! What the sidecar tells operators: Prometheus metrics and their OTLP
-//! export (`metrics`, `export`, `requests`: RED per route and backend),
+//! export (`metrics`, `export`, `call_metrics`: RED per route and backend),
 //! process logs (`logging`), traces exported over OTLP (`trace`), and
-//! per-request telemetry — request IDs, spans, access logs (`request`).
+//! per-request telemetry — request IDs, spans, access logs
+//! (`request_scope`).
 
+pub mod call_metrics;
 pub mod export;
 pub mod logging;
 pub mod metrics;
-pub mod request;
-pub mod requests;
+pub mod request_scope;
 pub mod trace;
 
 use std::sync::Arc;

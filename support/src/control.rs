@@ -179,7 +179,7 @@ impl ControlProc {
                 }
             },
         )
-        .await
+        .await;
     }
 
     /// The `webhook=` address of the `listening` line (logged by the time

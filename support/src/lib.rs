@@ -10,6 +10,7 @@
 //! the end-to-end tests use (the echo and chaos servers, network
 //! namespaces, pods) live in `tests/e2e/common`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -76,7 +76,9 @@ impl Process {
                 if marker.as_deref().is_some_and(|m| line.contains(m)) {
                     let _ = found.send(line.clone());
                 }
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
             }
         });
         let process = Process {
@@ -98,7 +100,7 @@ impl Process {
     pub fn logs(&self) -> String {
         self.logs
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .join("\n")
     }
 
@@ -115,7 +117,7 @@ impl Process {
                     .ok_or_else(|| self.logs())
             },
         )
-        .await
+        .await;
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,6 +1,8 @@
 //! End-to-end tests: real sidecar processes, real servers and clients on
 //! loopback, mTLS between the sidecars.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 mod authz;

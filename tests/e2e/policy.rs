@@ -192,7 +192,7 @@ async fn fifty_policy_rewrites_under_continuous_load_lose_no_request() {
                         *served.entry(by).or_default() += 1;
                     }
                     Err(status) => {
-                        failures.push(format!("{:?}: {}", status.code(), status.message()))
+                        failures.push(format!("{:?}: {}", status.code(), status.message()));
                     }
                 }
             }

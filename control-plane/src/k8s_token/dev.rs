@@ -3,6 +3,11 @@
 //! Kubernetes API server does (RS256 or ES256, `kid` in the header), and
 //! their JWKS.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test tooling, used only by tests and benchmarks: a key that cannot be made or sign is a broken test environment, and the panic is its report"
+)]
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;

@@ -273,7 +273,7 @@ pub(crate) fn check_set(resources: &[Resource]) -> Vec<SetProblem> {
     for (i, r) in resources.iter().enumerate() {
         let ns = r.metadata.namespace.as_str();
         let mut report = |path: String, message: String| {
-            problems.push((i, PolicyError::new(r.display_name(), path, message)))
+            problems.push((i, PolicyError::new(r.display_name(), path, message)));
         };
         let mut refs = |rules: Vec<&[BackendRef]>| {
             for (j, rule) in rules.into_iter().enumerate() {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Collected};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -171,7 +171,7 @@ async fn handle(
         .into_body()
         .collect()
         .await
-        .map(|c| c.to_bytes())
+        .map(Collected::to_bytes)
         .unwrap_or_default();
     state.seen.lock().unwrap()[index].body_len = Some(request.len());
 

@@ -35,7 +35,7 @@ fn describe(md: &MetadataMap) -> Vec<String> {
             }
             KeyAndValueRef::Binary(k, v) => {
                 let bytes = v.to_bytes().map(|b| b.to_vec()).unwrap_or_default();
-                format!("{}: {:?}", k, bytes)
+                format!("{k}: {bytes:?}")
             }
         })
         .collect();

@@ -98,7 +98,7 @@ async fn app(
             }
             Response::new(full(lines.join("\n")))
         }
-        "/echo" => Response::new(req.into_body().map_err(|e| e.into()).boxed()),
+        "/echo" => Response::new(req.into_body().map_err(std::convert::Into::into).boxed()),
         "/big" => {
             let n: usize = req
                 .uri()

@@ -45,7 +45,7 @@ impl Validator {
             Some(v) if v != OLDEST_VALIDATED => versions.push(v),
             Some(_) => {}
             None => {
-                eprintln!("note: the newest Kubernetes version of kubernetes-validate is unknown")
+                eprintln!("note: the newest Kubernetes version of kubernetes-validate is unknown");
             }
         }
         Some(Validator { versions })

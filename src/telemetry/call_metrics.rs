@@ -14,8 +14,8 @@ use pylon_proto::policy::GrpcCode;
 
 use super::metrics::{RequestMetrics, RequestStatus};
 use crate::proxy::body::ProxyBody;
+use crate::proxy::end_of_body::{BodyEnd, OnEnd, TrackedBody, grpc_status};
 use crate::proxy::error::{ProxyError, grpc_code_for_http};
-use crate::proxy::tracked::{BodyEnd, OnEnd, TrackedBody, grpc_status};
 
 /// A call being timed.
 pub struct CallTimer {

@@ -27,8 +27,8 @@ use pylon_proto::policy::GrpcCode;
 use super::Telemetry;
 use super::trace::{SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
 use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::end_of_body::grpc_status;
 use crate::proxy::error::{ProxyError, X_PYLON_ERROR};
-use crate::proxy::tracked::grpc_status;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -444,7 +444,7 @@ impl RequestEnd {
                 authority = %access.authority,
                 path = %access.path,
                 status = self.status,
-                grpc_status = self.grpc_status.map(|c| c.as_u8()),
+                grpc_status = self.grpc_status.map(GrpcCode::as_u8),
                 duration_ms = scope.start.elapsed().as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 backend = scope.backend.as_deref(),
