@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ca::{CaState, CsrError};
 use crate::k8s_token::TokenVerifier;
-use crate::server::{State, bearer, blocking};
+use crate::state::{State, bearer, blocking};
 use crate::tls::PeerInfo;
 
 /// The SPIFFE ID of the caller: from its verified client certificate, else

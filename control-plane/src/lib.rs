@@ -25,6 +25,7 @@ pub mod install;
 pub mod k8s_fetch;
 pub mod k8s_token;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
