@@ -13,10 +13,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{Method, Request, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -349,13 +350,10 @@ async fn grpc_health(tcp: TcpStream, port: u16, service: &str) -> Result<String,
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    // HealthCheckRequest { string service = 1; } in a gRPC frame.
-    let mut msg = BytesMut::new();
-    if !service.is_empty() {
-        msg.put_u8(0x0a);
-        put_varint(&mut msg, service.len() as u64);
-        msg.put_slice(service.as_bytes());
+    let msg = HealthCheckRequest {
+        service: service.to_string(),
     }
+    .encode_to_vec();
     let mut frame = BytesMut::with_capacity(5 + msg.len());
     frame.put_u8(0);
     frame.put_u32(msg.len() as u32);
@@ -402,60 +400,30 @@ async fn grpc_health(tcp: TcpStream, port: u16, service: &str) -> Result<String,
     }
 }
 
-fn put_varint(buf: &mut BytesMut, mut v: u64) {
-    while v >= 0x80 {
-        buf.put_u8((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.put_u8(v as u8);
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse` (`status` 1 is SERVING).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
 }
 
 /// The `status` (field 1) of a framed HealthCheckResponse; 0 (UNKNOWN)
 /// when absent, as protobuf defaults say.
 fn serving_status(body: &[u8]) -> Option<u64> {
-    let mut b = body;
-    if b.len() < 5 || b[0] != 0 {
+    let (&[0], rest) = body.split_first_chunk::<1>()? else {
         return None;
-    }
-    b.advance(1);
-    let len = b.get_u32() as usize;
-    let mut msg = b.get(..len)?;
-    let mut status = 0;
-    while msg.has_remaining() {
-        let tag = read_varint(&mut msg)?;
-        match (tag >> 3, tag & 7) {
-            (1, 0) => status = read_varint(&mut msg)?,
-            (_, 0) => {
-                read_varint(&mut msg)?;
-            }
-            (_, 2) => {
-                let n = read_varint(&mut msg)? as usize;
-                if msg.remaining() < n {
-                    return None;
-                }
-                msg.advance(n);
-            }
-            (_, 5) if msg.remaining() >= 4 => msg.advance(4),
-            (_, 1) if msg.remaining() >= 8 => msg.advance(8),
-            _ => return None,
-        }
-    }
-    Some(status)
-}
-
-fn read_varint(b: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        if !b.has_remaining() {
-            return None;
-        }
-        let byte = b.get_u8();
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
+    };
+    let (len, msg) = rest.split_first_chunk::<4>()?;
+    let msg = msg.get(..u32::from_be_bytes(*len) as usize)?;
+    let response = HealthCheckResponse::decode(msg).ok()?;
+    u64::try_from(response.status).ok()
 }
 
 /// The kubelet does not verify an HTTPS probe's certificate; neither does

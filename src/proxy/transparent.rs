@@ -102,24 +102,6 @@ pub async fn detect(tcp: &mut TcpStream, timeout: Duration) -> io::Result<(Proto
     Ok((protocol, buf.freeze()))
 }
 
-/// Reads just enough of an inbound connection to tell TLS from plaintext.
-pub async fn detect_tls(tcp: &mut TcpStream, timeout: Duration) -> io::Result<(bool, Bytes)> {
-    let mut buf = BytesMut::with_capacity(DETECT_BYTES);
-    let read = async {
-        while buf.len() < 2 {
-            if tcp.read_buf(&mut buf).await? == 0 {
-                break;
-            }
-        }
-        io::Result::Ok(())
-    };
-    // A silent client is not TLS (whose client speaks first).
-    if let Ok(r) = tokio::time::timeout(timeout, read).await {
-        r?;
-    }
-    Ok((is_tls(&buf), buf.freeze()))
-}
-
 /// A stream whose first reads return bytes already taken from it.
 pub struct Prefixed<T> {
     prefix: Bytes,
