@@ -406,19 +406,13 @@ impl Config {
             listen: r.addr("admin.listen", "127.0.0.1:15000"),
             probe_listen: r.addr("admin.probeListen", "0.0.0.0:15020"),
         };
-        let unmatched = match r.string("outbound.unmatched") {
-            None => Unmatched::default(),
-            Some((s, _)) if s.trim() == "passthrough" => Unmatched::Passthrough,
-            Some((s, _)) if s.trim() == "deny" => Unmatched::Deny,
-            Some((s, origin)) => {
-                r.problem(
-                    "outbound.unmatched",
-                    &origin,
-                    format!("expected passthrough or deny, found {s:?}"),
-                );
-                Unmatched::default()
-            }
-        };
+        let unmatched = r.choice(
+            "outbound.unmatched",
+            &[
+                ("passthrough", Unmatched::Passthrough),
+                ("deny", Unmatched::Deny),
+            ],
+        );
         let server_first_ports = if r.raw.contains_key("outbound.serverFirstPorts") {
             r.list("outbound.serverFirstPorts", parse_port)
         } else {
@@ -435,19 +429,13 @@ impl Config {
                 .unwrap_or(DEFAULT_DETECT_TIMEOUT),
             server_first_ports,
         };
-        let mode = match r.string("inbound.mode") {
-            None => InboundMode::default(),
-            Some((s, _)) if s.trim() == "strict" => InboundMode::Strict,
-            Some((s, _)) if s.trim() == "permissive" => InboundMode::Permissive,
-            Some((s, origin)) => {
-                r.problem(
-                    "inbound.mode",
-                    &origin,
-                    format!("expected strict or permissive, found {s:?}"),
-                );
-                InboundMode::default()
-            }
-        };
+        let mode = r.choice(
+            "inbound.mode",
+            &[
+                ("strict", InboundMode::Strict),
+                ("permissive", InboundMode::Permissive),
+            ],
+        );
         let inbound = InboundConfig {
             listen: r.addr("inbound.listen", "0.0.0.0:15006"),
             app: r.addr("inbound.app", "127.0.0.1:8080"),
@@ -754,6 +742,24 @@ impl Reader<'_> {
             self.problem(key, &origin, e);
             LogFormat::default()
         })
+    }
+
+    /// One of `choices` by name; the default when absent or after
+    /// reporting a problem.
+    fn choice<T: Copy + Default>(&mut self, key: &str, choices: &[(&str, T)]) -> T {
+        let Some((s, origin)) = self.string(key) else {
+            return T::default();
+        };
+        if let Some((_, v)) = choices.iter().find(|(name, _)| *name == s.trim()) {
+            return *v;
+        }
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        self.problem(
+            key,
+            &origin,
+            format!("expected {}, found {s:?}", names.join(" or ")),
+        );
+        T::default()
     }
 
     fn text(&mut self, key: &str) -> Option<String> {

@@ -27,14 +27,13 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::backend::upstream_error;
+use super::backend::PlainUpstream;
 use super::body::ProxyBody;
 use super::error::{ProxyError, is_grpc};
 use super::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
 };
-use super::pool::{EndpointPool, Transport};
 use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
 use super::{http_server, original_dst};
 use crate::config::InboundMode;
@@ -46,7 +45,7 @@ use super::end_of_body::{BodyEnd, OnEnd, TrackedBody};
 use crate::authz::{Caller, InboundCall};
 use crate::identity::spiffe_id_of;
 use crate::policy::InboundPolicy;
-use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit, ConnectionLimit};
+use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit};
 use crate::resilience::ratelimit::RateLimiter;
 use crate::telemetry::Telemetry;
 use crate::telemetry::call_metrics::CallTimer;
@@ -174,18 +173,10 @@ impl OnEnd for HeldPermit {
 }
 
 /// The local app at one port.
-struct App {
-    pool: Arc<EndpointPool>,
-    name: Arc<str>,
-}
+type App = PlainUpstream;
 
-impl App {
-    fn new(addr: SocketAddr) -> Arc<App> {
-        Arc::new(App {
-            pool: EndpointPool::new(addr, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
-            name: format!("inbound app {addr}").into(),
-        })
-    }
+fn app_at(addr: SocketAddr) -> Arc<App> {
+    Arc::new(PlainUpstream::new("inbound app", addr))
 }
 
 /// How the inbound listener treats what reaches it.
@@ -211,7 +202,7 @@ impl Inbound {
             limits,
             telemetry,
             tls: TlsAcceptor::from(tls),
-            app: App::new(app),
+            app: app_at(app),
             apps: Mutex::new(HashMap::new()),
             options,
             server: http_server(),
@@ -226,12 +217,12 @@ impl Inbound {
             return self.app.clone();
         };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, dst.port()));
-        if addr == self.app.pool.addr() {
+        if addr == self.app.addr() {
             return self.app.clone();
         }
         let mut apps = self.apps.lock().unwrap_or_else(PoisonError::into_inner);
         apps.entry(dst.port())
-            .or_insert_with(|| App::new(addr))
+            .or_insert_with(|| app_at(addr))
             .clone()
     }
 
@@ -310,7 +301,7 @@ impl Inbound {
         watcher: Watcher,
     ) {
         if protocol == Protocol::Opaque {
-            match passthrough(tcp, prefix, app.pool.addr()).await {
+            match passthrough(tcp, prefix, app.addr()).await {
                 Ok((up, down)) => {
                     tracing::debug!(%peer, up, down, "plaintext connection passed to the app");
                 }
@@ -416,11 +407,7 @@ impl Inbound {
             authority.as_ref(),
             te_trailers,
         );
-        let mut resp = app
-            .pool
-            .send(req, wire)
-            .await
-            .map_err(|e| upstream_error(&app.name, app.pool.addr(), e))?;
+        let mut resp = app.send(req, wire).await?;
         response_for_caller(&mut resp);
         if let Some(permit) = permit {
             let grpc = is_grpc(resp.headers());

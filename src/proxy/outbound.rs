@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::uri::Authority;
 use http::{Request, Response};
@@ -21,17 +21,15 @@ use bytes::Bytes;
 use http::Version;
 use http::uri::Scheme;
 
-use super::backend::upstream_error;
+use super::backend::PlainUpstream;
 use super::body::ProxyBody;
 use super::call::{CallRequest, CallSummary, call};
 use super::error::{ProxyError, is_grpc};
 use super::headers::{Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop};
-use super::pool::{EndpointPool, Transport};
 use super::transparent::{OwnSocket, Prefixed, Protocol, detect, passthrough};
 use super::{http_server, original_dst};
 use crate::config::Unmatched;
 use crate::policy::PolicyStore;
-use crate::resilience::bulkhead::ConnectionLimit;
 use crate::routing::RequestView;
 use crate::telemetry::Telemetry;
 use crate::telemetry::call_metrics::CallTimer;
@@ -78,10 +76,18 @@ impl TransparentConfig {
 }
 
 /// The unrouted requests of one redirected connection go to its original
-/// destination over a connection of their own.
+/// destination over a connection of their own, made at the first such
+/// request (most connections never have one).
 struct Passthrough {
-    pool: Arc<EndpointPool>,
-    name: Arc<str>,
+    dst: SocketAddr,
+    upstream: OnceLock<PlainUpstream>,
+}
+
+impl Passthrough {
+    fn upstream(&self) -> &PlainUpstream {
+        self.upstream
+            .get_or_init(|| PlainUpstream::new("passthrough", self.dst))
+    }
 }
 
 impl Outbound {
@@ -146,12 +152,8 @@ impl Outbound {
         let this = self.clone();
         let passthrough = match (dst, self.transparent.unmatched) {
             (Some(dst), Unmatched::Passthrough) => Some(Arc::new(Passthrough {
-                pool: EndpointPool::new(
-                    dst,
-                    Transport::Plain,
-                    Arc::new(ConnectionLimit::new(None)),
-                ),
-                name: format!("passthrough {dst}").into(),
+                dst,
+                upstream: OnceLock::new(),
             })),
             _ => None,
         };
@@ -253,7 +255,8 @@ async fn pass_through(
     p: &Passthrough,
     scope: &mut RequestScope,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    scope.set_backend(&p.name);
+    let upstream = p.upstream();
+    scope.set_backend(&upstream.name);
     let te_trailers = strip_hop_by_hop(req.headers_mut());
     let wire = if req.version() == Version::HTTP_2 {
         Wire::Http2
@@ -262,11 +265,7 @@ async fn pass_through(
     };
     let mut req = req.map(ProxyBody::Incoming);
     rewrite_for(&mut req, wire, Scheme::HTTP, authority, te_trailers);
-    let mut resp = p
-        .pool
-        .send(req, wire)
-        .await
-        .map_err(|e| upstream_error(&p.name, p.pool.addr(), e))?;
+    let mut resp = upstream.send(req, wire).await?;
     response_for_caller(&mut resp);
     Ok(resp)
 }
