@@ -351,8 +351,9 @@ impl Serving<'_> {
 
 /// The IPv6 twin of a listener on `127.0.0.1:P` (`[::1]:P`) or `0.0.0.0:P`
 /// (`[::]:P`, IPv6 only): where `pylon init-iptables`' ip6tables rules
-/// redirect a dual-stack pod's IPv6 connections. `None` for other
-/// addresses, for port 0, and where the host has no IPv6.
+/// redirect a dual-stack pod's IPv6 connections, on the port the listener
+/// was bound to. `None` for other addresses and where the host has no
+/// IPv6 (or the port is taken there).
 fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let v6: std::net::IpAddr = match addr.ip() {
@@ -360,9 +361,6 @@ fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED.into(),
         _ => return None,
     };
-    if addr.port() == 0 {
-        return None;
-    }
     let v6 = SocketAddr::new(v6, addr.port());
     let bind = || -> std::io::Result<TcpListener> {
         let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;

@@ -4,12 +4,11 @@
 use std::process::Command;
 
 use bytes::Bytes;
-use http::Request;
 use http_body_util::BodyExt;
 use pylon::identity::dev::DevCa;
 
 use crate::common::echo::{echo_client, start_echo};
-use crate::common::http::{empty, http1, start_http_app};
+use crate::common::http::{gated_response, start_http_app};
 use crate::common::{
     CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, eventually,
     mesh_policy, sidecar_config,
@@ -148,15 +147,7 @@ async fn post_drain_and_sigterm_finish_in_flight_requests_then_exit() {
     let mut mesh = Mesh::start(app.addr).await;
 
     // A response in flight: its first chunk arrived, the rest is held.
-    let mut conn = http1(mesh.client.outbound).await;
-    let req = Request::get("/gate")
-        .header("host", "web.test")
-        .body(empty())
-        .unwrap();
-    let resp = conn.send_request(req).await.unwrap();
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(first, Bytes::from_static(b"first"));
+    let (_conn, body) = gated_response(mesh.client.outbound).await;
 
     // Drain the client sidecar and terminate the server sidecar.
     let (status, _) = admin_request(mesh.client.admin, "POST", "/drain")

@@ -6,12 +6,11 @@
 
 use std::process::Command;
 
-use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use pylon::identity::dev::DevCa;
 
-use crate::common::http::{empty, http1, start_http_app, text};
+use crate::common::http::{empty, gated_response, http1, start_http_app, text};
 use crate::common::{
     CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, mesh_policy,
     sidecar_config,
@@ -132,19 +131,7 @@ async fn drain_timeout_bounds_a_stream_that_never_ends() {
     client.wait_ready().await;
 
     // A response that never finishes (the gate is never opened).
-    let mut conn = http1(client.outbound).await;
-    let resp = conn
-        .send_request(
-            Request::get("/gate")
-                .header("host", "web.test")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(first, Bytes::from_static(b"first"));
+    let (_conn, body) = gated_response(client.outbound).await;
 
     sigterm(server.pid());
     // The server sidecar gives up on the stream after its drain timeout
@@ -159,18 +146,7 @@ async fn drain_timeout_bounds_a_stream_that_never_ends() {
 async fn a_second_sigterm_exits_without_waiting_for_open_calls() {
     let app = start_http_app().await;
     let mut mesh = Mesh::start(app.addr).await;
-    let mut conn = http1(mesh.client.outbound).await;
-    let resp = conn
-        .send_request(
-            Request::get("/gate")
-                .header("host", "web.test")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    body.frame().await.unwrap().unwrap();
+    let (_conn, body) = gated_response(mesh.client.outbound).await;
 
     // The default drain timeout is 30 s; the first signal starts it.
     sigterm(mesh.server.pid());

@@ -173,6 +173,24 @@ pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Bo
     sender
 }
 
+/// A `/gate` response of the [`HttpApp`] in flight through `outbound`
+/// (authority `web.test`): its first chunk (`first`) has arrived, the rest
+/// waits for the app's gate. Returns the connection (keep it) and the body.
+pub async fn gated_response(
+    outbound: SocketAddr,
+) -> (hyper::client::conn::http1::SendRequest<Body>, Incoming) {
+    let mut conn = http1(outbound).await;
+    let req = Request::get("/gate")
+        .header("host", "web.test")
+        .body(empty())
+        .unwrap();
+    let resp = conn.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, Bytes::from_static(b"first"));
+    (conn, body)
+}
+
 /// Reads a whole response body as a string.
 pub async fn text(resp: Response<Incoming>) -> String {
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
