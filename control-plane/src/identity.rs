@@ -166,8 +166,10 @@ impl Identity for IdentityApi {
             }
             Err(CsrError::Internal(e)) => return Err(Status::internal(e)),
         };
-        if bearer(&req).is_some() && !has_certificate(&req) {
-            // Spend a once-only token now that the request is good.
+        // Spend a once-only bootstrap token now that the request is good
+        // (a service-account token is not spent, and was verified above).
+        if bearer(&req).is_some_and(|t| !TokenVerifier::looks_like_jwt(t)) && !has_certificate(&req)
+        {
             authenticate(&self.0, &req, true).await?;
         }
         tracing::info!(%identity, serial = %leaf.serial, not_after = leaf.not_after, "certificate issued");
