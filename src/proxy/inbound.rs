@@ -301,14 +301,7 @@ impl Inbound {
         watcher: Watcher,
     ) {
         if protocol == Protocol::Opaque {
-            match passthrough(tcp, prefix, app.addr()).await {
-                Ok((up, down)) => {
-                    tracing::debug!(%peer, up, down, "plaintext connection passed to the app");
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "plaintext connection to the app ended with an error");
-                }
-            }
+            passthrough(tcp, prefix, app.addr()).await;
             return;
         }
         let peer = Arc::new(Peer {

@@ -138,14 +138,7 @@ impl Outbound {
             };
             if protocol == Protocol::Opaque {
                 let _open = self.passthrough_connections.open();
-                match passthrough(tcp, prefix, dst).await {
-                    Ok((up, down)) => {
-                        tracing::debug!(%peer, %dst, up, down, "opaque connection passed through");
-                    }
-                    Err(e) => {
-                        tracing::debug!(%peer, %dst, error = %e, "opaque connection passed through ended with an error");
-                    }
-                }
+                passthrough(tcp, prefix, dst).await;
                 return;
             }
         }

@@ -168,12 +168,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Carries `client` (whose first bytes, already read, are `prefix`) to
-/// `dst` unchanged, until both directions close.
-pub async fn passthrough(
-    mut client: TcpStream,
-    prefix: Bytes,
-    dst: SocketAddr,
-) -> io::Result<(u64, u64)> {
+/// `dst` unchanged, until both directions close; logs how it ended.
+pub async fn passthrough(client: TcpStream, prefix: Bytes, dst: SocketAddr) {
+    let peer = client.peer_addr().ok();
+    match copy_to(client, prefix, dst).await {
+        Ok((up, down)) => tracing::debug!(?peer, %dst, up, down, "connection passed through"),
+        Err(e) => {
+            tracing::debug!(?peer, %dst, error = %e, "connection passed through ended with an error");
+        }
+    }
+}
+
+async fn copy_to(mut client: TcpStream, prefix: Bytes, dst: SocketAddr) -> io::Result<(u64, u64)> {
     let mut upstream = tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(dst))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
