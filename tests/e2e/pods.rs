@@ -29,8 +29,9 @@ fn tools() -> Option<Tools> {
 }
 
 /// The server pods' containers: `app` (HTTP on 8080, gRPC on 50051) with a
-/// readiness probe on a named port, and `worker`, whose probed port nothing
-/// listens on.
+/// readiness probe on a named port, a gRPC liveness probe, and a gRPC
+/// startup probe of a service the app does not have; and `worker`, whose
+/// probed port nothing listens on.
 const SERVER_CONTAINERS: &str = "    - name: app
       image: example.test/app:1
       ports:
@@ -39,6 +40,10 @@ const SERVER_CONTAINERS: &str = "    - name: app
       readinessProbe:
         httpGet: { path: /healthz, port: http }
         periodSeconds: 5
+      livenessProbe:
+        grpc: { port: 50051 }
+      startupProbe:
+        grpc: { port: 50051, service: not.This }
     - name: worker
       image: example.test/worker:1
       readinessProbe:
@@ -270,6 +275,15 @@ fn meshed_pods_talk_mtls_and_everything_else_passes_through() {
     assert!(
         !(200..300).contains(&reply.status),
         "a probe of a port nothing listens on passed: {reply:#?}"
+    );
+    // The gRPC probes ask the app's grpc.health.v1.Health: SERVING for its
+    // own service, NOT_FOUND for another.
+    let reply = node.probe(b.ip(), "/app-health/app/liveness");
+    assert_eq!(reply.status, 200, "{reply:#?}\n{}", logs(&[&b]));
+    let reply = node.probe(b.ip(), "/app-health/app/startup");
+    assert!(
+        !(200..300).contains(&reply.status),
+        "a gRPC probe of an unknown service passed: {reply:#?}"
     );
 
     // Root in A talks to the outbound listener directly, with an authority

@@ -5,8 +5,10 @@ response are raw bytes.
 
   grpc_app.py serve --pod NAME --port 50051
       answers with JSON {"pod": ..., "metadata": {key: value}}: the
-      metadata it saw (`x-pylon-peer-identity` among it); prints
-      `LISTENING <port>` on stderr once bound.
+      metadata it saw (`x-pylon-peer-identity` among it); also serves
+      `grpc.health.v1.Health/Check`: SERVING for the service "" and
+      "pylon.test.Peer", NOT_FOUND for any other; prints `LISTENING <port>`
+      on stderr once bound.
   grpc_app.py call --target HOST:PORT
       calls it once (plaintext, as an unmodified app does) and prints the
       answer on stdout; exits 1 with the status on stderr if the call fails.
@@ -36,8 +38,24 @@ def serve(args):
             )
         },
     )
+    def check(request, context):
+        # HealthCheckRequest {string service = 1}: an empty message, or
+        # tag 0x0a, a one-byte length and the name.
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        if service not in ("", SERVICE):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        return b"\x08\x01"  # HealthCheckResponse {status: SERVING}
+
+    health = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                check, request_deserializer=None, response_serializer=None
+            )
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, health))
     port = server.add_insecure_port(f"0.0.0.0:{args.port}")
     server.start()
     print(f"LISTENING {port}", file=sys.stderr, flush=True)
