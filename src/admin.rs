@@ -32,7 +32,7 @@ use crate::config::KubernetesInfo;
 use crate::identity::IdentityStore;
 use crate::policy::PolicyStore;
 use crate::probes::{AppProbes, ProbeKind, Prober};
-use crate::proxy::body::ProxyBody;
+use crate::http::body::ProxyBody;
 
 /// Addresses the sidecar's listeners are bound to.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +95,7 @@ impl AdminState {
 /// Serves the admin API (or, through `door`, the probe listener) until the
 /// task is dropped (it outlives a drain, so that `/ready` can say so).
 pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>, door: Door) {
-    let server = crate::proxy::http_server();
+    let server = crate::http::server::builder();
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -193,7 +193,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             }
         }
         (&Method::GET, "/metrics") => {
-            crate::telemetry::metrics::refresh(&state.policy, &state.identity);
+            crate::policy::refresh_gauges(&state.policy, &state.identity);
             let mut resp = Response::new(ProxyBody::full(state.policy.metrics().encode()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -230,7 +230,7 @@ pub async fn serve_starting(
     listener: Arc<TcpListener>,
     last_error: crate::identity::control::LastError,
 ) {
-    let server = crate::proxy::http_server();
+    let server = crate::http::server::builder();
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

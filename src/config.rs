@@ -20,7 +20,6 @@ use pylon_proto::policy::{format_duration, parse_duration};
 use serde_json::Value;
 
 use crate::probes::AppProbes;
-use crate::telemetry::logging::LogFormat;
 
 /// Every key the bootstrap file may hold, and how to read it.
 const KEYS: &[(&str, KeyKind)] = &[
@@ -618,9 +617,9 @@ impl Config {
         let otlp_metrics_interval = r
             .duration(
                 "telemetry.otlp.metricsInterval",
-                crate::telemetry::export::DEFAULT_INTERVAL,
+                DEFAULT_METRICS_INTERVAL,
             )
-            .unwrap_or(crate::telemetry::export::DEFAULT_INTERVAL);
+            .unwrap_or(DEFAULT_METRICS_INTERVAL);
         let state_dir = r.path("stateDir");
         let dns = r.dns();
 
@@ -1035,6 +1034,29 @@ fn type_name(v: &Value) -> &'static str {
         Value::Object(_) => "a mapping",
     }
 }
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the `tracing-subscriber` default format).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Result<LogFormat, String> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected text or json, found {other:?}")),
+        }
+    }
+}
+
+/// The default of `telemetry.otlp.metricsInterval`.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

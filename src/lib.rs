@@ -20,11 +20,11 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
-pub mod authz;
 pub mod config;
 #[cfg(feature = "full")]
 pub mod demo;
 pub mod discovery;
+pub mod http;
 pub mod identity;
 pub mod iptables;
 #[cfg(feature = "full")]
@@ -33,6 +33,5 @@ pub mod policy;
 pub mod probes;
 pub mod proxy;
 pub mod resilience;
-pub mod routing;
 pub mod sidecar;
 pub mod telemetry;

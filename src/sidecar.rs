@@ -22,7 +22,7 @@ use crate::probes::Prober;
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::{Inbound, InboundOptions};
 use crate::proxy::outbound::{Outbound, TransparentConfig};
-use crate::routing::ClusterDns;
+use crate::policy::routing::ClusterDns;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -219,8 +219,11 @@ impl Sidecar {
                 endpoint,
                 service_name,
                 config.otlp_metrics_interval,
-                policy.clone(),
-                identity.clone(),
+                policy.metrics().clone(),
+                {
+                    let (policy, identity) = (policy.clone(), identity.clone());
+                    move || policy::refresh_gauges(&policy, &identity)
+                },
             ));
         }
 
@@ -293,7 +296,7 @@ impl Sidecar {
     /// The metrics as `/metrics` serves them (and the OTLP export sends
     /// them): Prometheus text, state gauges refreshed now.
     pub fn scrape(&self) -> String {
-        crate::telemetry::metrics::refresh(&self.policy, &self.identity);
+        policy::refresh_gauges(&self.policy, &self.identity);
         self.policy.metrics().encode()
     }
 

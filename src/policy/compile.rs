@@ -18,11 +18,11 @@ use pylon_proto::policy::{
 };
 
 use super::{InboundPolicy, Snapshot};
-use crate::authz::Authorization;
+use crate::policy::authz::Authorization;
 use crate::identity::{IdentityStore, tls};
-use crate::proxy::backend::{Backend, BackendConfig, EndpointSource};
-use crate::proxy::pool::Transport;
-use crate::routing::{ClusterDns, Matcher, RouteHosts, RouteTable, Rule, RulePolicy};
+use crate::policy::backend::{Backend, BackendConfig, EndpointSource};
+use crate::http::pool::Transport;
+use crate::policy::routing::{ClusterDns, Matcher, RouteHosts, RouteTable, Rule, RulePolicy};
 use crate::telemetry::metrics::Metrics;
 
 /// What compiling needs besides the resources.

@@ -8,9 +8,13 @@
 //!
 //! Sources feed [`PolicyStore::apply`]: today the watched file ([`file`]).
 
+pub mod authz;
+pub mod backend;
 pub mod compile;
 pub mod control;
 pub mod file;
+pub mod inbound;
+pub mod routing;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,12 +24,12 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, Guard};
 use pylon_proto::policy::Resource;
 
-use crate::authz::Authorization;
+use authz::Authorization;
 use crate::discovery::Dns;
 use crate::identity::IdentityStore;
-use crate::proxy::backend::Backend;
-use crate::proxy::inbound::InboundLimits;
-use crate::routing::{ClusterDns, RouteTable};
+use backend::Backend;
+use inbound::InboundLimits;
+use routing::{ClusterDns, RouteTable};
 use crate::telemetry::metrics::Metrics;
 
 /// A compiled policy: what every request reads.
@@ -216,4 +220,30 @@ pub fn content_version(bytes: &[u8]) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// Sets the gauges that describe current state: ejected endpoints per
+/// backend, the policy version, the certificate's expiry, the trust bundle
+/// and the control-plane connection. Called before every scrape and export.
+pub fn refresh_gauges(policy: &PolicyStore, identity: &IdentityStore) {
+    let snapshot = policy.load_full();
+    let now = tokio::time::Instant::now();
+    for backend in snapshot.backends.values() {
+        let ejected = i64::try_from(backend.ejected(now)).unwrap_or(i64::MAX);
+        backend.metrics.ejections_active.set(ejected);
+    }
+    let state = &policy.metrics().state;
+    state
+        .policy_version
+        .set(snapshot.version.trim().parse::<i64>().unwrap_or(0));
+    state.policy_installed.set(i64::from(policy.installed()));
+    state
+        .certificate_expiry
+        .set(identity.credentials().not_after);
+    state
+        .trust_bundle_roots
+        .set(i64::try_from(identity.bundle_fingerprints().len()).unwrap_or(i64::MAX));
+    state
+        .control_plane_connected
+        .set(i64::from(policy.source_state().connected));
 }

@@ -27,29 +27,25 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::backend::PlainUpstream;
-use super::body::ProxyBody;
-use super::error::{ProxyError, is_grpc};
-use super::headers::{
+use crate::http::upstream::PlainUpstream;
+use crate::http::body::ProxyBody;
+use crate::http::error::{ProxyError, is_grpc};
+use crate::http::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
 };
 use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
-use super::{http_server, original_dst};
+use super::original_dst;
+use crate::http::server;
 use crate::config::InboundMode;
-use arc_swap::ArcSwap;
-use pylon_proto::policy::RateLimit;
-use tokio::time::Instant;
 
-use super::end_of_body::{BodyEnd, OnEnd, TrackedBody};
-use crate::authz::{Caller, InboundCall};
+use crate::http::end::{BodyEnd, OnEnd, TrackedBody};
+use crate::policy::authz::{Caller, InboundCall};
 use crate::identity::spiffe_id_of;
-use crate::policy::InboundPolicy;
-use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit};
-use crate::resilience::ratelimit::RateLimiter;
+use crate::policy::inbound::InboundLimits;
+use crate::resilience::bulkhead::BulkheadPermit;
 use crate::telemetry::Telemetry;
 use crate::telemetry::call_metrics::CallTimer;
-use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics, RequestMetrics};
 use crate::telemetry::request_scope::{RequestScope, Side};
 use crate::telemetry::trace::TRACEPARENT;
 
@@ -66,95 +62,6 @@ pub struct Inbound {
     limits: Arc<InboundLimits>,
     telemetry: Arc<Telemetry>,
     server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-}
-
-/// The protection of the local app: who may call it (the
-/// AuthorizationPolicies), then a rate limit and a cap on calls in flight
-/// (the BackendTrafficPolicy), all targeting this workload's service
-/// account. State survives policy reloads; limits change in place.
-pub struct InboundLimits {
-    policy: ArcSwap<InboundPolicy>,
-    bulkhead: Arc<Bulkhead>,
-    rate: RateLimiter,
-    metrics: BackendMetrics,
-    authorization: AuthorizationMetrics,
-    requests: RequestMetrics,
-}
-
-const INBOUND: &str = "inbound";
-
-impl InboundLimits {
-    pub fn new(metrics: &Metrics) -> Self {
-        InboundLimits {
-            policy: ArcSwap::from_pointee(InboundPolicy::default()),
-            bulkhead: Arc::new(Bulkhead::new(None, None)),
-            rate: RateLimiter::new(RateLimit {
-                requests_per_second: u32::MAX,
-                burst: u32::MAX,
-            }),
-            metrics: metrics.backend(INBOUND),
-            authorization: metrics.authorization(),
-            requests: metrics.inbound_requests(),
-        }
-    }
-
-    pub fn apply(&self, policy: &InboundPolicy) {
-        self.bulkhead.set_limits(policy.max_parallel_requests, None);
-        if let Some(limit) = policy.rate_limit {
-            self.rate.set_limit(limit);
-        }
-        self.policy.store(Arc::new(policy.clone()));
-    }
-
-    /// Admits one call now, or says why not. The permit (when a cap is set)
-    /// must live as long as the call.
-    async fn admit(
-        &self,
-        caller: &Caller<'_>,
-        call: &InboundCall<'_>,
-    ) -> Result<Option<BulkheadPermit>, ProxyError> {
-        let policy = self.policy.load();
-        // Before the limits: a call that may not reach the app spends none
-        // of their capacity.
-        let authorization = &policy.authorization;
-        if !authorization.allows(caller, call) {
-            self.authorization.denied.inc();
-            return Err(ProxyError::Unauthorized {
-                caller: match caller.principal() {
-                    "" => "without a mesh identity (plaintext)".to_string(),
-                    id => id.to_string(),
-                },
-                call: call.to_string(),
-            });
-        }
-        if authorization.enforced() {
-            self.authorization.allowed.inc();
-        }
-        let now = Instant::now();
-        if policy.rate_limit.is_some()
-            && let Err(retry_after) = self.rate.try_acquire(now)
-        {
-            self.metrics.rate_limited.inc();
-            return Err(ProxyError::RateLimited {
-                backend: INBOUND.into(),
-                retry_after,
-            });
-        }
-        if policy.max_parallel_requests.is_none() {
-            return Ok(None);
-        }
-        // No waiting room: the app's protection fails fast.
-        match self.bulkhead.acquire(now).await {
-            Ok(permit) => Ok(Some(permit)),
-            Err(_) => {
-                self.metrics.overflow.inc();
-                Err(ProxyError::Overflow {
-                    backend: INBOUND.into(),
-                    what: "parallel requests",
-                })
-            }
-        }
-    }
 }
 
 /// A connection's peer: its address and, over mTLS, its verified SPIFFE
@@ -205,7 +112,7 @@ impl Inbound {
             app: app_at(app),
             apps: Mutex::new(HashMap::new()),
             options,
-            server: http_server(),
+            server: server::builder(),
         })
     }
 

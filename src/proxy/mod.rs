@@ -8,52 +8,18 @@
 //! Both serve HTTP/1.1 and HTTP/2 on one port (the HTTP/2 preface decides)
 //! and stream bodies in both directions; nothing is buffered whole.
 
-pub mod backend;
-pub mod body;
 pub mod call;
-pub mod deadline;
-pub mod end_of_body;
-pub mod error;
-pub mod headers;
 pub mod inbound;
 pub mod outbound;
-pub mod pool;
-pub mod replay;
 pub mod transparent;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-/// Concurrent HTTP/2 streams a caller may open on one connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Streams a caller may reset before the server accepted them, per
-/// connection, before it is told to calm down (GOAWAY ENHANCE_YOUR_CALM).
-/// hyper's default (20) trips on legitimate clients that cancel calls in
-/// bulk when they stall; this still bounds a rapid-reset flood.
-const MAX_PENDING_ACCEPT_RESETS: usize = 512;
-/// HTTP/2 PING interval on accepted connections, to find dead callers.
-const SERVER_KEEPALIVE: Duration = Duration::from_secs(30);
-
-/// The HTTP server settings shared by both listeners.
-pub fn http_server() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-        .keep_alive_interval(SERVER_KEEPALIVE)
-        .keep_alive_timeout(SERVER_KEEPALIVE);
-    b
-}
 
 /// Accepts connections until `shutdown` turns true, handing each to
 /// `serve` with a graceful-shutdown watcher; then waits up to `drain` for

@@ -21,16 +21,18 @@ use bytes::Bytes;
 use http::Version;
 use http::uri::Scheme;
 
-use super::backend::PlainUpstream;
-use super::body::ProxyBody;
+use crate::http::upstream::PlainUpstream;
+use crate::http::body::ProxyBody;
 use super::call::{CallRequest, CallSummary, call};
-use super::error::{ProxyError, is_grpc};
-use super::headers::{Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop};
-use super::transparent::{OwnSocket, Prefixed, Protocol, detect, passthrough};
-use super::{http_server, original_dst};
+use crate::http::error::{ProxyError, is_grpc};
+use crate::http::headers::{Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop};
+use crate::http::own_socket::OwnSocket;
+use super::transparent::{Prefixed, Protocol, detect, passthrough};
+use super::original_dst;
+use crate::http::server;
 use crate::config::Unmatched;
 use crate::policy::PolicyStore;
-use crate::routing::RequestView;
+use crate::policy::routing::RequestView;
 use crate::telemetry::Telemetry;
 use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::metrics::ConnectionMetrics;
@@ -104,7 +106,7 @@ impl Outbound {
             telemetry,
             transparent,
             passthrough_connections,
-            server: http_server(),
+            server: server::builder(),
         })
     }
 

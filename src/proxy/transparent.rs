@@ -6,22 +6,23 @@
 //!   the bytes read are replayed to whoever serves it ([`Prefixed`]).
 //! - [`passthrough`] carries an opaque connection to its original
 //!   destination, byte for byte.
-//! - [`OwnSocket`] remembers the local addresses of the connections the
-//!   sidecar itself opens, so that one coming back through a redirect (the
-//!   proxy's UID not excluded from interception) is refused instead of
-//!   recursing.
+//!
+//! [`OwnSocket`] (in `http`, where connections are opened) remembers the
+//! local addresses of the connections the sidecar itself opens, so that one
+//! coming back through a redirect (the proxy's UID not excluded from
+//! interception) is refused instead of recursing.
 
-use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::http::own_socket::OwnSocket;
 
 /// What a connection's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,47 +191,6 @@ async fn copy_to(mut client: TcpStream, prefix: Bytes, dst: SocketAddr) -> io::R
     }
     let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
     Ok((up + prefix.len() as u64, down))
-}
-
-/// Local addresses of the connections this process opened.
-static OWN_SOCKETS: LazyLock<Mutex<HashSet<SocketAddr>>> =
-    LazyLock::new(|| Mutex::new(HashSet::new()));
-
-/// A connection the sidecar opened, known as its own while this lives.
-#[derive(Debug)]
-pub struct OwnSocket(Option<SocketAddr>);
-
-impl OwnSocket {
-    pub fn register(tcp: &TcpStream) -> OwnSocket {
-        let addr = tcp.local_addr().ok();
-        if let Some(a) = addr {
-            OWN_SOCKETS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(a);
-        }
-        OwnSocket(addr)
-    }
-
-    /// Whether `peer` (an accepted connection's remote address) is one of
-    /// this process's own outgoing connections come back.
-    pub fn is_own(peer: SocketAddr) -> bool {
-        OWN_SOCKETS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&peer)
-    }
-}
-
-impl Drop for OwnSocket {
-    fn drop(&mut self) {
-        if let Some(a) = self.0 {
-            OWN_SOCKETS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&a);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //!
 //! A pick allocates nothing; at worst it walks the slice twice.
 //!
-//! Not here: connections ([`crate::proxy`]), the retry loop that fills
+//! Not here: connections (the proxy's), the retry loop that fills
 //! `avoid`, and ejection itself ([`super::outlier`]).
 
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 //! What does not live here: the retry loop, backoff and deadlines, mapping a
 //! response to an [`outlier::Outcome`], the periodic [`outlier::OutlierDetector::sweep`]
 //! task, and answering the caller when a limit says no. Those belong to
-//! [`crate::proxy`], which owns one of each object per backend or endpoint.
+//! the proxy, which owns one of each object per backend or endpoint.
 
 pub mod balancer;
 pub mod budget;

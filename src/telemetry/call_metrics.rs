@@ -13,9 +13,9 @@ use http::Response;
 use pylon_proto::policy::GrpcCode;
 
 use super::metrics::{RequestMetrics, RequestStatus};
-use crate::proxy::body::ProxyBody;
-use crate::proxy::end_of_body::{BodyEnd, OnEnd, TrackedBody, grpc_status};
-use crate::proxy::error::{ProxyError, grpc_code_for_http};
+use crate::http::body::ProxyBody;
+use crate::http::end::{BodyEnd, OnEnd, TrackedBody, grpc_status};
+use crate::http::error::{ProxyError, grpc_code_for_http};
 
 /// A call being timed.
 pub struct CallTimer {

@@ -9,21 +9,19 @@ use std::time::Duration;
 
 use pylon_proto::otlp_metrics::{self, ExportConfig};
 
-use crate::identity::IdentityStore;
-use crate::policy::PolicyStore;
+use super::metrics::Metrics;
 
-/// The default of `telemetry.otlp.metricsInterval`.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// The longest one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Starts exporting the sidecar's metrics to `endpoint`.
+/// Starts exporting the sidecar's metrics to `endpoint`, calling `refresh`
+/// (which updates the gauges read from state) before each encoding.
 pub fn spawn(
     endpoint: String,
     service_name: String,
     interval: Duration,
-    policy: Arc<PolicyStore>,
-    identity: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    refresh: impl Fn() + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let interval = interval.max(Duration::from_millis(100));
     tracing::info!(%endpoint, ?interval, "exporting metrics over OTLP");
@@ -33,12 +31,12 @@ pub fn spawn(
         interval,
         timeout: EXPORT_TIMEOUT.min(interval),
     };
-    let failures = policy.metrics().otlp_export_failures();
+    let failures = metrics.otlp_export_failures();
     tokio::spawn(otlp_metrics::run(
         config,
         move || {
-            crate::telemetry::metrics::refresh(&policy, &identity);
-            policy.metrics().encode()
+            refresh();
+            metrics.encode()
         },
         move || {
             failures.inc();

@@ -18,25 +18,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// How log records are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// Human-readable lines (the `tracing-subscriber` default format).
-    #[default]
-    Text,
-    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
-    Json,
-}
-
-impl LogFormat {
-    pub fn parse(s: &str) -> Result<LogFormat, String> {
-        match s.trim() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("expected text or json, found {other:?}")),
-        }
-    }
-}
+pub use crate::config::LogFormat;
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 

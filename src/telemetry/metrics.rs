@@ -23,8 +23,6 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use pylon_proto::policy::GrpcCode;
 
-use crate::identity::IdentityStore;
-use crate::policy::PolicyStore;
 
 /// Label of per-backend metrics: `Backend/name` (`Backend/ns/name` outside
 /// the default namespace), or `inbound` for the local app's protection.
@@ -83,7 +81,7 @@ pub struct Metrics {
     connections_active: Family<DirectionLabel, Gauge>,
     connections: Family<DirectionLabel, Counter>,
     otlp_export_failures: Counter,
-    state: StateGauges,
+    pub state: StateGauges,
     requests: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
     retries_exhausted: Family<BackendLabel, Counter>,
@@ -117,14 +115,15 @@ pub struct AuthorizationMetrics {
     pub denied: Counter,
 }
 
-/// Gauges of the sidecar's state, set by [`refresh`].
+/// Gauges of the sidecar's state, set before every scrape and export
+/// (`policy::refresh_gauges`).
 #[derive(Debug, Clone, Default)]
-struct StateGauges {
-    policy_version: Gauge,
-    policy_installed: Gauge,
-    certificate_expiry: Gauge,
-    trust_bundle_roots: Gauge,
-    control_plane_connected: Gauge,
+pub struct StateGauges {
+    pub policy_version: Gauge,
+    pub policy_installed: Gauge,
+    pub certificate_expiry: Gauge,
+    pub trust_bundle_roots: Gauge,
+    pub control_plane_connected: Gauge,
 }
 
 /// One backend's counters, resolved once.
@@ -391,32 +390,6 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Sets the gauges that describe current state: ejected endpoints per
-/// backend, the policy version, the certificate's expiry, the trust bundle
-/// and the control-plane connection. Called before every scrape and export.
-pub fn refresh(policy: &PolicyStore, identity: &IdentityStore) {
-    let snapshot = policy.load_full();
-    let now = tokio::time::Instant::now();
-    for backend in snapshot.backends.values() {
-        let ejected = i64::try_from(backend.ejected(now)).unwrap_or(i64::MAX);
-        backend.metrics.ejections_active.set(ejected);
-    }
-    let state = &policy.metrics().state;
-    state
-        .policy_version
-        .set(snapshot.version.trim().parse::<i64>().unwrap_or(0));
-    state.policy_installed.set(i64::from(policy.installed()));
-    state
-        .certificate_expiry
-        .set(identity.credentials().not_after);
-    state
-        .trust_bundle_roots
-        .set(i64::try_from(identity.bundle_fingerprints().len()).unwrap_or(i64::MAX));
-    state
-        .control_plane_connected
-        .set(i64::from(policy.source_state().connected));
 }
 
 /// One listener's connections.

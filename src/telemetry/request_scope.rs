@@ -26,9 +26,9 @@ use pylon_proto::policy::GrpcCode;
 
 use super::Telemetry;
 use super::trace::{SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
-use crate::proxy::body::{BoxError, ProxyBody};
-use crate::proxy::end_of_body::grpc_status;
-use crate::proxy::error::{ProxyError, X_PYLON_ERROR};
+use crate::http::body::{BoxError, ProxyBody};
+use crate::http::end::grpc_status;
+use crate::http::error::{ProxyError, X_PYLON_ERROR};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -153,7 +153,7 @@ impl RequestScope {
         let access = telemetry.access_log.then(|| {
             Box::new(AccessFields {
                 method: req.method().clone(),
-                authority: crate::proxy::headers::request_authority(req)
+                authority: crate::http::headers::request_authority(req)
                     .map_or_else(String::new, |a| a.to_string()),
                 path: req.uri().path().to_string(),
             })
@@ -221,7 +221,7 @@ impl RequestScope {
             "http.request.method",
             req.method().as_str().to_string(),
         ));
-        if let Some(a) = crate::proxy::headers::request_authority(req) {
+        if let Some(a) = crate::http::headers::request_authority(req) {
             attributes.push(KeyValue::new("server.address", a.host().to_string()));
         }
         // Attempts (outbound) share the request's attributes.

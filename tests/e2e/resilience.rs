@@ -384,7 +384,7 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
         .clone()
         .expect("grpc-timeout forwarded");
     let forwarded =
-        pylon::proxy::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+        pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
     assert!(forwarded <= Duration::from_millis(300), "{forwarded:?}");
     eventually("the upstream call reset", async || server.cancelled() >= 1).await;
 
@@ -403,7 +403,7 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
         .clone()
         .expect("grpc-timeout set from the route");
     let forwarded =
-        pylon::proxy::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+        pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
     assert!(forwarded <= Duration::from_millis(200), "{forwarded:?}");
     assert!(
         f.metric("pylon_timeouts_total{backend=\"Backend/svc\",kind=\"request\"}")
@@ -434,7 +434,7 @@ retry: { attempts: 2, codes: [DEADLINE_EXCEEDED], backoff: { base: 1ms, max: 2ms
     let seen = server.seen();
     assert_eq!(seen.len(), 2);
     let t = |i: usize| {
-        pylon::proxy::deadline::parse_grpc_timeout(
+        pylon::http::deadline::parse_grpc_timeout(
             &seen[i].grpc_timeout.clone().unwrap().parse().unwrap(),
         )
         .unwrap()

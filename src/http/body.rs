@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::end_of_body::TrackedBody;
+use super::end::TrackedBody;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
 use crate::telemetry::request_scope::ObservedBody;

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::headers::Wire;
-use super::transparent::OwnSocket;
+use super::own_socket::OwnSocket;
 use crate::identity::tls::{IdentityMismatch, find_identity_mismatch};
 use crate::resilience::bulkhead::{ConnectionGuard, ConnectionLimit};
 

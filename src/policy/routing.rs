@@ -28,7 +28,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{FaultInjection, PathMatch, Retry, Timeouts};
 
-use crate::proxy::backend::Backend;
+use crate::policy::backend::Backend;
 use crate::telemetry::metrics::{Metrics, RequestMetrics};
 use prometheus_client::metrics::counter::Counter;
 
@@ -543,7 +543,7 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::backend::Backend;
+    use crate::policy::backend::Backend;
 
     fn rule(name: &str) -> Arc<Rule> {
         let b = Backend::for_tests(name);

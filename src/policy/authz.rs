@@ -8,7 +8,7 @@
 //! allocates nothing and takes no lock.
 //!
 //! Not here: where the decision sits on the inbound path and what a denied
-//! caller is told ([`crate::proxy::inbound`]), and how the caller's identity
+//! caller is told (the inbound path), and how the caller's identity
 //! is verified ([`crate::identity::tls`]).
 
 use std::fmt;

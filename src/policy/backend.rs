@@ -22,10 +22,11 @@ use pylon_proto::policy::{
 };
 use tokio::time::Instant;
 
-use super::body::ProxyBody;
-use super::error::ProxyError;
-use super::headers::{ORIG_PROTO_HTTP1, Wire, X_PYLON_ORIG_PROTO, rewrite_for};
-use super::pool::{ConnectError, EndpointPool, SendError, Transport};
+use crate::http::body::ProxyBody;
+use crate::http::error::ProxyError;
+use crate::http::headers::{ORIG_PROTO_HTTP1, Wire, X_PYLON_ORIG_PROTO, rewrite_for};
+use crate::http::pool::{EndpointPool, Transport};
+use crate::http::upstream::upstream_error;
 use crate::discovery::{self, Dns};
 use crate::resilience::balancer::{self, Candidate, EndpointLoad};
 use crate::resilience::budget::RetryBudget;
@@ -393,73 +394,3 @@ async fn sweep_outliers(backend: Weak<Backend>) {
     }
 }
 
-/// One plaintext address outside the policy: the local app (inbound) or a
-/// redirected connection's original destination (outbound pass-through).
-/// Its name says which in errors and spans.
-pub struct PlainUpstream {
-    pool: Arc<EndpointPool>,
-    pub name: Arc<str>,
-}
-
-impl PlainUpstream {
-    pub fn new(what: &str, addr: SocketAddr) -> PlainUpstream {
-        PlainUpstream {
-            pool: EndpointPool::new(addr, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
-            name: format!("{what} {addr}").into(),
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.pool.addr()
-    }
-
-    /// Sends `req` over `wire`; a failure is the proxy's own answer.
-    pub async fn send(
-        &self,
-        req: Request<ProxyBody>,
-        wire: Wire,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.pool
-            .send(req, wire)
-            .await
-            .map_err(|e| upstream_error(&self.name, self.pool.addr(), e))
-    }
-}
-
-/// Names a failure at `addr` of `backend` as the caller will read it.
-pub fn upstream_error(backend: &Arc<str>, addr: SocketAddr, e: SendError) -> ProxyError {
-    let backend = backend.clone();
-    match e {
-        SendError::Http(source) => ProxyError::Upstream {
-            backend,
-            addr,
-            source,
-        },
-        SendError::Connect(ConnectError::Identity(mismatch)) => ProxyError::IdentityMismatch {
-            backend,
-            addr,
-            mismatch,
-        },
-        SendError::Connect(ConnectError::Timeout(timeout)) => ProxyError::ConnectTimeout {
-            backend,
-            addr,
-            timeout,
-        },
-        SendError::Connect(ConnectError::Overflow) => ProxyError::Overflow {
-            backend,
-            what: "connections",
-        },
-        SendError::Connect(error @ (ConnectError::Tls(_) | ConnectError::NoH2)) => {
-            ProxyError::Tls {
-                backend,
-                addr,
-                error,
-            }
-        }
-        SendError::Connect(error) => ProxyError::Connect {
-            backend,
-            addr,
-            error,
-        },
-    }
-}

@@ -1,0 +1,17 @@
+//! HTTP transport, with no policy in it: the body type the proxy forwards,
+//! header rewriting, connection pools to endpoints and plaintext upstreams,
+//! the request-body replay buffer, deadlines as `grpc-timeout` carries
+//! them, the one wrapper that watches a response to its end, the proxy's
+//! own errors and how they render, and the server settings every listener
+//! shares.
+
+pub mod body;
+pub mod deadline;
+pub mod end;
+pub mod error;
+pub mod headers;
+pub mod own_socket;
+pub mod pool;
+pub mod replay;
+pub mod server;
+pub mod upstream;
