@@ -29,10 +29,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::KubernetesInfo;
+use crate::http::body::ProxyBody;
 use crate::identity::IdentityStore;
 use crate::policy::PolicyStore;
 use crate::probes::{AppProbes, ProbeKind, Prober};
-use crate::http::body::ProxyBody;
 
 /// Addresses the sidecar's listeners are bound to.
 #[derive(Debug, Clone, Copy)]

@@ -615,10 +615,7 @@ impl Config {
         };
         let log_format = r.log_format("telemetry.logFormat");
         let otlp_metrics_interval = r
-            .duration(
-                "telemetry.otlp.metricsInterval",
-                DEFAULT_METRICS_INTERVAL,
-            )
+            .duration("telemetry.otlp.metricsInterval", DEFAULT_METRICS_INTERVAL)
             .unwrap_or(DEFAULT_METRICS_INTERVAL);
         let state_dir = r.path("stateDir");
         let dns = r.dns();

@@ -35,3 +35,6 @@ pub mod proxy;
 pub mod resilience;
 pub mod sidecar;
 pub mod telemetry;
+
+#[cfg(test)]
+mod layers;

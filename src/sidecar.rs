@@ -17,12 +17,12 @@ use crate::discovery::Dns;
 use crate::identity::control::{ControlPlaneIdentity, LastError};
 use crate::identity::{self, IdentityStore, tls};
 use crate::policy::control::ControlPlaneSource;
+use crate::policy::routing::ClusterDns;
 use crate::policy::{self, PolicyStore};
 use crate::probes::Prober;
 use crate::proxy::accept_loop;
 use crate::proxy::inbound::{Inbound, InboundOptions};
 use crate::proxy::outbound::{Outbound, TransparentConfig};
-use crate::policy::routing::ClusterDns;
 use crate::telemetry::metrics::{ConnectionGuard, Metrics};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,10 +11,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::end::TrackedBody;
+use super::end::EndBody;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
-use crate::telemetry::request_scope::ObservedBody;
 
 /// Errors of any body the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -29,15 +28,34 @@ pub enum ProxyBody {
     Pooled(PooledBody),
     /// A request body under a retry policy: recorded for replay.
     Replay(ReplayBody),
-    /// A routed call's response: deadline enforced, end observed.
-    Tracked(Box<TrackedBody>),
-    /// A response whose end completes the request's span and access record.
-    Observed(Box<ObservedBody>),
+    /// A response watched to its end (`http::end`): deadline enforced,
+    /// its end told to the call's observers.
+    End(Box<EndBody>),
+    /// Any body, in unit tests.
+    #[cfg(test)]
+    Boxed(TestBody),
 }
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(bytes.into()))
+    }
+
+    /// Any body, in unit tests.
+    #[cfg(test)]
+    pub fn boxed(body: impl Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static) -> Self {
+        ProxyBody::Boxed(TestBody(Box::pin(body)))
+    }
+}
+
+/// Any body, in unit tests.
+#[cfg(test)]
+pub struct TestBody(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestBody")
     }
 }
 
@@ -61,8 +79,9 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-            ProxyBody::Tracked(b) => Pin::new(b.as_mut()).poll_frame(cx),
-            ProxyBody::Observed(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ProxyBody::End(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            #[cfg(test)]
+            ProxyBody::Boxed(b) => b.0.as_mut().poll_frame(cx),
         }
     }
 
@@ -73,8 +92,9 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
             ProxyBody::Replay(b) => b.is_end_stream(),
-            ProxyBody::Tracked(b) => b.is_end_stream(),
-            ProxyBody::Observed(b) => b.is_end_stream(),
+            ProxyBody::End(b) => b.is_end_stream(),
+            #[cfg(test)]
+            ProxyBody::Boxed(b) => b.0.is_end_stream(),
         }
     }
 
@@ -85,8 +105,9 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
             ProxyBody::Replay(b) => b.size_hint(),
-            ProxyBody::Tracked(b) => b.size_hint(),
-            ProxyBody::Observed(b) => b.size_hint(),
+            ProxyBody::End(b) => b.size_hint(),
+            #[cfg(test)]
+            ProxyBody::Boxed(b) => b.0.size_hint(),
         }
     }
 }

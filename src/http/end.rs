@@ -1,30 +1,37 @@
-//! The response body of a routed call, watched until its end.
+//! The end of a response: the one place the proxy watches a response body
+//! until it is over, and tells whoever needs to know how it ended.
 //!
-//! It enforces the call's deadline while the response streams (a gRPC
-//! caller gets `DEADLINE_EXCEEDED` in trailers, an HTTP caller a reset
-//! stream), replays a frame read early to decide on a retry, and when the
-//! body ends hands the outcome (the gRPC status in the trailers, a failure, a
-//! timeout, or the caller going away) to whoever tracks the attempt: the
-//! in-flight count, the bulkhead permit and outlier detection.
+//! A response is wrapped once ([`EndBody`]), however many observers it has:
+//! the attempt that produced it (in-flight load, bulkhead permit, outlier
+//! detection, the attempt's span), the call's RED metrics, the request's
+//! span and access record, a permit held for the local app. Each frame is
+//! read once: data is counted, trailers give the gRPC status and the
+//! proxy's error code. When the body ends (its last frame, a failure, the
+//! deadline, or the caller dropping it) every observer gets the same
+//! [`ResponseEnd`], in the order they were added.
+//!
+//! The wrapper also enforces a call's deadline while the response streams
+//! (a gRPC caller gets `DEADLINE_EXCEEDED` in trailers, an HTTP caller a
+//! reset stream) and replays a frame read early to decide on a retry.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use pylon_proto::policy::GrpcCode;
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
-use super::error::{X_PYLON_ERROR, percent_encode_grpc_message};
+use super::error::{ProxyError, X_PYLON_ERROR, percent_encode_grpc_message};
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyEnd {
-    /// The upstream finished; the gRPC status of its trailers, if any.
-    Complete { grpc_status: Option<GrpcCode> },
+pub enum Ending {
+    /// Its last frame was read.
+    Complete,
     /// The upstream failed mid-stream (reset, connection lost).
     Failed,
     /// The call's deadline passed while the response was streaming.
@@ -33,9 +40,32 @@ pub enum BodyEnd {
     Dropped,
 }
 
-/// Told how the body ended, once.
+/// What the end of a response says, read once for every observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseEnd {
+    pub ending: Ending,
+    /// The response head's HTTP status.
+    pub status: u16,
+    /// `grpc-status` of the head (a trailers-only response).
+    pub head_grpc: Option<GrpcCode>,
+    /// `grpc-status` of the trailers, or the one the deadline wrote.
+    pub trailers_grpc: Option<GrpcCode>,
+    /// The proxy's error code (`x-pylon-error`) of the head or trailers.
+    pub error: Option<&'static str>,
+    /// Data bytes passed on.
+    pub bytes: u64,
+}
+
+impl ResponseEnd {
+    /// The response's gRPC status: the trailers', else the head's.
+    pub fn grpc_status(&self) -> Option<GrpcCode> {
+        self.trailers_grpc.or(self.head_grpc)
+    }
+}
+
+/// Told how a response ended, once.
 pub trait OnEnd: Send + Sync {
-    fn on_end(self: Box<Self>, end: BodyEnd);
+    fn on_end(self: Box<Self>, end: &ResponseEnd);
 }
 
 /// A deadline that applies while the response streams.
@@ -44,46 +74,113 @@ pub struct StreamDeadline {
     pub timeout: Duration,
 }
 
-pub struct TrackedBody {
+/// Observers a response usually has at most (attempt, metrics, request);
+/// more still work.
+const OBSERVERS: usize = 3;
+
+/// A response body watched to its end.
+pub struct EndBody {
     inner: ProxyBody,
     peeked: Option<Frame<Bytes>>,
     deadline: Option<StreamDeadline>,
+    /// The request is gRPC: a deadline is told in trailers.
     grpc: bool,
-    on_end: Option<Box<dyn OnEnd>>,
+    end: ResponseEnd,
+    observers: Vec<Box<dyn OnEnd>>,
     finished: bool,
 }
 
-impl std::fmt::Debug for TrackedBody {
+impl std::fmt::Debug for EndBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrackedBody")
+        f.debug_struct("EndBody")
             .field("grpc", &self.grpc)
+            .field("end", &self.end)
+            .field("observers", &self.observers.len())
             .field("finished", &self.finished)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-impl TrackedBody {
-    pub fn new(
-        inner: ProxyBody,
-        peeked: Option<Frame<Bytes>>,
-        deadline: Option<StreamDeadline>,
-        grpc: bool,
-        on_end: Option<Box<dyn OnEnd>>,
-    ) -> Self {
-        TrackedBody {
-            inner,
-            peeked,
-            deadline,
-            grpc,
-            on_end,
-            finished: false,
+/// The gRPC status in a header block (a head or trailers).
+pub fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
+    let v = headers.get("grpc-status")?.to_str().ok()?;
+    GrpcCode::from_u8(v.parse().ok()?)
+}
+
+/// The proxy's error code in a header block, when it is one it knows.
+fn error_code(headers: &HeaderMap) -> Option<&'static str> {
+    headers
+        .get(X_PYLON_ERROR)
+        .and_then(|v| ProxyError::known_code(v.as_bytes()))
+}
+
+/// Adds `observer` to the end of `resp`: its body is wrapped the first time
+/// and only then; a later observer joins the same wrapper.
+pub fn observe(mut resp: Response<ProxyBody>, observer: Box<dyn OnEnd>) -> Response<ProxyBody> {
+    if let ProxyBody::End(body) = resp.body_mut()
+        && !body.finished
+    {
+        body.observers.push(observer);
+        return resp;
+    }
+    let mut resp = watch(resp, None, None, false);
+    if let ProxyBody::End(body) = resp.body_mut() {
+        body.observers.push(observer);
+    }
+    resp
+}
+
+/// Wraps `resp` to watch it to its end: `peeked` (a frame read early) is
+/// passed on first, and `deadline` applies while it streams (told in
+/// trailers when `grpc`). Observers are added with [`observe`].
+pub fn watch(
+    resp: Response<ProxyBody>,
+    peeked: Option<Frame<Bytes>>,
+    deadline: Option<StreamDeadline>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let (parts, inner) = resp.into_parts();
+    let end = ResponseEnd {
+        ending: Ending::Complete,
+        status: parts.status.as_u16(),
+        head_grpc: grpc_status(&parts.headers),
+        trailers_grpc: None,
+        error: error_code(&parts.headers),
+        bytes: 0,
+    };
+    let body = EndBody {
+        inner,
+        peeked,
+        deadline,
+        grpc,
+        end,
+        observers: Vec::with_capacity(OBSERVERS),
+        finished: false,
+    };
+    Response::from_parts(parts, ProxyBody::End(Box::new(body)))
+}
+
+impl EndBody {
+    fn finish(&mut self, ending: Ending) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.end.ending = ending;
+        for observer in self.observers.drain(..) {
+            observer.on_end(&self.end);
         }
     }
 
-    fn end(&mut self, end: BodyEnd) {
-        self.finished = true;
-        if let Some(on_end) = self.on_end.take() {
-            on_end.on_end(end);
+    /// Reads what a frame says, once.
+    fn note(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.end.bytes += data.len() as u64;
+        } else if let Some(t) = frame.trailers_ref() {
+            self.end.trailers_grpc = grpc_status(t);
+            if self.end.error.is_none() {
+                self.end.error = error_code(t);
+            }
         }
     }
 
@@ -98,18 +195,14 @@ impl TrackedBody {
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
             t.insert("grpc-message", v);
         }
-        t.insert(X_PYLON_ERROR, HeaderValue::from_static("deadline-exceeded"));
+        t.insert(X_PYLON_ERROR, HeaderValue::from_static(DEADLINE_EXCEEDED));
         t
     }
 }
 
-/// The gRPC status in a trailers frame.
-pub fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
-    let v = headers.get("grpc-status")?.to_str().ok()?;
-    GrpcCode::from_u8(v.parse().ok()?)
-}
+const DEADLINE_EXCEEDED: &str = "deadline-exceeded";
 
-impl Body for TrackedBody {
+impl Body for EndBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -122,11 +215,9 @@ impl Body for TrackedBody {
             return Poll::Ready(None);
         }
         if let Some(frame) = this.peeked.take() {
-            if let Some(t) = frame.trailers_ref() {
-                let status = grpc_status(t);
-                this.end(BodyEnd::Complete {
-                    grpc_status: status,
-                });
+            this.note(&frame);
+            if frame.is_trailers() {
+                this.finish(Ending::Complete);
             }
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -136,7 +227,11 @@ impl Body for TrackedBody {
             let timeout = deadline.timeout;
             // Dropping the upstream body resets the upstream stream.
             this.inner = ProxyBody::Empty;
-            this.end(BodyEnd::DeadlineExceeded);
+            this.end.error = Some(DEADLINE_EXCEEDED);
+            if this.grpc {
+                this.end.trailers_grpc = Some(GrpcCode::DeadlineExceeded);
+            }
+            this.finish(Ending::DeadlineExceeded);
             return Poll::Ready(Some(if this.grpc {
                 Ok(Frame::trailers(Self::deadline_trailers(timeout)))
             } else {
@@ -146,19 +241,17 @@ impl Body for TrackedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
-                this.end(BodyEnd::Complete { grpc_status: None });
+                this.finish(Ending::Complete);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.end(BodyEnd::Failed);
+                this.finish(Ending::Failed);
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = frame.trailers_ref() {
-                    let status = grpc_status(t);
-                    this.end(BodyEnd::Complete {
-                        grpc_status: status,
-                    });
+                this.note(&frame);
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    this.finish(Ending::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -182,15 +275,147 @@ impl Body for TrackedBody {
     }
 }
 
-impl Drop for TrackedBody {
+impl Drop for EndBody {
     fn drop(&mut self) {
-        if !self.finished {
-            let end = if self.inner.is_end_stream() && self.peeked.is_none() {
-                BodyEnd::Complete { grpc_status: None }
-            } else {
-                BodyEnd::Dropped
-            };
-            self.end(end);
+        let ending = if self.inner.is_end_stream() && self.peeked.is_none() {
+            Ending::Complete
+        } else {
+            Ending::Dropped
+        };
+        self.finish(ending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    struct Record(Arc<Mutex<Vec<(usize, ResponseEnd)>>>, usize);
+
+    impl OnEnd for Record {
+        fn on_end(self: Box<Self>, end: &ResponseEnd) {
+            self.0.lock().unwrap().push((self.1, *end));
         }
+    }
+
+    fn recorded() -> Arc<Mutex<Vec<(usize, ResponseEnd)>>> {
+        Arc::new(Mutex::new(Vec::new()))
+    }
+
+    /// Frames, then the end; or never anything when `pending`.
+    struct Frames {
+        frames: std::collections::VecDeque<Frame<Bytes>>,
+        pending: bool,
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.pending {
+                return Poll::Pending;
+            }
+            Poll::Ready(self.frames.pop_front().map(Ok))
+        }
+    }
+
+    fn grpc_body() -> ProxyBody {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("14"));
+        ProxyBody::boxed(Frames {
+            frames: [
+                Frame::data(Bytes::from_static(b"hello")),
+                Frame::trailers(t),
+            ]
+            .into(),
+            pending: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn every_observer_hears_the_same_end_once_from_one_wrapper() {
+        let seen = recorded();
+        let resp = Response::new(grpc_body());
+        let resp = observe(resp, Box::new(Record(seen.clone(), 1)));
+        let resp = observe(resp, Box::new(Record(seen.clone(), 2)));
+        let ProxyBody::End(body) = resp.body() else {
+            panic!("not wrapped")
+        };
+        assert!(matches!(body.inner, ProxyBody::Boxed(_)), "wrapped twice");
+        assert!(seen.lock().unwrap().is_empty());
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().and_then(grpc_status),
+            Some(GrpcCode::Unavailable)
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].0, seen[1].0), (1, 2));
+        let end = seen[0].1;
+        assert_eq!(end, seen[1].1);
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.status, 200);
+        assert_eq!(end.grpc_status(), Some(GrpcCode::Unavailable));
+        assert_eq!(end.bytes, 5);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_is_told_as_dropped() {
+        let seen = recorded();
+        let resp = observe(
+            Response::new(grpc_body()),
+            Box::new(Record(seen.clone(), 1)),
+        );
+        drop(resp);
+        assert_eq!(seen.lock().unwrap()[0].1.ending, Ending::Dropped);
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_error_of_the_proxy_is_read_from_the_head() {
+        let seen = recorded();
+        let e = ProxyError::NoBackend {
+            route: "GRPCRoute/x".into(),
+        };
+        let resp = observe(e.to_response(true), Box::new(Record(seen.clone(), 1)));
+        drop(resp.into_body().collect().await.unwrap());
+        let end = seen.lock().unwrap()[0].1;
+        assert_eq!(end.ending, Ending::Complete);
+        assert_eq!(end.head_grpc, Some(e.grpc_code()));
+        assert_eq!(end.error, Some(e.code()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_a_grpc_response_with_trailers() {
+        let seen = recorded();
+        let body = Frames {
+            frames: Default::default(),
+            pending: true,
+        };
+        let deadline = StreamDeadline {
+            sleep: Box::pin(tokio::time::sleep(Duration::from_millis(50))),
+            timeout: Duration::from_millis(50),
+        };
+        let resp = watch(
+            Response::new(ProxyBody::boxed(body)),
+            None,
+            Some(deadline),
+            true,
+        );
+        let resp = observe(resp, Box::new(Record(seen.clone(), 1)));
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().and_then(grpc_status),
+            Some(GrpcCode::DeadlineExceeded)
+        );
+        let end = seen.lock().unwrap()[0].1;
+        assert_eq!(end.ending, Ending::DeadlineExceeded);
+        assert_eq!(end.grpc_status(), Some(GrpcCode::DeadlineExceeded));
+        assert_eq!(end.error, Some("deadline-exceeded"));
     }
 }

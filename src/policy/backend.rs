@@ -22,12 +22,12 @@ use pylon_proto::policy::{
 };
 use tokio::time::Instant;
 
+use crate::discovery::{self, Dns};
 use crate::http::body::ProxyBody;
 use crate::http::error::ProxyError;
 use crate::http::headers::{ORIG_PROTO_HTTP1, Wire, X_PYLON_ORIG_PROTO, rewrite_for};
 use crate::http::pool::{EndpointPool, Transport};
 use crate::http::upstream::upstream_error;
-use crate::discovery::{self, Dns};
 use crate::resilience::balancer::{self, Candidate, EndpointLoad};
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::bulkhead::{Bulkhead, ConnectionLimit};
@@ -393,4 +393,3 @@ async fn sweep_outliers(backend: Weak<Backend>) {
         b.outlier.sweep(endpoints.iter().map(|e| &e.health), now);
     }
 }
-

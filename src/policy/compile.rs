@@ -18,10 +18,10 @@ use pylon_proto::policy::{
 };
 
 use super::{InboundPolicy, Snapshot};
-use crate::policy::authz::Authorization;
-use crate::identity::{IdentityStore, tls};
-use crate::policy::backend::{Backend, BackendConfig, EndpointSource};
 use crate::http::pool::Transport;
+use crate::identity::{IdentityStore, tls};
+use crate::policy::authz::Authorization;
+use crate::policy::backend::{Backend, BackendConfig, EndpointSource};
 use crate::policy::routing::{ClusterDns, Matcher, RouteHosts, RouteTable, Rule, RulePolicy};
 use crate::telemetry::metrics::Metrics;
 

@@ -24,13 +24,13 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, Guard};
 use pylon_proto::policy::Resource;
 
-use authz::Authorization;
 use crate::discovery::Dns;
 use crate::identity::IdentityStore;
+use crate::telemetry::metrics::Metrics;
+use authz::Authorization;
 use backend::Backend;
 use inbound::InboundLimits;
 use routing::{ClusterDns, RouteTable};
-use crate::telemetry::metrics::Metrics;
 
 /// A compiled policy: what every request reads.
 #[derive(Debug, Default)]

@@ -23,32 +23,30 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use pylon_proto::policy::{GrpcCode, Retry, RetryOn};
+use pylon_proto::policy::{GrpcCode, Retry};
 use tokio::time::Instant;
 
-use crate::policy::backend::{Backend, Endpoint};
+use super::retry::{Answered, Decision, Deliver, Outcome as RetryOutcome, Pushback, RetryPolicy};
 use crate::http::body::ProxyBody;
-use crate::http::deadline::{GRPC_TIMEOUT, effective_deadline, format_grpc_timeout, parse_grpc_timeout};
-use crate::http::end::{BodyEnd, OnEnd, StreamDeadline, TrackedBody, grpc_status};
-use crate::http::error::{ProxyError, grpc_code_for_http, http_status_for_grpc};
+use crate::http::deadline::{
+    GRPC_TIMEOUT, effective_deadline, format_grpc_timeout, parse_grpc_timeout,
+};
+use crate::http::end::{Ending, OnEnd, ResponseEnd, StreamDeadline, grpc_status, observe, watch};
+use crate::http::error::ProxyError;
 use crate::http::replay::ReplayBody;
+use crate::policy::backend::{Backend, Endpoint};
+use crate::policy::routing::Rule;
 use crate::resilience::balancer::LoadGuard;
 use crate::resilience::bulkhead::BulkheadPermit;
 use crate::resilience::outlier::Outcome;
-use crate::policy::routing::Rule;
 use crate::telemetry::request_scope::{CallTrace, record_error, record_status};
 use crate::telemetry::trace::{SpanRecord, TRACEPARENT};
 use opentelemetry::KeyValue;
 
 /// Names the attempt (1 for the first try) on every upstream request.
 pub const X_PYLON_ATTEMPT: &str = "x-pylon-attempt";
-/// A server's request to wait (milliseconds) before retrying, or not to
-/// retry at all (negative or malformed).
-const GRPC_RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 /// How long a call may wait for a bulkhead slot when it has no deadline.
 pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(1);
-const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
-const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// What the caller asked and how it asked it.
 pub struct CallRequest<'a> {
@@ -120,10 +118,10 @@ enum AttemptError {
     Deadline,
 }
 
-/// Why an attempt's answer may be worth another try.
-struct Retryable {
-    /// `grpc-retry-pushback-ms`: `Some(None)` means "do not retry".
-    pushback: Option<Option<Duration>>,
+/// How an attempt's answer reads to the retry policy.
+struct Judged {
+    outcome: RetryOutcome,
+    pushback: Option<Pushback>,
 }
 
 impl Call<'_> {
@@ -180,7 +178,7 @@ impl Call<'_> {
                     Err(e) => {
                         let e = self.attempt_failed(&endpoint, e, now);
                         if let Some(span) = &mut span {
-                            record_error(span, &e);
+                            record_error(span, e.code(), &e);
                         }
                         Err(e)
                     }
@@ -324,8 +322,8 @@ impl Call<'_> {
         summary: &mut CallSummary,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let backend = &self.backend;
+        let policy = RetryPolicy::new(retry);
         let replay = ReplayBody::new(ProxyBody::Incoming(body), self.replay_limit);
-        let max_attempts = retry.attempts.saturating_add(1);
         let mut tried: Vec<SocketAddr> = Vec::new();
         // The answer a retry would replace, kept until the retry is sent so
         // that the caller gets it if no endpoint is left to try.
@@ -358,25 +356,25 @@ impl Call<'_> {
             summary.attempts = n;
             summary.endpoint = Some(endpoint.addr());
 
-            let (retryable, answer) = match self.attempt(&endpoint, req, now).await {
+            let (judged, answer) = match self.attempt(&endpoint, req, now).await {
                 Ok(attempted) => {
-                    self.judge_response(retry, &endpoint, attempted, n < max_attempts, &replay)
+                    self.judge_response(&policy, &endpoint, attempted, n, &replay)
                         .await
                 }
                 Err(e) => {
-                    let retryable = match &e {
-                        AttemptError::Deadline => None,
-                        AttemptError::AttemptTimeout(_) => {
-                            retry_on(retry, GrpcCode::DeadlineExceeded, 504)
-                                .then_some(Retryable { pushback: None })
-                        }
-                        AttemptError::Proxy(p) => (p.never_sent()
-                            || (endpoint_failure(p)
-                                && retry_on(retry, GrpcCode::Unavailable, 503)))
-                        .then_some(Retryable { pushback: None }),
+                    let outcome = match &e {
+                        AttemptError::Deadline => RetryOutcome::Final,
+                        AttemptError::AttemptTimeout(_) => RetryOutcome::AttemptTimeout,
+                        AttemptError::Proxy(p) if p.never_sent() => RetryOutcome::NeverSent,
+                        AttemptError::Proxy(p) if endpoint_failure(p) => RetryOutcome::Failed,
+                        AttemptError::Proxy(_) => RetryOutcome::Final,
+                    };
+                    let judged = Judged {
+                        outcome,
+                        pushback: None,
                     };
                     (
-                        retryable,
+                        judged,
                         Answer::Failed(self.attempt_failed(&endpoint, e, now)),
                     )
                 }
@@ -386,35 +384,33 @@ impl Call<'_> {
                     Answer::Deliver(resp, peeked, ..) => {
                         self.record_head(span, resp, peeked.as_ref());
                     }
-                    Answer::Failed(e) => record_error(span, e),
+                    Answer::Failed(e) => record_error(span, e.code(), e),
                 }
             }
-            let Some(retryable) = retryable else {
-                return self.settle(answer, endpoint, permit, span);
-            };
-            if n >= max_attempts {
-                backend.metrics.retries_exhausted.inc();
-                return self.settle(answer, endpoint, permit, span);
-            }
-
-            // Another try is warranted: is it allowed?
-            let delay = match retryable.pushback {
-                Some(None) => None,
-                Some(Some(ms)) => Some(ms),
-                None => Some(backoff(retry, n)),
-            };
             let now = Instant::now();
-            let allowed = delay.filter(|d| {
-                replay.replayable() && self.deadline.is_none_or(|(at, _)| now + *d < at)
-            });
-            let Some(delay) = allowed.filter(|_| {
-                let ok = backend.budget.try_withdraw(now);
-                if !ok {
-                    backend.metrics.retries_budget_denied.inc();
+            let answered = Answered {
+                outcome: judged.outcome,
+                pushback: judged.pushback,
+                attempts: n,
+                replayable: replay.replayable(),
+                now,
+                deadline: self.deadline.map(|(at, _)| at),
+            };
+            let decision = policy.decide(&answered, || backend.budget.try_withdraw(now));
+            let delay = match decision {
+                Decision::Retry { after } => after,
+                Decision::Deliver(why) => {
+                    match why {
+                        Deliver::Exhausted => {
+                            backend.metrics.retries_exhausted.inc();
+                        }
+                        Deliver::BudgetSpent => {
+                            backend.metrics.retries_budget_denied.inc();
+                        }
+                        _ => {}
+                    }
+                    return self.settle(answer, endpoint, permit, span);
                 }
-                ok
-            }) else {
-                return self.settle(answer, endpoint, permit, span);
             };
             tokio::time::sleep(delay).await;
             tried.push(endpoint.addr());
@@ -456,69 +452,76 @@ impl Call<'_> {
         record_status(span, false, Some(resp.status().as_u16()), grpc);
     }
 
-    /// Looks at an attempt's response: is it a failure the policy retries?
-    /// A gRPC response whose status may still come in trailers is peeked at
-    /// (one frame) when a retry would be possible.
+    /// Looks at an attempt's response: how does it read to the retry
+    /// policy? A gRPC response whose status may still come in trailers is
+    /// peeked at (one frame) when the policy says so.
     async fn judge_response(
         &self,
-        retry: &Retry,
+        policy: &RetryPolicy<'_>,
         endpoint: &Endpoint,
         attempted: Attempted,
-        may_retry: bool,
+        n: u32,
         replay: &ReplayBody,
-    ) -> (Option<Retryable>, Answer) {
+    ) -> (Judged, Answer) {
         let Attempted { resp, load } = attempted;
         let now = Instant::now();
-        let http = resp.status().as_u16();
-        let headers_status = self.grpc.then(|| grpc_status(resp.headers())).flatten();
-        let peek = self.grpc
-            && http == 200
-            && headers_status.is_none()
-            && may_retry
-            && replay.replayable()
-            && retry.codes.iter().any(|c| matches!(c, RetryOn::Grpc(_)));
-        if !peek {
+        let head = RetryOutcome::Response {
+            http: resp.status().as_u16(),
+            grpc: self.grpc.then(|| grpc_status(resp.headers())).flatten(),
+        };
+        if !policy.peeks(self.grpc, head, n, replay.replayable()) {
             let pending = self.observe_headers(endpoint, &resp, now);
-            let retryable = match headers_status {
-                Some(code) => retry_on(retry, code, http_status_for_grpc(code).as_u16()),
-                None => http != 200 && retry_on(retry, grpc_code_for_http(http), http),
+            let judged = Judged {
+                outcome: head,
+                pushback: Pushback::of(resp.headers()),
             };
-            let pushback = pushback(resp.headers());
-            return (
-                retryable.then_some(Retryable { pushback }),
-                Answer::Deliver(resp, None, load, pending),
-            );
+            return (judged, Answer::Deliver(resp, None, load, pending));
         }
 
         let (parts, mut body) = resp.into_parts();
         let first = match self.deadline {
             Some((at, _)) => match tokio::time::timeout_at(at, body.frame()).await {
                 Ok(f) => f,
-                Err(_) => return (None, Answer::Failed(self.expired())),
+                Err(_) => {
+                    let judged = Judged {
+                        outcome: RetryOutcome::Final,
+                        pushback: None,
+                    };
+                    return (judged, Answer::Failed(self.expired()));
+                }
             },
             None => body.frame().await,
         };
         let resp = Response::from_parts(parts, body);
         match first {
             Some(Ok(frame)) => {
-                let trailers_status = frame.trailers_ref().and_then(grpc_status);
-                let pushback = frame.trailers_ref().and_then(pushback);
-                let retryable = match trailers_status {
-                    Some(code) => {
-                        self.backend.observe(endpoint, grpc_outcome(code), now);
-                        retry_on(retry, code, http_status_for_grpc(code).as_u16())
-                    }
-                    None => false,
+                let trailers = frame.trailers_ref();
+                let status = trailers.and_then(grpc_status);
+                if let Some(code) = status {
+                    self.backend.observe(endpoint, grpc_outcome(code), now);
+                }
+                let judged = Judged {
+                    outcome: match status {
+                        Some(code) => RetryOutcome::Response {
+                            http: 200,
+                            grpc: Some(code),
+                        },
+                        None => RetryOutcome::Streaming,
+                    },
+                    pushback: trailers.and_then(Pushback::of),
                 };
-                let pending = trailers_status.is_none();
-                (
-                    retryable.then_some(Retryable { pushback }),
-                    Answer::Deliver(resp, Some(frame), load, pending),
-                )
+                let pending = status.is_none();
+                (judged, Answer::Deliver(resp, Some(frame), load, pending))
             }
             // The body ended or failed before anything came: let the
             // response tell it as it is.
-            _ => (None, Answer::Deliver(resp, None, load, true)),
+            _ => {
+                let judged = Judged {
+                    outcome: RetryOutcome::Final,
+                    pushback: None,
+                };
+                (judged, Answer::Deliver(resp, None, load, true))
+            }
         }
     }
 
@@ -551,7 +554,6 @@ impl Call<'_> {
         (load, pending_status): (LoadGuard, bool),
         span: Option<SpanRecord>,
     ) -> Response<ProxyBody> {
-        let (parts, body) = resp.into_parts();
         let guard = AttemptGuard {
             backend: self.backend.clone(),
             endpoint,
@@ -564,8 +566,7 @@ impl Call<'_> {
             sleep: Box::pin(tokio::time::sleep_until(at)),
             timeout,
         });
-        let tracked = TrackedBody::new(body, peeked, deadline, self.grpc, Some(Box::new(guard)));
-        Response::from_parts(parts, ProxyBody::Tracked(Box::new(tracked)))
+        observe(watch(resp, peeked, deadline, self.grpc), Box::new(guard))
     }
 }
 
@@ -612,38 +613,34 @@ struct AttemptGuard {
 }
 
 impl OnEnd for AttemptGuard {
-    fn on_end(mut self: Box<Self>, end: BodyEnd) {
+    fn on_end(mut self: Box<Self>, end: &ResponseEnd) {
         let now = Instant::now();
         if let Some(span) = &mut self.span {
-            match end {
-                BodyEnd::Complete {
-                    grpc_status: Some(code),
-                } => record_status(span, false, None, Some(code)),
-                BodyEnd::Failed => span.fail("response stream failed"),
-                BodyEnd::DeadlineExceeded => {
+            match end.ending {
+                Ending::Complete => {
+                    if let Some(code) = end.trailers_grpc {
+                        record_status(span, false, None, Some(code));
+                    }
+                }
+                Ending::Failed => span.fail("response stream failed"),
+                Ending::DeadlineExceeded => {
                     span.set(KeyValue::new("pylon.error", "deadline-exceeded"));
                     span.fail("deadline exceeded while the response streamed");
                 }
-                BodyEnd::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
-                BodyEnd::Complete { grpc_status: None } => {}
+                Ending::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
             }
         }
-        match end {
-            BodyEnd::Complete {
-                grpc_status: Some(code),
-            } if self.pending_status => {
-                self.backend
-                    .observe(&self.endpoint, grpc_outcome(code), now);
+        match end.ending {
+            Ending::Complete if self.pending_status => {
+                // A gRPC response without a status: clients report INTERNAL.
+                let outcome = end.trailers_grpc.map_or(SERVER_FAILURE, grpc_outcome);
+                self.backend.observe(&self.endpoint, outcome, now);
             }
-            // A gRPC response without a status: clients report INTERNAL.
-            BodyEnd::Complete { grpc_status: None } if self.pending_status => {
-                self.backend.observe(&self.endpoint, SERVER_FAILURE, now);
-            }
-            BodyEnd::Failed => self.backend.observe(&self.endpoint, GATEWAY_FAILURE, now),
-            BodyEnd::DeadlineExceeded => {
+            Ending::Failed => self.backend.observe(&self.endpoint, GATEWAY_FAILURE, now),
+            Ending::DeadlineExceeded => {
                 self.backend.metrics.request_timeouts.inc();
             }
-            BodyEnd::Complete { .. } | BodyEnd::Dropped => {}
+            Ending::Complete | Ending::Dropped => {}
         }
     }
 }
@@ -687,38 +684,6 @@ fn endpoint_failure(e: &ProxyError) -> bool {
     )
 }
 
-/// Whether the policy retries an answer that reads as `grpc` to gRPC
-/// callers and `http` to HTTP callers: a policy may name either, for either
-/// kind of caller (`UNAVAILABLE` and `503` are the same failure).
-fn retry_on(retry: &Retry, grpc: GrpcCode, http: u16) -> bool {
-    retry.codes.contains(&RetryOn::Grpc(grpc)) || retry.codes.contains(&RetryOn::Http(http))
-}
-
-/// `grpc-retry-pushback-ms`: `None` if absent, `Some(None)` for "do not
-/// retry" (negative or malformed), else the delay the server asks for.
-fn pushback(headers: &http::HeaderMap) -> Option<Option<Duration>> {
-    let v = headers.get(GRPC_RETRY_PUSHBACK)?;
-    Some(
-        v.to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .and_then(|ms| u64::try_from(ms).ok())
-            .map(Duration::from_millis),
-    )
-}
-
-/// Exponential backoff with full jitter before retry `n` (1-based count of
-/// attempts made so far): a uniform draw from zero to
-/// `min(max, base × 2^(n-1))`.
-fn backoff(retry: &Retry, n: u32) -> Duration {
-    let (base, max) = retry
-        .backoff
-        .map_or((DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX), |b| {
-            (b.base, b.max)
-        });
-    pylon_proto::backoff::Backoff::full_jitter(base, max).delay(n.saturating_sub(1))
-}
-
 /// True with probability `percent` / 100.
 fn chance(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
@@ -727,53 +692,6 @@ fn chance(percent: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pylon_proto::policy::Backoff;
-
-    fn retry(codes: Vec<RetryOn>) -> Retry {
-        Retry {
-            attempts: 3,
-            codes,
-            backoff: Some(Backoff {
-                base: Duration::from_millis(10),
-                max: Duration::from_millis(100),
-            }),
-        }
-    }
-
-    #[test]
-    fn backoff_is_full_jitter_under_an_exponential_capped_ceiling() {
-        let r = retry(vec![]);
-        fastrand::seed(3);
-        for (n, ceiling) in [(1, 10), (2, 20), (3, 40), (4, 80), (5, 100), (40, 100)] {
-            let draws: Vec<Duration> = (0..500).map(|_| backoff(&r, n)).collect();
-            let max = draws.iter().max().unwrap();
-            let min = draws.iter().min().unwrap();
-            assert!(
-                *max <= Duration::from_millis(ceiling),
-                "attempt {n}: {max:?}"
-            );
-            assert!(
-                *max > Duration::from_millis(ceiling) * 9 / 10,
-                "attempt {n}: {max:?}"
-            );
-            assert!(
-                *min < Duration::from_millis(ceiling) / 10,
-                "attempt {n}: {min:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn pushback_values() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(pushback(&h), None);
-        h.insert(GRPC_RETRY_PUSHBACK, HeaderValue::from_static("250"));
-        assert_eq!(pushback(&h), Some(Some(Duration::from_millis(250))));
-        for stop in ["-1", "soon", "1.5", ""] {
-            h.insert(GRPC_RETRY_PUSHBACK, HeaderValue::from_static(stop));
-            assert_eq!(pushback(&h), Some(None), "{stop:?}");
-        }
-    }
 
     #[test]
     fn outcomes_for_outlier_detection() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -27,25 +27,24 @@ use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::http::upstream::PlainUpstream;
+use super::original_dst;
+use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
+use crate::config::InboundMode;
 use crate::http::body::ProxyBody;
 use crate::http::error::{ProxyError, is_grpc};
 use crate::http::headers::{
     Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
     rewrite_for, strip_hop_by_hop,
 };
-use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
-use super::original_dst;
 use crate::http::server;
-use crate::config::InboundMode;
+use crate::http::upstream::PlainUpstream;
 
-use crate::http::end::{BodyEnd, OnEnd, TrackedBody};
-use crate::policy::authz::{Caller, InboundCall};
+use super::observe::{CallTimer, Held, respond};
+use crate::http::end::observe;
 use crate::identity::spiffe_id_of;
+use crate::policy::authz::{Caller, InboundCall};
 use crate::policy::inbound::InboundLimits;
-use crate::resilience::bulkhead::BulkheadPermit;
 use crate::telemetry::Telemetry;
-use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::request_scope::{RequestScope, Side};
 use crate::telemetry::trace::TRACEPARENT;
 
@@ -70,13 +69,6 @@ pub struct Inbound {
 struct Peer {
     addr: SocketAddr,
     identity: Option<(Arc<str>, HeaderValue)>,
-}
-
-/// A bulkhead permit held until the response body ends.
-struct HeldPermit(#[allow(dead_code)] BulkheadPermit);
-
-impl OnEnd for HeldPermit {
-    fn on_end(self: Box<Self>, _end: BodyEnd) {}
 }
 
 /// The local app at one port.
@@ -245,20 +237,23 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let timer = CallTimer::start(Some(&self.limits.requests), grpc);
+        let authority = request_authority(&req);
         let scope = RequestScope::begin(
             &self.telemetry,
             Side::Inbound,
             &mut req,
             grpc,
+            authority.as_ref().map(Authority::as_str),
             peer.identity.as_ref().map(|(id, _)| (peer.addr, id)),
         );
-        let result = timer.finish(self.forward(req, peer, app, grpc, &scope).await);
-        scope.finish(result)
+        let result = self.forward(req, authority, peer, app, grpc, &scope).await;
+        respond(scope, grpc, CallTimer::finish(timer, result))
     }
 
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        authority: Option<Authority>,
         peer: &Peer,
         app: &App,
         grpc: bool,
@@ -274,7 +269,6 @@ impl Inbound {
             None => Caller::unauthenticated(),
         };
         let permit = self.limits.admit(&caller, &call).await?;
-        let authority = request_authority(&req);
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
         let orig_http1 = headers
@@ -310,17 +304,7 @@ impl Inbound {
         let mut resp = app.send(req, wire).await?;
         response_for_caller(&mut resp);
         if let Some(permit) = permit {
-            let grpc = is_grpc(resp.headers());
-            resp = resp.map(|body| {
-                let held: Box<dyn OnEnd> = Box::new(HeldPermit(permit));
-                ProxyBody::Tracked(Box::new(TrackedBody::new(
-                    body,
-                    None,
-                    None,
-                    grpc,
-                    Some(held),
-                )))
-            });
+            resp = observe(resp, Box::new(Held(permit)));
         }
         Ok(resp)
     }

@@ -10,7 +10,9 @@
 
 pub mod call;
 pub mod inbound;
+pub mod observe;
 pub mod outbound;
+pub mod retry;
 pub mod transparent;
 
 use std::future::Future;

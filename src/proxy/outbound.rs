@@ -21,20 +21,22 @@ use bytes::Bytes;
 use http::Version;
 use http::uri::Scheme;
 
-use crate::http::upstream::PlainUpstream;
-use crate::http::body::ProxyBody;
 use super::call::{CallRequest, CallSummary, call};
-use crate::http::error::{ProxyError, is_grpc};
-use crate::http::headers::{Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop};
-use crate::http::own_socket::OwnSocket;
-use super::transparent::{Prefixed, Protocol, detect, passthrough};
+use super::observe::{CallTimer, respond};
 use super::original_dst;
-use crate::http::server;
+use super::transparent::{Prefixed, Protocol, detect, passthrough};
 use crate::config::Unmatched;
+use crate::http::body::ProxyBody;
+use crate::http::error::{ProxyError, is_grpc};
+use crate::http::headers::{
+    Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop,
+};
+use crate::http::own_socket::OwnSocket;
+use crate::http::server;
+use crate::http::upstream::PlainUpstream;
 use crate::policy::PolicyStore;
 use crate::policy::routing::RequestView;
 use crate::telemetry::Telemetry;
-use crate::telemetry::call_metrics::CallTimer;
 use crate::telemetry::metrics::ConnectionMetrics;
 use crate::telemetry::request_scope::{RequestScope, Side};
 
@@ -172,21 +174,31 @@ impl Outbound {
         passthrough: Option<&Passthrough>,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        let mut scope = RequestScope::begin(&self.telemetry, Side::Outbound, &mut req, grpc, None);
-        let result = self.route(req, grpc, dst, passthrough, &mut scope).await;
-        scope.finish(result)
+        let authority = request_authority(&req)
+            .or_else(|| dst.and_then(|d| Authority::try_from(d.to_string()).ok()));
+        let mut scope = RequestScope::begin(
+            &self.telemetry,
+            Side::Outbound,
+            &mut req,
+            grpc,
+            authority.as_ref().map(Authority::as_str),
+            None,
+        );
+        let result = self
+            .route(req, authority, grpc, dst, passthrough, &mut scope)
+            .await;
+        respond(scope, grpc, result)
     }
 
     async fn route(
         &self,
         mut req: Request<Incoming>,
+        authority: Option<Authority>,
         grpc: bool,
         dst: Option<SocketAddr>,
         passthrough: Option<&Passthrough>,
         scope: &mut RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let authority = request_authority(&req)
-            .or_else(|| dst.and_then(|d| Authority::try_from(d.to_string()).ok()));
         let (rule, backend) = {
             let snapshot = self.policy.load();
             let view = RequestView {
@@ -233,7 +245,7 @@ impl Outbound {
         };
         let mut summary = CallSummary::default();
         let timer = CallTimer::start(rule.requests_to(&backend), grpc);
-        let result = timer.finish(call(&rule, backend, input, &mut summary).await);
+        let result = CallTimer::finish(timer, call(&rule, backend, input, &mut summary).await);
         scope.set_attempts(summary.attempts, summary.endpoint);
         let mut resp = result?;
         response_for_caller(&mut resp);

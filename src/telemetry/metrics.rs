@@ -23,7 +23,6 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use pylon_proto::policy::GrpcCode;
 
-
 /// Label of per-backend metrics: `Backend/name` (`Backend/ns/name` outside
 /// the default namespace), or `inbound` for the local app's protection.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

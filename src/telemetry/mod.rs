@@ -4,7 +4,6 @@
 //! per-request telemetry — request IDs, spans, access logs
 //! (`request_scope`).
 
-pub mod call_metrics;
 pub mod export;
 pub mod logging;
 pub mod metrics;

@@ -3,32 +3,28 @@
 //! `proxy::call` records), and its access-log record.
 //!
 //! [`RequestScope::begin`] reads the request head (request ID, trace
-//! context) and decides the sampling; [`RequestScope::finish`] turns the
-//! outcome into the caller's response. When the request is sampled or
-//! access logs are on, the response body is wrapped ([`ObservedBody`]) so
-//! that the span and the record are completed when the body ends, with
-//! the gRPC status of the trailers and the bytes sent. Otherwise nothing is
-//! wrapped and nothing is allocated beyond the request ID.
+//! context) and decides the sampling; [`RequestScope::failed`] notes a
+//! failure of the proxy's own, and [`RequestScope::end`] completes the span
+//! and the access record from how the response ended (the proxy calls it
+//! from the end of the response body, `http::end`), when
+//! [`RequestScope::observes`] says there is anything to complete. Otherwise
+//! nothing is allocated beyond the request ID.
+//!
+//! Like the rest of `telemetry`, it knows nothing of the proxy's bodies or
+//! errors: it is told plain values.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanId, SpanKind};
 use pylon_proto::policy::GrpcCode;
 
 use super::Telemetry;
 use super::trace::{SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
-use crate::http::body::{BoxError, ProxyBody};
-use crate::http::end::grpc_status;
-use crate::http::error::{ProxyError, X_PYLON_ERROR};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -120,7 +116,6 @@ struct AccessFields {
 /// One request's telemetry, from its head to the end of its response.
 pub struct RequestScope {
     side: Side,
-    grpc: bool,
     start: Instant,
     pub request_id: HeaderValue,
     /// The trace this request belongs to, as logs name it: the sidecar's
@@ -146,6 +141,7 @@ impl RequestScope {
         side: Side,
         req: &mut Request<B>,
         grpc: bool,
+        authority: Option<&str>,
         remote: Option<(SocketAddr, &Arc<str>)>,
     ) -> RequestScope {
         let start = Instant::now();
@@ -153,14 +149,12 @@ impl RequestScope {
         let access = telemetry.access_log.then(|| {
             Box::new(AccessFields {
                 method: req.method().clone(),
-                authority: crate::http::headers::request_authority(req)
-                    .map_or_else(String::new, |a| a.to_string()),
+                authority: authority.unwrap_or_default().to_string(),
                 path: req.uri().path().to_string(),
             })
         });
         let mut scope = RequestScope {
             side,
-            grpc,
             start,
             request_id,
             context: None,
@@ -221,8 +215,8 @@ impl RequestScope {
             "http.request.method",
             req.method().as_str().to_string(),
         ));
-        if let Some(a) = crate::http::headers::request_authority(req) {
-            attributes.push(KeyValue::new("server.address", a.host().to_string()));
+        if let Some(a) = authority {
+            attributes.push(KeyValue::new("server.address", host_of(a).to_string()));
         }
         // Attempts (outbound) share the request's attributes.
         let (kind, mut own, shared) = match side {
@@ -290,59 +284,90 @@ impl RequestScope {
         }
     }
 
-    /// The caller's response to the outcome, with the span and the access
-    /// record completed when its body ends.
-    pub fn finish(
-        mut self,
-        result: Result<Response<ProxyBody>, ProxyError>,
-    ) -> Response<ProxyBody> {
-        let (resp, error) = match result {
-            Ok(resp) => (resp, None),
-            Err(e) => {
-                let ctx = self.context;
-                tracing::debug!(
-                    error = %e,
-                    code = e.code(),
-                    request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
-                    trace_id = ctx.map(|c| c.trace_id.to_string()),
-                    span_id = ctx.map(|c| c.span_id.to_string()),
-                    "request failed in the proxy"
-                );
-                let resp = e.to_response_with_id(self.grpc, Some(&self.request_id));
-                if let Some(c) = &mut self.span {
-                    c.span.set(KeyValue::new("pylon.error", e.code()));
-                    c.span.fail(e.to_string());
-                }
-                (resp, Some(e.code()))
-            }
-        };
-        if self.span.is_none() && self.access.is_none() {
-            return resp;
+    /// Notes a failure of the proxy's own (`code` is its `x-pylon-error`):
+    /// logged at debug level with the request's IDs, and the span failed.
+    pub fn failed(&mut self, code: &'static str, message: &dyn std::fmt::Display) {
+        let ctx = self.context;
+        tracing::debug!(
+            error = %message,
+            code,
+            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+            trace_id = ctx.map(|c| c.trace_id.to_string()),
+            span_id = ctx.map(|c| c.span_id.to_string()),
+            "request failed in the proxy"
+        );
+        if let Some(c) = &mut self.span {
+            record_error(&mut c.span, code, message);
         }
-        let error = error.or_else(|| {
-            resp.headers()
-                .get(X_PYLON_ERROR)
-                .and_then(|v| ProxyError::known_code(v.as_bytes()))
-        });
-        let status = resp.status().as_u16();
-        let grpc_status = if self.grpc {
-            grpc_status(resp.headers())
-        } else {
-            None
-        };
-        let end = Box::new(RequestEnd {
-            scope: self,
-            status,
-            grpc_status,
-            error,
-            bytes: 0,
-        });
-        resp.map(|inner| {
-            ProxyBody::Observed(Box::new(ObservedBody {
-                inner,
-                end: Some(end),
-            }))
-        })
+    }
+
+    /// Whether [`RequestScope::end`] has anything to complete (a span or an
+    /// access record); when not, the scope may simply be dropped.
+    pub fn observes(&self) -> bool {
+        self.span.is_some() || self.access.is_some()
+    }
+
+    /// Completes the span and the access record with how the response
+    /// ended. Dropping the scope ends (exports) the span.
+    pub fn end(mut self, end: &RequestEnd) {
+        let scope = &mut self;
+        if let Some(call) = &mut scope.span {
+            let span = &mut call.span;
+            record_status(
+                span,
+                scope.side == Side::Inbound,
+                Some(end.status),
+                end.grpc_status,
+            );
+            if let Some(e) = end.error
+                && !span.failed()
+            {
+                span.set(KeyValue::new("pylon.error", e));
+                span.fail(e);
+            }
+            if scope.side == Side::Outbound {
+                span.set(KeyValue::new("pylon.attempts", i64::from(scope.attempts)));
+            }
+            match end.ending {
+                Ending::Complete => {}
+                Ending::Failed => span.fail("response stream failed"),
+                Ending::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
+            }
+        }
+        if let Some(access) = &scope.access {
+            let ctx = scope.context;
+            tracing::info!(
+                target: "pylon::access",
+                side = scope.side.as_str(),
+                method = %access.method,
+                authority = %access.authority,
+                path = %access.path,
+                status = end.status,
+                grpc_status = end.grpc_status.map(GrpcCode::as_u8),
+                duration_ms = scope.start.elapsed().as_secs_f64() * 1000.0,
+                bytes = end.bytes,
+                backend = scope.backend.as_deref(),
+                endpoint = scope.endpoint.map(|e| e.to_string()),
+                attempts = scope.attempts,
+                error = end.error,
+                request_id = %String::from_utf8_lossy(scope.request_id.as_bytes()),
+                trace_id = ctx.map(|c| c.trace_id.to_string()),
+                span_id = ctx.map(|c| c.span_id.to_string()),
+                peer = scope.peer.as_deref(),
+                ending = ?end.ending,
+                "access"
+            );
+        }
+    }
+}
+
+/// The host of an authority (`host[:port]`, IPv6 in brackets).
+fn host_of(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
+        _ => authority,
     }
 }
 
@@ -386,160 +411,32 @@ pub fn record_status(
     }
 }
 
-/// Records a failure of the proxy's own on a span.
-pub fn record_error(span: &mut SpanRecord, e: &ProxyError) {
-    span.set(KeyValue::new("pylon.error", e.code()));
-    span.fail(e.to_string());
+/// Records a failure of the proxy's own (`code`, its `x-pylon-error`) on a
+/// span.
+pub fn record_error(span: &mut SpanRecord, code: &'static str, message: &dyn std::fmt::Display) {
+    span.set(KeyValue::new("pylon.error", code));
+    span.fail(message.to_string());
 }
 
-/// Completes a request's telemetry when its response body ends.
-struct RequestEnd {
-    scope: RequestScope,
-    status: u16,
-    grpc_status: Option<GrpcCode>,
-    error: Option<&'static str>,
-    bytes: u64,
+/// How a request's response ended, as its span and access record tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestEnd {
+    pub ending: Ending,
+    /// The response's HTTP status.
+    pub status: u16,
+    pub grpc_status: Option<GrpcCode>,
+    /// The proxy's error code, when the proxy answered.
+    pub error: Option<&'static str>,
+    /// Body bytes sent.
+    pub bytes: u64,
 }
 
 /// How the response body ended, for the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
+pub enum Ending {
     Complete,
     Failed,
     Dropped,
-}
-
-impl RequestEnd {
-    fn finish(mut self, ending: Ending) {
-        let scope = &mut self.scope;
-        if let Some(call) = &mut scope.span {
-            let span = &mut call.span;
-            record_status(
-                span,
-                scope.side == Side::Inbound,
-                Some(self.status),
-                self.grpc_status,
-            );
-            if let Some(e) = self.error
-                && !span.failed()
-            {
-                span.set(KeyValue::new("pylon.error", e));
-                span.fail(e);
-            }
-            if scope.side == Side::Outbound {
-                span.set(KeyValue::new("pylon.attempts", i64::from(scope.attempts)));
-            }
-            match ending {
-                Ending::Complete => {}
-                Ending::Failed => span.fail("response stream failed"),
-                Ending::Dropped => span.set(KeyValue::new("pylon.cancelled", true)),
-            }
-        }
-        if let Some(access) = &scope.access {
-            let ctx = scope.context;
-            tracing::info!(
-                target: "pylon::access",
-                side = scope.side.as_str(),
-                method = %access.method,
-                authority = %access.authority,
-                path = %access.path,
-                status = self.status,
-                grpc_status = self.grpc_status.map(GrpcCode::as_u8),
-                duration_ms = scope.start.elapsed().as_secs_f64() * 1000.0,
-                bytes = self.bytes,
-                backend = scope.backend.as_deref(),
-                endpoint = scope.endpoint.map(|e| e.to_string()),
-                attempts = scope.attempts,
-                error = self.error,
-                request_id = %String::from_utf8_lossy(scope.request_id.as_bytes()),
-                trace_id = ctx.map(|c| c.trace_id.to_string()),
-                span_id = ctx.map(|c| c.span_id.to_string()),
-                peer = scope.peer.as_deref(),
-                ending = ?ending,
-                "access"
-            );
-        }
-        // Dropping the scope ends (exports) the span.
-    }
-}
-
-/// The response body of an observed request: counts the bytes, reads the
-/// gRPC status of the trailers, and completes the request's telemetry when
-/// it ends (or when the caller goes away).
-pub struct ObservedBody {
-    inner: ProxyBody,
-    end: Option<Box<RequestEnd>>,
-}
-
-impl std::fmt::Debug for ObservedBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObservedBody").finish()
-    }
-}
-
-impl ObservedBody {
-    fn end(&mut self, ending: Ending) {
-        if let Some(end) = self.end.take() {
-            end.finish(ending);
-        }
-    }
-}
-
-impl Body for ObservedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Pending => {}
-            Poll::Ready(None) => this.end(Ending::Complete),
-            Poll::Ready(Some(Err(_))) => this.end(Ending::Failed),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(end) = &mut this.end {
-                    if let Some(data) = frame.data_ref() {
-                        end.bytes += data.len() as u64;
-                    } else if let Some(t) = frame.trailers_ref() {
-                        if let Some(code) = grpc_status(t) {
-                            end.grpc_status = Some(code);
-                        }
-                        if end.error.is_none() {
-                            end.error = t
-                                .get(X_PYLON_ERROR)
-                                .and_then(|v| ProxyError::known_code(v.as_bytes()));
-                        }
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    this.end(Ending::Complete);
-                }
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for ObservedBody {
-    fn drop(&mut self) {
-        let ending = if self.inner.is_end_stream() {
-            Ending::Complete
-        } else {
-            Ending::Dropped
-        };
-        self.end(ending);
-    }
 }
 
 #[cfg(test)]
@@ -569,6 +466,14 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = request_id(&mut h);
         assert_eq!(h[X_REQUEST_ID], id);
+    }
+
+    #[test]
+    fn hosts_of_authorities() {
+        assert_eq!(host_of("greeter.shop:50051"), "greeter.shop");
+        assert_eq!(host_of("greeter"), "greeter");
+        assert_eq!(host_of("[::1]:8080"), "[::1]");
+        assert_eq!(host_of("[::1]"), "[::1]");
     }
 
     #[test]

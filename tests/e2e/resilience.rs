@@ -383,8 +383,7 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
         .grpc_timeout
         .clone()
         .expect("grpc-timeout forwarded");
-    let forwarded =
-        pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+    let forwarded = pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
     assert!(forwarded <= Duration::from_millis(300), "{forwarded:?}");
     eventually("the upstream call reset", async || server.cancelled() >= 1).await;
 
@@ -402,8 +401,7 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
         .grpc_timeout
         .clone()
         .expect("grpc-timeout set from the route");
-    let forwarded =
-        pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
+    let forwarded = pylon::http::deadline::parse_grpc_timeout(&forwarded.parse().unwrap()).unwrap();
     assert!(forwarded <= Duration::from_millis(200), "{forwarded:?}");
     assert!(
         f.metric("pylon_timeouts_total{backend=\"Backend/svc\",kind=\"request\"}")
