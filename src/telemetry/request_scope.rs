@@ -288,7 +288,9 @@ impl RequestScope {
     /// logged at debug level with the request's IDs, and the span failed.
     pub fn failed(&mut self, code: &'static str, message: &dyn std::fmt::Display) {
         let ctx = self.context;
+        // Under the proxy's target: `pylon::proxy=debug` shows its failures.
         tracing::debug!(
+            target: "pylon::proxy",
             error = %message,
             code,
             request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),

@@ -242,6 +242,27 @@ async fn a_status_in_trailers_is_retried_and_pushback_is_honoured() {
 }
 
 #[tokio::test]
+async fn a_servers_pushback_cannot_park_a_call_beyond_the_routes_backoff() {
+    let server = ChaosServer::start("a").await;
+    let f = Fixture::start(
+        &(backend(&[server.addr])
+            + &route(
+                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
+            )),
+    )
+    .await;
+    // An hour's pushback within a minute's deadline: taken as asked, the
+    // wait would pass the deadline and the call would end UNAVAILABLE with
+    // no retry; capped at the backoff maximum, the retry goes out.
+    let mut req = chaos("fail-first=1;key=park;pushback=3600000", b"ok");
+    req.set_timeout(std::time::Duration::from_secs(60));
+    let reply = f.client().await.unary(req).await;
+    assert_eq!(reply.unwrap().into_inner().payload, b"ok");
+    assert_eq!(server.requests(), 2);
+    assert_eq!(f.svc("pylon_retries_total").await, 1);
+}
+
+#[tokio::test]
 async fn connect_failures_are_retried_on_another_endpoint() {
     let good = ChaosServer::start("good").await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
