@@ -3,7 +3,7 @@
 //!
 //! A call's deadline is the earlier of the caller's (`grpc-timeout`) and the
 //! route's (`timeouts.request`). Upstream attempts get the time that remains,
-//! rewritten on each attempt. Enforcement lives with the call (`proxy::call`)
+//! rewritten on each attempt. Enforcement lives with the call (`proxy::stack`)
 //! and the response body (`proxy::end_of_body`).
 
 use std::time::Duration;

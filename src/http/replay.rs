@@ -10,7 +10,7 @@
 //! made (`ReplayBody::replayable`): a large body is sent once. The limit is
 //! the bootstrap `outbound.retryBufferBytes` (64 KiB by default).
 //!
-//! Not here: deciding whether to retry (`proxy::call`).
+//! Not here: deciding whether to retry (`proxy::stack`).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

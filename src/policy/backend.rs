@@ -22,6 +22,7 @@ use pylon_proto::policy::{
 };
 use tokio::time::Instant;
 
+use super::admission::Admission;
 use crate::discovery::{self, Dns};
 use crate::http::body::ProxyBody;
 use crate::http::error::ProxyError;
@@ -30,9 +31,8 @@ use crate::http::pool::{EndpointPool, Transport};
 use crate::http::upstream::upstream_error;
 use crate::resilience::balancer::{self, Candidate, EndpointLoad};
 use crate::resilience::budget::RetryBudget;
-use crate::resilience::bulkhead::{Bulkhead, ConnectionLimit};
+use crate::resilience::bulkhead::ConnectionLimit;
 use crate::resilience::outlier::{EndpointHealth, Outcome, OutlierDetector};
-use crate::resilience::ratelimit::RateLimiter;
 use crate::telemetry::metrics::{BackendMetrics, Metrics};
 
 /// One endpoint of a backend: its connections and what the balancer and the
@@ -88,9 +88,9 @@ pub struct Backend {
     config: ArcSwap<BackendConfig>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     pub budget: RetryBudget,
-    pub bulkhead: Arc<Bulkhead>,
+    /// The rate limit and the cap on calls in flight.
+    pub admission: Admission,
     connections: Arc<ConnectionLimit>,
-    rate_limiter: RateLimiter,
     outlier: OutlierDetector,
     round_robin: AtomicUsize,
     pub metrics: BackendMetrics,
@@ -124,15 +124,16 @@ impl Backend {
         let backend = Arc::new(Backend {
             metrics: metrics.backend(&name),
             budget: RetryBudget::new(config.retry_budget),
-            bulkhead: Arc::new(Bulkhead::new(
-                config.circuit_breaker.max_parallel_requests,
-                config.circuit_breaker.max_pending_requests,
-            )),
+            admission: {
+                let a = Admission::new(name.clone(), metrics.backend(&name));
+                a.configure(
+                    config.rate_limit,
+                    config.circuit_breaker.max_parallel_requests,
+                    config.circuit_breaker.max_pending_requests,
+                );
+                a
+            },
             connections: Arc::new(ConnectionLimit::new(config.circuit_breaker.max_connections)),
-            rate_limiter: RateLimiter::new(config.rate_limit.unwrap_or(RateLimit {
-                requests_per_second: u32::MAX,
-                burst: u32::MAX,
-            })),
             outlier: OutlierDetector::new(config.outlier_detection),
             round_robin: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
@@ -164,15 +165,13 @@ impl Backend {
     /// their permits; endpoints are kept where address and transport stay.
     pub fn apply(&self, config: BackendConfig) {
         self.budget.set_budget(config.retry_budget);
-        self.bulkhead.set_limits(
+        self.admission.configure(
+            config.rate_limit,
             config.circuit_breaker.max_parallel_requests,
             config.circuit_breaker.max_pending_requests,
         );
         self.connections
             .set_max(config.circuit_breaker.max_connections);
-        if let Some(limit) = config.rate_limit {
-            self.rate_limiter.set_limit(limit);
-        }
         self.outlier.configure(config.outlier_detection);
         let transport_changed = !self.config.load().transport.same_as(&config.transport);
         self.config.store(Arc::new(config));
@@ -253,20 +252,6 @@ impl Backend {
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.load_full()
-    }
-
-    /// The rate limit's verdict for one more call now.
-    pub fn admit(&self, now: Instant) -> Result<(), ProxyError> {
-        if self.config.load().rate_limit.is_none() {
-            return Ok(());
-        }
-        self.rate_limiter.try_acquire(now).map_err(|retry_after| {
-            self.metrics.rate_limited.inc();
-            ProxyError::RateLimited {
-                backend: self.name.clone(),
-                retry_after,
-            }
-        })
     }
 
     /// An endpoint for the next attempt, avoiding `tried` where possible.

@@ -4,25 +4,23 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pylon_proto::policy::RateLimit;
 use tokio::time::Instant;
 
 use super::InboundPolicy;
+use super::admission::{Admission, Admitted};
 use super::authz::{Caller, InboundCall};
 use crate::http::error::ProxyError;
-use crate::resilience::bulkhead::{Bulkhead, BulkheadPermit};
-use crate::resilience::ratelimit::RateLimiter;
-use crate::telemetry::metrics::{AuthorizationMetrics, BackendMetrics, Metrics, RequestMetrics};
+use crate::resilience::bulkhead::BulkheadPermit;
+use crate::telemetry::metrics::{AuthorizationMetrics, Metrics, RequestMetrics};
 
 /// The protection of the local app: who may call it (the
-/// AuthorizationPolicies), then a rate limit and a cap on calls in flight
-/// (the BackendTrafficPolicy), all targeting this workload's service
-/// account. State survives policy reloads; limits change in place.
+/// AuthorizationPolicies), then its admission: a rate limit and a cap on
+/// calls in flight (the BackendTrafficPolicy), all targeting this
+/// workload's service account. State survives policy reloads; limits
+/// change in place.
 pub struct InboundLimits {
     policy: ArcSwap<InboundPolicy>,
-    bulkhead: Arc<Bulkhead>,
-    rate: RateLimiter,
-    metrics: BackendMetrics,
+    admission: Admission,
     authorization: AuthorizationMetrics,
     pub requests: RequestMetrics,
 }
@@ -33,28 +31,21 @@ impl InboundLimits {
     pub fn new(metrics: &Metrics) -> Self {
         InboundLimits {
             policy: ArcSwap::from_pointee(InboundPolicy::default()),
-            bulkhead: Arc::new(Bulkhead::new(None, None)),
-            rate: RateLimiter::new(RateLimit {
-                requests_per_second: u32::MAX,
-                burst: u32::MAX,
-            }),
-            metrics: metrics.backend(INBOUND),
+            admission: Admission::new(INBOUND.into(), metrics.backend(INBOUND)),
             authorization: metrics.authorization(),
             requests: metrics.inbound_requests(),
         }
     }
 
     pub fn apply(&self, policy: &InboundPolicy) {
-        self.bulkhead.set_limits(policy.max_parallel_requests, None);
-        if let Some(limit) = policy.rate_limit {
-            self.rate.set_limit(limit);
-        }
+        self.admission
+            .configure(policy.rate_limit, policy.max_parallel_requests, None);
         self.policy.store(Arc::new(policy.clone()));
     }
 
     /// Admits one call now, or says why not. The permit (when a cap is set)
     /// must live as long as the call.
-    pub async fn admit(
+    pub fn admit(
         &self,
         caller: &Caller<'_>,
         call: &InboundCall<'_>,
@@ -76,29 +67,10 @@ impl InboundLimits {
         if authorization.enforced() {
             self.authorization.allowed.inc();
         }
-        let now = Instant::now();
-        if policy.rate_limit.is_some()
-            && let Err(retry_after) = self.rate.try_acquire(now)
-        {
-            self.metrics.rate_limited.inc();
-            return Err(ProxyError::RateLimited {
-                backend: INBOUND.into(),
-                retry_after,
-            });
-        }
-        if policy.max_parallel_requests.is_none() {
-            return Ok(None);
-        }
         // No waiting room: the app's protection fails fast.
-        match self.bulkhead.acquire(now).await {
-            Ok(permit) => Ok(Some(permit)),
-            Err(_) => {
-                self.metrics.overflow.inc();
-                Err(ProxyError::Overflow {
-                    backend: INBOUND.into(),
-                    what: "parallel requests",
-                })
-            }
+        match self.admission.try_admit(Instant::now(), false)? {
+            Admitted::Now(permit) => Ok(permit),
+            Admitted::Wait => Err(self.admission.overflow()),
         }
     }
 }

@@ -8,6 +8,7 @@
 //!
 //! Sources feed [`PolicyStore::apply`]: today the watched file ([`file`]).
 
+pub mod admission;
 pub mod authz;
 pub mod backend;
 pub mod compile;

@@ -268,7 +268,7 @@ impl Inbound {
             Some((id, _)) => Caller::new(id),
             None => Caller::unauthenticated(),
         };
-        let permit = self.limits.admit(&caller, &call).await?;
+        let permit = self.limits.admit(&caller, &call)?;
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
         let orig_http1 = headers

@@ -8,11 +8,11 @@
 //! Both serve HTTP/1.1 and HTTP/2 on one port (the HTTP/2 preface decides)
 //! and stream bodies in both directions; nothing is buffered whole.
 
-pub mod call;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
 pub mod retry;
+pub mod stack;
 pub mod transparent;
 
 use std::future::Future;

@@ -16,14 +16,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
+use tower::Service;
 
 use bytes::Bytes;
 use http::Version;
 use http::uri::Scheme;
 
-use super::call::{CallRequest, CallSummary, call};
 use super::observe::{CallTimer, respond};
 use super::original_dst;
+use super::stack::{self, Call, CallCtx};
 use super::transparent::{Prefixed, Protocol, detect, passthrough};
 use crate::config::Unmatched;
 use crate::http::body::ProxyBody;
@@ -235,19 +236,21 @@ impl Outbound {
         };
         scope.set_backend(&backend.name);
         let te_trailers = strip_hop_by_hop(req.headers_mut());
-        let input = CallRequest {
-            req,
-            grpc,
-            authority: authority.as_ref(),
-            te_trailers,
-            replay_limit: self.retry_buffer_bytes,
-            trace: scope.call_trace(),
+        let call = Call {
+            req: req.map(ProxyBody::Incoming),
+            ctx: CallCtx {
+                grpc,
+                authority,
+                te_trailers,
+                replay_limit: self.retry_buffer_bytes,
+                deadline: None,
+                trace: scope.attempt_trace(),
+            },
         };
-        let mut summary = CallSummary::default();
         let timer = CallTimer::start(rule.requests_to(&backend), grpc);
-        let result = CallTimer::finish(timer, call(&rule, backend, input, &mut summary).await);
-        scope.set_attempts(summary.attempts, summary.endpoint);
-        let mut resp = result?;
+        let Ok(called) = stack::outbound(&rule, &backend).call(call).await;
+        scope.set_attempts(called.summary.attempts, called.summary.endpoint);
+        let mut resp = CallTimer::finish(timer, called.result)?;
         response_for_caller(&mut resp);
         Ok(resp)
     }

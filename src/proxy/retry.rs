@@ -2,7 +2,7 @@
 //! "Retry"): whether an attempt's answer qualifies, whether to read the
 //! first body frame for a status in trailers, and whether another try is
 //! allowed and after how long. No I/O and no clock of its own: the call
-//! (`proxy::call`) tells it what happened and when, and does what it says.
+//! (`proxy::stack`) tells it what happened and when, and does what it says.
 //!
 //! The retry budget is the one input with a side effect (a withdrawal); it
 //! is asked last, only when everything else allows the retry.

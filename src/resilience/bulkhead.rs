@@ -89,6 +89,16 @@ impl Bulkhead {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// A slot for one request if one is free now.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<BulkheadPermit> {
+        self.try_take_slot().then(|| self.permit())
+    }
+
+    /// Whether a cap on requests in flight is set.
+    pub fn limited(&self) -> bool {
+        self.max_parallel.load(Ordering::Relaxed) != u32::MAX
+    }
+
     /// A slot for one request: at once if one is free; else, if the waiting
     /// line has room, the first slot to come free before `wait_until`.
     pub async fn acquire(

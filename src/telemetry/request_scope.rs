@@ -1,6 +1,6 @@
 //! What one request leaves behind: its `x-request-id`, its span (the
 //! inbound server span, or the outbound logical call span whose attempts
-//! `proxy::call` records), and its access-log record.
+//! `proxy::stack` records), and its access-log record.
 //!
 //! [`RequestScope::begin`] reads the request head (request ID, trace
 //! context) and decides the sampling; [`RequestScope::failed`] notes a
@@ -24,7 +24,7 @@ use opentelemetry::trace::{SpanId, SpanKind};
 use pylon_proto::policy::GrpcCode;
 
 use super::Telemetry;
-use super::trace::{SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
+use super::trace::{ChildSpans, SpanRecord, TRACEPARENT, TraceParent, new_span_id, new_trace_id};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -91,18 +91,28 @@ pub struct CallTrace {
     attributes: Vec<KeyValue>,
 }
 
-impl CallTrace {
-    /// The CLIENT span of attempt `n` to `endpoint`, a child of the call.
+/// Starts the CLIENT spans of a traced call's attempts; owned, so that it
+/// travels down the request path with the call.
+#[derive(Clone)]
+pub struct AttemptTrace {
+    children: ChildSpans,
+    name: Cow<'static, str>,
+    attributes: Vec<KeyValue>,
+}
+
+impl AttemptTrace {
+    /// The span of attempt `n` to `endpoint`, a child of the call.
     pub fn attempt(&self, n: u32, endpoint: SocketAddr) -> SpanRecord {
-        let mut attributes = self.attributes.clone();
+        let mut attributes = Vec::with_capacity(self.attributes.len() + 4);
+        attributes.extend_from_slice(&self.attributes);
         attributes.extend([
             KeyValue::new("pylon.attempt", i64::from(n)),
             KeyValue::new("pylon.endpoint", endpoint.to_string()),
             KeyValue::new("network.peer.address", endpoint.ip().to_string()),
             KeyValue::new("network.peer.port", i64::from(endpoint.port())),
         ]);
-        self.span
-            .child(SpanKind::Client, self.name.clone(), attributes)
+        self.children
+            .start(SpanKind::Client, self.name.clone(), attributes)
     }
 }
 
@@ -259,9 +269,14 @@ impl RequestScope {
         self.span.as_ref().map(|c| c.span.traceparent())
     }
 
-    /// The outbound call's trace, for its attempts.
-    pub fn call_trace(&self) -> Option<&CallTrace> {
-        self.span.as_ref()
+    /// What the outbound call's attempts need to start their spans, when
+    /// the call is traced.
+    pub fn attempt_trace(&self) -> Option<AttemptTrace> {
+        self.span.as_ref().map(|c| AttemptTrace {
+            children: c.span.children(),
+            name: c.name.clone(),
+            attributes: c.attributes.clone(),
+        })
     }
 
     /// The backend the call was routed to.

@@ -11,7 +11,7 @@
 //! collector. See docs/adr/0010-tracing.md.
 //!
 //! Not here: which spans a request gets and their attributes (`request`,
-//! `proxy::call`).
+//! `proxy::stack`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -191,6 +191,33 @@ async fn export_loop(
     }
 }
 
+/// Starts children of one span (see [`SpanRecord::children`]).
+#[derive(Clone)]
+pub struct ChildSpans {
+    tracer: Arc<Tracer>,
+    trace_id: TraceId,
+    parent: SpanId,
+}
+
+impl ChildSpans {
+    pub fn start(
+        &self,
+        kind: SpanKind,
+        name: Cow<'static, str>,
+        attributes: Vec<KeyValue>,
+    ) -> SpanRecord {
+        SpanRecord::start(
+            &self.tracer,
+            self.trace_id,
+            self.parent,
+            false,
+            kind,
+            name,
+            attributes,
+        )
+    }
+}
+
 /// One span being recorded; exported when dropped.
 pub struct SpanRecord {
     tracer: Arc<Tracer>,
@@ -257,6 +284,15 @@ impl SpanRecord {
             name,
             attributes,
         )
+    }
+
+    /// What starts children of this span, without borrowing it.
+    pub fn children(&self) -> ChildSpans {
+        ChildSpans {
+            tracer: self.tracer.clone(),
+            trace_id: self.trace_id,
+            parent: self.span_id,
+        }
     }
 
     /// The `traceparent` that makes the next hop a child of this span.

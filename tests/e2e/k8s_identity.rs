@@ -100,6 +100,16 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
     }
     let (server, client) = (&sidecars[0].1, &sidecars[1].1);
     cp.apply(&mesh_policy(server.inbound));
+    // Ready alone could mean an earlier (empty) policy: wait for this one.
+    let version = cp.status().0;
+    cp.wait_acked(
+        &[
+            "spiffe://pylon.test/ns/default/sa/echo",
+            "spiffe://pylon.test/ns/default/sa/client",
+        ],
+        version,
+    )
+    .await;
     server.wait_ready().await;
     client.wait_ready().await;
     for (sa, sidecar) in &sidecars {
