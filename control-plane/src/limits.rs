@@ -103,3 +103,112 @@ pub const DISCOVERY_MAX_MESSAGE: usize = 64 * 1024;
 /// policy as YAML. The admin token is checked before any message is
 /// decoded.
 pub const DEFAULT_ADMIN_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The message tonic gives a message over the decode limit (as
+/// `OUT_OF_RANGE`).
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// Whether `status` is tonic's refusal of a message over the decode limit.
+pub fn is_too_large(code: i32, message: &str) -> bool {
+    code == tonic::Code::OutOfRange as i32 && message.starts_with(TONIC_TOO_LARGE)
+}
+
+/// `status` as gRPC says a message over the limit is answered:
+/// `RESOURCE_EXHAUSTED` (tonic says `OUT_OF_RANGE`).
+pub fn too_large_status(status: tonic::Status) -> tonic::Status {
+    if is_too_large(status.code() as i32, status.message()) {
+        tonic::Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+/// Answers a message over a decode limit with `RESOURCE_EXHAUSTED`, as the
+/// gRPC status codes prescribe, where tonic says `OUT_OF_RANGE`: rewrites
+/// the `grpc-status` of such a trailers-only response.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TooLargeLayer;
+
+impl<S> tower::Layer<S> for TooLargeLayer {
+    type Service = TooLarge<S>;
+
+    fn layer(&self, inner: S) -> TooLarge<S> {
+        TooLarge(inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TooLarge<S>(S);
+
+impl<S, B, RB> tower::Service<http::Request<B>> for TooLarge<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let call = self.0.call(req);
+        Box::pin(async move {
+            let mut resp = call.await?;
+            rewrite_too_large(resp.headers_mut());
+            Ok(resp)
+        })
+    }
+}
+
+fn rewrite_too_large(headers: &mut http::HeaderMap) {
+    let status = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // grpc-message is percent-encoded; the prefix has spaces.
+    let message = message.replace("%20", " ");
+    if status.is_some_and(|code| is_too_large(code, &message)) {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tonics_too_large_refusal_becomes_resource_exhausted() {
+        let too_large = tonic::Status::out_of_range(format!(
+            "{TONIC_TOO_LARGE}: found 1073741824 bytes, the limit is: 16384 bytes"
+        ));
+        let mut headers = http::HeaderMap::new();
+        too_large.add_header(&mut headers).unwrap();
+        rewrite_too_large(&mut headers);
+        assert_eq!(headers["grpc-status"], "8");
+        assert_eq!(
+            too_large_status(too_large).code(),
+            tonic::Code::ResourceExhausted
+        );
+
+        let other = tonic::Status::out_of_range("version 9 is past the end");
+        let mut headers = http::HeaderMap::new();
+        other.add_header(&mut headers).unwrap();
+        rewrite_too_large(&mut headers);
+        assert_eq!(headers["grpc-status"], "11");
+        assert_eq!(too_large_status(other).code(), tonic::Code::OutOfRange);
+    }
+}

@@ -238,6 +238,7 @@ impl ControlPlane {
                 .http2_keepalive_interval(Some(limits.keepalive_interval))
                 .http2_keepalive_timeout(Some(limits.keepalive_interval * 2))
                 .layer(RpcLayer::new(state.metrics.clone(), tracer.as_ref()))
+                .layer(crate::limits::TooLargeLayer)
                 .add_service(admin)
                 .add_service(discovery)
                 .add_service(identity)
@@ -663,9 +664,13 @@ impl Discovery for DiscoveryApi {
             .get::<PeerInfo>()
             .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.addr);
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream ended before the sidecar said who it is")
-        })?;
+        let first = inbound
+            .message()
+            .await
+            .map_err(crate::limits::too_large_status)?
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream ended before the sidecar said who it is")
+            })?;
         if !first.identity.is_empty() && first.identity != identity {
             return Err(Status::permission_denied(format!(
                 "the credential is for {identity}, not {}",
@@ -719,6 +724,11 @@ impl Discovery for DiscoveryApi {
                     },
                     message = inbound.message() => match message {
                         Ok(Some(m)) => record_reply(&state, id, &m),
+                        Err(e) if crate::limits::is_too_large(e.code() as i32, e.message()) => {
+                            tracing::info!(id, error = %e, "sidecar disconnected: a message over the limit");
+                            let _ = tx.send(Err(crate::limits::too_large_status(e))).await;
+                            return;
+                        }
                         Ok(None) | Err(_) => {
                             tracing::info!(id, "sidecar disconnected");
                             return;
