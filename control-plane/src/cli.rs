@@ -172,6 +172,14 @@ pub enum TokenCommand {
     },
 }
 
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     match pylon_proto::policy::parse_duration(s)? {
         Duration::ZERO => Err("the TTL must be longer than zero".into()),
@@ -291,10 +299,10 @@ pub struct ServeArgs {
 pub struct LimitArgs {
     /// Connections open at once on --listen (handshaking ones included);
     /// more are closed at once and counted.
-    #[arg(long, env = "PYLON_CONTROL_MAX_CONNECTIONS", default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "PYLON_CONTROL_MAX_CONNECTIONS", value_parser = parse_positive, default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Connections open at once on --webhook-listen.
-    #[arg(long, env = "PYLON_CONTROL_WEBHOOK_MAX_CONNECTIONS", default_value_t = crate::limits::DEFAULT_WEBHOOK_MAX_CONNECTIONS)]
+    #[arg(long, env = "PYLON_CONTROL_WEBHOOK_MAX_CONNECTIONS", value_parser = parse_positive, default_value_t = crate::limits::DEFAULT_WEBHOOK_MAX_CONNECTIONS)]
     pub webhook_max_connections: usize,
     /// How long a client may take from connecting to the end of the TLS
     /// handshake and its first request bytes.
