@@ -31,6 +31,11 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// How far before its issuance a workload certificate's `notBefore` is set
+/// (clock skew between the control plane and sidecars): its issuance time
+/// is `notBefore` plus this.
+pub const LEAF_BACKDATE_SECS: i64 = 60;
+
 /// Files of the data directory.
 #[derive(Debug, Clone)]
 pub struct DataFiles {
@@ -53,6 +58,12 @@ impl DataFiles {
             legacy_key: dir.join("ca.key"),
             admin_token: dir.join("admin.token"),
         }
+    }
+
+    /// Whether the directory holds the CA of an earlier release (taken
+    /// over into `ca.json` on start).
+    pub fn has_legacy_ca(&self) -> bool {
+        self.legacy_key.exists()
     }
 }
 
@@ -671,7 +682,7 @@ impl CaState {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let now = OffsetDateTime::now_utc();
         let ttl = time::Duration::try_from(ttl).unwrap_or(time::Duration::days(1));
-        params.not_before = now - time::Duration::seconds(60);
+        params.not_before = now - time::Duration::seconds(LEAF_BACKDATE_SECS);
         let issuer_end =
             OffsetDateTime::from_unix_timestamp(self.active.cert.not_after).unwrap_or(now + ttl);
         params.not_after = (now + ttl).min(issuer_end);

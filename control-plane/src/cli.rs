@@ -20,6 +20,7 @@ use crate::ca::OperatorCa;
 use crate::inject::{self, InjectOptions, webhook::WebhookConfig};
 use crate::k8s_fetch::Discovery;
 use crate::k8s_token::{self, KeySource};
+use crate::limits::{ListenerLimits, ServeLimits};
 use crate::server::{ControlPlane, DEFAULT_HISTORY, ServeConfig};
 
 #[derive(Parser)]
@@ -157,12 +158,26 @@ pub enum TokenCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Revoke a token by id.
+    /// Revoke a token by id: the token stops working at once, and the
+    /// certificates of its identity issued until now can no longer renew
+    /// (a workload that still holds a valid token of that identity gets a
+    /// new certificate with it). Given a SPIFFE ID instead, revoke that
+    /// identity: every token bound to it, and the same for its
+    /// certificates.
     Revoke {
+        #[arg(value_name = "ID|SPIFFE_ID")]
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -273,6 +288,69 @@ pub struct ServeArgs {
         value_name = "FILE"
     )]
     pub kubernetes_issuer_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The limits of `serve`'s listeners ([`crate::limits`]); each applies to
+/// the gRPC listener and the webhook alike, but for --webhook-max-connections.
+#[derive(Args, Clone)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Connections open at once on --listen (handshaking ones included);
+    /// more are closed at once and counted.
+    #[arg(long, env = "PYLON_CONTROL_MAX_CONNECTIONS", value_parser = parse_positive, default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections open at once on --webhook-listen.
+    #[arg(long, env = "PYLON_CONTROL_WEBHOOK_MAX_CONNECTIONS", value_parser = parse_positive, default_value_t = crate::limits::DEFAULT_WEBHOOK_MAX_CONNECTIONS)]
+    pub webhook_max_connections: usize,
+    /// How long a client may take from connecting to the end of the TLS
+    /// handshake and its first request bytes.
+    #[arg(long, env = "PYLON_CONTROL_HANDSHAKE_TIMEOUT", value_parser = parse_ttl, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 streams at once per connection; more are refused.
+    #[arg(long, env = "PYLON_CONTROL_MAX_CONCURRENT_STREAMS", default_value_t = ListenerLimits::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+    /// Streams a client may reset before the server accepts them (rapid
+    /// reset) before its connection is closed.
+    #[arg(long, env = "PYLON_CONTROL_MAX_PENDING_ACCEPT_RESET_STREAMS", default_value_t = ListenerLimits::default().max_pending_accept_reset_streams)]
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset for a client's errors (MadeYouReset)
+    /// before its connection is closed.
+    #[arg(long, env = "PYLON_CONTROL_MAX_LOCAL_ERROR_RESET_STREAMS", default_value_t = ListenerLimits::default().max_local_error_reset_streams)]
+    pub max_local_error_reset_streams: usize,
+    /// The largest request head (decoded header list, bytes).
+    #[arg(long, env = "PYLON_CONTROL_MAX_HEADER_LIST_SIZE", default_value_t = ListenerLimits::default().max_header_list_size)]
+    pub max_header_list_size: u32,
+    /// HTTP/2 PING interval; a client that does not answer within twice
+    /// this is disconnected.
+    #[arg(long, env = "PYLON_CONTROL_KEEPALIVE_INTERVAL", value_parser = parse_ttl, default_value = "10s")]
+    pub keepalive_interval: Duration,
+    /// The largest admin API message (bytes): an `apply`'s YAML.
+    #[arg(long, env = "PYLON_CONTROL_MAX_ADMIN_MESSAGE_SIZE", default_value_t = crate::limits::DEFAULT_ADMIN_MAX_MESSAGE)]
+    pub max_admin_message_size: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ServeLimits {
+        let grpc = ListenerLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_pending_accept_reset_streams: self.max_pending_accept_reset_streams,
+            max_local_error_reset_streams: self.max_local_error_reset_streams,
+            max_header_list_size: self.max_header_list_size,
+            keepalive_interval: self.keepalive_interval,
+        };
+        ServeLimits {
+            webhook: ListenerLimits {
+                max_connections: self.webhook_max_connections,
+                ..grpc.clone()
+            },
+            grpc,
+            admin_max_message: self.max_admin_message_size,
+        }
+    }
 }
 
 /// The control plane's own service-account token in a pod.
@@ -769,7 +847,11 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 .revoke_token(authed(pb::RevokeTokenRequest { id: id.clone() }, &token)?)
                 .await
                 .map_err(failed)?;
-            println!("token {id} revoked");
+            if id.starts_with("spiffe://") {
+                println!("identity {id} revoked");
+            } else {
+                println!("token {id} revoked");
+            }
             Ok(())
         }
     }
@@ -811,32 +893,36 @@ fn print_resources(resources: &[pb::StoredResource], output: Option<Output>) -> 
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let kubernetes = args.kubernetes();
+    let limits = args.limits.limits();
     let operator_ca = args.ca_cert.map(|cert| OperatorCa {
         cert,
         key: args.ca_key.unwrap_or_default(),
         bundle: args.ca_bundle,
     });
-    let cp = ControlPlane::start(ServeConfig {
-        data_dir: args.data_dir,
-        listen: args.listen,
-        trust_domain: args.trust_domain,
-        names: args.names,
-        operator_ca,
-        history: args.history,
-        cert_ttl: args.cert_ttl,
-        telemetry: crate::telemetry::TelemetryConfig {
-            metrics_listen: args.metrics_listen,
-            otlp_endpoint: args.otlp_endpoint,
-        },
-        webhook: args.webhook_listen.map(|listen| WebhookConfig {
-            listen,
-            inject: InjectOptions {
-                image: args.sidecar_image,
-                control_plane: args.sidecar_control_plane,
+    let cp = ControlPlane::start_with_limits(
+        ServeConfig {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            trust_domain: args.trust_domain,
+            names: args.names,
+            operator_ca,
+            history: args.history,
+            cert_ttl: args.cert_ttl,
+            telemetry: crate::telemetry::TelemetryConfig {
+                metrics_listen: args.metrics_listen,
+                otlp_endpoint: args.otlp_endpoint,
             },
-        }),
-        kubernetes,
-    })
+            webhook: args.webhook_listen.map(|listen| WebhookConfig {
+                listen,
+                inject: InjectOptions {
+                    image: args.sidecar_image,
+                    control_plane: args.sidecar_control_plane,
+                },
+            }),
+            kubernetes,
+        },
+        limits,
+    )
     .await?;
     let webhook = cp
         .webhook_addr

@@ -9,6 +9,13 @@
 //! names `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
 //! ([`crate::k8s_token`]). A CSR is signed only for the caller's own
 //! identity ([`crate::ca::CaState::sign_csr`]).
+//!
+//! Revocation: a certificate's authority dates from its issuance, a
+//! token's from the call. When the caller's identity was revoked at or
+//! after that moment (the deny list, [`crate::state::State::is_revoked`]),
+//! the certificate is refused — it cannot renew itself, open a policy
+//! stream or watch the bundle — and a bearer token sent with it is tried
+//! instead; open streams of such a caller end.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,36 +26,88 @@ use pylon_proto::v1::identity_server::Identity;
 use pylon_proto::v1::{self as pb};
 use tonic::{Request, Response, Status};
 
-use crate::ca::{CaState, CsrError};
+use crate::ca::{CaState, CsrError, LEAF_BACKDATE_SECS};
 use crate::k8s_token::TokenVerifier;
 use crate::state::{State, bearer, blocking};
 use crate::tls::PeerInfo;
 
-/// The SPIFFE ID of the caller: from its verified client certificate, else
-/// from its bootstrap token. `consume` marks a once-only token used (for an
-/// issuance).
+/// How a caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A workload certificate of the mesh CA.
+    Certificate,
+    /// A bootstrap token of `pylon-control token create`.
+    Token,
+    /// A Kubernetes service-account token.
+    Kubernetes,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// When its credential was granted (Unix seconds): a certificate's
+    /// issuance, else the call.
+    pub authorized_at: i64,
+    pub via: Via,
+}
+
+impl Caller {
+    /// Whether the caller's identity has been revoked since it was
+    /// authorized.
+    pub fn is_revoked(&self, state: &State) -> bool {
+        state.is_revoked(&self.identity, self.authorized_at)
+    }
+}
+
+fn now_unix() -> i64 {
+    crate::server::unix(SystemTime::now())
+}
+
+/// The caller: from its verified client certificate unless that was
+/// revoked, else from its bearer token. `consume` marks a once-only token
+/// used (for an issuance).
 pub async fn authenticate<T>(
     state: &Arc<State>,
     req: &Request<T>,
     consume: bool,
-) -> Result<String, Status> {
+) -> Result<Caller, Status> {
     // rustls verified the chain against the bundle during the handshake;
     // the handshake may be older than the leaf's expiry, so check that here.
+    let mut revoked = None;
     if let Some(leaf) = req
         .extensions()
         .get::<PeerInfo>()
         .and_then(|p| p.certificates.as_ref())
         .and_then(|c| c.first())
     {
-        return certificate_identity(leaf.as_ref());
+        let caller = certificate_caller(leaf.as_ref())?;
+        if !caller.is_revoked(state) {
+            return Ok(caller);
+        }
+        state.metrics.credential_refused("certificate", "revoked");
+        tracing::info!(identity = %caller.identity, "a revoked certificate was refused");
+        revoked = Some(caller.identity);
     }
-    let token = bearer(req)
-        .ok_or_else(|| {
-            Status::unauthenticated("a workload certificate or a bootstrap token is required")
-        })?
-        .to_string();
+    let Some(token) = bearer(req).map(str::to_string) else {
+        return Err(match revoked {
+            Some(identity) => Status::unauthenticated(format!(
+                "the client certificate of {identity} was revoked: get a new one with a valid bootstrap credential"
+            )),
+            None => {
+                Status::unauthenticated("a workload certificate or a bootstrap token is required")
+            }
+        });
+    };
     if TokenVerifier::looks_like_jwt(&token) {
-        return kubernetes_identity(state, &token).await;
+        return kubernetes_identity(state, &token)
+            .await
+            .map(|identity| Caller {
+                identity,
+                authorized_at: now_unix(),
+                via: Via::Kubernetes,
+            });
     }
     let store = state.store.clone();
     let info = blocking(move || {
@@ -65,7 +124,11 @@ pub async fn authenticate<T>(
             "the bootstrap token is not valid (unknown, expired, used or revoked)",
         )
     })?;
-    Ok(info.identity)
+    Ok(Caller {
+        identity: info.identity,
+        authorized_at: now_unix(),
+        via: Via::Token,
+    })
 }
 
 /// The identity a Kubernetes service-account token names, once verified.
@@ -94,7 +157,7 @@ async fn kubernetes_identity(state: &Arc<State>, token: &str) -> Result<String, 
     }
 }
 
-fn certificate_identity(der: &[u8]) -> Result<String, Status> {
+fn certificate_caller(der: &[u8]) -> Result<Caller, Status> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|_| Status::unauthenticated("unreadable client certificate"))?;
@@ -109,7 +172,11 @@ fn certificate_identity(der: &[u8]) -> Result<String, Status> {
             "{id} is not a workload identity"
         )));
     }
-    Ok(id)
+    Ok(Caller {
+        identity: id,
+        authorized_at: cert.validity().not_before.timestamp() + LEAF_BACKDATE_SECS,
+        via: Via::Certificate,
+    })
 }
 
 fn bundle(ca: &CaState) -> pb::TrustBundle {
@@ -129,7 +196,7 @@ impl Identity for IdentityApi {
         &self,
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let identity = authenticate(&self.0, &req, false).await?;
+        let identity = authenticate(&self.0, &req, false).await?.identity;
         let ca = self.0.ca.borrow().clone();
         Ok(Response::new(pb::WhoAmIResponse {
             identity,
@@ -142,7 +209,8 @@ impl Identity for IdentityApi {
         req: Request<pb::IssueCertificateRequest>,
     ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         // The CSR is checked before a once-only token is spent on it.
-        let identity = authenticate(&self.0, &req, false).await?;
+        let caller = authenticate(&self.0, &req, false).await?;
+        let identity = caller.identity.clone();
         let csr = req.get_ref().csr_der.clone();
         let ca = self.0.ca.borrow().clone();
         let domain = pylon_proto::spiffe::parse(&identity).map(|w| w.trust_domain.to_string());
@@ -168,8 +236,7 @@ impl Identity for IdentityApi {
         };
         // Spend a once-only bootstrap token now that the request is good
         // (a service-account token is not spent, and was verified above).
-        if bearer(&req).is_some_and(|t| !TokenVerifier::looks_like_jwt(t)) && !has_certificate(&req)
-        {
+        if caller.via == Via::Token {
             authenticate(&self.0, &req, true).await?;
         }
         tracing::info!(%identity, serial = %leaf.serial, not_after = leaf.not_after, "certificate issued");
@@ -189,13 +256,27 @@ impl Identity for IdentityApi {
         &self,
         req: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
-        authenticate(&self.0, &req, false).await?;
+        let caller = authenticate(&self.0, &req, false).await?;
         let mut changes = self.0.ca.subscribe();
+        let mut revocations = self.0.revocations.subscribe();
+        let state = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             changes.mark_changed();
             let mut sent = None;
-            while changes.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() {
+                        return;
+                    },
+                    _ = revocations.changed() => {
+                        if caller.is_revoked(&state) {
+                            let _ = tx.send(Err(revoked_status(&caller))).await;
+                            return;
+                        }
+                        continue;
+                    }
+                }
                 let ca = changes.borrow_and_update().clone();
                 let roots = ca.roots_der();
                 // Only bundle changes matter to a watcher, not issuer ones.
@@ -214,8 +295,10 @@ impl Identity for IdentityApi {
     }
 }
 
-fn has_certificate<T>(req: &Request<T>) -> bool {
-    req.extensions()
-        .get::<PeerInfo>()
-        .is_some_and(|p| p.certificates.as_ref().is_some_and(|c| !c.is_empty()))
+/// What a stream of a caller whose identity was revoked ends with.
+pub fn revoked_status(caller: &Caller) -> Status {
+    Status::unauthenticated(format!(
+        "{} was revoked: get a new certificate with a valid bootstrap credential",
+        caller.identity
+    ))
 }

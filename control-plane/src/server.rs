@@ -30,17 +30,16 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
 use crate::inject::webhook::WebhookConfig;
 use crate::k8s_token::{KeySource, TokenVerifier};
+use crate::limits::{DISCOVERY_MAX_MESSAGE, IDENTITY_MAX_MESSAGE, ServeLimits};
 use crate::state::{Published, SidecarRecord, State, bearer, blocking};
 use crate::store::{ApplyOutcome, ResourceKey, Store, StoredResource};
-use crate::telemetry::{ControlMetrics, RpcLayer, TelemetryConfig};
+use crate::telemetry::{ControlMetrics, ListenerMetrics, RpcLayer, TelemetryConfig};
 use crate::tls::{self, PeerInfo};
 
 /// Policy versions kept for rollback.
 pub const DEFAULT_HISTORY: usize = 50;
 /// How often metrics are exported over OTLP.
 const OTLP_METRICS_INTERVAL: Duration = Duration::from_secs(10);
-/// HTTP/2 PING interval toward clients, to find dead sidecars.
-const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// How to run a control plane.
 pub struct ServeConfig {
@@ -84,8 +83,17 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Opens (or creates) the data directory, binds, and starts serving.
+    /// Opens (or creates) the data directory, binds, and starts serving,
+    /// with the default limits.
     pub async fn start(config: ServeConfig) -> anyhow::Result<ControlPlane> {
+        Self::start_with_limits(config, ServeLimits::default()).await
+    }
+
+    /// [`ControlPlane::start`] with the listeners' and messages' `limits`.
+    pub async fn start_with_limits(
+        config: ServeConfig,
+        limits: ServeLimits,
+    ) -> anyhow::Result<ControlPlane> {
         let data_dir = config.data_dir.clone();
         let mut names = config.names.clone();
         for default in ["localhost", "127.0.0.1", "::1"] {
@@ -95,14 +103,14 @@ impl ControlPlane {
         }
         let tls_names = names.clone();
         let (ca, tls, files, token, store) = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&data_dir)?;
             let files = DataFiles::in_dir(&data_dir);
+            crate::data_dir::prepare(&data_dir, &files, config.operator_ca.is_some())?;
             let ca =
                 CaState::load_or_create(&files, &config.trust_domain, config.operator_ca.as_ref())?;
             let serving = ca.issue_server(&tls_names)?;
             let tls = tls::server_config(&serving.chain_pem, &serving.key_pem, &ca.roots_der())?;
             let token = admin_token(&files)?;
-            let store = Store::open(&data_dir.join("store.redb"), config.history)
+            let store = Store::open(&data_dir.join(crate::data_dir::STORE_FILE), config.history)
                 .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
             anyhow::Ok((ca, tls, files, token, store))
         })
@@ -117,11 +125,14 @@ impl ControlPlane {
             None => None,
         };
 
-        let (version, resources) = {
+        let (version, resources, revoked) = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.snapshot())
-                .await?
-                .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?
+            tokio::task::spawn_blocking(move || {
+                let (version, resources) = store.snapshot()?;
+                Ok::<_, crate::store::StoreError>((version, resources, store.revocations()?))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?
         };
         let (policy, _) = watch::channel(Arc::new(Published::new(version, resources)));
         let (tls, tls_rx) = watch::channel(tls);
@@ -140,6 +151,8 @@ impl ControlPlane {
             next_nonce: AtomicU64::new(1),
             metrics: ControlMetrics::new(),
             k8s_tokens,
+            revoked: Mutex::new(revoked),
+            revocations: watch::channel(0).0,
         });
 
         let mut telemetry_tasks = Vec::new();
@@ -188,22 +201,44 @@ impl ControlPlane {
             }
             None => None,
         };
+        // The admin token is checked (the interceptor) before a message is
+        // decoded; the identity and discovery services decode theirs before
+        // they authenticate the caller, so theirs are small.
         let admin = {
             let expected = state.admin_token_hash.clone();
-            PolicyAdminServer::with_interceptor(AdminApi(state.clone()), move |req: Request<()>| {
-                check_admin(&req, &expected)?;
-                Ok(req)
-            })
+            tonic::service::interceptor::InterceptedService::new(
+                PolicyAdminServer::new(AdminApi(state.clone()))
+                    .max_decoding_message_size(limits.admin_max_message),
+                move |req: Request<()>| {
+                    check_admin(&req, &expected)?;
+                    Ok(req)
+                },
+            )
         };
-        let discovery = DiscoveryServer::new(DiscoveryApi(state.clone()));
-        let identity = IdentityServer::new(crate::identity::IdentityApi(state.clone()));
+        let discovery = DiscoveryServer::new(DiscoveryApi(state.clone()))
+            .max_decoding_message_size(DISCOVERY_MAX_MESSAGE);
+        let identity = IdentityServer::new(crate::identity::IdentityApi(state.clone()))
+            .max_decoding_message_size(IDENTITY_MAX_MESSAGE);
         let (shutdown, mut stop) = watch::channel(false);
-        let incoming = tls::incoming(listener, tls_rx);
+        let webhook_limits = limits.webhook.clone();
+        let limits = limits.grpc;
+        let guard = tls::Guard::new(
+            limits.clone(),
+            ListenerMetrics::new(state.metrics.clone(), "grpc"),
+        );
+        let incoming = tls::incoming(listener, tls_rx, guard);
         let task = tokio::spawn(
             tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(KEEPALIVE))
-                .http2_keepalive_timeout(Some(KEEPALIVE * 2))
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .http2_max_pending_accept_reset_streams(Some(
+                    limits.max_pending_accept_reset_streams,
+                ))
+                .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+                .http2_max_header_list_size(limits.max_header_list_size)
+                .http2_keepalive_interval(Some(limits.keepalive_interval))
+                .http2_keepalive_timeout(Some(limits.keepalive_interval * 2))
                 .layer(RpcLayer::new(state.metrics.clone(), tracer.as_ref()))
+                .layer(crate::limits::TooLargeLayer)
                 .add_service(admin)
                 .add_service(discovery)
                 .add_service(identity)
@@ -214,7 +249,13 @@ impl ControlPlane {
         let (webhook_addr, webhook_task) = match webhook {
             Some((webhook_addr, listener, inject)) => {
                 let configs = tls::for_https(state.tls.subscribe());
-                let task = tokio::spawn(crate::inject::webhook::serve(listener, configs, inject));
+                let guard = tls::Guard::new(
+                    webhook_limits,
+                    ListenerMetrics::new(state.metrics.clone(), "webhook"),
+                );
+                let task = tokio::spawn(crate::inject::webhook::serve(
+                    listener, configs, guard, inject,
+                ));
                 tracing::info!(%webhook_addr, "serving the injection webhook");
                 (Some(webhook_addr), Some(task))
             }
@@ -485,9 +526,17 @@ impl PolicyAdmin for AdminApi {
         let id = req.into_inner().id;
         let store = self.0.store.clone();
         let lookup = id.clone();
-        if !blocking(move || store.revoke_token(&lookup)).await? {
+        // A SPIFFE ID instead of a token id revokes the identity: all its
+        // tokens, and every certificate of it issued until now.
+        if id.starts_with("spiffe://") {
+            blocking(move || store.revoke_identity(&lookup, SystemTime::now())).await?;
+        } else if blocking(move || store.revoke_token(&lookup, SystemTime::now()))
+            .await?
+            .is_none()
+        {
             return Err(Status::not_found(format!("no token {id:?}")));
         }
+        self.0.reload_revocations().await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
@@ -608,15 +657,20 @@ impl Discovery for DiscoveryApi {
         req: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<PolicyStream>, Status> {
         let state = self.0.clone();
-        let identity = crate::identity::authenticate(&state, &req, false).await?;
+        let caller = crate::identity::authenticate(&state, &req, false).await?;
+        let identity = caller.identity.clone();
         let address = req
             .extensions()
             .get::<PeerInfo>()
             .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.addr);
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream ended before the sidecar said who it is")
-        })?;
+        let first = inbound
+            .message()
+            .await
+            .map_err(crate::limits::too_large_status)?
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream ended before the sidecar said who it is")
+            })?;
         if !first.identity.is_empty() && first.identity != identity {
             return Err(Status::permission_denied(format!(
                 "the credential is for {identity}, not {}",
@@ -640,6 +694,7 @@ impl Discovery for DiscoveryApi {
         let registration = Registration(state.clone(), id);
         let (tx, rx) = mpsc::channel(2);
         let mut updates = state.policy.subscribe();
+        let mut revocations = state.revocations.subscribe();
         tokio::spawn(async move {
             let _registration = registration;
             // The first snapshot goes out at once.
@@ -662,8 +717,18 @@ impl Discovery for DiscoveryApi {
                         }
                         state.metrics.pushes.inc();
                     }
+                    _ = revocations.changed() => if caller.is_revoked(&state) {
+                        tracing::info!(id, %identity, "policy stream ended: the identity was revoked");
+                        let _ = tx.send(Err(crate::identity::revoked_status(&caller))).await;
+                        return;
+                    },
                     message = inbound.message() => match message {
                         Ok(Some(m)) => record_reply(&state, id, &m),
+                        Err(e) if crate::limits::is_too_large(e.code() as i32, e.message()) => {
+                            tracing::info!(id, error = %e, "sidecar disconnected: a message over the limit");
+                            let _ = tx.send(Err(crate::limits::too_large_status(e))).await;
+                            return;
+                        }
                         Ok(None) | Err(_) => {
                             tracing::info!(id, "sidecar disconnected");
                             return;

@@ -121,6 +121,12 @@ pub struct State {
     pub(crate) metrics: Arc<ControlMetrics>,
     /// Verifies pods' service-account tokens, when configured.
     pub(crate) k8s_tokens: Option<TokenVerifier>,
+    /// The deny list as the store holds it: each revoked identity and when
+    /// it was last revoked (Unix seconds).
+    pub(crate) revoked: Mutex<HashMap<String, i64>>,
+    /// Bumped after each revocation, so that open streams check their
+    /// caller again.
+    pub(crate) revocations: watch::Sender<u64>,
 }
 
 impl State {
@@ -137,6 +143,27 @@ impl State {
         m.trust_bundle_roots
             .set(i64::try_from(ca.roots.len()).unwrap_or(i64::MAX));
         m.encode()
+    }
+
+    /// Whether a credential of `identity` authorized at `authorized_at`
+    /// (Unix seconds) was revoked since: the identity was revoked at or
+    /// after that moment.
+    pub(crate) fn is_revoked(&self, identity: &str, authorized_at: i64) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(identity)
+            .is_some_and(|&at| at >= authorized_at)
+    }
+
+    /// Takes the store's deny list after a revocation, and tells open
+    /// streams.
+    pub(crate) async fn reload_revocations(&self) -> Result<(), Status> {
+        let store = self.store.clone();
+        let revoked = blocking(move || store.revocations()).await?;
+        *self.revoked.lock().unwrap_or_else(PoisonError::into_inner) = revoked;
+        self.revocations.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     pub(crate) fn sidecars(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SidecarRecord>> {

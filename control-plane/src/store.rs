@@ -22,7 +22,7 @@
 //!   (fsync before `commit` returns), so a successful return survives
 //!   `kill -9` and power loss; redb repairs an uncleanly closed file on open.
 //! - **Tokens** (the `tokens` submodule): bootstrap credentials for workloads, stored as
-//!   SHA-256 hashes only.
+//!   SHA-256 hashes only, and the deny list of revoked identities.
 //!
 //! What it does not do: it is blocking (async callers use `spawn_blocking`);
 //! it does not tell anyone that the version changed (the API layer publishes
@@ -39,6 +39,7 @@
 //! | `history` | version (`u64`) | that version's complete set: multi-document YAML, sorted by kind, namespace, name |
 //! | `tokens` | SHA-256 of the secret (`[u8; 32]`) | JSON record: id, identity, expiry, once, used, revoked |
 //! | `token_ids` | token id | SHA-256 of its secret (the index for revoking by id) |
+//! | `revoked_identities` | SPIFFE ID | when it was last revoked (Unix seconds): the deny list checked on certificate-authenticated calls (added within schema 1: an older file gets the empty table on open) |
 //!
 //! Resources are written with [`policy::to_yaml`] and read back with
 //! [`policy::parse_documents`]; every resource of a batch is normalised that
@@ -71,6 +72,23 @@ const VERSION_KEY: &str = "version";
 /// The layout described in the module doc. A file with another schema is
 /// refused rather than misread.
 const SCHEMA: u64 = 1;
+
+/// Creates an empty store file readable by the owner only, unless one
+/// exists (redb creates it with the umask's mode, and then it holds token
+/// hashes and the deny list for anyone to read).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => file.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// redb's default page cache is 1 GiB; a policy store is a few megabytes.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -254,6 +272,7 @@ impl Store {
     /// `history_limit` is how many versions [`Store::history`] keeps (at
     /// least 1, the current one).
     pub fn open(path: &Path, history_limit: usize) -> Result<Store, StoreError> {
+        create_private(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)

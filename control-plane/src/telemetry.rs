@@ -31,14 +31,41 @@ use pylon_proto::traceparent::{TRACEPARENT, TraceParent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// gRPC services whose methods may appear as label values; anything else
-/// is `other`, so that callers cannot grow the label set.
-const SERVICES: [&str; 3] = [
-    "pylon.v1.PolicyAdmin",
-    "pylon.v1.Discovery",
-    "pylon.v1.Identity",
+/// Every gRPC method served, as its label value: a path that is not one of
+/// these (a made-up method of a real service included) is `other`, so that
+/// callers cannot grow the label set.
+const METHODS: [&str; 17] = [
+    "PolicyAdmin/Apply",
+    "PolicyAdmin/Get",
+    "PolicyAdmin/List",
+    "PolicyAdmin/Delete",
+    "PolicyAdmin/Status",
+    "PolicyAdmin/Rollback",
+    "PolicyAdmin/CreateToken",
+    "PolicyAdmin/ListTokens",
+    "PolicyAdmin/RevokeToken",
+    "PolicyAdmin/CaStatus",
+    "PolicyAdmin/CaAddRoot",
+    "PolicyAdmin/CaActivate",
+    "PolicyAdmin/CaRemoveRoot",
+    "Discovery/StreamPolicy",
+    "Identity/WhoAmI",
+    "Identity/IssueCertificate",
+    "Identity/WatchTrustBundle",
 ];
+const OTHER_METHOD: &str = "other";
 const ISSUE_CERTIFICATE: &str = "/pylon.v1.Identity/IssueCertificate";
+/// At most one log line per listener and kind of refusal in this time; the
+/// line says how many were not logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The label value of a request path: `PolicyAdmin/Apply`, or `other`.
+fn method_label(path: &str) -> &'static str {
+    path.strip_prefix("/pylon.v1.")
+        .and_then(|m| METHODS.iter().find(|known| **known == m))
+        .copied()
+        .unwrap_or(OTHER_METHOD)
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
@@ -52,9 +79,201 @@ struct RefusedLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     /// `PolicyAdmin/Apply`, or `other`.
-    method: String,
+    method: &'static str,
     /// The gRPC status name the call ended with (at its response head).
     code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    /// `grpc` (`--listen`) or `webhook` (`--webhook-listen`).
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedConnectionLabels {
+    listener: &'static str,
+    /// A [`Refusal`], as its name.
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Http2CodeLabels {
+    listener: &'static str,
+    /// The HTTP/2 error code's name ([`crate::h2_frames::code_name`]).
+    code: &'static str,
+}
+
+/// Why a listener closed a connection before serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` were open.
+    Limit,
+    /// The TLS handshake did not end within the handshake timeout.
+    HandshakeTimeout,
+    /// The TLS handshake failed (bad client certificate, no common cipher,
+    /// not TLS).
+    HandshakeFailed,
+    /// The handshake ended, but the first bytes of the protocol did not
+    /// come within the handshake timeout.
+    FirstBytesTimeout,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Limit => "limit",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::FirstBytesTimeout => "first_bytes_timeout",
+        }
+    }
+}
+
+/// One log line per key and [`LOG_EVERY`], with the count of those skipped.
+#[derive(Default)]
+struct LogGate(std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str), Gate>>);
+
+struct Gate {
+    last: std::time::Instant,
+    skipped: u64,
+}
+
+impl LogGate {
+    /// `Some(skipped since the last line)` when a line may be logged now.
+    fn pass(&self, key: (&'static str, &'static str)) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut gates = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match gates.get_mut(&key) {
+            Some(gate) if now.duration_since(gate.last) < LOG_EVERY => {
+                gate.skipped += 1;
+                None
+            }
+            Some(gate) => {
+                let skipped = gate.skipped;
+                *gate = Gate {
+                    last: now,
+                    skipped: 0,
+                };
+                Some(skipped)
+            }
+            None => {
+                gates.insert(
+                    key,
+                    Gate {
+                        last: now,
+                        skipped: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
+    }
+}
+
+/// What one listener counts: connections open and refused, and the HTTP/2
+/// resets and GOAWAYs it sent (how h2 tells a peer a limit was hit).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    metrics: Arc<ControlMetrics>,
+    listener: &'static str,
+}
+
+impl ListenerMetrics {
+    pub fn new(metrics: Arc<ControlMetrics>, listener: &'static str) -> Self {
+        ListenerMetrics { metrics, listener }
+    }
+
+    pub fn listener(&self) -> &'static str {
+        self.listener
+    }
+
+    /// Counts a connection closed before it was served, and logs it (at
+    /// most once per [`LOG_EVERY`] and reason).
+    pub fn refused(&self, why: Refusal, peer: SocketAddr, detail: &dyn std::fmt::Display) {
+        let reason = why.as_str();
+        self.metrics
+            .connections_refused
+            .get_or_create(&RefusedConnectionLabels {
+                listener: self.listener,
+                reason,
+            })
+            .inc();
+        if let Some(skipped) = self.metrics.log_gate.pass((self.listener, reason)) {
+            let listener = self.listener;
+            match why {
+                Refusal::HandshakeFailed => {
+                    tracing::info!(listener, reason, %peer, skipped, "connection refused: {detail}");
+                }
+                _ => {
+                    tracing::warn!(listener, reason, %peer, skipped, "connection refused: {detail}");
+                }
+            }
+        }
+    }
+
+    /// Sets the number of open connections.
+    pub fn set_open(&self, open: usize) {
+        self.metrics
+            .connections_open
+            .get_or_create(&ListenerLabels {
+                listener: self.listener,
+            })
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a RST_STREAM or GOAWAY the server sent; logs the ones that
+    /// mean a limit or a protocol error (at most once per [`LOG_EVERY`]
+    /// and code).
+    pub fn sent(&self, frame: crate::h2_frames::Sent, peer: SocketAddr) {
+        use crate::h2_frames::{Sent, code_name};
+        let (family, code, what) = match frame {
+            Sent::Reset(c) => (&self.metrics.http2_resets_sent, c, "stream reset"),
+            Sent::GoAway(c) => (
+                &self.metrics.http2_goaways_sent,
+                c,
+                "connection closed (GOAWAY)",
+            ),
+        };
+        let code = code_name(code);
+        family
+            .get_or_create(&Http2CodeLabels {
+                listener: self.listener,
+                code,
+            })
+            .inc();
+        // NO_ERROR and CANCEL are how streams and connections normally end.
+        if matches!(code, "NO_ERROR" | "CANCEL") {
+            return;
+        }
+        let kind = match frame {
+            Sent::Reset(_) => "reset",
+            Sent::GoAway(_) => "goaway",
+        };
+        let key = (
+            self.listener,
+            if kind == "reset" {
+                code
+            } else {
+                goaway_key(code)
+            },
+        );
+        if let Some(skipped) = self.metrics.log_gate.pass(key) {
+            tracing::warn!(listener = self.listener, %peer, code, skipped, "HTTP/2 {what}: the peer hit a limit or broke the protocol");
+        }
+    }
+}
+
+/// A log-gate key for GOAWAYs apart from resets of the same code.
+fn goaway_key(code: &'static str) -> &'static str {
+    match code {
+        "ENHANCE_YOUR_CALM" => "goaway ENHANCE_YOUR_CALM",
+        "PROTOCOL_ERROR" => "goaway PROTOCOL_ERROR",
+        _ => "goaway",
+    }
 }
 
 /// The control plane's metrics.
@@ -73,6 +292,11 @@ pub struct ControlMetrics {
     pub(crate) ca_version: Gauge,
     pub(crate) trust_bundle_roots: Gauge,
     pub(crate) otlp_export_failures: Counter,
+    connections_refused: Family<RefusedConnectionLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
+    http2_resets_sent: Family<Http2CodeLabels, Counter>,
+    http2_goaways_sent: Family<Http2CodeLabels, Counter>,
+    log_gate: LogGate,
 }
 
 impl ControlMetrics {
@@ -100,6 +324,11 @@ impl ControlMetrics {
             ca_version: Gauge::default(),
             trust_bundle_roots: Gauge::default(),
             otlp_export_failures: Counter::default(),
+            connections_refused: Family::default(),
+            connections_open: Family::default(),
+            http2_resets_sent: Family::default(),
+            http2_goaways_sent: Family::default(),
+            log_gate: LogGate::default(),
         };
         registry.register(
             "applies",
@@ -158,6 +387,26 @@ impl ControlMetrics {
             "OTLP metric exports that failed (collector refused, unreachable or too slow)",
             m.otlp_export_failures.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed before they were served, by listener and reason (limit, handshake_timeout, handshake_failed, first_bytes_timeout)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open connections, handshaking ones included, by listener",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "http2_resets_sent",
+            "HTTP/2 streams the server reset, by listener and error code (REFUSED_STREAM: the stream or header-list limit)",
+            m.http2_resets_sent.clone(),
+        );
+        registry.register(
+            "http2_goaways_sent",
+            "HTTP/2 connections the server closed with GOAWAY, by listener and error code (ENHANCE_YOUR_CALM: a reset or CONTINUATION flood)",
+            m.http2_goaways_sent.clone(),
+        );
         Arc::new(ControlMetrics { registry, ..m })
     }
 
@@ -169,13 +418,7 @@ impl ControlMetrics {
     }
 
     fn record_rpc(&self, path: &str, code: i32) {
-        let method = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-            Some((service, method)) if SERVICES.contains(&service) => {
-                let short = service.rsplit('.').next().unwrap_or(service);
-                format!("{short}/{method}")
-            }
-            _ => "other".to_string(),
-        };
+        let method = method_label(path);
         self.rpcs
             .get_or_create(&RpcLabels {
                 method,
@@ -364,12 +607,11 @@ where
         let path = req.uri().path().to_string();
         let span = self.layer.tracer.as_ref().map(|tracer| {
             let parent = remote_parent(req.headers());
-            let (service, method) = path
-                .strip_prefix('/')
-                .and_then(|p| p.split_once('/'))
-                .unwrap_or(("", ""));
+            let label = method_label(&path);
+            let (service, method) = label.split_once('/').unwrap_or((label, ""));
+            let service = format!("pylon.v1.{service}");
             tracer
-                .span_builder(path.clone())
+                .span_builder(format!("/{service}/{method}"))
                 .with_kind(SpanKind::Server)
                 .with_attributes([
                     KeyValue::new("rpc.system", "grpc"),
@@ -431,7 +673,7 @@ mod tests {
         m.record_rpc(ISSUE_CERTIFICATE, 0);
         m.record_rpc(ISSUE_CERTIFICATE, 7);
         m.record_rpc("/evil.Service/x1", 12);
-        m.record_rpc("/evil.Service/x2", 12);
+        m.record_rpc("/pylon.v1.Identity/x2", 12);
         let s = samples(&m.encode());
         let get = |k: &str| s.get(k).copied().unwrap_or(-1.0);
         assert_eq!(
@@ -444,5 +686,81 @@ mod tests {
         );
         assert_eq!(get("pylon_control_certificates_issued_total"), 1.0);
         assert_eq!(get("pylon_control_certificates_refused_total"), 1.0);
+    }
+
+    #[test]
+    fn every_method_of_the_protos_has_its_label() {
+        let proto = include_str!("../../proto/proto/pylon/v1/control.proto");
+        let mut service = "";
+        let mut served = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.trim_end_matches(['{', ' ']);
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                let method = rest.split('(').next().unwrap_or_default().trim();
+                served.push(format!("{service}/{method}"));
+            }
+        }
+        let known: Vec<String> = METHODS.iter().map(ToString::to_string).collect();
+        assert_eq!(served, known);
+        for m in &known {
+            assert_eq!(method_label(&format!("/pylon.v1.{m}")), m.as_str());
+        }
+        for other in [
+            "",
+            "/",
+            "/pylon.v1.Identity/",
+            "/pylon.v1.Identity/WhoAmI/x",
+            "/x/y",
+        ] {
+            assert_eq!(method_label(other), "other", "{other:?}");
+        }
+    }
+
+    #[test]
+    fn listener_refusals_and_h2_frames_are_counted_by_bounded_labels() {
+        let m = ControlMetrics::new();
+        let grpc = ListenerMetrics::new(m.clone(), "grpc");
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for _ in 0..3 {
+            grpc.refused(Refusal::Limit, peer, &"full");
+        }
+        grpc.sent(crate::h2_frames::Sent::Reset(7), peer);
+        grpc.sent(crate::h2_frames::Sent::GoAway(11), peer);
+        grpc.sent(crate::h2_frames::Sent::GoAway(0xbad), peer);
+        grpc.set_open(2);
+        let s = samples(&m.encode());
+        let get = |k: &str| s.get(k).copied().unwrap_or(-1.0);
+        assert_eq!(
+            get("pylon_control_connections_refused_total{listener=\"grpc\",reason=\"limit\"}"),
+            3.0
+        );
+        assert_eq!(
+            get("pylon_control_http2_resets_sent_total{listener=\"grpc\",code=\"REFUSED_STREAM\"}"),
+            1.0
+        );
+        assert_eq!(
+            get(
+                "pylon_control_http2_goaways_sent_total{listener=\"grpc\",code=\"ENHANCE_YOUR_CALM\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            get("pylon_control_http2_goaways_sent_total{listener=\"grpc\",code=\"other\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("pylon_control_connections_open{listener=\"grpc\"}"),
+            2.0
+        );
+    }
+
+    #[test]
+    fn the_log_gate_lets_one_line_through_per_period_and_counts_the_rest() {
+        let gate = LogGate::default();
+        assert_eq!(gate.pass(("grpc", "limit")), Some(0));
+        assert_eq!(gate.pass(("grpc", "limit")), None);
+        assert_eq!(gate.pass(("grpc", "limit")), None);
+        assert_eq!(gate.pass(("webhook", "limit")), Some(0), "its own key");
     }
 }

@@ -1,14 +1,21 @@
-//! The control plane's TLS listener: accepts, handshakes (bounded in time)
-//! and hands tonic each connection with who is on the other end.
+//! The control plane's TLS listeners: accept within a connection cap,
+//! handshake and read the first protocol bytes within a deadline, and hand
+//! the server each connection with who is on the other end. What a
+//! connection's server writes is read for the HTTP/2 resets and GOAWAYs
+//! that say a limit was hit ([`crate::h2_frames`]), and counted.
 //!
 //! tonic's own TLS cannot change its configuration at run time (a CA
 //! rotation changes the serving certificate and the client-certificate
 //! roots), so the server runs over this acceptor instead
 //! (`serve_with_incoming`).
+//!
+//! Not here: the HTTP/2 limits themselves (hyper's, set by the servers from
+//! [`ListenerLimits`]), authentication.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,15 +23,66 @@ use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-/// How long a client may take to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::h2_frames::FrameReader;
+use crate::limits::ListenerLimits;
+use crate::telemetry::{ListenerMetrics, Refusal};
+
+/// The client connection preface of HTTP/2 (RFC 9113 § 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A listener's limits and what it counts.
+#[derive(Clone)]
+pub struct Guard {
+    pub limits: ListenerLimits,
+    pub metrics: ListenerMetrics,
+    permits: Arc<Semaphore>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Guard {
+    pub fn new(limits: ListenerLimits, metrics: ListenerMetrics) -> Guard {
+        metrics.set_open(0);
+        Guard {
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            open: Arc::new(AtomicUsize::new(0)),
+            limits,
+            metrics,
+        }
+    }
+
+    /// A place for one more connection, unless `max_connections` are open.
+    fn admit(&self) -> Option<Slot> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.set_open(open);
+        Some(Slot {
+            _permit: permit,
+            open: self.open.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// A connection's place under the cap, given back when it is dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+    metrics: ListenerMetrics,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let open = self.open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        self.metrics.set_open(open);
+    }
+}
 
 /// Who is on the other end of a connection (a request extension).
 #[derive(Debug, Clone)]
@@ -34,14 +92,33 @@ pub struct PeerInfo {
     pub certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
-/// A TLS connection served by tonic.
-pub struct TlsConnection(TlsStream<TcpStream>, PeerInfo);
+/// A TLS connection served by tonic or hyper.
+pub struct TlsConnection {
+    tls: TlsStream<TcpStream>,
+    peer: PeerInfo,
+    /// The first bytes, read to tell the protocol, given back first.
+    first: Vec<u8>,
+    first_read: usize,
+    /// Follows the frames the server writes, on an HTTP/2 connection.
+    frames: Option<FrameReader>,
+    metrics: ListenerMetrics,
+    _slot: Slot,
+}
+
+impl TlsConnection {
+    fn observe(&mut self, written: &[u8]) {
+        if let Some(frames) = &mut self.frames {
+            let (metrics, peer) = (&self.metrics, self.peer.addr);
+            frames.feed(written, |sent| metrics.sent(sent, peer));
+        }
+    }
+}
 
 impl Connected for TlsConnection {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
-        self.1.clone()
+        self.peer.clone()
     }
 }
 
@@ -51,7 +128,15 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.first_read < this.first.len() {
+            let rest = &this.first[this.first_read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.first_read += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tls).poll_read(cx, buf)
     }
 }
 
@@ -61,15 +146,19 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        let written = Pin::new(&mut self.tls).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.observe(&buf[..n]);
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -77,11 +166,22 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.tls).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = written {
+            for b in bufs {
+                if n == 0 {
+                    break;
+                }
+                let take = n.min(b.len());
+                self.observe(&b[..take]);
+                n -= take;
+            }
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tls.is_write_vectored()
     }
 }
 
@@ -136,8 +236,10 @@ pub fn for_https(
     rx
 }
 
-/// Accepts on `listener` and yields handshaken connections; a failed
-/// handshake is logged and dropped, never ends the stream.
+/// Accepts on `listener` and yields handshaken connections; a refused
+/// connection (over the cap, a handshake that fails or takes too long, no
+/// protocol bytes in time) is counted, logged at a bounded rate and
+/// dropped, never ends the stream.
 ///
 /// Each connection is served with the configuration current when it was
 /// accepted: a new serving certificate or trust bundle (CA rotation) applies
@@ -145,6 +247,7 @@ pub fn for_https(
 pub fn incoming(
     listener: TcpListener,
     configs: watch::Receiver<Arc<ServerConfig>>,
+    guard: Guard,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -152,32 +255,141 @@ pub fn incoming(
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors, mostly: wait for some to
+                    // close rather than spin.
+                    tracing::warn!(listener = guard.metrics.listener(), error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             if tx.is_closed() {
                 return;
             }
+            let Some(slot) = guard.admit() else {
+                guard.metrics.refused(
+                    Refusal::Limit,
+                    addr,
+                    &format_args!("{} connections open", guard.limits.max_connections),
+                );
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(configs.borrow().clone());
-            let tx = tx.clone();
+            let (tx, guard) = (tx.clone(), guard.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let certificates =
-                            tls.get_ref().1.peer_certificates().map(|c| {
-                                Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())
-                            });
-                        let peer = PeerInfo { addr, certificates };
-                        let _ = tx.send(Ok(TlsConnection(tls, peer))).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                if let Some(connection) = handshake(acceptor, tcp, addr, &guard, slot).await {
+                    let _ = tx.send(Ok(connection)).await;
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS handshake and the first bytes, within the handshake timeout.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    guard: &Guard,
+    slot: Slot,
+) -> Option<TlsConnection> {
+    let deadline = tokio::time::Instant::now() + guard.limits.handshake_timeout;
+    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            guard.metrics.refused(Refusal::HandshakeFailed, addr, &e);
+            return None;
+        }
+        Err(_) => {
+            guard.metrics.refused(
+                Refusal::HandshakeTimeout,
+                addr,
+                &format_args!(
+                    "no TLS handshake within {:?}",
+                    guard.limits.handshake_timeout
+                ),
+            );
+            return None;
+        }
+    };
+    let Ok(first) = tokio::time::timeout_at(deadline, first_bytes(&mut tls)).await else {
+        guard.metrics.refused(
+            Refusal::FirstBytesTimeout,
+            addr,
+            &format_args!(
+                "no request within {:?} of connecting",
+                guard.limits.handshake_timeout
+            ),
+        );
+        return None;
+    };
+    let first = first.ok()?;
+    let certificates = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+    let h2 = first.as_slice() == H2_PREFACE;
+    Some(TlsConnection {
+        tls,
+        peer: PeerInfo { addr, certificates },
+        first,
+        first_read: 0,
+        frames: h2.then(FrameReader::default),
+        metrics: guard.metrics.clone(),
+        _slot: slot,
+    })
+}
+
+/// Reads until the bytes tell the protocol: the whole HTTP/2 preface, or
+/// bytes that cannot begin it (an HTTP/1 request), or the end of the stream.
+async fn first_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let n = stream
+            .read(&mut chunk[..H2_PREFACE.len() - first.len()])
+            .await?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&chunk[..n]);
+    }
+    Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_bytes_stop_where_the_protocol_is_known() {
+        let read =
+            |bytes: &'static [u8]| async move { first_bytes(&mut &bytes[..]).await.unwrap() };
+        let mut preface_and_more = H2_PREFACE.to_vec();
+        preface_and_more.extend_from_slice(b"\0\0\0\x04");
+        let leaked: &'static [u8] = Box::leak(preface_and_more.into_boxed_slice());
+        assert_eq!(read(leaked).await, H2_PREFACE);
+        // An HTTP/1 request shorter than the preface: what came, without
+        // waiting for more.
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\n\r\n").await,
+            b"GET / HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(read(b"PRI *").await, b"PRI *", "the end of the stream");
+    }
+
+    #[tokio::test]
+    async fn a_dribbling_client_never_completes_the_first_bytes() {
+        use futures_util::FutureExt;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"PRI * HT")
+            .await
+            .unwrap();
+        // Everything sent so far is read, and more is awaited: the
+        // listener's deadline is what ends this.
+        assert!(first_bytes(&mut server).now_or_never().is_none());
+    }
 }

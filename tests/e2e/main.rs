@@ -7,6 +7,7 @@ mod common;
 
 mod authz;
 mod control;
+mod control_hardening;
 mod gamma;
 mod grpc;
 mod http;

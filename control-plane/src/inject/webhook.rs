@@ -175,16 +175,19 @@ fn refused(uid: &str, message: &str) -> Value {
 pub async fn serve(
     listener: TcpListener,
     configs: watch::Receiver<Arc<ServerConfig>>,
+    guard: tls::Guard,
     options: InjectOptions,
 ) {
     let options = Arc::new(options);
-    let mut incoming = tls::incoming(listener, configs);
+    let limits = guard.limits.clone();
+    let mut incoming = tls::incoming(listener, configs, guard);
     let mut connections = JoinSet::new();
     while let Some(connection) = incoming.next().await {
         let Ok(connection) = connection else {
             continue;
         };
         let options = options.clone();
+        let limits = limits.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let options = options.clone();
@@ -194,7 +197,17 @@ pub async fn serve(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT);
+                .header_read_timeout(READ_TIMEOUT)
+                .max_headers(100);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+                .max_header_list_size(limits.max_header_list_size)
+                .keep_alive_interval(limits.keepalive_interval)
+                .keep_alive_timeout(limits.keepalive_interval * 2);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(connection), service)
                 .await

@@ -693,3 +693,23 @@ fn a_store_survives_kill_9() {
         .unwrap();
     assert_eq!(store.version().unwrap(), 3);
 }
+
+#[test]
+fn a_new_store_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TempStore::new("mode");
+    let store = t.open();
+    store
+        .create_token(
+            "spiffe://pylon.local/ns/default/sa/a",
+            std::time::Duration::from_secs(60),
+            false,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    drop(store);
+    let mode = std::fs::metadata(&t.path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // And it opens again, as a store.
+    assert_eq!(t.open().list_tokens().unwrap().len(), 1);
+}

@@ -10,6 +10,7 @@
 //! Not here: the default TTL (the API's), who may create tokens, and removal
 //! of expired tokens (they stay listed, and never verify).
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -19,6 +20,11 @@ use super::{Store, StoreError, corrupt};
 
 const TOKENS: TableDefinition<'static, &[u8; 32], &str> = TableDefinition::new("tokens");
 const TOKEN_IDS: TableDefinition<'static, &str, &[u8; 32]> = TableDefinition::new("token_ids");
+/// The deny list: a workload identity and when it was last revoked (Unix
+/// seconds). A credential of that identity authorized at or before that
+/// moment is refused ([`Store::revocations`]).
+const REVOKED_IDENTITIES: TableDefinition<'static, &str, i64> =
+    TableDefinition::new("revoked_identities");
 
 const SECRET_PREFIX: &str = "pylon_";
 const SECRET_BYTES: usize = 32;
@@ -49,6 +55,7 @@ impl TokenInfo {
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(TOKENS)?;
     txn.open_table(TOKEN_IDS)?;
+    txn.open_table(REVOKED_IDENTITIES)?;
     Ok(())
 }
 
@@ -164,13 +171,16 @@ impl Store {
         Ok(tokens)
     }
 
-    /// Revokes the token with this id; false when there is none. Revoking a
-    /// revoked token is fine (true).
-    pub fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+    /// Revokes the token with this id and puts its identity on the deny
+    /// list as of `now`, so that certificates it (or any credential of that
+    /// identity) obtained up to now can no longer renew. Returns the
+    /// token's identity, `None` when there is no such token. Revoking a
+    /// revoked token is fine (the deny entry moves to `now`).
+    pub fn revoke_token(&self, id: &str, now: SystemTime) -> Result<Option<String>, StoreError> {
         self.write(|txn| {
             let hash = txn.open_table(TOKEN_IDS)?.get(id)?.map(|g| *g.value());
             let Some(hash) = hash else {
-                return Ok((false, false));
+                return Ok((None, false));
             };
             let mut table = txn.open_table(TOKENS)?;
             let record = table.get(&hash)?.map(|g| g.value().to_string());
@@ -178,14 +188,61 @@ impl Store {
                 return Err(corrupt(format!("token id {id:?} has no token")));
             };
             let mut info = decode(&record)?;
-            if info.revoked {
-                return Ok((true, false));
+            if !info.revoked {
+                info.revoked = true;
+                table.insert(&hash, encode(&info)?.as_str())?;
             }
-            info.revoked = true;
-            table.insert(&hash, encode(&info)?.as_str())?;
-            tracing::info!(id, "bootstrap token revoked");
-            Ok((true, true))
+            deny(txn, &info.identity, now)?;
+            tracing::info!(id, identity = %info.identity, "bootstrap token revoked");
+            Ok((Some(info.identity), true))
         })
+    }
+
+    /// Revokes a workload identity: every bootstrap token bound to it, and
+    /// every credential of it authorized up to `now` (its certificates
+    /// cannot renew). Returns how many tokens this revoked.
+    pub fn revoke_identity(&self, identity: &str, now: SystemTime) -> Result<usize, StoreError> {
+        check_identity(identity)?;
+        self.write(|txn| {
+            let mut table = txn.open_table(TOKENS)?;
+            let mut revoked = Vec::new();
+            for item in table.iter()? {
+                let (hash, record) = item?;
+                let info = decode(record.value())?;
+                if info.identity == identity && !info.revoked {
+                    revoked.push((
+                        *hash.value(),
+                        TokenInfo {
+                            revoked: true,
+                            ..info
+                        },
+                    ));
+                }
+            }
+            for (hash, info) in &revoked {
+                table.insert(hash, encode(info)?.as_str())?;
+            }
+            deny(txn, identity, now)?;
+            tracing::info!(
+                identity,
+                tokens = revoked.len(),
+                "workload identity revoked"
+            );
+            Ok((revoked.len(), true))
+        })
+    }
+
+    /// The deny list: each revoked identity and when it was last revoked
+    /// (Unix seconds).
+    pub fn revocations(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(REVOKED_IDENTITIES)?;
+        let mut out = HashMap::new();
+        for item in table.iter()? {
+            let (identity, at) = item?;
+            out.insert(identity.value().to_string(), at.value());
+        }
+        Ok(out)
     }
 
     fn random<const N: usize>(&self) -> Result<[u8; N], StoreError> {
@@ -195,6 +252,18 @@ impl Store {
             .map_err(|_| StoreError::Db("the system random source failed".into()))?;
         Ok(bytes)
     }
+}
+
+/// Puts `identity` on the deny list as of `now` (never earlier than an
+/// entry already there).
+fn deny(txn: &WriteTransaction, identity: &str, now: SystemTime) -> Result<(), StoreError> {
+    let at = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut table = txn.open_table(REVOKED_IDENTITIES)?;
+    let previous = table.get(identity)?.map(|g| g.value());
+    table.insert(identity, previous.map_or(at, |p| p.max(at)))?;
+    Ok(())
 }
 
 /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, with the
@@ -360,9 +429,16 @@ mod tests {
             assert_eq!(store.consume_token(bad, t0()).unwrap(), None, "{bad:?}");
         }
 
-        assert!(store.revoke_token(&info.id).unwrap());
-        assert!(store.revoke_token(&info.id).unwrap(), "idempotent");
-        assert!(!store.revoke_token("000000000000").unwrap());
+        assert_eq!(
+            store.revoke_token(&info.id, t0()).unwrap().as_deref(),
+            Some(ID)
+        );
+        assert_eq!(
+            store.revoke_token(&info.id, t0()).unwrap().as_deref(),
+            Some(ID),
+            "idempotent"
+        );
+        assert_eq!(store.revoke_token("000000000000", t0()).unwrap(), None);
         assert_eq!(store.verify_token(&secret, t0()).unwrap(), None);
         assert_eq!(store.consume_token(&secret, t0()).unwrap(), None);
         let listed = store.list_tokens().unwrap();
@@ -461,6 +537,41 @@ mod tests {
         drop(store);
         let store = t.open();
         assert_eq!(store.verify_token(&secret, t0()).unwrap(), None);
+    }
+
+    #[test]
+    fn revoking_a_token_or_an_identity_puts_the_identity_on_the_deny_list() {
+        const OTHER: &str = "spiffe://pylon.local/ns/default/sa/other";
+        let t = TempStore::new("token-deny");
+        let store = t.open();
+        assert!(store.revocations().unwrap().is_empty());
+        let (a, _) = store.create_token(ID, HOUR, false, t0()).unwrap();
+        let (_, b_secret) = store.create_token(ID, HOUR, false, t0()).unwrap();
+        let (_, other_secret) = store.create_token(OTHER, HOUR, false, t0()).unwrap();
+
+        store.revoke_token(&a.id, t0() + HOUR / 2).unwrap();
+        let at = |s: SystemTime| s.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_eq!(
+            store.revocations().unwrap(),
+            HashMap::from([(ID.to_string(), at(t0() + HOUR / 2))])
+        );
+        // Another token of the identity stays good (its holder gets new
+        // certificates with it).
+        assert!(store.verify_token(&b_secret, t0()).unwrap().is_some());
+
+        // An identity revoked: all its tokens go, the entry only moves later.
+        assert_eq!(store.revoke_identity(ID, t0()).unwrap(), 1);
+        assert_eq!(store.verify_token(&b_secret, t0()).unwrap(), None);
+        assert!(store.verify_token(&other_secret, t0()).unwrap().is_some());
+        assert_eq!(store.revocations().unwrap()[ID], at(t0() + HOUR / 2));
+        assert_eq!(store.revoke_identity(OTHER, t0() + HOUR).unwrap(), 1);
+        assert!(matches!(
+            store.revoke_identity("greeter", t0()),
+            Err(StoreError::BadRequest(_))
+        ));
+        drop(store);
+        let store = t.open();
+        assert_eq!(store.revocations().unwrap().len(), 2, "persisted");
     }
 
     #[test]
