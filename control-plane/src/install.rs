@@ -352,8 +352,12 @@ fn stateful_set(install: &Install) -> Value {
     }
     let mut pod_security = non_root;
     if let Some(fields) = pod_security.as_object_mut() {
-        // The data volume is made writable for the group.
+        // The data volume is made writable for the group, once: without
+        // OnRootMismatch the kubelet would make every file in it
+        // group-readable again at each mount, and the control plane refuses
+        // to start with its CA keys readable by anyone but itself.
         fields.insert("fsGroup".into(), json!(UID));
+        fields.insert("fsGroupChangePolicy".into(), json!("OnRootMismatch"));
     }
     let mut pod_labels = labels();
     if let Some(l) = pod_labels.as_object_mut() {
