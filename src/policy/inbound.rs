@@ -1,7 +1,9 @@
 //! The protection of the local app as policy configures it: who may call
-//! it, then a rate limit and a cap on calls in flight.
+//! it, then a rate limit and a cap on calls in flight (by default
+//! `inbound.appMaxRequests` when no policy sets one).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use arc_swap::ArcSwap;
 use pylon_proto::policy::RateLimit;
@@ -22,6 +24,8 @@ pub struct InboundLimits {
     policy: ArcSwap<InboundPolicy>,
     bulkhead: Arc<Bulkhead>,
     rate: RateLimiter,
+    /// The cap on calls in flight when no policy sets one (0: none).
+    default_max_requests: AtomicU32,
     metrics: BackendMetrics,
     authorization: AuthorizationMetrics,
     pub requests: RequestMetrics,
@@ -38,14 +42,36 @@ impl InboundLimits {
                 requests_per_second: u32::MAX,
                 burst: u32::MAX,
             }),
+            default_max_requests: AtomicU32::new(0),
             metrics: metrics.backend(INBOUND),
             authorization: metrics.authorization(),
             requests: metrics.inbound_requests(),
         }
     }
 
+    /// Caps the calls in flight at `max` while no policy sets
+    /// `maxParallelRequests` (`inbound.appMaxRequests`).
+    pub fn set_default_max_requests(&self, max: u32) {
+        self.default_max_requests.store(max, Ordering::Relaxed);
+        self.bulkhead
+            .set_limits(self.max_requests(&self.policy.load()), None);
+    }
+
+    /// The cap on calls in flight under `policy`.
+    fn max_requests(&self, policy: &InboundPolicy) -> Option<u32> {
+        let default = self.default_max_requests.load(Ordering::Relaxed);
+        policy
+            .max_parallel_requests
+            .or((default > 0).then_some(default))
+    }
+
+    /// Counts a call refused because the app's connections are all in use.
+    pub fn app_connections_overflow(&self) -> prometheus_client::metrics::counter::Counter {
+        self.metrics.overflow.clone()
+    }
+
     pub fn apply(&self, policy: &InboundPolicy) {
-        self.bulkhead.set_limits(policy.max_parallel_requests, None);
+        self.bulkhead.set_limits(self.max_requests(policy), None);
         if let Some(limit) = policy.rate_limit {
             self.rate.set_limit(limit);
         }
@@ -86,7 +112,7 @@ impl InboundLimits {
                 retry_after,
             });
         }
-        if policy.max_parallel_requests.is_none() {
+        if self.max_requests(&policy).is_none() {
             return Ok(None);
         }
         // No waiting room: the app's protection fails fast.
