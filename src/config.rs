@@ -1682,6 +1682,107 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
     }
 
     #[test]
+    fn limits_have_production_defaults() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.connections, ConnectionSettings::default());
+        assert_eq!(c.connections.first_bytes_timeout, Duration::from_secs(10));
+        assert_eq!(c.connections.max_pending_accept_reset_streams, 100);
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(c.outbound.max_connections, 4096);
+        assert_eq!(c.inbound.max_connections, 4096);
+        assert_eq!(c.inbound.max_concurrent_handshakes, 256);
+        assert_eq!(c.inbound.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.inbound.app_max_connections, 1024);
+        assert_eq!(c.inbound.app_max_requests, 1024);
+        assert_eq!(c.headers_with_underscores, UnderscoreAction::Drop);
+        assert!(c.telemetry.is_none());
+    }
+
+    #[test]
+    fn limits_come_from_the_file_and_the_environment() {
+        let yaml = format!(
+            "{GOOD}connections: {{ firstBytesTimeout: 250ms, idleTimeout: 0s, maxConcurrentStreams: 8 }}
+headers: {{ withUnderscores: reject }}
+"
+        );
+        let e = env(&[
+            ("PYLON_CONNECTIONS_MAX_AGE", "0s"),
+            ("PYLON_CONNECTIONS_MAX_HEADER_BYTES", "16384"),
+            ("PYLON_INBOUND_MAX_CONCURRENT_HANDSHAKES", "4"),
+            ("PYLON_OUTBOUND_MAX_CONNECTIONS", "2"),
+            ("PYLON_ADMIN_MAX_CONNECTIONS", "3"),
+            ("PYLON_INBOUND_APP_MAX_REQUESTS", "5"),
+            ("PYLON_TELEMETRY_EXTERNAL_SAMPLING", "follow"),
+            ("PYLON_CONTROL_PLANE_ALLOW_READABLE_TOKEN_FILE", "true"),
+            ("PYLON_CONTROL_PLANE_ADDRESS", "https://127.0.0.1:15010"),
+        ]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(
+            c.connections.first_bytes_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(c.connections.idle_timeout, None, "0s turns it off");
+        assert_eq!(c.connections.max_age, None);
+        assert_eq!(c.connections.max_concurrent_streams, 8);
+        assert_eq!(c.connections.max_header_bytes, 16384);
+        assert_eq!(c.inbound.max_concurrent_handshakes, 4);
+        assert_eq!(c.outbound.max_connections, 2);
+        assert_eq!(c.admin.max_connections, 3);
+        assert_eq!(c.inbound.app_max_requests, 5);
+        assert_eq!(c.headers_with_underscores, UnderscoreAction::Reject);
+        assert_eq!(
+            c.telemetry.unwrap().external_sampling,
+            ExternalSampling::Follow
+        );
+        assert!(c.control_plane.unwrap().allow_readable_token_file);
+    }
+
+    #[test]
+    fn limits_report_every_problem() {
+        let e = env(&[
+            ("PYLON_CONNECTIONS_FIRST_BYTES_TIMEOUT", "0s"),
+            ("PYLON_CONNECTIONS_MAX_CONCURRENT_STREAMS", "0"),
+            ("PYLON_INBOUND_MAX_CONNECTIONS", "many"),
+            ("PYLON_HEADERS_WITH_UNDERSCORES", "allow"),
+            ("PYLON_TELEMETRY_EXTERNAL_SAMPLING", "always"),
+        ]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        for want in [
+            "connections.firstBytesTimeout: must be more than 0s",
+            "connections.maxConcurrentStreams (from PYLON_CONNECTIONS_MAX_CONCURRENT_STREAMS): expected a whole number from 1 to 1048576",
+            "inbound.maxConnections (from PYLON_INBOUND_MAX_CONNECTIONS): expected a whole number",
+            "headers.withUnderscores (from PYLON_HEADERS_WITH_UNDERSCORES): expected drop or reject",
+            "telemetry.externalSampling (from PYLON_TELEMETRY_EXTERNAL_SAMPLING): expected ignore or follow",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{want}: {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+    }
+
+    #[test]
+    fn the_outbound_listener_stays_on_loopback_unless_allowed() {
+        let yaml = GOOD.replace("127.0.0.1:25001", "0.0.0.0:25001");
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(
+                "outbound.listen: 0.0.0.0:25001 is not a loopback address: anyone who reaches it could send calls with this workload's identity"
+            ),
+            "{errs:#?}"
+        );
+        let e = env(&[("PYLON_OUTBOUND_ALLOW_NON_LOOPBACK", "true")]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.outbound.listen, "0.0.0.0:25001".parse().unwrap());
+        let e = env(&[("PYLON_OUTBOUND_LISTEN", "[::1]:15001")]);
+        assert!(Config::from_parts(GOOD, Path::new("/x"), &e).is_ok());
+    }
+
+    #[test]
     fn listeners_must_not_collide() {
         let yaml = GOOD.replace("25001", "25000");
         let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))

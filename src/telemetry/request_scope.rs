@@ -73,7 +73,7 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// is: one to [`MAX_REQUEST_ID`] visible ASCII characters.
 fn usable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
-    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(u8::is_ascii_graphic)
 }
 
 /// The request ID of `headers`; generated and inserted (replacing what the

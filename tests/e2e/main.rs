@@ -9,6 +9,7 @@ mod authz;
 mod control;
 mod gamma;
 mod grpc;
+mod hardening;
 mod http;
 mod identity;
 mod inject;
