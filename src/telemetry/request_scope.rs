@@ -514,6 +514,41 @@ mod tests {
     }
 
     #[test]
+    fn a_sampled_flag_from_outside_the_mesh_is_only_a_hint() {
+        let telemetry = |follow_external_sampling| Telemetry {
+            // Samples no new trace.
+            tracer: Some(Arc::new(super::super::trace::Tracer::discarding(0.0))),
+            access_log: false,
+            follow_external_sampling,
+        };
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let begin = |t: &Telemetry, side, remote: Option<(SocketAddr, &Arc<str>)>| {
+            let mut req = Request::get("/")
+                .header(TRACEPARENT, caller)
+                .body(())
+                .unwrap();
+            let sampled = RequestScope::begin(t, side, &mut req, false, None, remote)
+                .traceparent()
+                .is_some();
+            (sampled, req.headers()[TRACEPARENT].clone())
+        };
+        // A plaintext caller's flag is overruled, and the next hop told so.
+        let (sampled, passed_on) = begin(&telemetry(false), Side::Inbound, None);
+        assert!(!sampled);
+        assert_eq!(
+            passed_on,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        );
+        // Unless told to follow it.
+        assert!(begin(&telemetry(true), Side::Inbound, None).0);
+        // The local app and mesh peers are followed.
+        assert!(begin(&telemetry(false), Side::Outbound, None).0);
+        let peer: Arc<str> = "spiffe://t/ns/default/sa/client".into();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(begin(&telemetry(false), Side::Inbound, Some((addr, &peer))).0);
+    }
+
+    #[test]
     fn hosts_of_authorities() {
         assert_eq!(host_of("greeter.shop:50051"), "greeter.shop");
         assert_eq!(host_of("greeter"), "greeter");
