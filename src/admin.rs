@@ -5,6 +5,14 @@
 //! the app's original probe ([`crate::probes`]). Nothing on the probe
 //! listener changes state.
 //!
+//! What changes state (`POST /drain`, `PUT /log-level`) answers only a
+//! loopback peer that names a loopback `Host`, and never what a browser
+//! sends across origins (an `Origin` header, `Sec-Fetch-Site` other than
+//! `none` or `same-origin`, or a form's content type): a web page the
+//! operator visits must not drain the sidecar. Both listeners cap their
+//! connections (`admin.maxConnections`) and keep the limits of
+//! `connections.*`.
+//!
 //! `/ready` answers 200 once the listeners are bound, the identity is loaded
 //! (its certificate valid now) and a policy is installed, and 503 again
 //! while draining. Until a control plane issues the first certificate,
@@ -22,7 +30,6 @@ use crate::resilience::outlier::EndpointState;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use pylon_proto::policy::{BackendTls, Protocol};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -30,6 +37,8 @@ use tokio::sync::watch;
 
 use crate::config::KubernetesInfo;
 use crate::http::body::ProxyBody;
+use crate::http::listener::Acceptor;
+use crate::http::server::HttpServer;
 use crate::identity::IdentityStore;
 use crate::policy::PolicyStore;
 use crate::probes::{AppProbes, ProbeKind, Prober};
@@ -94,17 +103,15 @@ impl AdminState {
 
 /// Serves the admin API (or, through `door`, the probe listener) until the
 /// task is dropped (it outlives a drain, so that `/ready` can say so).
-pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>, door: Door) {
-    let server = crate::http::server::builder();
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    state: Arc<AdminState>,
+    door: Door,
+    server: HttpServer,
+    acceptor: Acceptor,
+) {
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, peer, open) = acceptor.accept(&listener).await;
         let state = state.clone();
         let svc = service_fn(move |req| {
             let state = state.clone();
@@ -112,6 +119,12 @@ pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>, door: Doo
                 let path = req.uri().path();
                 if door == Door::Probe {
                     return Ok::<_, Infallible>(probe_door(&state, req).await);
+                }
+                if changes_state(&req)
+                    && let Err(why) = may_change_state(peer, &req)
+                {
+                    tracing::warn!(%peer, path, why, "refused a state-changing admin request");
+                    return Ok(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n")));
                 }
                 if path == "/log-level" {
                     return Ok::<_, Infallible>(log_level(req).await);
@@ -122,11 +135,79 @@ pub async fn serve(listener: Arc<TcpListener>, state: Arc<AdminState>, door: Doo
                 Ok::<_, Infallible>(handle(&state, req))
             }
         });
-        let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        let server = server.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = server.serve(tcp, svc, None).await;
+            drop(open);
         });
     }
+}
+
+/// Whether a request asks the admin API to change something.
+fn changes_state<B>(req: &Request<B>) -> bool {
+    matches!(
+        (req.method(), req.uri().path()),
+        (&Method::POST, "/drain") | (&Method::PUT, "/log-level")
+    )
+}
+
+/// Content types a browser sends across origins without asking first (a
+/// form, or `fetch` in no-cors mode).
+const SIMPLE_CONTENT_TYPES: [&str; 3] = [
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "text/plain",
+];
+
+/// Whether a state-changing request may be served: from a loopback peer,
+/// naming a loopback host, and not sent by a browser on behalf of another
+/// origin. `Err` says why not.
+fn may_change_state<B>(peer: SocketAddr, req: &Request<B>) -> Result<(), &'static str> {
+    if !peer.ip().is_loopback() {
+        return Err("the peer is not on loopback");
+    }
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            let host = req.headers().get(header::HOST)?.to_str().ok()?;
+            http::uri::Authority::try_from(host)
+                .ok()
+                .map(|a| a.host().to_string())
+        })
+        .ok_or("no Host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback_host = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback_host {
+        return Err("the Host is not a loopback name (DNS rebinding?)");
+    }
+    let headers = req.headers();
+    if headers.contains_key(header::ORIGIN) {
+        return Err("a browser sent it (Origin)");
+    }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"none" | b"same-origin")
+    {
+        return Err("a browser sent it for another site (Sec-Fetch-Site)");
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if SIMPLE_CONTENT_TYPES.contains(&essence.as_str()) {
+            return Err("a form's content type, which a browser sends across origins");
+        }
+    }
+    Ok(())
 }
 
 const APP_HEALTH: &str = "/app-health/";
@@ -228,14 +309,12 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
 /// no client stays on this server once the real one takes the listener.
 pub async fn serve_starting(
     listener: Arc<TcpListener>,
+    server: HttpServer,
+    acceptor: Acceptor,
     last_error: crate::identity::control::LastError,
 ) {
-    let server = crate::http::server::builder();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
+        let (tcp, _, open) = acceptor.accept(&listener).await;
         let last_error = last_error.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let mut resp = match (req.method(), req.uri().path()) {
@@ -262,9 +341,10 @@ pub async fn serve_starting(
             );
             async move { Ok::<_, Infallible>(resp) }
         });
-        let conn = server.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        let server = server.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = server.serve(tcp, svc, None).await;
+            drop(open);
         });
     }
 }
@@ -420,4 +500,81 @@ pub fn config_dump(state: &AdminState) -> Value {
         "routes": routes,
         "backends": backends,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_a_local_non_browser_request_changes_state() {
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.7:40000".parse().unwrap();
+        let ok = |peer, r: &Request<()>| may_change_state(peer, r).is_ok();
+        let drain = |h: &[(&str, &str)]| req(Method::POST, "/drain", h);
+
+        assert!(ok(local, &drain(&[("host", "127.0.0.1:15000")])));
+        assert!(ok(local, &drain(&[("host", "localhost:15000")])));
+        assert!(ok(local, &drain(&[("host", "[::1]:15000")])));
+        assert!(ok(
+            local,
+            &drain(&[("host", "localhost"), ("sec-fetch-site", "same-origin")])
+        ));
+        assert!(ok(
+            local,
+            &req(
+                Method::PUT,
+                "/log-level",
+                &[
+                    ("host", "localhost"),
+                    ("content-type", "application/octet-stream")
+                ]
+            )
+        ));
+
+        assert!(!ok(remote, &drain(&[("host", "127.0.0.1:15000")])));
+        assert!(!ok(local, &drain(&[])), "no Host");
+        assert!(!ok(local, &drain(&[("host", "evil.example:15000")])));
+        assert!(!ok(
+            local,
+            &drain(&[("host", "localhost"), ("origin", "https://evil.example")])
+        ));
+        assert!(!ok(
+            local,
+            &drain(&[("host", "localhost"), ("origin", "null")])
+        ));
+        assert!(!ok(
+            local,
+            &drain(&[("host", "localhost"), ("sec-fetch-site", "cross-site")])
+        ));
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "Text/Plain;charset=utf-8",
+        ] {
+            assert!(
+                !ok(
+                    local,
+                    &drain(&[("host", "localhost"), ("content-type", ct)])
+                ),
+                "{ct}"
+            );
+        }
+    }
+
+    #[test]
+    fn drain_and_log_level_writes_change_state() {
+        assert!(changes_state(&req(Method::POST, "/drain", &[])));
+        assert!(changes_state(&req(Method::PUT, "/log-level", &[])));
+        assert!(!changes_state(&req(Method::GET, "/log-level", &[])));
+        assert!(!changes_state(&req(Method::GET, "/ready", &[])));
+    }
 }

@@ -25,7 +25,10 @@ use crate::probes::AppProbes;
 const KEYS: &[(&str, KeyKind)] = &[
     ("admin.listen", KeyKind::Addr),
     ("admin.probeListen", KeyKind::Addr),
+    ("admin.maxConnections", KeyKind::Count),
     ("outbound.listen", KeyKind::Addr),
+    ("outbound.allowNonLoopback", KeyKind::Bool),
+    ("outbound.maxConnections", KeyKind::Count),
     ("outbound.retryBufferBytes", KeyKind::Bytes),
     ("outbound.unmatched", KeyKind::Text),
     ("outbound.detectTimeout", KeyKind::Duration),
@@ -33,6 +36,22 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("inbound.listen", KeyKind::Addr),
     ("inbound.app", KeyKind::Addr),
     ("inbound.mode", KeyKind::Text),
+    ("inbound.maxConnections", KeyKind::Count),
+    ("inbound.maxConcurrentHandshakes", KeyKind::Count),
+    ("inbound.handshakeTimeout", KeyKind::Duration),
+    ("inbound.appMaxConnections", KeyKind::Count),
+    ("inbound.appMaxRequests", KeyKind::Count),
+    ("connections.firstBytesTimeout", KeyKind::Duration),
+    ("connections.headerReadTimeout", KeyKind::Duration),
+    ("connections.idleTimeout", KeyKind::Duration),
+    ("connections.maxAge", KeyKind::Duration),
+    ("connections.maxAgeGrace", KeyKind::Duration),
+    ("connections.tcpKeepalive", KeyKind::Duration),
+    ("connections.maxConcurrentStreams", KeyKind::Count),
+    ("connections.maxPendingAcceptResetStreams", KeyKind::Count),
+    ("connections.maxLocalErrorResetStreams", KeyKind::Count),
+    ("connections.maxHeaderBytes", KeyKind::Count),
+    ("headers.withUnderscores", KeyKind::Text),
     ("appProbes", KeyKind::Json),
     ("drainTimeout", KeyKind::Duration),
     ("kubernetes.podName", KeyKind::Text),
@@ -51,11 +70,13 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("controlPlane.address", KeyKind::Text),
     ("controlPlane.caFile", KeyKind::Path),
     ("controlPlane.tokenFile", KeyKind::Path),
+    ("controlPlane.allowReadableTokenFile", KeyKind::Bool),
     ("telemetry.serviceName", KeyKind::Text),
     ("telemetry.otlp.endpoint", KeyKind::Text),
     ("telemetry.sampling", KeyKind::Ratio),
     ("telemetry.accessLog", KeyKind::Bool),
     ("telemetry.logFormat", KeyKind::Text),
+    ("telemetry.externalSampling", KeyKind::Text),
     ("telemetry.otlp.metricsInterval", KeyKind::Duration),
     ("stateDir", KeyKind::Path),
     ("dns.nameservers", KeyKind::List),
@@ -79,6 +100,8 @@ enum KeyKind {
     Duration,
     /// A whole number of bytes.
     Bytes,
+    /// A whole number (a count of connections, streams, ...).
+    Count,
     /// `true` or `false`.
     Bool,
     /// A structured value: a mapping in the file, JSON text in the
@@ -115,6 +138,102 @@ pub struct Config {
     pub app_probes: AppProbes,
     /// Where the pod is, from the downward API (informational: `/config`).
     pub kubernetes: KubernetesInfo,
+    /// `connections.*`: how every listener treats the connections it
+    /// accepts.
+    pub connections: ConnectionSettings,
+    /// `headers.withUnderscores`: what a request with an underscore in a
+    /// header name gets, on both paths.
+    pub headers_with_underscores: UnderscoreAction,
+}
+
+/// `connections.*`: the limits every listener (outbound, inbound, admin,
+/// probe) applies to each connection it accepts. A duration of `0s` turns
+/// the idle timeout, the maximum age or TCP keepalive off; the other
+/// timeouts must be positive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// From accept (after the TLS handshake on inbound) until a complete
+    /// HTTP/1 request head or the HTTP/2 preface and its first frame
+    /// header; a client that sends less is closed.
+    pub first_bytes_timeout: Duration,
+    /// How long an HTTP/1 request head may take once the connection waits
+    /// for one (hyper's `header_read_timeout`).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed
+    /// gracefully (HTTP/2 GOAWAY).
+    pub idle_timeout: Option<Duration>,
+    /// A connection this old is told to go away (HTTP/2 GOAWAY, HTTP/1
+    /// `connection: close` after the request in flight) ...
+    pub max_age: Option<Duration>,
+    /// ... and closed this long after that if calls are still open.
+    pub max_age_grace: Duration,
+    /// TCP keepalive on accepted sockets: idle time before the first probe.
+    pub tcp_keepalive: Option<Duration>,
+    /// HTTP/2 streams a client may have open on one connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before the server accepted them
+    /// (rapid reset) before the connection gets GOAWAY ENHANCE_YOUR_CALM.
+    pub max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams the server may have to reset for the client's
+    /// protocol errors (MadeYouReset) before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// The largest request head: HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`,
+    /// and the HTTP/1 read buffer a request head must fit in.
+    pub max_header_bytes: u32,
+}
+
+impl ConnectionSettings {
+    pub const DEFAULT_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_MAX_AGE_GRACE: Duration = Duration::from_secs(300);
+    pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+    pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 100;
+    pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+    pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            first_bytes_timeout: Self::DEFAULT_FIRST_BYTES_TIMEOUT,
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
+            max_age: Some(Self::DEFAULT_MAX_AGE),
+            max_age_grace: Self::DEFAULT_MAX_AGE_GRACE,
+            tcp_keepalive: Some(Self::DEFAULT_TCP_KEEPALIVE),
+            max_concurrent_streams: Self::DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_pending_accept_reset_streams: Self::DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            max_local_error_reset_streams: Self::DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS,
+            max_header_bytes: Self::DEFAULT_MAX_HEADER_BYTES,
+        }
+    }
+}
+
+/// `headers.withUnderscores`, as Envoy's `headers_with_underscores_action`:
+/// CGI, WSGI, Rack and PHP apps read `x_a` and `x-a` as one variable, so a
+/// caller could pass a header the sidecar strips under another spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnderscoreAction {
+    /// The header is removed; the request goes on.
+    #[default]
+    Drop,
+    /// The request is refused (HTTP 400, gRPC INTERNAL).
+    Reject,
+}
+
+/// `telemetry.externalSampling`: what a `traceparent`'s sampled flag from
+/// a caller outside the mesh (a plaintext caller of the inbound listener)
+/// decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExternalSampling {
+    /// Only a hint: the sidecar samples the trace by its own ratio.
+    #[default]
+    Ignore,
+    /// Followed, like a mesh peer's.
+    Follow,
 }
 
 #[derive(Debug, Clone)]
@@ -123,7 +242,25 @@ pub struct AdminConfig {
     /// The read-only probe listener (the pod IP): `/live`, `/ready`,
     /// `/metrics`, `/app-health/...`.
     pub probe_listen: SocketAddr,
+    /// `admin.maxConnections`: open connections on each of the admin and
+    /// the probe listener.
+    pub max_connections: u32,
 }
+
+/// The default of `admin.maxConnections`.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: u32 = 64;
+/// The default of `outbound.maxConnections` and `inbound.maxConnections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+/// The default of `inbound.maxConcurrentHandshakes`.
+pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: u32 = 256;
+/// The default of `inbound.handshakeTimeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of `inbound.appMaxConnections`.
+pub const DEFAULT_APP_MAX_CONNECTIONS: u32 = 1024;
+/// The default of `inbound.appMaxRequests`.
+pub const DEFAULT_APP_MAX_REQUESTS: u32 = 1024;
+/// The largest value of a count key.
+const MAX_COUNT: u64 = 1 << 20;
 
 /// The default of `drainTimeout`.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,6 +280,8 @@ pub struct OutboundConfig {
     /// `outbound.serverFirstPorts`: original destination ports passed
     /// through as TCP without waiting for the client to speak.
     pub server_first_ports: Vec<u16>,
+    /// `outbound.maxConnections`: open connections from the app.
+    pub max_connections: u32,
 }
 
 /// What a redirected HTTP request with no route gets.
@@ -238,6 +377,20 @@ pub struct InboundConfig {
     /// redirected; a redirected one goes to `127.0.0.1:<original port>`).
     pub app: SocketAddr,
     pub mode: InboundMode,
+    /// `inbound.maxConnections`: open connections from callers.
+    pub max_connections: u32,
+    /// `inbound.maxConcurrentHandshakes`: TLS handshakes under way at once;
+    /// more wait (within the handshake timeout) for a turn.
+    pub max_concurrent_handshakes: u32,
+    /// `inbound.handshakeTimeout`: how long a caller may take to complete
+    /// the TLS handshake (including any wait for a turn).
+    pub handshake_timeout: Duration,
+    /// `inbound.appMaxConnections`: open connections to the local app, per
+    /// app port.
+    pub app_max_connections: u32,
+    /// `inbound.appMaxRequests`: calls in flight to the local app when no
+    /// BackendTrafficPolicy sets `maxParallelRequests`.
+    pub app_max_requests: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +420,8 @@ pub struct TelemetryConfig {
     pub sampling: Option<f64>,
     /// One `pylon::access` log record per request (off by default).
     pub access_log: bool,
+    /// `telemetry.externalSampling`.
+    pub external_sampling: ExternalSampling,
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +430,11 @@ pub struct ControlPlaneConfig {
     pub address: String,
     pub ca_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// `controlPlane.allowReadableTokenFile`: start even when a token file
+    /// is readable by its group or by others (a Kubernetes projected token
+    /// in a volume only the sidecar mounts is 0644 unless every container
+    /// of the pod runs as one user).
+    pub allow_readable_token_file: bool,
 }
 
 /// How backend hostnames are resolved (`dns.*`).
@@ -404,6 +564,7 @@ impl Config {
         let admin = AdminConfig {
             listen: r.addr("admin.listen", "127.0.0.1:15000"),
             probe_listen: r.addr("admin.probeListen", "0.0.0.0:15020"),
+            max_connections: r.count("admin.maxConnections", DEFAULT_ADMIN_MAX_CONNECTIONS),
         };
         let unmatched = r.choice(
             "outbound.unmatched",
@@ -417,8 +578,10 @@ impl Config {
         } else {
             DEFAULT_SERVER_FIRST_PORTS.to_vec()
         };
+        let allow_non_loopback = r.flag("outbound.allowNonLoopback");
         let outbound = OutboundConfig {
             listen: r.addr("outbound.listen", "127.0.0.1:15001"),
+            max_connections: r.count("outbound.maxConnections", DEFAULT_MAX_CONNECTIONS),
             retry_buffer_bytes: r
                 .bytes("outbound.retryBufferBytes", MAX_RETRY_BUFFER_BYTES)
                 .unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
@@ -439,7 +602,30 @@ impl Config {
             listen: r.addr("inbound.listen", "0.0.0.0:15006"),
             app: r.addr("inbound.app", "127.0.0.1:8080"),
             mode,
+            max_connections: r.count("inbound.maxConnections", DEFAULT_MAX_CONNECTIONS),
+            max_concurrent_handshakes: r.count(
+                "inbound.maxConcurrentHandshakes",
+                DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            ),
+            handshake_timeout: r
+                .positive_duration("inbound.handshakeTimeout", DEFAULT_HANDSHAKE_TIMEOUT),
+            app_max_connections: r.count("inbound.appMaxConnections", DEFAULT_APP_MAX_CONNECTIONS),
+            app_max_requests: r.count("inbound.appMaxRequests", DEFAULT_APP_MAX_REQUESTS),
         };
+        if !outbound.listen.ip().is_loopback() && !allow_non_loopback {
+            r.errors.push(format!(
+                "outbound.listen: {} is not a loopback address: anyone who reaches it could send calls with this workload's identity (an open proxy); set outbound.allowNonLoopback: true if that is meant",
+                outbound.listen
+            ));
+        }
+        let connections = r.connections();
+        let headers_with_underscores = r.choice(
+            "headers.withUnderscores",
+            &[
+                ("drop", UnderscoreAction::Drop),
+                ("reject", UnderscoreAction::Reject),
+            ],
+        );
         let drain_timeout = r
             .duration("drainTimeout", DEFAULT_DRAIN_TIMEOUT)
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
@@ -553,6 +739,7 @@ impl Config {
             let address = r.text("controlPlane.address");
             let ca_file = r.path("controlPlane.caFile");
             let token_file = r.path("controlPlane.tokenFile");
+            let allow_readable_token_file = r.flag("controlPlane.allowReadableTokenFile");
             if let Some(a) = &address
                 && let Err(e) = pylon_proto::client::host_port(a)
             {
@@ -597,6 +784,7 @@ impl Config {
                     address: address.unwrap_or_default(),
                     ca_file,
                     token_file,
+                    allow_readable_token_file,
                 },
             )
         };
@@ -605,13 +793,25 @@ impl Config {
             let otlp_endpoint = r.text("telemetry.otlp.endpoint");
             let sampling = r.ratio("telemetry.sampling");
             let access_log = r.flag("telemetry.accessLog");
-            (service_name.is_some() || otlp_endpoint.is_some() || sampling.is_some() || access_log)
-                .then_some(TelemetryConfig {
-                    service_name,
-                    otlp_endpoint,
-                    sampling,
-                    access_log,
-                })
+            let external_sampling = r.choice(
+                "telemetry.externalSampling",
+                &[
+                    ("ignore", ExternalSampling::Ignore),
+                    ("follow", ExternalSampling::Follow),
+                ],
+            );
+            (service_name.is_some()
+                || otlp_endpoint.is_some()
+                || sampling.is_some()
+                || access_log
+                || external_sampling != ExternalSampling::default())
+            .then_some(TelemetryConfig {
+                service_name,
+                otlp_endpoint,
+                sampling,
+                access_log,
+                external_sampling,
+            })
         };
         let log_format = r.log_format("telemetry.logFormat");
         let otlp_metrics_interval = r
@@ -660,6 +860,8 @@ impl Config {
                 drain_timeout,
                 app_probes,
                 kubernetes,
+                connections,
+                headers_with_underscores,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -783,6 +985,86 @@ impl Reader<'_> {
                 );
                 None
             }
+        }
+    }
+
+    /// A whole number from 1 to [`MAX_COUNT`], `default` when absent or
+    /// after reporting a problem.
+    fn count<T: TryFrom<u64> + Copy>(&mut self, key: &str, default: T) -> T {
+        let Some((v, origin)) = self.take(key) else {
+            return default;
+        };
+        let n = match &v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n
+            .filter(|n| (1..=MAX_COUNT).contains(n))
+            .and_then(|n| T::try_from(n).ok())
+        {
+            Some(n) => n,
+            None => {
+                self.problem(
+                    key,
+                    &origin,
+                    format!("expected a whole number from 1 to {MAX_COUNT}, found {v}"),
+                );
+                default
+            }
+        }
+    }
+
+    /// A duration that must not be zero.
+    fn positive_duration(&mut self, key: &str, default: Duration) -> Duration {
+        match self.duration(key, default) {
+            Some(d) if d.is_zero() => {
+                self.errors.push(format!("{key}: must be more than 0s"));
+                default
+            }
+            Some(d) => d,
+            None => default,
+        }
+    }
+
+    /// A duration where `0s` means off.
+    fn optional_duration(&mut self, key: &str, default: Duration) -> Option<Duration> {
+        let d = self.duration(key, default).unwrap_or(default);
+        (!d.is_zero()).then_some(d)
+    }
+
+    fn connections(&mut self) -> ConnectionSettings {
+        type C = ConnectionSettings;
+        ConnectionSettings {
+            first_bytes_timeout: self.positive_duration(
+                "connections.firstBytesTimeout",
+                C::DEFAULT_FIRST_BYTES_TIMEOUT,
+            ),
+            header_read_timeout: self.positive_duration(
+                "connections.headerReadTimeout",
+                C::DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            idle_timeout: self
+                .optional_duration("connections.idleTimeout", C::DEFAULT_IDLE_TIMEOUT),
+            max_age: self.optional_duration("connections.maxAge", C::DEFAULT_MAX_AGE),
+            max_age_grace: self
+                .duration("connections.maxAgeGrace", C::DEFAULT_MAX_AGE_GRACE)
+                .unwrap_or(C::DEFAULT_MAX_AGE_GRACE),
+            tcp_keepalive: self
+                .optional_duration("connections.tcpKeepalive", C::DEFAULT_TCP_KEEPALIVE),
+            max_concurrent_streams: self.count(
+                "connections.maxConcurrentStreams",
+                C::DEFAULT_MAX_CONCURRENT_STREAMS,
+            ),
+            max_pending_accept_reset_streams: self.count(
+                "connections.maxPendingAcceptResetStreams",
+                C::DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            ),
+            max_local_error_reset_streams: self.count(
+                "connections.maxLocalErrorResetStreams",
+                C::DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS,
+            ),
+            max_header_bytes: self.count("connections.maxHeaderBytes", C::DEFAULT_MAX_HEADER_BYTES),
         }
     }
 
@@ -1397,6 +1679,107 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             );
         }
         assert_eq!(errs.len(), 8, "{errs:#?}");
+    }
+
+    #[test]
+    fn limits_have_production_defaults() {
+        let c = Config::from_parts(GOOD, Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.connections, ConnectionSettings::default());
+        assert_eq!(c.connections.first_bytes_timeout, Duration::from_secs(10));
+        assert_eq!(c.connections.max_pending_accept_reset_streams, 100);
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(c.outbound.max_connections, 4096);
+        assert_eq!(c.inbound.max_connections, 4096);
+        assert_eq!(c.inbound.max_concurrent_handshakes, 256);
+        assert_eq!(c.inbound.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.inbound.app_max_connections, 1024);
+        assert_eq!(c.inbound.app_max_requests, 1024);
+        assert_eq!(c.headers_with_underscores, UnderscoreAction::Drop);
+        assert!(c.telemetry.is_none());
+    }
+
+    #[test]
+    fn limits_come_from_the_file_and_the_environment() {
+        let yaml = format!(
+            "{GOOD}connections: {{ firstBytesTimeout: 250ms, idleTimeout: 0s, maxConcurrentStreams: 8 }}
+headers: {{ withUnderscores: reject }}
+"
+        );
+        let e = env(&[
+            ("PYLON_CONNECTIONS_MAX_AGE", "0s"),
+            ("PYLON_CONNECTIONS_MAX_HEADER_BYTES", "16384"),
+            ("PYLON_INBOUND_MAX_CONCURRENT_HANDSHAKES", "4"),
+            ("PYLON_OUTBOUND_MAX_CONNECTIONS", "2"),
+            ("PYLON_ADMIN_MAX_CONNECTIONS", "3"),
+            ("PYLON_INBOUND_APP_MAX_REQUESTS", "5"),
+            ("PYLON_TELEMETRY_EXTERNAL_SAMPLING", "follow"),
+            ("PYLON_CONTROL_PLANE_ALLOW_READABLE_TOKEN_FILE", "true"),
+            ("PYLON_CONTROL_PLANE_ADDRESS", "https://127.0.0.1:15010"),
+        ]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(
+            c.connections.first_bytes_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(c.connections.idle_timeout, None, "0s turns it off");
+        assert_eq!(c.connections.max_age, None);
+        assert_eq!(c.connections.max_concurrent_streams, 8);
+        assert_eq!(c.connections.max_header_bytes, 16384);
+        assert_eq!(c.inbound.max_concurrent_handshakes, 4);
+        assert_eq!(c.outbound.max_connections, 2);
+        assert_eq!(c.admin.max_connections, 3);
+        assert_eq!(c.inbound.app_max_requests, 5);
+        assert_eq!(c.headers_with_underscores, UnderscoreAction::Reject);
+        assert_eq!(
+            c.telemetry.unwrap().external_sampling,
+            ExternalSampling::Follow
+        );
+        assert!(c.control_plane.unwrap().allow_readable_token_file);
+    }
+
+    #[test]
+    fn limits_report_every_problem() {
+        let e = env(&[
+            ("PYLON_CONNECTIONS_FIRST_BYTES_TIMEOUT", "0s"),
+            ("PYLON_CONNECTIONS_MAX_CONCURRENT_STREAMS", "0"),
+            ("PYLON_INBOUND_MAX_CONNECTIONS", "many"),
+            ("PYLON_HEADERS_WITH_UNDERSCORES", "allow"),
+            ("PYLON_TELEMETRY_EXTERNAL_SAMPLING", "always"),
+        ]);
+        let errs = Config::from_parts(GOOD, Path::new("/x"), &e).unwrap_err().0;
+        for want in [
+            "connections.firstBytesTimeout: must be more than 0s",
+            "connections.maxConcurrentStreams (from PYLON_CONNECTIONS_MAX_CONCURRENT_STREAMS): expected a whole number from 1 to 1048576",
+            "inbound.maxConnections (from PYLON_INBOUND_MAX_CONNECTIONS): expected a whole number",
+            "headers.withUnderscores (from PYLON_HEADERS_WITH_UNDERSCORES): expected drop or reject",
+            "telemetry.externalSampling (from PYLON_TELEMETRY_EXTERNAL_SAMPLING): expected ignore or follow",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{want}: {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+    }
+
+    #[test]
+    fn the_outbound_listener_stays_on_loopback_unless_allowed() {
+        let yaml = GOOD.replace("127.0.0.1:25001", "0.0.0.0:25001");
+        let errs = Config::from_parts(&yaml, Path::new("/x"), &env(&[]))
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(
+                "outbound.listen: 0.0.0.0:25001 is not a loopback address: anyone who reaches it could send calls with this workload's identity"
+            ),
+            "{errs:#?}"
+        );
+        let e = env(&[("PYLON_OUTBOUND_ALLOW_NON_LOOPBACK", "true")]);
+        let c = Config::from_parts(&yaml, Path::new("/x"), &e).unwrap();
+        assert_eq!(c.outbound.listen, "0.0.0.0:25001".parse().unwrap());
+        let e = env(&[("PYLON_OUTBOUND_LISTEN", "[::1]:15001")]);
+        assert!(Config::from_parts(GOOD, Path::new("/x"), &e).is_ok());
     }
 
     #[test]

@@ -441,13 +441,19 @@ impl DemoMesh {
             (INTRUDER_ID, &intruder_token),
         ] {
             let token = mesh_admin.create_token(identity).await?;
-            tokio::fs::write(path, token).await?;
+            // A token readable by others is refused at start.
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                pylon_proto::fs::write_atomic(&path, token.as_bytes(), 0o600)
+            })
+            .await??;
         }
         let from_control = |token: &Path, name: &str| {
             ControlPlaneConfig {
                 address: address.clone(),
                 ca_file: Some(control.files.bundle.clone()),
                 token_file: Some(token.to_path_buf()),
+                allow_readable_token_file: false,
             }
             .with_state(dir.join(format!("{name}-state")))
         };
@@ -459,6 +465,7 @@ impl DemoMesh {
                 otlp_endpoint: Some(endpoint.to_string()),
                 sampling: None,
                 access_log: false,
+                external_sampling: Default::default(),
             })
         };
         let mut greeters = Vec::new();
@@ -683,6 +690,7 @@ fn sidecar_config(
         admin: AdminConfig {
             listen: free_port,
             probe_listen: free_port,
+            max_connections: crate::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         },
         outbound: OutboundConfig {
             listen: free_port,
@@ -690,11 +698,17 @@ fn sidecar_config(
             unmatched: Default::default(),
             detect_timeout: crate::config::DEFAULT_DETECT_TIMEOUT,
             server_first_ports: crate::config::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         },
         inbound: InboundConfig {
             listen: free_port,
             app,
             mode: Default::default(),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_handshakes: crate::config::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
+            app_max_connections: crate::config::DEFAULT_APP_MAX_CONNECTIONS,
+            app_max_requests: crate::config::DEFAULT_APP_MAX_REQUESTS,
         },
         identity: IdentitySource::ControlPlane {
             token_file: token.to_path_buf(),
@@ -710,6 +724,8 @@ fn sidecar_config(
         drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
         app_probes: Default::default(),
         kubernetes: Default::default(),
+        connections: Default::default(),
+        headers_with_underscores: Default::default(),
     }
 }
 

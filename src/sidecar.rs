@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper_util::server::graceful::Watcher;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -14,6 +13,8 @@ use tokio::task::JoinSet;
 use crate::admin::{self, AdminState, BoundAddrs, Door};
 use crate::config::{Config, IdentitySource, PolicySource};
 use crate::discovery::Dns;
+use crate::http::listener::Acceptor;
+use crate::http::server::HttpServer;
 use crate::identity::control::{ControlPlaneIdentity, LastError};
 use crate::identity::{self, IdentityStore, tls};
 use crate::policy::control::ControlPlaneSource;
@@ -43,6 +44,8 @@ pub enum StartError {
     Config(&'static str),
     #[error("telemetry: {0}")]
     Telemetry(String),
+    #[error("{0}")]
+    Secrets(String),
 }
 
 /// A running sidecar.
@@ -63,6 +66,19 @@ impl Sidecar {
     /// plane to issue it, `/ready` saying so meanwhile), starts the policy
     /// source and begins serving.
     pub async fn start(config: Config) -> Result<Sidecar, StartError> {
+        check_secret_files(&config).map_err(StartError::Secrets)?;
+        let metrics = Metrics::new();
+        let connections = &config.connections;
+        // Each listener's HTTP server and accept limits.
+        let listener = |name: &'static str, max_connections: u32| {
+            let limits = metrics.listener_limits(name);
+            (
+                HttpServer::new(connections, limits.clone()),
+                Acceptor::new(max_connections, connections.tcp_keepalive, limits),
+            )
+        };
+        let admin_door = listener("admin", config.admin.max_connections);
+        let probe_door = listener("probe", config.admin.max_connections);
         let bind = |what: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -115,8 +131,16 @@ impl Sidecar {
                 let last_error = LastError::default();
                 // The kubelet's probes reach the probe listener meanwhile:
                 // alive, not ready.
-                let starting = [admin_l.clone(), probe_l.clone()]
-                    .map(|l| tokio::spawn(admin::serve_starting(l, last_error.clone())));
+                let starting = [(&admin_l, &admin_door), (&probe_l, &probe_door)].map(
+                    |(l, (server, acceptor))| {
+                        tokio::spawn(admin::serve_starting(
+                            l.clone(),
+                            server.clone(),
+                            acceptor.clone(),
+                            last_error.clone(),
+                        ))
+                    },
+                );
                 let (store, tasks) = identity::control::obtain(source, last_error).await;
                 for task in starting {
                     task.abort();
@@ -129,7 +153,6 @@ impl Sidecar {
         let server_tls = tls::server_config(&identity)?;
 
         let (shutdown, _) = watch::channel(false);
-        let metrics = Metrics::new();
         let dns_config = config.dns.clone();
         // Reading the system resolver configuration touches files.
         let dns = tokio::task::spawn_blocking(move || Dns::new(&dns_config))
@@ -193,16 +216,18 @@ impl Sidecar {
             app_probes: config.app_probes.clone(),
             kubernetes: config.kubernetes.clone(),
         });
-        background.push(tokio::spawn(admin::serve(
-            admin_l,
-            state.clone(),
-            Door::Admin,
-        )));
-        background.push(tokio::spawn(admin::serve(
-            probe_l,
-            state.clone(),
-            Door::Probe,
-        )));
+        for (l, (server, acceptor), door) in [
+            (admin_l, admin_door, Door::Admin),
+            (probe_l, probe_door, Door::Probe),
+        ] {
+            background.push(tokio::spawn(admin::serve(
+                l,
+                state.clone(),
+                door,
+                server,
+                acceptor,
+            )));
+        }
         if let Some(endpoint) = config
             .telemetry
             .as_ref()
@@ -234,6 +259,13 @@ impl Sidecar {
         )
         .map_err(StartError::Telemetry)?;
         let own_listeners = vec![addrs.admin, addrs.probe, addrs.outbound, addrs.inbound];
+        let (outbound_server, outbound_acceptor) =
+            listener("outbound", config.outbound.max_connections);
+        let (inbound_server, inbound_acceptor) =
+            listener("inbound", config.inbound.max_connections);
+        policy
+            .inbound_limits()
+            .set_default_max_requests(config.inbound.app_max_requests);
         let outbound = Outbound::new(
             policy.clone(),
             config.outbound.retry_buffer_bytes,
@@ -245,6 +277,8 @@ impl Sidecar {
                 own_listeners,
                 local_ips: config.kubernetes.pod_ip.into_iter().collect(),
             },
+            outbound_server,
+            config.headers_with_underscores,
         );
         let drain = config.drain_timeout;
         let serving = Serving {
@@ -257,7 +291,8 @@ impl Sidecar {
             outbound_l,
             addrs.outbound,
             "outbound",
-            move |tcp, peer, w| outbound.clone().serve(tcp, peer, w),
+            outbound_acceptor,
+            move |tcp, peer, drain| outbound.clone().serve(tcp, peer, drain),
         );
         let inbound = Inbound::new(
             server_tls,
@@ -272,14 +307,21 @@ impl Sidecar {
                     addrs.outbound.port(),
                 ],
                 detect_timeout: config.outbound.detect_timeout,
+                own_identity: identity.spiffe_id(),
+                handshake_timeout: config.inbound.handshake_timeout,
+                max_concurrent_handshakes: config.inbound.max_concurrent_handshakes,
+                app_max_connections: config.inbound.app_max_connections,
+                underscores: config.headers_with_underscores,
             },
+            inbound_server,
         );
         serving.spawn(
             &mut tasks,
             inbound_l,
             addrs.inbound,
             "inbound",
-            move |tcp, peer, w| inbound.clone().serve(tcp, peer, w),
+            inbound_acceptor,
+            move |tcp, peer, drain| inbound.clone().serve(tcp, peer, drain),
         );
         state.listening.store(true, Ordering::Release);
         tracing::info!("serving");
@@ -327,16 +369,18 @@ struct Serving<'a> {
 
 impl Serving<'_> {
     /// Serves `listener` (bound to `addr`) and its IPv6 twin with `serve`
-    /// until the drain ends, each connection counted under `direction`.
+    /// until the drain ends, each connection counted under `direction` and
+    /// against `acceptor`'s cap (shared by the twins).
     fn spawn<F, Fut>(
         &self,
         tasks: &mut JoinSet<()>,
         listener: TcpListener,
         addr: SocketAddr,
         direction: &'static str,
+        acceptor: Acceptor,
         serve: F,
     ) where
-        F: Fn(TcpStream, SocketAddr, Watcher) -> Fut + Clone + Send + 'static,
+        F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         for listener in std::iter::once(listener).chain(ipv6_companion(addr)) {
@@ -344,9 +388,10 @@ impl Serving<'_> {
             let serve = serve.clone();
             tasks.spawn(accept_loop(
                 listener,
+                acceptor.clone(),
                 self.shutdown.subscribe(),
                 self.drain,
-                move |tcp, peer, w| counted(connections.open(), serve(tcp, peer, w)),
+                move |tcp, peer, drain| counted(connections.open(), serve(tcp, peer, drain)),
             ));
         }
     }
@@ -383,6 +428,51 @@ fn ipv6_companion(addr: SocketAddr) -> Option<TcpListener> {
             tracing::debug!(addr = %v6, error = %e, "no IPv6 listener");
             None
         }
+    }
+}
+
+/// Refuses secrets that others can read: the key file of
+/// `identity.files`, and the bootstrap token files (unless
+/// `controlPlane.allowReadableTokenFile`).
+fn check_secret_files(config: &Config) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if let IdentitySource::Files { key, .. } = &config.identity
+        && let Err(e) = identity::secrets::check_private(key, "identity.files.key")
+    {
+        problems.push(e);
+    }
+    let allow_readable_token = config
+        .control_plane
+        .as_ref()
+        .is_some_and(|cp| cp.allow_readable_token_file);
+    if !allow_readable_token {
+        let tokens = [
+            match &config.identity {
+                IdentitySource::ControlPlane { token_file } => Some(token_file),
+                IdentitySource::Files { .. } => None,
+            },
+            config
+                .control_plane
+                .as_ref()
+                .and_then(|cp| cp.token_file.as_ref()),
+        ];
+        let mut seen = Vec::new();
+        for token in tokens.into_iter().flatten() {
+            if seen.contains(&token) {
+                continue;
+            }
+            seen.push(token);
+            if let Err(e) = identity::secrets::check_private(token, "the token file") {
+                problems.push(format!(
+                    "{e} (set controlPlane.allowReadableTokenFile: true for a Kubernetes projected token that only this container mounts)"
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
 }
 

@@ -90,6 +90,10 @@ pub enum ProxyError {
     /// method's path, or `METHOD /path` for HTTP.
     #[error("caller {caller} is not allowed to call {call}")]
     Unauthorized { caller: String, call: String },
+    /// The caller sent a header the sidecar refuses
+    /// (`headers.withUnderscores: reject`).
+    #[error("the header {name:?} is not allowed (a name with an underscore)")]
+    InvalidHeader { name: String },
 }
 
 fn on_backend(backend: &Option<Arc<str>>) -> String {
@@ -118,13 +122,14 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::Unauthorized { .. } => "unauthorized",
+            ProxyError::InvalidHeader { .. } => "invalid-header",
         }
     }
 
     /// Every code [`ProxyError::code`] gives, to read one back from a
     /// response header as a static string (a response may carry the code of
     /// a proxy further along the path, e.g. the peer sidecar's).
-    const CODES: [&'static str; 15] = [
+    const CODES: [&'static str; 16] = [
         "no-route",
         "no-backend",
         "no-endpoint",
@@ -140,6 +145,7 @@ impl ProxyError {
         "rate-limited",
         "fault-injected",
         "unauthorized",
+        "invalid-header",
     ];
 
     /// The code an `x-pylon-error` value names, if it is one of ours.
@@ -151,6 +157,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => GrpcCode::Unimplemented,
             ProxyError::Unauthorized { .. } => GrpcCode::PermissionDenied,
+            // What a gRPC client makes of the HTTP 400 an HTTP caller gets.
+            ProxyError::InvalidHeader { .. } => GrpcCode::Internal,
             ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
                 GrpcCode::DeadlineExceeded
             }
@@ -169,6 +177,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
+            ProxyError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }

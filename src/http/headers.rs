@@ -1,7 +1,12 @@
-//! Header handling between hops (RFC 9110 §7.6.1) and the rewriting of a
-//! request for the protocol of the next hop.
+//! Header handling between hops (RFC 9110 §7.6.1), the rewriting of a
+//! request for the protocol of the next hop, and what a caller may not
+//! tell the next hop: fields only the mesh sets (`x-pylon-*`,
+//! `x-forwarded-client-cert`) are removed from what callers send, and
+//! names with underscores are dropped or refused.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::UnderscoreAction;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Version};
 
@@ -13,6 +18,95 @@ pub const X_PYLON_ORIG_PROTO: HeaderName = HeaderName::from_static("x-pylon-orig
 pub const X_PYLON_PEER_IDENTITY: HeaderName = HeaderName::from_static("x-pylon-peer-identity");
 
 pub const ORIG_PROTO_HTTP1: HeaderValue = HeaderValue::from_static("HTTP/1.1");
+
+/// The caller's certificate, as the inbound sidecar tells its application
+/// (Envoy's format: `By=<this workload>;URI=<the caller>`).
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// What only the mesh sets.
+const MESH_PREFIX: &str = "x-pylon-";
+
+/// Fields a peer sidecar sets on a mesh hop, kept on inbound when the
+/// caller proved its identity: the caller's HTTP version, the attempt
+/// number (`proxy::call`).
+const MESH_HOP: [HeaderName; 2] = [
+    X_PYLON_ORIG_PROTO,
+    HeaderName::from_static("x-pylon-attempt"),
+];
+
+/// What the inbound sidecar tells the app about a caller that proved its
+/// identity.
+#[derive(Debug, Clone)]
+pub struct PeerHeaders {
+    /// `x-pylon-peer-identity`: the caller's SPIFFE ID.
+    pub identity: HeaderValue,
+    /// `x-forwarded-client-cert`.
+    pub xfcc: HeaderValue,
+}
+
+impl PeerHeaders {
+    /// The headers for a caller `peer` of this workload `own` (SPIFFE IDs).
+    pub fn new(own: &str, peer: &str) -> Option<PeerHeaders> {
+        Some(PeerHeaders {
+            identity: HeaderValue::from_str(peer).ok()?,
+            xfcc: HeaderValue::from_str(&format!("By={own};URI={peer}")).ok()?,
+        })
+    }
+}
+
+/// Readies a request from the local app (outbound): no `x-pylon-*` field
+/// it sent goes on, and names with underscores are dropped or refused.
+/// `Err` names the refused field.
+pub fn sanitize_outbound(
+    headers: &mut HeaderMap,
+    underscores: UnderscoreAction,
+) -> Result<(), HeaderName> {
+    sanitize(headers, &[], underscores)
+}
+
+/// Readies a request for the local app (inbound): from a caller that
+/// proved its identity (`peer`), the fields its sidecar set for this hop
+/// stay and the caller's identity and certificate are set; every other
+/// `x-pylon-*` field and any `x-forwarded-client-cert` the caller sent are
+/// removed, and names with underscores dropped or refused. `Err` names the
+/// refused field.
+pub fn sanitize_inbound(
+    headers: &mut HeaderMap,
+    peer: Option<&PeerHeaders>,
+    underscores: UnderscoreAction,
+) -> Result<(), HeaderName> {
+    let keep: &[HeaderName] = if peer.is_some() { &MESH_HOP } else { &[] };
+    headers.remove(X_FORWARDED_CLIENT_CERT);
+    sanitize(headers, keep, underscores)?;
+    if let Some(peer) = peer {
+        headers.insert(X_PYLON_PEER_IDENTITY, peer.identity.clone());
+        headers.insert(X_FORWARDED_CLIENT_CERT, peer.xfcc.clone());
+    }
+    Ok(())
+}
+
+fn sanitize(
+    headers: &mut HeaderMap,
+    keep: &[HeaderName],
+    underscores: UnderscoreAction,
+) -> Result<(), HeaderName> {
+    // Nothing is allocated for the usual request, which has neither.
+    let unwanted = |name: &HeaderName| {
+        let s = name.as_str();
+        (s.starts_with(MESH_PREFIX) && !keep.contains(name)) || s.contains('_')
+    };
+    if !headers.keys().any(unwanted) {
+        return Ok(());
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    for name in names {
+        if name.as_str().contains('_') && underscores == UnderscoreAction::Reject {
+            return Err(name);
+        }
+        headers.remove(&name);
+    }
+    Ok(())
+}
 
 /// Fields that describe one connection and never cross a proxy, besides
 /// those named in `Connection`.
@@ -128,6 +222,77 @@ pub fn request_authority<B>(req: &Request<B>) -> Option<Authority> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_local_app_cannot_send_what_only_the_mesh_sets() {
+        let mut h = headers(&[
+            ("x-pylon-peer-identity", "spiffe://x/forged"),
+            ("x-pylon-orig-proto", "HTTP/1.1"),
+            ("x_pylon_peer_identity", "spiffe://x/forged"),
+            ("x-kept", "1"),
+            ("content-type", "application/grpc"),
+        ]);
+        sanitize_outbound(&mut h, UnderscoreAction::Drop).unwrap();
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-kept"]);
+
+        let mut h = headers(&[("x_custom", "1"), ("x-pylon-a", "1")]);
+        assert_eq!(
+            sanitize_outbound(&mut h, UnderscoreAction::Reject).unwrap_err(),
+            "x_custom"
+        );
+    }
+
+    #[test]
+    fn inbound_sets_the_callers_identity_and_certificate() {
+        let own = "spiffe://t/ns/default/sa/echo";
+        let peer = PeerHeaders::new(own, "spiffe://t/ns/default/sa/client").unwrap();
+        let mut h = headers(&[
+            ("x-pylon-peer-identity", "spiffe://t/forged"),
+            ("x-forwarded-client-cert", "By=a;URI=spiffe://t/forged"),
+            ("x-pylon-orig-proto", "HTTP/1.1"),
+            ("x-pylon-attempt", "2"),
+            ("x-pylon-other", "1"),
+        ]);
+        sanitize_inbound(&mut h, Some(&peer), UnderscoreAction::Drop).unwrap();
+        assert_eq!(
+            h["x-pylon-peer-identity"],
+            "spiffe://t/ns/default/sa/client"
+        );
+        assert_eq!(
+            h["x-forwarded-client-cert"],
+            "By=spiffe://t/ns/default/sa/echo;URI=spiffe://t/ns/default/sa/client"
+        );
+        assert_eq!(h["x-pylon-orig-proto"], "HTTP/1.1");
+        assert_eq!(h["x-pylon-attempt"], "2");
+        assert!(!h.contains_key("x-pylon-other"));
+
+        // A plaintext caller: nothing of the mesh's, no certificate.
+        let mut h = headers(&[
+            ("x-pylon-peer-identity", "spiffe://t/forged"),
+            ("x-forwarded-client-cert", "URI=spiffe://t/forged"),
+            ("x-pylon-orig-proto", "HTTP/1.1"),
+            ("accept", "*/*"),
+        ]);
+        sanitize_inbound(&mut h, None, UnderscoreAction::Drop).unwrap();
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["accept"]
+        );
+    }
 
     #[test]
     fn strips_hop_by_hop_and_fields_named_by_connection() {

@@ -2,14 +2,15 @@
 //! header rewriting, connection pools to endpoints and plaintext upstreams,
 //! the request-body replay buffer, deadlines as `grpc-timeout` carries
 //! them, the one wrapper that watches a response to its end, the proxy's
-//! own errors and how they render, and the server settings every listener
-//! shares.
+//! own errors and how they render, and how every listener accepts and serves its
+//! connections under the limits of `connections.*`.
 
 pub mod body;
 pub mod deadline;
 pub mod end;
 pub mod error;
 pub mod headers;
+pub mod listener;
 pub mod own_socket;
 pub mod pool;
 pub mod replay;

@@ -1,31 +1,472 @@
-//! The HTTP server settings every listener shares (the mesh listeners, the
-//! admin port and the probe listener).
+//! The HTTP server every listener runs (the mesh listeners, the admin port
+//! and the probe listener), and the limits of `connections.*` it keeps on
+//! each connection:
+//!
+//! - a client must speak within `firstBytesTimeout`: a complete HTTP/1
+//!   request head, or the HTTP/2 preface and a frame header; one that
+//!   dribbles less (slowloris, a pre-preface stall) is closed;
+//! - an HTTP/1 request head must arrive within `headerReadTimeout`;
+//! - a connection with no request in flight for `idleTimeout` is closed
+//!   gracefully (GOAWAY), as is one older than `maxAge`, whose calls still
+//!   open get `maxAgeGrace` before it is closed;
+//! - HTTP/2: streams per connection, resets before accept (rapid reset) and
+//!   resets the server had to send (MadeYouReset) before GOAWAY, and the
+//!   size of a header list; HTTP/1: the size of a request head;
+//! - on a drain, each connection is told to go away and finishes its calls.
+//!
+//! Every limit that closes a connection is counted (and logged, throttled)
+//! in the listener's [`ListenerLimits`].
+//!
+//! Not here: accepting (the cap on open connections, TCP keepalive: the
+//! listeners' accept loops), TLS.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
-/// Concurrent HTTP/2 streams a caller may open on one connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Streams a caller may reset before the server accepted them, per
-/// connection, before it is told to calm down (GOAWAY ENHANCE_YOUR_CALM).
-/// hyper's default (20) trips on legitimate clients that cancel calls in
-/// bulk when they stall; this still bounds a rapid-reset flood.
-const MAX_PENDING_ACCEPT_RESETS: usize = 512;
+use crate::config::ConnectionSettings;
+use crate::telemetry::metrics::{Limit, ListenerLimits};
+
 /// HTTP/2 PING interval on accepted connections, to find dead callers.
 const SERVER_KEEPALIVE: Duration = Duration::from_secs(30);
+/// The HTTP/1 read buffer is never smaller than this (hyper's minimum).
+const MIN_H1_BUFFER: usize = 8192;
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface and one frame header (the client's SETTINGS): an HTTP/2
+/// client that sent this much has spoken.
+const H2_FIRST_BYTES: usize = H2_PREFACE.len() + 9;
 
-/// The HTTP server settings shared by both listeners.
-pub fn builder() -> auto::Builder<TokioExecutor> {
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One listener's HTTP server. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpServer {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: Arc<ConnectionSettings>,
+    limits: ListenerLimits,
+}
+
+impl HttpServer {
+    pub fn new(settings: &ConnectionSettings, limits: ListenerLimits) -> HttpServer {
+        HttpServer {
+            builder: Arc::new(builder(settings)),
+            settings: Arc::new(settings.clone()),
+            limits,
+        }
+    }
+
+    /// Where this listener counts the limits it hits.
+    pub fn limits(&self) -> &ListenerLimits {
+        &self.limits
+    }
+
+    /// Serves one connection with `service` until it ends or a limit
+    /// closes it; when `drain` turns true (or its sender is gone) the
+    /// connection is told to go away and finishes its calls.
+    pub async fn serve<I, S, B>(
+        &self,
+        io: I,
+        service: S,
+        mut drain: Option<watch::Receiver<bool>>,
+    ) -> Result<(), BoxError>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError> + Send + 'static,
+        B: Body + Unpin + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let settings = &*self.settings;
+        let start = Instant::now();
+        let activity = Arc::new(Activity::new(start));
+        let io = TokioIo::new(FirstBytes {
+            io,
+            activity: activity.clone(),
+            read: 0,
+        });
+        let service = Tracked {
+            inner: service,
+            activity: activity.clone(),
+        };
+        let mut conn = std::pin::pin!(self.builder.serve_connection(io, service));
+        let first_bytes_by = start + settings.first_bytes_timeout;
+        let old_at = settings.max_age.map(|age| start + age);
+        let mut going_away = false;
+        let mut close_at: Option<Instant> = None;
+        loop {
+            let spoke = activity.spoke.load(Ordering::Acquire);
+            let idle_at = match (settings.idle_timeout, activity.idle_since()) {
+                (Some(timeout), Some(since)) if spoke && !going_away => Some(since + timeout),
+                _ => None,
+            };
+            let changed = activity.changed.notified();
+            tokio::select! {
+                result = conn.as_mut() => return result.inspect_err(|e| self.count_error(e)),
+                () = changed => {}
+                () = sleep_until(Some(first_bytes_by)), if !spoke => {
+                    self.limits.hit(
+                        Limit::FirstBytesTimeout,
+                        &format_args!(
+                            "closed a connection that sent no request within {:?}",
+                            settings.first_bytes_timeout
+                        ),
+                    );
+                    return Ok(());
+                }
+                () = sleep_until(idle_at), if idle_at.is_some() => {
+                    self.limits.hit(Limit::IdleTimeout, &"closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    going_away = true;
+                    close_at = Some(Instant::now() + settings.max_age_grace);
+                }
+                () = sleep_until(old_at), if old_at.is_some() && !going_away => {
+                    self.limits.hit(Limit::MaxAge, &"a connection reached its maximum age");
+                    conn.as_mut().graceful_shutdown();
+                    going_away = true;
+                    close_at = Some(Instant::now() + settings.max_age_grace);
+                }
+                () = stopped(drain.as_mut()), if drain.is_some() && !going_away => {
+                    conn.as_mut().graceful_shutdown();
+                    going_away = true;
+                }
+                () = sleep_until(close_at), if close_at.is_some() => {
+                    tracing::debug!("closed a connection whose calls outlasted maxAgeGrace");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Counts the limits an ended connection's error says it hit.
+    fn count_error(&self, e: &BoxError) {
+        let mut h2_error = None;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+        while let Some(err) = source {
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                h2_error = Some(h2);
+                break;
+            }
+            source = err.source();
+        }
+        match h2_error {
+            Some(h2) if h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => self.limits.hit(
+                Limit::Http2Resets,
+                &format_args!("closed an HTTP/2 connection: {h2}"),
+            ),
+            Some(_) => {}
+            None => {
+                if e.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout)
+                {
+                    self.limits.hit(
+                        Limit::HeaderReadTimeout,
+                        &format_args!(
+                            "closed an HTTP/1 connection whose request head took longer than {:?}",
+                            self.settings.header_read_timeout
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The hyper settings of `settings`.
+fn builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).keep_alive(true);
+    b.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size((settings.max_header_bytes as usize).max(MIN_H1_BUFFER));
     b.http2()
         .timer(TokioTimer::new())
         .adaptive_window(true)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(settings.max_local_error_reset_streams)
+        .max_header_list_size(settings.max_header_bytes)
         .keep_alive_interval(SERVER_KEEPALIVE)
         .keep_alive_timeout(SERVER_KEEPALIVE);
     b
+}
+
+/// Resolves at `at`; never when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once `drain` is true (or its sender is gone); never without one.
+async fn stopped(drain: Option<&mut watch::Receiver<bool>>) {
+    match drain {
+        Some(rx) => {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What the connection's loop watches: whether the client has spoken, and
+/// whether a request is in flight (and since when none is).
+struct Activity {
+    spoke: AtomicBool,
+    in_flight: AtomicUsize,
+    /// When the last request in flight ended (or the connection began).
+    idle_since: Mutex<Instant>,
+    /// Woken when the client first speaks and when the connection turns
+    /// busy or idle.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new(start: Instant) -> Activity {
+        Activity {
+            spoke: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(start),
+            changed: Notify::new(),
+        }
+    }
+
+    fn spoken(&self) {
+        if !self.spoke.swap(true, Ordering::AcqRel) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Since when no request has been in flight; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (self.in_flight.load(Ordering::Acquire) == 0).then_some(since)
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.spoken();
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_one();
+        }
+        InFlight(self.clone())
+    }
+}
+
+/// A request in flight on its connection, until its response body ends or
+/// is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let mut since = activity
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *since = Instant::now();
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// The connection's bytes, watched until the client has sent the HTTP/2
+/// preface and a frame header (an HTTP/1 client has spoken once a request
+/// head reached the service).
+struct FirstBytes<I> {
+    io: I,
+    activity: Arc<Activity>,
+    /// Bytes read so far, up to [`H2_FIRST_BYTES`]; `usize::MAX` once the
+    /// bytes are not an HTTP/2 preface.
+    read: usize,
+}
+
+impl<I> FirstBytes<I> {
+    fn watch(&mut self, new: &[u8]) {
+        for &byte in new {
+            if self.read >= H2_FIRST_BYTES {
+                break;
+            }
+            if self.read < H2_PREFACE.len() && H2_PREFACE[self.read] != byte {
+                self.read = usize::MAX;
+                return;
+            }
+            self.read += 1;
+        }
+        if self.read == H2_FIRST_BYTES {
+            self.activity.spoken();
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.read < H2_FIRST_BYTES && matches!(result, Poll::Ready(Ok(()))) {
+            this.watch(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The service, counting each request in flight until its response body
+/// ends.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let in_flight = self.activity.begin();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let resp = response.await?;
+            Ok(resp.map(|body| TrackedBody {
+                body,
+                in_flight: Some(in_flight),
+            }))
+        })
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it ends.
+pub struct TrackedBody<B> {
+    body: B,
+    in_flight: Option<InFlight>,
+}
+
+impl<B: Body + Unpin> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.in_flight = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_h2_preface_and_a_frame_header_count_as_speaking() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let mut io = FirstBytes {
+            io: (),
+            activity: activity.clone(),
+            read: 0,
+        };
+        io.watch(&H2_PREFACE[..10]);
+        io.watch(&H2_PREFACE[10..]);
+        assert!(!activity.spoke.load(Ordering::Acquire), "a preface alone");
+        io.watch(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 1]);
+        assert!(activity.spoke.load(Ordering::Acquire));
+
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let mut io = FirstBytes {
+            io: (),
+            activity: activity.clone(),
+            read: 0,
+        };
+        io.watch(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n0123456789");
+        assert_eq!(io.read, usize::MAX);
+        assert!(
+            !activity.spoke.load(Ordering::Acquire),
+            "HTTP/1 speaks when a request reaches the service"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_with_no_request_in_flight() {
+        let start = Instant::now();
+        let activity = Arc::new(Activity::new(start));
+        assert_eq!(activity.idle_since(), Some(start));
+        let a = activity.begin();
+        let b = activity.begin();
+        assert!(activity.spoke.load(Ordering::Acquire));
+        assert_eq!(activity.idle_since(), None);
+        drop(a);
+        assert_eq!(activity.idle_since(), None);
+        drop(b);
+        assert!(activity.idle_since().is_some_and(|t| t >= start));
+    }
 }

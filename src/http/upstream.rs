@@ -6,12 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::Wire;
 use super::pool::{ConnectError, EndpointPool, SendError, Transport};
 use crate::resilience::bulkhead::ConnectionLimit;
+use crate::telemetry::logging::Throttle;
+
+/// How often a full upstream's overflow is logged at most.
+const OVERFLOW_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One plaintext address outside the policy: the local app (inbound) or a
 /// redirected connection's original destination (outbound pass-through).
@@ -19,13 +24,38 @@ use crate::resilience::bulkhead::ConnectionLimit;
 pub struct PlainUpstream {
     pool: Arc<EndpointPool>,
     pub name: Arc<str>,
+    /// Counts calls refused because every allowed connection is in use.
+    overflow: Option<(Counter, Throttle)>,
 }
 
 impl PlainUpstream {
+    /// An upstream with no cap on its connections (a pass-through's
+    /// original destination: one per redirected connection).
     pub fn new(what: &str, addr: SocketAddr) -> PlainUpstream {
         PlainUpstream {
             pool: EndpointPool::new(addr, Transport::Plain, Arc::new(ConnectionLimit::new(None))),
             name: format!("{what} {addr}").into(),
+            overflow: None,
+        }
+    }
+
+    /// An upstream of at most `max_connections` open connections; a call
+    /// that would need one more fails fast (`overflow`) and is counted in
+    /// `overflow`.
+    pub fn limited(
+        what: &str,
+        addr: SocketAddr,
+        max_connections: u32,
+        overflow: Counter,
+    ) -> PlainUpstream {
+        PlainUpstream {
+            pool: EndpointPool::new(
+                addr,
+                Transport::Plain,
+                Arc::new(ConnectionLimit::new(Some(max_connections))),
+            ),
+            name: format!("{what} {addr}").into(),
+            overflow: Some((overflow, Throttle::default())),
         }
     }
 
@@ -39,10 +69,17 @@ impl PlainUpstream {
         req: Request<ProxyBody>,
         wire: Wire,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.pool
-            .send(req, wire)
-            .await
-            .map_err(|e| upstream_error(&self.name, self.pool.addr(), e))
+        self.pool.send(req, wire).await.map_err(|e| {
+            if let (SendError::Connect(ConnectError::Overflow), Some((count, log))) =
+                (&e, &self.overflow)
+            {
+                count.inc();
+                if let Some(skipped) = log.permit(OVERFLOW_LOG_INTERVAL) {
+                    tracing::warn!(upstream = %self.name, skipped, "a call was refused: every connection the upstream may have is in use");
+                }
+            }
+            upstream_error(&self.name, self.pool.addr(), e)
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! The sidecar makes its own P-256 key and a CSR carrying only its SPIFFE
 //! ID (asked of the control plane with `WhoAmI`), and has it signed with
 //! its bootstrap token; the private key never leaves the process (and the
-//! state directory, mode 0600, when there is one). The certificate is
+//! state directory, 0700, its files 0600, when there is one). The certificate is
 //! renewed at 70 % of its lifetime over mTLS with the current certificate
 //! (the token too, when it is still at hand), with backoff on failure; the
 //! old certificate stays in use until a new one arrives. The trust bundle
@@ -27,6 +27,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::Request;
 use tonic::transport::Channel;
 
+use super::secrets::{PRIVATE_FILE, private_dir, readable_by_others};
 use super::{Credentials, IdentityStore, credentials_from, provider, tls, unix_now};
 
 /// Files in the state directory.
@@ -383,7 +384,11 @@ async fn follow_bundle(
                 if let Some(dir) = config.state_dir.clone() {
                     let pem = pem_certs(&bundle.roots_der);
                     let _ = tokio::task::spawn_blocking(move || {
-                        pylon_proto::fs::write_atomic(&dir.join(BUNDLE_FILE), pem.as_bytes(), 0o644)
+                        pylon_proto::fs::write_atomic(
+                            &dir.join(BUNDLE_FILE),
+                            pem.as_bytes(),
+                            PRIVATE_FILE,
+                        )
                     })
                     .await;
                 }
@@ -401,7 +406,8 @@ fn pem_certs(ders: &[Vec<u8>]) -> String {
         .collect()
 }
 
-/// Keeps the key (0600), certificate and bundle in the state directory.
+/// Keeps the key, certificate and bundle in the state directory (0700),
+/// each file 0600.
 async fn persist(config: &ControlPlaneIdentity, issued: &Issued) {
     let Some(dir) = config.state_dir.clone() else {
         return;
@@ -413,12 +419,13 @@ async fn persist(config: &ControlPlaneIdentity, issued: &Issued) {
     );
     let bundle = pem_certs(&issued.bundle);
     let written = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir)?;
+        private_dir(&dir)?;
         // The key first: a crash in between leaves a key without its
         // certificate, which the next start ignores.
-        pylon_proto::fs::write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
-        pylon_proto::fs::write_atomic(&dir.join(CERT_FILE), pem_certs(&chain).as_bytes(), 0o644)?;
-        pylon_proto::fs::write_atomic(&dir.join(BUNDLE_FILE), bundle.as_bytes(), 0o644)?;
+        pylon_proto::fs::write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), PRIVATE_FILE)?;
+        let chain = pem_certs(&chain);
+        pylon_proto::fs::write_atomic(&dir.join(CERT_FILE), chain.as_bytes(), PRIVATE_FILE)?;
+        pylon_proto::fs::write_atomic(&dir.join(BUNDLE_FILE), bundle.as_bytes(), PRIVATE_FILE)?;
         std::fs::File::open(&dir)?.sync_all()
     })
     .await;
@@ -427,8 +434,16 @@ async fn persist(config: &ControlPlaneIdentity, issued: &Issued) {
     }
 }
 
-/// The identity kept in the state directory, if still valid for a while.
+/// The identity kept in the state directory, if still valid for a while
+/// (and its key still private: one others could read is not used).
 fn load_state(dir: &Path) -> Option<(Credentials, Vec<Vec<u8>>)> {
+    if readable_by_others(&dir.join(KEY_FILE)) {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the key in the state directory is readable by others; not using it"
+        );
+        return None;
+    }
     let chain = CertificateDer::pem_file_iter(dir.join(CERT_FILE))
         .ok()?
         .collect::<Result<Vec<_>, _>>()

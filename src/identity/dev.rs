@@ -100,7 +100,7 @@ impl DevCa {
             trust_bundle: dir.join(format!("{name}-bundle.pem")),
         };
         std::fs::write(&files.cert, leaf.cert_pem)?;
-        std::fs::write(&files.key, leaf.key_pem)?;
+        pylon_proto::fs::write_atomic(&files.key, leaf.key_pem.as_bytes(), 0o600)?;
         std::fs::write(&files.trust_bundle, &self.cert_pem)?;
         Ok(files)
     }

@@ -8,9 +8,11 @@
 //!
 //! Certificates come from files ([`IdentityStore::load_files`]) or from the
 //! control plane ([`control`]: CSR issuance, renewal, trust bundle updates).
+//! Secrets on disk are private to the sidecar ([`secrets`]).
 
 pub mod control;
 pub mod dev;
+pub mod secrets;
 pub mod tls;
 
 use std::path::Path;

@@ -5,6 +5,8 @@
 //! requires that ID to equal the identity the Backend expects; server names
 //! play no part. Certificates and trust anchors are read from the
 //! [`IdentityStore`] on every handshake, so rotation needs no new config.
+//! Between sidecars only TLS 1.3 is spoken, on both sides: a peer that
+//! offers nothing newer than 1.2 fails the handshake.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,6 +24,9 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::{IdentityStore, spiffe_id_of};
+
+/// The protocol versions of every mesh connection.
+const MESH_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// ALPN protocols the inbound listener offers.
 const INBOUND_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -84,15 +89,15 @@ pub fn find_identity_mismatch<'a>(
     None
 }
 
-/// The inbound listener's config: client certificates required, ALPN h2 and
-/// HTTP/1.1.
+/// The inbound listener's config: TLS 1.3, client certificates required,
+/// ALPN h2 and HTTP/1.1.
 pub fn server_config(store: &Arc<IdentityStore>) -> Result<Arc<ServerConfig>, Error> {
     let verifier = Arc::new(SpiffeClientVerifier {
         store: store.clone(),
         cached: Mutex::new(None),
     });
     let mut config = ServerConfig::builder_with_provider(store.crypto_provider().clone())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(MESH_VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
     config.alpn_protocols = INBOUND_ALPN.iter().map(|p| p.to_vec()).collect();
@@ -100,7 +105,7 @@ pub fn server_config(store: &Arc<IdentityStore>) -> Result<Arc<ServerConfig>, Er
 }
 
 /// A client config for mesh connections to peers that must prove
-/// `expected_identity`; ALPN h2 only.
+/// `expected_identity`: TLS 1.3, ALPN h2 only.
 pub fn client_config(
     store: &Arc<IdentityStore>,
     expected_identity: &str,
@@ -110,7 +115,7 @@ pub fn client_config(
         expected: expected_identity.to_string(),
     });
     let mut config = ClientConfig::builder_with_provider(store.crypto_provider().clone())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(MESH_VERSIONS)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver(store.clone())));

@@ -108,6 +108,11 @@ impl Admission {
         })
     }
 
+    /// The counter of calls refused for want of a slot.
+    pub fn overflow_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.metrics.overflow.clone()
+    }
+
     /// A refusal for want of a slot, counted (no waiting line).
     pub fn overflow(&self) -> ProxyError {
         self.metrics.overflow.inc();

@@ -3,10 +3,18 @@
 //! Each snapshot the control plane sends goes through the same
 //! parse-validate-compile path as a policy file; the sidecar acknowledges it
 //! (ACK) or refuses it with the reason (NACK) and keeps its last good
-//! policy. Every policy it acknowledges is also written to the state
-//! directory, atomically, so that a sidecar restarted while the control
-//! plane is down serves that policy at once (and says so in `/ready`) while
-//! it keeps trying to connect. Reconnects back off exponentially with full
+//! policy. Every policy it installs is also written to the state
+//! directory (0700), atomically, 0600, with its SHA-256, so that a sidecar
+//! restarted while the control plane is down serves that policy at once
+//! (and says so in `/ready`) while it keeps trying to connect; a cache
+//! whose checksum does not match is refused as if there were none.
+//!
+//! A snapshot is acknowledged only once it is both installed and kept:
+//! when the cache cannot be written (after a few tries), the snapshot stays
+//! installed — the newest policy is the one in force, a revoked permission
+//! stays revoked — but is NACKed with the reason, and the older cache is
+//! removed, so that a restart never silently serves a policy older than
+//! the one that was in force. Reconnects back off exponentially with full
 //! jitter; HTTP/2 keepalives find a dead control plane.
 //!
 //! Not here: how a snapshot is compiled ([`super::compile`]).
@@ -24,6 +32,7 @@ use tonic::Request;
 
 use super::{PolicyStore, SourceState};
 use crate::identity::IdentityStore;
+use crate::identity::secrets::{PRIVATE_FILE, private_dir};
 
 /// The first wait before a reconnect; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -31,6 +40,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The file in the state directory that holds the last acknowledged policy.
 pub const CACHE_FILE: &str = "policy-cache.yaml";
 const CACHE_HEADER: &str = "# pylon policy cache, version ";
+/// Between the version and the checksum of the YAML in the header line.
+const CACHE_CHECKSUM: &str = ", sha256 ";
+/// Waits between tries to write the cache; then the snapshot is NACKed.
+const CACHE_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(500)];
 
 /// Where the control plane is and how to prove who we are.
 #[derive(Debug, Clone)]
@@ -50,20 +63,82 @@ pub struct ControlPlaneSource {
     pub max_bytes: usize,
 }
 
-/// Reads the cached policy: (version, YAML).
+/// Reads the cached policy: (version, YAML); `None` when there is none, or
+/// when its checksum does not match (a warning says so).
 pub fn read_cache(state_dir: &Path) -> Option<(String, String)> {
-    let text = std::fs::read_to_string(state_dir.join(CACHE_FILE)).ok()?;
-    let (first, rest) = text.split_once('\n')?;
-    let version = first.strip_prefix(CACHE_HEADER)?.trim().to_string();
-    Some((version, rest.to_string()))
+    let path = state_dir.join(CACHE_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let checked = text.split_once('\n').and_then(|(first, yaml)| {
+        let (version, sum) = first
+            .strip_prefix(CACHE_HEADER)?
+            .rsplit_once(CACHE_CHECKSUM)?;
+        (sum.trim() == sha256_hex(yaml)).then(|| (version.trim().to_string(), yaml.to_string()))
+    });
+    if checked.is_none() {
+        tracing::warn!(
+            path = %path.display(),
+            "the policy cache is damaged or altered (its checksum does not match); not using it"
+        );
+    }
+    checked
 }
 
-/// Writes the policy cache atomically (`pylon_proto::fs`), with the mode
-/// `File::create` gives (0666 less the umask).
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes the policy cache atomically (`pylon_proto::fs`), 0600 in a 0700
+/// directory, with the checksum of the YAML.
 fn write_cache(state_dir: &Path, version: &str, yaml: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    let contents = format!("{CACHE_HEADER}{version}\n{yaml}");
-    pylon_proto::fs::write_atomic(&state_dir.join(CACHE_FILE), contents.as_bytes(), 0o666)
+    private_dir(state_dir)?;
+    let contents = format!(
+        "{CACHE_HEADER}{version}{CACHE_CHECKSUM}{}\n{yaml}",
+        sha256_hex(yaml)
+    );
+    pylon_proto::fs::write_atomic(
+        &state_dir.join(CACHE_FILE),
+        contents.as_bytes(),
+        PRIVATE_FILE,
+    )
+}
+
+/// Writes the cache, trying again after each of [`CACHE_RETRIES`]; when
+/// every try fails, removes the older cache and returns the last error.
+async fn keep(state_dir: &Path, version: &str, yaml: &str) -> Result<(), String> {
+    let mut waits = CACHE_RETRIES.iter();
+    loop {
+        let (dir, v, y) = (
+            state_dir.to_path_buf(),
+            version.to_string(),
+            yaml.to_string(),
+        );
+        let written = tokio::task::spawn_blocking(move || write_cache(&dir, &v, &y))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        let e = match written {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        match waits.next() {
+            Some(wait) => {
+                tracing::warn!(error = %e, "cannot write the policy cache; trying again");
+                tokio::time::sleep(*wait).await;
+            }
+            None => {
+                let stale = state_dir.join(CACHE_FILE);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(stale)).await;
+                return Err(format!(
+                    "installed, but not kept in {}: {e} (a restart while the control plane is unreachable would start with no policy)",
+                    state_dir.display()
+                ));
+            }
+        }
+    }
 }
 
 /// Serves the cached policy (if any), then follows the control plane until
@@ -191,29 +266,29 @@ async fn apply(
     } else {
         store.apply(&s.yaml, version.clone())
     };
-    match outcome {
+    let outcome = match outcome {
         Ok(()) => {
             tracing::info!(%version, "policy installed from the control plane");
             store.set_source_state(|st| st.from_cache = false);
-            if let Some(dir) = source.state_dir.clone() {
-                let yaml = s.yaml.clone();
-                let v = version.clone();
-                let written =
-                    tokio::task::spawn_blocking(move || write_cache(&dir, &v, &yaml)).await;
-                if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
-                    tracing::warn!(error = %e, "cannot write the policy cache");
-                }
-            }
-            DiscoveryRequest {
-                version: s.version,
-                nonce: s.nonce.clone(),
-                ..Default::default()
+            match &source.state_dir {
+                Some(dir) => keep(dir, &version, &s.yaml).await.map_err(|e| vec![e]),
+                None => Ok(()),
             }
         }
         Err(errors) => {
             tracing::error!(%version, count = errors.len(), "policy refused (NACK); keeping the current policy");
+            Err(errors)
+        }
+    };
+    match outcome {
+        Ok(()) => DiscoveryRequest {
+            version: s.version,
+            nonce: s.nonce.clone(),
+            ..Default::default()
+        },
+        Err(errors) => {
             for e in &errors {
-                tracing::error!("  {e}");
+                tracing::error!(%version, "NACK: {e}");
             }
             DiscoveryRequest {
                 version: s.version,
@@ -237,18 +312,56 @@ impl SourceState {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_cache_round_trips_and_is_replaced_whole() {
-        let dir = std::env::temp_dir().join(format!(
-            "pylon-cache-{}-{}",
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "pylon-cache-{tag}-{}-{}",
             std::process::id(),
             fastrand::u32(..)
-        ));
+        ))
+    }
+
+    #[test]
+    fn the_cache_round_trips_and_is_replaced_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("round-trip");
         write_cache(&dir, "7", "kind: X\n").unwrap();
         assert_eq!(read_cache(&dir), Some(("7".into(), "kind: X\n".into())));
         write_cache(&dir, "8", "").unwrap();
         assert_eq!(read_cache(&dir), Some(("8".into(), String::new())));
         assert!(!dir.join(format!("{CACHE_FILE}.tmp")).exists());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(CACHE_FILE)), 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tampered_cache_is_refused() {
+        let dir = scratch("tampered");
+        write_cache(&dir, "7", "kind: Backend\nname: a\n").unwrap();
+        let path = dir.join(CACHE_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("name: a", "name: b")).unwrap();
+        assert_eq!(read_cache(&dir), None);
+        // A cache without a checksum (an older sidecar's) is not trusted
+        // either.
+        std::fs::write(&path, format!("{CACHE_HEADER}7\nkind: X\n")).unwrap();
+        assert_eq!(read_cache(&dir), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_that_cannot_be_written_is_reported_and_the_stale_one_removed() {
+        let dir = scratch("unwritable");
+        write_cache(&dir, "7", "old").unwrap();
+        // A directory where the cache file should be: every write fails.
+        let blocked = scratch("blocked");
+        std::fs::create_dir_all(blocked.join(CACHE_FILE).join("x")).unwrap();
+        let e = keep(&blocked, "8", "new").await.unwrap_err();
+        assert!(e.contains("installed, but not kept"), "{e}");
+        assert!(keep(&dir, "8", "new").await.is_ok());
+        assert_eq!(read_cache(&dir), Some(("8".into(), "new".into())));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&blocked);
     }
 }

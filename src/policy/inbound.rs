@@ -1,7 +1,9 @@
 //! The protection of the local app as policy configures it: who may call
-//! it, then a rate limit and a cap on calls in flight.
+//! it, then a rate limit and a cap on calls in flight (by default
+//! `inbound.appMaxRequests` when no policy sets one).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
@@ -21,6 +23,8 @@ use crate::telemetry::metrics::{AuthorizationMetrics, Metrics, RequestMetrics};
 pub struct InboundLimits {
     policy: ArcSwap<InboundPolicy>,
     admission: Admission,
+    /// The cap on calls in flight when no policy sets one (0: none).
+    default_max_requests: AtomicU32,
     authorization: AuthorizationMetrics,
     pub requests: RequestMetrics,
 }
@@ -32,14 +36,39 @@ impl InboundLimits {
         InboundLimits {
             policy: ArcSwap::from_pointee(InboundPolicy::default()),
             admission: Admission::new(INBOUND.into(), metrics.backend(INBOUND)),
+            default_max_requests: AtomicU32::new(0),
             authorization: metrics.authorization(),
             requests: metrics.inbound_requests(),
         }
     }
 
-    pub fn apply(&self, policy: &InboundPolicy) {
+    /// Caps the calls in flight at `max` while no policy sets
+    /// `maxParallelRequests` (`inbound.appMaxRequests`).
+    pub fn set_default_max_requests(&self, max: u32) {
+        self.default_max_requests.store(max, Ordering::Relaxed);
+        self.configure(&self.policy.load());
+    }
+
+    /// The cap on calls in flight under `policy`.
+    fn max_requests(&self, policy: &InboundPolicy) -> Option<u32> {
+        let default = self.default_max_requests.load(Ordering::Relaxed);
+        policy
+            .max_parallel_requests
+            .or((default > 0).then_some(default))
+    }
+
+    fn configure(&self, policy: &InboundPolicy) {
         self.admission
-            .configure(policy.rate_limit, policy.max_parallel_requests, None);
+            .configure(policy.rate_limit, self.max_requests(policy), None);
+    }
+
+    /// Counts a call refused because the app's connections are all in use.
+    pub fn app_connections_overflow(&self) -> prometheus_client::metrics::counter::Counter {
+        self.admission.overflow_counter()
+    }
+
+    pub fn apply(&self, policy: &InboundPolicy) {
+        self.configure(policy);
         self.policy.store(Arc::new(policy.clone()));
     }
 

@@ -5,7 +5,12 @@
 //! ID, and admitted by the rate limit and the cap on calls in flight, in
 //! that order (the local app's protection, [`InboundLimits`]); a call
 //! refused by any of them never reaches the app. The app receives the ID in
-//! `x-pylon-peer-identity` (any copy the caller sent is removed first). The
+//! `x-pylon-peer-identity` and `x-forwarded-client-cert` (any copy the
+//! caller sent is removed first, as is every other `x-pylon-*` field but
+//! those the peer sidecar sets for the hop). TLS handshakes are capped in
+//! number and time (`inbound.maxConcurrentHandshakes`,
+//! `inbound.handshakeTimeout`), and so are the app's connections
+//! (`inbound.appMaxConnections`). The
 //! request reaches the app over the protocol the caller spoke: HTTP/2 as
 //! h2c, HTTP/1.1 as HTTP/1.1 — including HTTP/1.1 that crossed the mesh
 //! as HTTP/2 and says so in `x-pylon-orig-proto`.
@@ -22,21 +27,21 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::original_dst;
 use super::transparent::{Prefixed, Protocol, detect, is_tls, passthrough};
-use crate::config::InboundMode;
+use crate::config::{InboundMode, UnderscoreAction};
 use crate::http::body::ProxyBody;
 use crate::http::error::{ProxyError, is_grpc};
 use crate::http::headers::{
-    Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority, response_for_caller,
-    rewrite_for, strip_hop_by_hop,
+    PeerHeaders, Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority,
+    response_for_caller, rewrite_for, sanitize_inbound, strip_hop_by_hop,
 };
-use crate::http::server;
+use crate::http::server::HttpServer;
 use crate::http::upstream::PlainUpstream;
 
 use super::observe::{CallTimer, Held, respond};
@@ -45,11 +50,9 @@ use crate::identity::spiffe_id_of;
 use crate::policy::authz::{Caller, InboundCall};
 use crate::policy::inbound::InboundLimits;
 use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::Limit;
 use crate::telemetry::request_scope::{RequestScope, Side};
 use crate::telemetry::trace::TRACEPARENT;
-
-/// How long a caller may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     tls: TlsAcceptor,
@@ -60,7 +63,9 @@ pub struct Inbound {
     options: InboundOptions,
     limits: Arc<InboundLimits>,
     telemetry: Arc<Telemetry>,
-    server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    server: HttpServer,
+    /// Turns at a TLS handshake (`inbound.maxConcurrentHandshakes`).
+    handshakes: Arc<Semaphore>,
 }
 
 /// A connection's peer: its address and, over mTLS, its verified SPIFFE
@@ -69,13 +74,22 @@ pub struct Inbound {
 struct Peer {
     addr: SocketAddr,
     identity: Option<(Arc<str>, HeaderValue)>,
+    /// What the app is told about a caller with an identity.
+    headers: Option<PeerHeaders>,
 }
 
 /// The local app at one port.
 type App = PlainUpstream;
 
-fn app_at(addr: SocketAddr) -> Arc<App> {
-    Arc::new(PlainUpstream::new("inbound app", addr))
+/// The local app at `addr`, its connections capped (overflows counted with
+/// the app's other protection).
+fn app_at(options: &InboundOptions, limits: &InboundLimits, addr: SocketAddr) -> Arc<App> {
+    Arc::new(PlainUpstream::limited(
+        "inbound app",
+        addr,
+        options.app_max_connections,
+        limits.app_connections_overflow(),
+    ))
 }
 
 /// How the inbound listener treats what reaches it.
@@ -87,6 +101,16 @@ pub struct InboundOptions {
     pub own_ports: Vec<u16>,
     /// How long a plaintext caller may stay silent (permissive mode).
     pub detect_timeout: Duration,
+    /// This workload's SPIFFE ID (the `By` of `x-forwarded-client-cert`).
+    pub own_identity: String,
+    /// `inbound.handshakeTimeout`, waiting for a turn included.
+    pub handshake_timeout: Duration,
+    /// `inbound.maxConcurrentHandshakes`.
+    pub max_concurrent_handshakes: u32,
+    /// `inbound.appMaxConnections`, per app port.
+    pub app_max_connections: u32,
+    /// `headers.withUnderscores`.
+    pub underscores: UnderscoreAction,
 }
 
 impl Inbound {
@@ -96,15 +120,18 @@ impl Inbound {
         limits: Arc<InboundLimits>,
         telemetry: Arc<Telemetry>,
         options: InboundOptions,
+        server: HttpServer,
     ) -> Arc<Self> {
+        let app = app_at(&options, &limits, app);
         Arc::new(Inbound {
+            handshakes: Arc::new(Semaphore::new(options.max_concurrent_handshakes as usize)),
             limits,
             telemetry,
             tls: TlsAcceptor::from(tls),
-            app: app_at(app),
+            app,
             apps: Mutex::new(HashMap::new()),
             options,
-            server: server::builder(),
+            server,
         })
     }
 
@@ -121,7 +148,7 @@ impl Inbound {
         }
         let mut apps = self.apps.lock().unwrap_or_else(PoisonError::into_inner);
         apps.entry(dst.port())
-            .or_insert_with(|| app_at(addr))
+            .or_insert_with(|| app_at(&self.options, &self.limits, addr))
             .clone()
     }
 
@@ -129,7 +156,12 @@ impl Inbound {
     /// In permissive mode a plaintext caller is served too, without an
     /// identity: HTTP through the same checks, anything else passed to the
     /// app unchanged.
-    pub async fn serve(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    pub async fn serve(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        drain: watch::Receiver<bool>,
+    ) {
         let dst = original_dst(&tcp);
         if let Some(dst) = dst
             && self.options.own_ports.contains(&dst.port())
@@ -149,22 +181,14 @@ impl Inbound {
             };
             if protocol != Protocol::Opaque || !is_tls(&read) {
                 return self
-                    .serve_plaintext(tcp, read, protocol, peer, app, watcher)
+                    .serve_plaintext(tcp, read, protocol, peer, app, drain)
                     .await;
             }
             prefix = read;
         }
         let io = Prefixed::new(prefix, tcp);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(io)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "inbound TLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "inbound TLS handshake timed out");
-                return;
-            }
+        let Some(tls) = self.handshake(io, peer).await else {
+            return;
         };
         // The verifier already required exactly one SPIFFE ID.
         let identity = tls
@@ -177,7 +201,10 @@ impl Inbound {
                 let header = HeaderValue::from_str(&id).ok()?;
                 Some((Arc::<str>::from(id), header))
             });
-        let Some(identity) = identity else {
+        let headers = identity
+            .as_ref()
+            .and_then(|(id, _)| PeerHeaders::new(&self.options.own_identity, id));
+        let (Some(identity), Some(headers)) = (identity, headers) else {
             tracing::info!(%peer, "inbound connection without a usable peer identity");
             return;
         };
@@ -185,8 +212,48 @@ impl Inbound {
         let peer = Arc::new(Peer {
             addr: peer,
             identity: Some(identity),
+            headers: Some(headers),
         });
-        self.serve_http(TokioIo::new(tls), peer, app, watcher).await;
+        self.serve_http(tls, peer, app, drain).await;
+    }
+
+    /// The TLS handshake, once a turn among the concurrent handshakes is
+    /// free; both within the handshake timeout.
+    async fn handshake(
+        &self,
+        io: Prefixed<TcpStream>,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
+        let timeout = self.options.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout_at(deadline, self.handshakes.clone().acquire_owned()).await
+        else {
+            self.server.limits().hit(
+                Limit::Handshakes,
+                &format_args!(
+                    "closed a connection from {peer}: no turn among the {} concurrent TLS handshakes within {timeout:?}",
+                    self.options.max_concurrent_handshakes
+                ),
+            );
+            return None;
+        };
+        match tokio::time::timeout_at(deadline, self.tls.accept(io)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "inbound TLS handshake refused");
+                None
+            }
+            Err(_) => {
+                self.server.limits().hit(
+                    Limit::HandshakeTimeout,
+                    &format_args!(
+                        "closed a connection from {peer}: no TLS handshake within {timeout:?}"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// A plaintext caller from outside the mesh (permissive mode).
@@ -197,7 +264,7 @@ impl Inbound {
         protocol: Protocol,
         peer: SocketAddr,
         app: Arc<App>,
-        watcher: Watcher,
+        drain: watch::Receiver<bool>,
     ) {
         if protocol == Protocol::Opaque {
             passthrough(tcp, prefix, app.addr()).await;
@@ -206,14 +273,20 @@ impl Inbound {
         let peer = Arc::new(Peer {
             addr: peer,
             identity: None,
+            headers: None,
         });
-        self.serve_http(TokioIo::new(Prefixed::new(prefix, tcp)), peer, app, watcher)
+        self.serve_http(Prefixed::new(prefix, tcp), peer, app, drain)
             .await;
     }
 
-    async fn serve_http<I>(self: Arc<Self>, io: I, peer: Arc<Peer>, app: Arc<App>, watcher: Watcher)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    async fn serve_http<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: Arc<Peer>,
+        app: Arc<App>,
+        drain: watch::Receiver<bool>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let addr = peer.addr;
         let this = self.clone();
@@ -223,8 +296,7 @@ impl Inbound {
             let app = app.clone();
             async move { Ok::<_, Infallible>(this.handle(req, &peer, &app).await) }
         });
-        let conn = self.server.serve_connection(io, svc);
-        if let Err(e) = watcher.watch(conn).await {
+        if let Err(e) = self.server.serve(io, svc, Some(drain)).await {
             tracing::debug!(peer = %addr, error = %e, "inbound connection ended with an error");
         }
     }
@@ -236,6 +308,11 @@ impl Inbound {
         app: &App,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
+        let allowed = sanitize_inbound(
+            req.headers_mut(),
+            peer.headers.as_ref(),
+            self.options.underscores,
+        );
         let timer = CallTimer::start(Some(&self.limits.requests), grpc);
         let authority = request_authority(&req);
         let scope = RequestScope::begin(
@@ -246,7 +323,12 @@ impl Inbound {
             authority.as_ref().map(Authority::as_str),
             peer.identity.as_ref().map(|(id, _)| (peer.addr, id)),
         );
-        let result = self.forward(req, authority, peer, app, grpc, &scope).await;
+        let result = match allowed {
+            Ok(()) => self.forward(req, authority, peer, app, grpc, &scope).await,
+            Err(name) => Err(ProxyError::InvalidHeader {
+                name: name.to_string(),
+            }),
+        };
         respond(scope, grpc, CallTimer::finish(timer, result))
     }
 

@@ -19,42 +19,39 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// Accepts connections until `shutdown` turns true, handing each to
-/// `serve` with a graceful-shutdown watcher; then waits up to `drain` for
-/// the open connections to finish their requests.
+use crate::http::listener::Acceptor;
+
+/// Accepts connections (within `acceptor`'s cap) until `shutdown` turns
+/// true, handing each to `serve` with the drain signal, which tells the
+/// connection to go away; then waits up to `drain` for the open
+/// connections to finish their requests.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
+    acceptor: Acceptor,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    tokio::spawn(serve(tcp, peer, graceful.watcher()));
-                }
-                Err(e) => {
-                    // Out of descriptors and the like: back off briefly
-                    // rather than spin; the listener itself stays open.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (tcp, peer, open) = acceptor.accept(&listener) => {
+                let serving = serve(tcp, peer, shutdown.clone());
+                tokio::spawn(async move {
+                    serving.await;
+                    drop(open);
+                });
+            }
             _ = stopped(&mut shutdown) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(drain, acceptor.all_closed())
         .await
         .is_err()
     {

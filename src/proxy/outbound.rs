@@ -13,9 +13,8 @@ use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tower::Service;
 
 use bytes::Bytes;
@@ -26,14 +25,14 @@ use super::observe::{CallTimer, respond};
 use super::original_dst;
 use super::stack::{self, Call, CallCtx};
 use super::transparent::{Prefixed, Protocol, detect, passthrough};
-use crate::config::Unmatched;
+use crate::config::{UnderscoreAction, Unmatched};
 use crate::http::body::ProxyBody;
 use crate::http::error::{ProxyError, is_grpc};
 use crate::http::headers::{
-    Wire, request_authority, response_for_caller, rewrite_for, strip_hop_by_hop,
+    Wire, request_authority, response_for_caller, rewrite_for, sanitize_outbound, strip_hop_by_hop,
 };
 use crate::http::own_socket::OwnSocket;
-use crate::http::server;
+use crate::http::server::HttpServer;
 use crate::http::upstream::PlainUpstream;
 use crate::policy::PolicyStore;
 use crate::policy::routing::RequestView;
@@ -47,7 +46,8 @@ pub struct Outbound {
     telemetry: Arc<Telemetry>,
     transparent: TransparentConfig,
     passthrough_connections: ConnectionMetrics,
-    server: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    server: HttpServer,
+    underscores: UnderscoreAction,
 }
 
 /// How redirected connections are treated.
@@ -101,6 +101,8 @@ impl Outbound {
         retry_buffer_bytes: usize,
         telemetry: Arc<Telemetry>,
         transparent: TransparentConfig,
+        server: HttpServer,
+        underscores: UnderscoreAction,
     ) -> Arc<Self> {
         let passthrough_connections = policy.metrics().connections("passthrough");
         Arc::new(Outbound {
@@ -109,14 +111,20 @@ impl Outbound {
             telemetry,
             transparent,
             passthrough_connections,
-            server: server::builder(),
+            server,
+            underscores,
         })
     }
 
     /// Serves one accepted connection until it closes. A connection that
     /// iptables redirected is detected first: HTTP is served (and routed);
     /// anything else goes to its original destination unchanged.
-    pub async fn serve(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    pub async fn serve(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        drain: watch::Receiver<bool>,
+    ) {
         let dst = original_dst(&tcp);
         let mut prefix = Bytes::new();
         if let Some(dst) = dst {
@@ -160,10 +168,8 @@ impl Outbound {
             let passthrough = passthrough.clone();
             async move { Ok::<_, Infallible>(this.handle(req, dst, passthrough.as_deref()).await) }
         });
-        let conn = self
-            .server
-            .serve_connection(TokioIo::new(Prefixed::new(prefix, tcp)), svc);
-        if let Err(e) = watcher.watch(conn).await {
+        let io = Prefixed::new(prefix, tcp);
+        if let Err(e) = self.server.serve(io, svc, Some(drain)).await {
             tracing::debug!(%peer, error = %e, "outbound connection ended with an error");
         }
     }
@@ -175,6 +181,7 @@ impl Outbound {
         passthrough: Option<&Passthrough>,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
+        let allowed = sanitize_outbound(req.headers_mut(), self.underscores);
         let authority = request_authority(&req)
             .or_else(|| dst.and_then(|d| Authority::try_from(d.to_string()).ok()));
         let mut scope = RequestScope::begin(
@@ -185,9 +192,15 @@ impl Outbound {
             authority.as_ref().map(Authority::as_str),
             None,
         );
-        let result = self
-            .route(req, authority, grpc, dst, passthrough, &mut scope)
-            .await;
+        let result = match allowed {
+            Ok(()) => {
+                self.route(req, authority, grpc, dst, passthrough, &mut scope)
+                    .await
+            }
+            Err(name) => Err(ProxyError::InvalidHeader {
+                name: name.to_string(),
+            }),
+        };
         respond(scope, grpc, result)
     }
 

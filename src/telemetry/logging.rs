@@ -8,9 +8,14 @@
 //! process that never called [`init`] (a library user, a unit test) has no
 //! handle, and the admin server says so.
 //!
+//! [`Throttle`] keeps a log line that an attacker can provoke (a limit
+//! hit on every connection) from flooding the log.
+//!
 //! Not here: request-scoped fields (trace and request IDs) and access logs.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Registry;
@@ -49,6 +54,33 @@ pub fn init(format: LogFormat, default_filter: &str) {
     };
     if result.is_ok() {
         let _ = FILTER.set(handle);
+    }
+}
+
+/// Lets one log line through per interval, counting the ones it held back.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Mutex<Option<Instant>>,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(n)` when a line may be logged now (`n` lines were held back
+    /// since the last one), `None` when it was logged less than `every`
+    /// ago.
+    pub fn permit(&self, every: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match *last {
+            Some(at) if now.duration_since(at) < every => {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.skipped.swap(0, Ordering::Relaxed))
+            }
+        }
     }
 }
 
@@ -95,6 +127,16 @@ fn parse_filter(directive: &str) -> Result<EnvFilter, LevelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_and_counts_the_rest() {
+        let t = Throttle::default();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(t.permit(hour), Some(0));
+        assert_eq!(t.permit(hour), None);
+        assert_eq!(t.permit(hour), None);
+        assert_eq!(t.permit(Duration::ZERO), Some(2));
+    }
 
     #[test]
     fn formats_parse() {

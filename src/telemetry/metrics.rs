@@ -70,6 +70,112 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLimitLabels {
+    /// `outbound`, `inbound`, `admin` or `probe`.
+    pub listener: &'static str,
+    pub limit: &'static str,
+}
+
+/// A limit that cut a connection (or a caller) off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The listener held its maximum of open connections: closed at accept.
+    MaxConnections,
+    /// Accepting failed (out of file descriptors, ...).
+    AcceptError,
+    /// No turn among the concurrent TLS handshakes within the handshake
+    /// timeout.
+    Handshakes,
+    /// The TLS handshake took longer than the handshake timeout.
+    HandshakeTimeout,
+    /// No complete request head or HTTP/2 preface in time.
+    FirstBytesTimeout,
+    /// An HTTP/1 request head took longer than the header read timeout.
+    HeaderReadTimeout,
+    /// The HTTP/2 client reset or provoked too many streams (GOAWAY
+    /// ENHANCE_YOUR_CALM).
+    Http2Resets,
+    /// No request in flight for the idle timeout: closed gracefully.
+    IdleTimeout,
+    /// Open longer than the maximum age: told to go away.
+    MaxAge,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 9] = [
+        Limit::MaxConnections,
+        Limit::AcceptError,
+        Limit::Handshakes,
+        Limit::HandshakeTimeout,
+        Limit::FirstBytesTimeout,
+        Limit::HeaderReadTimeout,
+        Limit::Http2Resets,
+        Limit::IdleTimeout,
+        Limit::MaxAge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::AcceptError => "accept_error",
+            Limit::Handshakes => "handshakes",
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::FirstBytesTimeout => "first_bytes_timeout",
+            Limit::HeaderReadTimeout => "header_read_timeout",
+            Limit::Http2Resets => "http2_resets",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::MaxAge => "max_age",
+        }
+    }
+
+    /// Whether hitting it is the ordinary life of a connection (not worth
+    /// a warning).
+    fn routine(self) -> bool {
+        matches!(self, Limit::IdleTimeout | Limit::MaxAge)
+    }
+}
+
+/// How often one listener logs one limit at most.
+const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One listener's limit counters, each logged at most once per
+/// [`LIMIT_LOG_INTERVAL`] (with how many hits the log skipped). Cheap to
+/// clone.
+#[derive(Debug, Clone)]
+pub struct ListenerLimits(Arc<ListenerLimitsInner>);
+
+#[derive(Debug)]
+struct ListenerLimitsInner {
+    listener: &'static str,
+    counters: [Counter; Limit::ALL.len()],
+    logs: [crate::telemetry::logging::Throttle; Limit::ALL.len()],
+}
+
+impl ListenerLimits {
+    /// Counts one hit of `limit`, and logs it unless it was logged lately.
+    pub fn hit(&self, limit: Limit, detail: &dyn std::fmt::Display) {
+        let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        let inner = &self.0;
+        inner.counters[i].inc();
+        let Some(skipped) = inner.logs[i].permit(LIMIT_LOG_INTERVAL) else {
+            return;
+        };
+        let (listener, limit) = (inner.listener, limit.as_str());
+        if Limit::ALL[i].routine() {
+            tracing::debug!(listener, limit, skipped, "{detail}");
+        } else {
+            tracing::warn!(
+                listener,
+                limit,
+                skipped,
+                "{detail} (pylon_connection_limits_total counts every time; this is logged at most every {}s)",
+                LIMIT_LOG_INTERVAL.as_secs()
+            );
+        }
+    }
+}
+
 /// The registry and its families.
 pub struct Metrics {
     registry: Registry,
@@ -79,6 +185,7 @@ pub struct Metrics {
     inbound_duration: DurationHistogram,
     connections_active: Family<DirectionLabel, Gauge>,
     connections: Family<DirectionLabel, Counter>,
+    connection_limits: Family<ListenerLimitLabels, Counter>,
     otlp_export_failures: Counter,
     pub state: StateGauges,
     requests: Family<BackendLabel, Counter>,
@@ -162,6 +269,7 @@ impl Metrics {
             inbound_duration: DurationHistogram::default(),
             connections_active: Family::default(),
             connections: Family::default(),
+            connection_limits: Family::default(),
             otlp_export_failures: Counter::default(),
             state: StateGauges::default(),
             registry: Registry::default(),
@@ -195,6 +303,11 @@ impl Metrics {
             "connections",
             "Client connections accepted, by listener",
             m.connections.clone(),
+        );
+        registry.register(
+            "connection_limits",
+            "Connections a limit cut off or closed, by listener and limit",
+            m.connection_limits.clone(),
         );
         registry.register(
             "otlp_metrics_export_failures",
@@ -365,6 +478,22 @@ impl Metrics {
             active: self.connections_active.get_or_create_owned(&label),
             accepted: self.connections.get_or_create_owned(&label),
         }
+    }
+
+    /// The limit counters of one listener (`outbound`, `inbound`, `admin`,
+    /// `probe`).
+    pub fn listener_limits(&self, listener: &'static str) -> ListenerLimits {
+        ListenerLimits(Arc::new(ListenerLimitsInner {
+            listener,
+            counters: Limit::ALL.map(|limit| {
+                self.connection_limits
+                    .get_or_create_owned(&ListenerLimitLabels {
+                        listener,
+                        limit: limit.as_str(),
+                    })
+            }),
+            logs: Default::default(),
+        }))
     }
 
     /// Counts failed OTLP metric exports.
@@ -595,6 +724,24 @@ mod tests {
             text.contains("pylon_connections_total{direction=\"outbound\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn listener_limits_count_every_hit() {
+        let m = Metrics::new();
+        let l = m.listener_limits("inbound");
+        l.hit(Limit::MaxConnections, &"full");
+        l.hit(Limit::MaxConnections, &"full");
+        m.listener_limits("inbound")
+            .hit(Limit::FirstBytesTimeout, &"slow");
+        let text = m.encode();
+        for line in [
+            "pylon_connection_limits_total{listener=\"inbound\",limit=\"max_connections\"} 2",
+            "pylon_connection_limits_total{listener=\"inbound\",limit=\"first_bytes_timeout\"} 1",
+            "pylon_connection_limits_total{listener=\"inbound\",limit=\"idle_timeout\"} 0",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 
     #[test]

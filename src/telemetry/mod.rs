@@ -25,6 +25,9 @@ pub struct Telemetry {
     pub tracer: Option<Arc<Tracer>>,
     /// One `pylon::access` record per request (`telemetry.accessLog`).
     pub access_log: bool,
+    /// Whether the sampled flag of a caller from outside the mesh decides
+    /// (`telemetry.externalSampling: follow`) or only hints.
+    pub follow_external_sampling: bool,
 }
 
 impl Telemetry {
@@ -54,6 +57,8 @@ impl Telemetry {
         Ok(Arc::new(Telemetry {
             tracer,
             access_log: config.access_log,
+            follow_external_sampling: config.external_sampling
+                == crate::config::ExternalSampling::Follow,
         }))
     }
 }

@@ -66,10 +66,22 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// The request ID of `headers`, generated and inserted when absent.
+/// The longest `x-request-id` kept; a longer one is replaced.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a caller's request ID may go into logs, spans and answers as it
+/// is: one to [`MAX_REQUEST_ID`] visible ASCII characters.
+fn usable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(u8::is_ascii_graphic)
+}
+
+/// The request ID of `headers`; generated and inserted (replacing what the
+/// caller sent) when absent, repeated, or not [`usable_request_id`].
 fn request_id(headers: &mut HeaderMap) -> HeaderValue {
-    match headers.get(X_REQUEST_ID) {
-        Some(v) if !v.is_empty() => v.clone(),
+    let mut ids = headers.get_all(X_REQUEST_ID).iter();
+    match (ids.next(), ids.next()) {
+        (Some(v), None) if usable_request_id(v) => v.clone(),
         _ => {
             let id = new_request_id();
             headers.insert(X_REQUEST_ID, id.clone());
@@ -183,10 +195,15 @@ impl RequestScope {
             scope.context = parent;
             return scope;
         };
-        // Parent-based: a caller's decision is followed; a new trace is
-        // sampled by ratio.
+        // Parent-based: the decision of the local app or a mesh peer is
+        // followed; a caller from outside the mesh only hints (unless
+        // `telemetry.externalSampling: follow`), and the trace is sampled
+        // by ratio as a new one is.
+        let trusted =
+            side == Side::Outbound || remote.is_some() || telemetry.follow_external_sampling;
         let (trace_id, parent_span, sampled) = match parent {
-            Some(p) => (p.trace_id, p.span_id, p.sampled),
+            Some(p) if trusted => (p.trace_id, p.span_id, p.sampled),
+            Some(p) => (p.trace_id, p.span_id, tracer.sample(p.trace_id)),
             None => {
                 let id = new_trace_id();
                 (id, SpanId::INVALID, tracer.sample(id))
@@ -194,17 +211,19 @@ impl RequestScope {
         };
         if !sampled {
             // Tell the next hop the decision, so that it does not start a
-            // trace of its own: an unsampled context with a new span ID.
-            if parent.is_none() {
-                let context = TraceParent {
-                    trace_id,
-                    span_id: new_span_id(),
-                    sampled: false,
-                };
-                req.headers_mut().insert(TRACEPARENT, context.header());
-                scope.context = Some(context);
-            } else {
-                scope.context = parent;
+            // trace of its own: an unsampled context with a new span ID
+            // (or the caller's, its sampled flag overruled).
+            match parent {
+                Some(p) if !p.sampled => scope.context = parent,
+                _ => {
+                    let context = TraceParent {
+                        trace_id,
+                        span_id: parent.map_or_else(new_span_id, |p| p.span_id),
+                        sampled: false,
+                    };
+                    req.headers_mut().insert(TRACEPARENT, context.header());
+                    scope.context = Some(context);
+                }
             }
             return scope;
         }
@@ -483,6 +502,67 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = request_id(&mut h);
         assert_eq!(h[X_REQUEST_ID], id);
+    }
+
+    #[test]
+    fn a_request_id_too_long_repeated_or_unprintable_is_replaced() {
+        for bad in [
+            "x".repeat(MAX_REQUEST_ID + 1),
+            "a b".to_string(),
+            "a\tb".to_string(),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(&bad).unwrap());
+            let id = request_id(&mut h);
+            assert_eq!(id.len(), 36, "{bad:?} replaced by a new ID");
+            assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+            assert_eq!(h[X_REQUEST_ID], id);
+        }
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_static("a"));
+        h.append(X_REQUEST_ID, HeaderValue::from_static("b"));
+        let id = request_id(&mut h);
+        assert_eq!(id.len(), 36);
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+        let longest = "x".repeat(MAX_REQUEST_ID);
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_str(&longest).unwrap());
+        assert_eq!(request_id(&mut h), longest.as_str());
+    }
+
+    #[test]
+    fn a_sampled_flag_from_outside_the_mesh_is_only_a_hint() {
+        let telemetry = |follow_external_sampling| Telemetry {
+            // Samples no new trace.
+            tracer: Some(Arc::new(super::super::trace::Tracer::discarding(0.0))),
+            access_log: false,
+            follow_external_sampling,
+        };
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let begin = |t: &Telemetry, side, remote: Option<(SocketAddr, &Arc<str>)>| {
+            let mut req = Request::get("/")
+                .header(TRACEPARENT, caller)
+                .body(())
+                .unwrap();
+            let sampled = RequestScope::begin(t, side, &mut req, false, None, remote)
+                .traceparent()
+                .is_some();
+            (sampled, req.headers()[TRACEPARENT].clone())
+        };
+        // A plaintext caller's flag is overruled, and the next hop told so.
+        let (sampled, passed_on) = begin(&telemetry(false), Side::Inbound, None);
+        assert!(!sampled);
+        assert_eq!(
+            passed_on,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        );
+        // Unless told to follow it.
+        assert!(begin(&telemetry(true), Side::Inbound, None).0);
+        // The local app and mesh peers are followed.
+        assert!(begin(&telemetry(false), Side::Outbound, None).0);
+        let peer: Arc<str> = "spiffe://t/ns/default/sa/client".into();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(begin(&telemetry(false), Side::Inbound, Some((addr, &peer))).0);
     }
 
     #[test]

@@ -128,6 +128,12 @@ impl Tracer {
         Ok(Arc::new(Tracer::with_queue(queue, ratio, metrics)))
     }
 
+    /// A tracer sampling new traces by `ratio` whose spans go nowhere.
+    #[cfg(test)]
+    pub(crate) fn discarding(ratio: f64) -> Tracer {
+        Tracer::with_queue(mpsc::channel(1).0, ratio, TraceMetrics::default())
+    }
+
     fn with_queue(queue: mpsc::Sender<SpanData>, ratio: f64, metrics: TraceMetrics) -> Tracer {
         // The trace ID's low 64 bits are random (W3C level 2), so this
         // is the same ratio decision any other sampler would make.

@@ -19,8 +19,8 @@ pub async fn admin_request(
     admin_send(addr, method, path, "").await
 }
 
-/// `method path` with `body` on an admin address; status and body (status
-/// 0 if the answer is not HTTP).
+/// `method path` with `body` on an admin address, naming it as the `Host`
+/// (as curl would); status and body (status 0 if the answer is not HTTP).
 pub async fn admin_send(
     addr: SocketAddr,
     method: &str,
@@ -30,7 +30,7 @@ pub async fn admin_send(
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),

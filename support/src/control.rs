@@ -125,7 +125,7 @@ impl ControlProc {
             String::from_utf8_lossy(&out.stderr)
         );
         let path = dir.join(format!("{name}.token"));
-        std::fs::write(&path, &out.stdout).unwrap();
+        crate::write_secret(&path, &out.stdout);
         path
     }
 

@@ -27,4 +27,4 @@ mod scratch;
 pub use poll::{
     GaveUp, PATIENCE, POLL, Poll, eventually, eventually_blocking, eventually_every, poll_until,
 };
-pub use scratch::{TempDir, write_atomic};
+pub use scratch::{TempDir, write_atomic, write_secret};

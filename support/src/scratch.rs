@@ -1,4 +1,5 @@
-//! Scratch files: directories removed on drop, atomic rewrites.
+//! Scratch files: directories removed on drop, atomic rewrites, secrets
+//! only their owner reads (a sidecar refuses others).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,4 +37,18 @@ pub fn write_atomic(path: &Path, contents: &str) {
     let tmp = path.with_extension(format!("tmp{}", fastrand::u32(..)));
     std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Writes a secret (a key, a token) readable by its owner alone, as the
+/// sidecar requires.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, contents.as_ref()).unwrap();
 }

@@ -91,7 +91,7 @@ async fn service_account_tokens_get_sidecars_their_certificates_and_bad_ones_not
         ),
     ] {
         let token_file = dir.path().join(format!("{name}.token"));
-        std::fs::write(&token_file, &token).unwrap();
+        crate::common::write_secret(&token_file, &token);
         let cfg = dir.path().join(format!("{name}.yaml"));
         let state = dir.path().join(format!("{name}-state"));
         std::fs::write(&cfg, cp_config(&cp, &token_file, &state, app)).unwrap();

@@ -10,6 +10,7 @@ mod control;
 mod control_hardening;
 mod gamma;
 mod grpc;
+mod hardening;
 mod http;
 mod identity;
 mod inject;

@@ -128,7 +128,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 /// Accepts any server certificate: for a client that presents no
 /// certificate of its own, so the server's refusal is what is tested.
 #[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AnyServer(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AnyServer {
     fn verify_server_cert(

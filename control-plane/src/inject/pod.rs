@@ -187,6 +187,9 @@ fn sidecar_env(
             "PYLON_CONTROL_PLANE_TOKEN_FILE",
             &format!("{TOKEN_DIR}/token"),
         ),
+        // The kubelet writes a projected token 0644 unless every container
+        // of the pod runs as one user; only this container mounts it.
+        env("PYLON_CONTROL_PLANE_ALLOW_READABLE_TOKEN_FILE", "true"),
         env("PYLON_STATE_DIR", STATE_DIR),
         env("PYLON_DRAIN_TIMEOUT", &settings.drain_timeout),
     ];

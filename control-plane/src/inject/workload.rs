@@ -203,6 +203,10 @@ mod tests {
                     "PYLON_CONTROL_PLANE_TOKEN_FILE",
                     &json!("/var/run/secrets/pylon/token")
                 ),
+                (
+                    "PYLON_CONTROL_PLANE_ALLOW_READABLE_TOKEN_FILE",
+                    &json!("true")
+                ),
                 ("PYLON_STATE_DIR", &json!("/var/lib/pylon")),
                 ("PYLON_DRAIN_TIMEOUT", &json!("30s")),
                 ("PYLON_KUBERNETES_POD_NAME", &field("metadata.name")),

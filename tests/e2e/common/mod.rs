@@ -25,6 +25,7 @@ pub use pylon_test_support::process::{Process, strip_ansi};
 pub use pylon_test_support::sidecar::{SidecarProc, set_policy, sidecar_config};
 pub use pylon_test_support::{
     PATIENCE, TempDir, eventually, eventually_blocking, eventually_every, write_atomic,
+    write_secret,
 };
 pub use pylon_test_support::{control, otlp};
 
