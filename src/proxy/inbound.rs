@@ -38,8 +38,8 @@ use crate::config::{InboundMode, UnderscoreAction};
 use crate::http::body::ProxyBody;
 use crate::http::error::{ProxyError, is_grpc};
 use crate::http::headers::{
-    PeerHeaders, Wire, X_PYLON_ORIG_PROTO, X_PYLON_PEER_IDENTITY, request_authority,
-    response_for_caller, rewrite_for, sanitize_inbound, strip_hop_by_hop,
+    PeerHeaders, Wire, X_PYLON_ORIG_PROTO, request_authority, response_for_caller, rewrite_for,
+    sanitize_inbound, strip_hop_by_hop,
 };
 use crate::http::server::HttpServer;
 use crate::http::upstream::PlainUpstream;
@@ -356,16 +356,8 @@ impl Inbound {
         let orig_http1 = headers
             .remove(X_PYLON_ORIG_PROTO)
             .is_some_and(|v| v.as_bytes().starts_with(b"HTTP/1"));
-        // `insert` replaces every copy the caller may have sent; a caller
-        // without an identity gets none, whatever it sent.
-        match &peer.identity {
-            Some((_, header)) => {
-                headers.insert(X_PYLON_PEER_IDENTITY, header.clone());
-            }
-            None => {
-                headers.remove(X_PYLON_PEER_IDENTITY);
-            }
-        }
+        // The caller's identity (or its absence) was set by
+        // `sanitize_inbound` in `handle`, replacing whatever it sent.
         // The app's spans are children of this sidecar's server span.
         if let Some(traceparent) = scope.traceparent() {
             headers.insert(TRACEPARENT, traceparent);
