@@ -72,13 +72,8 @@ impl InboundLimits {
         self.policy.store(Arc::new(policy.clone()));
     }
 
-    /// Admits one call now, or says why not. The permit (when a cap is set)
-    /// must live as long as the call.
-    pub fn admit(
-        &self,
-        caller: &Caller<'_>,
-        call: &InboundCall<'_>,
-    ) -> Result<Option<BulkheadPermit>, ProxyError> {
+    /// Whether `caller` may make `call`; `unauthorized` if not.
+    pub fn authorize(&self, caller: &Caller<'_>, call: &InboundCall<'_>) -> Result<(), ProxyError> {
         let policy = self.policy.load();
         // Before the limits: a call that may not reach the app spends none
         // of their capacity.
@@ -96,6 +91,12 @@ impl InboundLimits {
         if authorization.enforced() {
             self.authorization.allowed.inc();
         }
+        Ok(())
+    }
+
+    /// Admits one call now, or says why not. The permit (when a cap is set)
+    /// must live as long as the call.
+    pub fn admit(&self) -> Result<Option<BulkheadPermit>, ProxyError> {
         // No waiting room: the app's protection fails fast.
         match self.admission.try_admit(Instant::now(), false)? {
             Admitted::Now(permit) => Ok(permit),

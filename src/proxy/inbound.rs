@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -38,21 +38,20 @@ use crate::config::{InboundMode, UnderscoreAction};
 use crate::http::body::ProxyBody;
 use crate::http::error::{ProxyError, is_grpc};
 use crate::http::headers::{
-    PeerHeaders, Wire, X_PYLON_ORIG_PROTO, request_authority, response_for_caller, rewrite_for,
-    sanitize_inbound, strip_hop_by_hop,
+    PeerHeaders, Wire, X_PYLON_ORIG_PROTO, request_authority, sanitize_inbound, strip_hop_by_hop,
 };
 use crate::http::server::HttpServer;
 use crate::http::upstream::PlainUpstream;
 
-use super::observe::{CallTimer, Held, respond};
-use crate::http::end::observe;
+use super::observe::{CallTimer, respond};
+use super::stack::{self, ToApp};
 use crate::identity::spiffe_id_of;
-use crate::policy::authz::{Caller, InboundCall};
 use crate::policy::inbound::InboundLimits;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::Limit;
 use crate::telemetry::request_scope::{RequestScope, Side};
 use crate::telemetry::trace::TRACEPARENT;
+use tower::Service;
 
 pub struct Inbound {
     tls: TlsAcceptor,
@@ -341,16 +340,6 @@ impl Inbound {
         grpc: bool,
         scope: &RequestScope,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let call = InboundCall {
-            grpc,
-            method: req.method().as_str(),
-            path: req.uri().path(),
-        };
-        let caller = match &peer.identity {
-            Some((id, _)) => Caller::new(id),
-            None => Caller::unauthenticated(),
-        };
-        let permit = self.limits.admit(&caller, &call)?;
         let headers = req.headers_mut();
         let te_trailers = strip_hop_by_hop(headers);
         let orig_http1 = headers
@@ -367,19 +356,14 @@ impl Inbound {
         } else {
             Wire::Http1
         };
-        let mut req = req.map(ProxyBody::Incoming);
-        rewrite_for(
-            &mut req,
+        let to_app = ToApp {
+            req: req.map(ProxyBody::Incoming),
+            grpc,
+            caller: peer.identity.as_ref().map(|(id, _)| id),
+            authority,
             wire,
-            Scheme::HTTP,
-            authority.as_ref(),
             te_trailers,
-        );
-        let mut resp = app.send(req, wire).await?;
-        response_for_caller(&mut resp);
-        if let Some(permit) = permit {
-            resp = observe(resp, Box::new(Held(permit)));
-        }
-        Ok(resp)
+        };
+        stack::inbound(&self.limits, app).call(to_app).await
     }
 }

@@ -23,16 +23,23 @@
 //! [`Called`] (the result and what the call did); the layers below take an
 //! [`Attempt`] and answer [`Attempted`] or [`Failed`].
 //!
-//! Inbound, the local app's protection is `policy::inbound::InboundLimits`
-//! (authorization, then the same [`crate::policy::admission::Admission`]);
-//! `proxy::inbound` composes it with the request to the app.
+//! Inbound, [`inbound`] composes the local app's protection the same way:
+//!
+//! ```text
+//! authorize       the caller's SPIFFE ID against the AuthorizationPolicies
+//! limit           the app's admission: rate limit, slot under its cap (no waiting line)
+//! app             the request to the local app over the caller's protocol
+//! ```
 
 pub mod admission;
+pub mod app;
 pub mod attempt;
+pub mod authorize;
 pub mod balance;
 pub mod deadline;
 pub mod endpoint;
 pub mod fault;
+pub mod limit;
 pub mod outlier;
 pub mod retry;
 
@@ -48,7 +55,10 @@ use tower::{Service, ServiceBuilder};
 
 use crate::http::body::ProxyBody;
 use crate::http::error::ProxyError;
+use crate::http::headers::Wire;
+use crate::http::upstream::PlainUpstream;
 use crate::policy::backend::{Backend, Endpoint};
+use crate::policy::inbound::InboundLimits;
 use crate::policy::routing::Rule;
 use crate::resilience::balancer::LoadGuard;
 use crate::telemetry::request_scope::AttemptTrace;
@@ -68,6 +78,31 @@ pub fn outbound<'a>(
         .layer(outlier::OutlierLayer::new(backend))
         .layer(attempt::AttemptLayer::new(rule, backend))
         .service(endpoint::EndpointService::new(backend))
+}
+
+/// The inbound stack (named: its futures stay `Send` for every lifetime
+/// of the caller's ID they carry).
+pub type Inbound<'a> = authorize::Authorize<'a, limit::AppLimit<'a, app::AppService<'a>>>;
+
+/// The inbound stack of one call to the local app `app`.
+pub fn inbound<'a>(limits: &'a InboundLimits, app: &'a PlainUpstream) -> Inbound<'a> {
+    ServiceBuilder::new()
+        .layer(authorize::AuthorizeLayer::new(limits))
+        .layer(limit::AppLimitLayer::new(limits))
+        .service(app::AppService::new(app))
+}
+
+/// A call to the local app on its way down the inbound stack.
+pub struct ToApp<'a> {
+    pub req: Request<ProxyBody>,
+    pub grpc: bool,
+    /// The caller's verified SPIFFE ID; none for a plaintext caller.
+    pub caller: Option<&'a Arc<str>>,
+    pub authority: Option<Authority>,
+    /// The protocol to the app: the caller's.
+    pub wire: Wire,
+    /// The caller accepts trailers (`TE: trailers`).
+    pub te_trailers: bool,
 }
 
 /// When a call must be over, and the timeout that set it.
