@@ -607,9 +607,10 @@ def measure(ctx, name, workers, scratch):
     finally:
         px.stop()
     cpu_s = (t1 - t0) / CLK_TCK
+    nan = float("nan")
     res = {
-        "sat_rps": sat["succeeded"] / sat["secs"],
-        "cpu_us": cpu_s * 1e6 / max(1, sat["succeeded"]),
+        "sat_rps": nan if ctx.latency_only else sat["succeeded"] / sat["secs"],
+        "cpu_us": nan if ctx.latency_only else cpu_s * 1e6 / max(1, sat["succeeded"]),
         "cpu_cores": cpu_s / sat["secs"],
         # How busy the whole machine was during the saturation run, in cores:
         # the proxies, load generator, backend and anything else running.
