@@ -28,11 +28,14 @@ const BODY: &[u8] = b"hello\n";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let addr: SocketAddr = args
-        .next()
-        .unwrap_or_else(|| "127.0.0.1:0".to_string())
-        .parse()?;
-    let threads: usize = args.next().map_or(Ok(1), |t| t.parse())?;
+    let addr: SocketAddr = match args.next() {
+        Some(a) => a.parse()?,
+        None => SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let threads: usize = match args.next() {
+        Some(t) => t.parse()?,
+        None => 1,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
