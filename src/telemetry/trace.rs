@@ -274,25 +274,8 @@ impl SpanRecord {
         }
     }
 
-    /// A child of this span, in this process.
-    pub fn child(
-        &self,
-        kind: SpanKind,
-        name: Cow<'static, str>,
-        attributes: Vec<KeyValue>,
-    ) -> SpanRecord {
-        SpanRecord::start(
-            &self.tracer,
-            self.trace_id,
-            self.span_id,
-            false,
-            kind,
-            name,
-            attributes,
-        )
-    }
-
-    /// What starts children of this span, without borrowing it.
+    /// What starts children of this span (in this process), without
+    /// borrowing it.
     pub fn children(&self) -> ChildSpans {
         ChildSpans {
             tracer: self.tracer.clone(),
