@@ -68,6 +68,9 @@ struct Settings {
     rounds: usize,
     /// `find` calls per case and round.
     finds: usize,
+    /// Measure `PolicyStore::apply` (parse included); off, only compile +
+    /// swap and routing are measured (the policy is parsed once).
+    apply: bool,
 }
 
 impl Settings {
@@ -80,6 +83,7 @@ impl Settings {
                 .collect(),
             rounds: env_or("PYLON_SCALE_ROUNDS", 7usize).max(1),
             finds: env_or("PYLON_SCALE_FINDS", 400_000usize).max(1),
+            apply: env_or("PYLON_SCALE_APPLY", 1u8) != 0,
         }
     }
 }
@@ -294,9 +298,9 @@ fn queries(case: Case, n: usize, rng: &mut fastrand::Rng) -> Vec<Query> {
 }
 
 /// Checks that every query routes where it should (outside the timing).
-fn check(store: &PolicyStore, queries: &[Query]) {
+fn check(current: &ArcSwap<Snapshot>, queries: &[Query]) {
     let headers = HeaderMap::new();
-    let snapshot = store.load();
+    let snapshot = current.load();
     for q in queries {
         let found = snapshot
             .routes
@@ -316,7 +320,7 @@ fn view<'a>(q: &'a Query, headers: &'a HeaderMap) -> RequestView<'a> {
 }
 
 /// Nanoseconds per `find` over `finds` calls cycling through `queries`.
-fn time_finds(store: &PolicyStore, queries: &[Query], finds: usize) -> f64 {
+fn time_finds(current: &ArcSwap<Snapshot>, queries: &[Query], finds: usize) -> f64 {
     let headers = HeaderMap::new();
     let views: Vec<(&str, RequestView<'_>)> = queries
         .iter()
@@ -326,7 +330,7 @@ fn time_finds(store: &PolicyStore, queries: &[Query], finds: usize) -> f64 {
     let mut found = 0usize;
     for k in 0..finds {
         let (authority, v) = &views[k % views.len()];
-        let snapshot = store.load();
+        let snapshot = current.load();
         if black_box(snapshot.routes.find(Some(black_box(authority)), None, v)).is_some() {
             found += 1;
         }
@@ -422,26 +426,29 @@ fn measure(env: &Env, n: usize, settings: &Settings) -> Row {
         version += 1;
         version.to_string()
     };
+    let mut current = ArcSwap::from_pointee(Snapshot::default());
     for _ in 0..settings.rounds {
-        // Parse alone.
-        let start = Instant::now();
-        black_box(pylon_proto::policy::parse(black_box(&text)).unwrap());
-        parse.push(ms(start.elapsed()));
+        if settings.apply {
+            // Parse alone.
+            let start = Instant::now();
+            black_box(pylon_proto::policy::parse(black_box(&text)).unwrap());
+            parse.push(ms(start.elapsed()));
 
-        // The whole apply, into a new store and again into the same one.
-        let metrics = Metrics::new();
-        let store = env.store(&metrics);
-        let start = Instant::now();
-        store.apply(&text, next()).unwrap();
-        apply_first.push(ms(start.elapsed()));
-        let start = Instant::now();
-        store.apply(&text, next()).unwrap();
-        apply_reload.push(ms(start.elapsed()));
-        drop(store);
+            // The whole apply, into a new store and again into the same one.
+            let metrics = Metrics::new();
+            let store = env.store(&metrics);
+            let start = Instant::now();
+            store.apply(&text, next()).unwrap();
+            apply_first.push(ms(start.elapsed()));
+            let start = Instant::now();
+            store.apply(&text, next()).unwrap();
+            apply_reload.push(ms(start.elapsed()));
+        }
 
-        // Compile + swap alone, on resources parsed beforehand.
+        // Compile + swap alone, on resources parsed beforehand: into an
+        // empty snapshot with new metrics, then the same policy again.
         let metrics = Metrics::new();
-        let current = ArcSwap::from_pointee(Snapshot::default());
+        current = ArcSwap::from_pointee(Snapshot::default());
         let first = compile_and_swap(env, &metrics, &current, resources.clone(), next());
         compile_first.push(ms(first));
         let again = resources.clone();
@@ -449,34 +456,32 @@ fn measure(env: &Env, n: usize, settings: &Settings) -> Row {
         compile_reload.push(ms(reload));
     }
 
-    // Routing, on a store holding the policy.
-    let metrics = Metrics::new();
-    let store = env.store(&metrics);
-    store.apply(&text, next()).unwrap();
-    let entries = store.load().routes.describe().len();
+    // Routing, on the last snapshot compiled.
+    let entries = current.load().routes.describe().len();
     let mut rng = fastrand::Rng::with_seed(n as u64);
     let sets: Vec<Vec<Query>> = CASES
         .iter()
         .map(|(case, _)| queries(*case, n, &mut rng))
         .collect();
     for set in &sets {
-        check(&store, set);
+        check(&current, set);
     }
     let mut find: [Vec<f64>; 3] = Default::default();
     for _ in 0..settings.rounds {
         for (k, set) in sets.iter().enumerate() {
-            find[k].push(time_finds(&store, set, settings.finds));
+            find[k].push(time_finds(&current, set, settings.finds));
         }
     }
     let [f0, f1, f2] = find;
+    let median_or_nan = |xs: Vec<f64>| if xs.is_empty() { f64::NAN } else { median(xs) };
     Row {
         n,
         backends: backend_count(n),
         yaml_kib: text.len() as f64 / 1024.0,
         entries,
-        parse: median(parse),
-        apply_first: median(apply_first),
-        apply_reload: median(apply_reload),
+        parse: median_or_nan(parse),
+        apply_first: median_or_nan(apply_first),
+        apply_reload: median_or_nan(apply_reload),
         compile_first: median(compile_first),
         compile_reload: median(compile_reload),
         find: [median(f0), median(f1), median(f2)],
