@@ -362,8 +362,14 @@ pub struct RouteTable {
     /// Hostnames that are IP literals, for routing by original destination.
     by_ip: HashMap<IpAddr, HostRules>,
     by_addr: HashMap<SocketAddr, HostRules>,
-    /// `*.suffix` hostnames as (`.suffix`, port), longest suffix first.
-    wildcard: Vec<(String, Option<u16>, HostRules)>,
+    /// `*.suffix` hostnames by `.suffix` (validation admits no other
+    /// wildcard), then by port: those with a port first, `None` (every
+    /// port) last. A lookup tries the authority's own suffixes, longest
+    /// first, so its cost depends on the authority, not on how many
+    /// wildcards there are.
+    wildcard: HashMap<String, Vec<(Option<u16>, HostRules)>>,
+    /// Shortest and longest key of `wildcard`, to skip suffixes no key has.
+    wildcard_lengths: (usize, usize),
     /// Routes without hostnames.
     any: HostRules,
 }
@@ -402,23 +408,21 @@ impl RouteTable {
         for h in &hosts.hostnames {
             let (host, port) = split_host_port(h);
             if let Some(suffix) = host.strip_prefix('*') {
-                let slot = match self
-                    .wildcard
-                    .iter_mut()
-                    .position(|(s, p, _)| s == suffix && *p == port)
-                {
-                    Some(i) => &mut self.wildcard[i].2,
+                let slots = self.wildcard.entry(suffix.to_string()).or_default();
+                let i = match slots.iter().position(|(p, _)| *p == port) {
+                    Some(i) => i,
                     None => {
-                        self.wildcard
-                            .push((suffix.to_string(), port, HostRules::default()));
-                        let last = self.wildcard.len() - 1;
-                        &mut self.wildcard[last].2
+                        slots.push((port, HostRules::default()));
+                        slots.len() - 1
                     }
                 };
-                push(slot);
+                push(&mut slots[i].1);
                 continue;
             }
-            push(self.exact.entry(h.clone()).or_default());
+            match self.exact.get_mut(h.as_str()) {
+                Some(rules) => push(rules),
+                None => push(self.exact.entry(h.clone()).or_default()),
+            }
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             if let Ok(ip) = bare.parse::<IpAddr>() {
                 match port {
@@ -437,13 +441,18 @@ impl RouteTable {
             .chain(self.port_80.values_mut())
             .chain(self.by_ip.values_mut())
             .chain(self.by_addr.values_mut())
-            .chain(self.wildcard.iter_mut().map(|(_, _, r)| r))
+            .chain(self.wildcard.values_mut().flatten().map(|(_, r)| r))
         {
             rules.sort();
         }
         self.any.sort();
-        self.wildcard
-            .sort_by_key(|(s, p, _)| (Reverse(s.len()), p.is_none()));
+        for slots in self.wildcard.values_mut() {
+            slots.sort_by_key(|(p, _)| p.is_none());
+        }
+        self.wildcard_lengths = (
+            self.wildcard.keys().map(String::len).min().unwrap_or(0),
+            self.wildcard.keys().map(String::len).max().unwrap_or(0),
+        );
     }
 
     /// The rule for a request to `authority` (as the request named it), or,
@@ -466,16 +475,7 @@ impl RouteTable {
             let found = with_port
                 .and_then(|r| r.find(req))
                 .or_else(|| self.exact.get(host).and_then(|r| r.find(req)))
-                .or_else(|| {
-                    self.wildcard
-                        .iter()
-                        .filter(|(suffix, p, _)| {
-                            host.len() > suffix.len()
-                                && host.ends_with(suffix.as_str())
-                                && p.is_none_or(|p| Some(p) == port)
-                        })
-                        .find_map(|(_, _, r)| r.find(req))
-                });
+                .or_else(|| self.find_wildcard(host, port, req));
             if found.is_some() {
                 return found;
             }
@@ -493,6 +493,29 @@ impl RouteTable {
         self.any.find(req)
     }
 
+    /// The rule of the longest `*.suffix` hostname that `host` ends with
+    /// (after at least one character) and that has a matching rule.
+    fn find_wildcard(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        req: &RequestView<'_>,
+    ) -> Option<&Arc<Rule>> {
+        if self.wildcard.is_empty() {
+            return None;
+        }
+        let (shortest, longest) = self.wildcard_lengths;
+        host.match_indices('.')
+            .map(|(i, _)| &host[i..])
+            .filter(|suffix| {
+                suffix.len() < host.len() && (shortest..=longest).contains(&suffix.len())
+            })
+            .filter_map(|suffix| self.wildcard.get(suffix))
+            .flatten()
+            .filter(|(p, _)| p.is_none_or(|p| Some(p) == port))
+            .find_map(|(_, r)| r.find(req))
+    }
+
     /// Every distinct rule with the hostnames it serves ("*" for all), for
     /// the config dump.
     pub fn describe(&self) -> Vec<(String, &Arc<Rule>)> {
@@ -500,12 +523,14 @@ impl RouteTable {
         for (host, rules) in &self.exact {
             out.extend(rules.rules().map(|r| (host.clone(), r)));
         }
-        for (suffix, port, rules) in &self.wildcard {
-            let host = match port {
-                Some(p) => format!("*{suffix}:{p}"),
-                None => format!("*{suffix}"),
-            };
-            out.extend(rules.rules().map(|r| (host.clone(), r)));
+        for (suffix, slots) in &self.wildcard {
+            for (port, rules) in slots {
+                let host = match port {
+                    Some(p) => format!("*{suffix}:{p}"),
+                    None => format!("*{suffix}"),
+                };
+                out.extend(rules.rules().map(|r| (host.clone(), r)));
+            }
         }
         out.extend(self.any.rules().map(|r| ("*".to_string(), r)));
         out.sort_by(|a, b| (&a.1.route, a.1.index, &a.0).cmp(&(&b.1.route, b.1.index, &b.0)));
