@@ -15,6 +15,9 @@ use tonic::transport::Channel;
 use crate::common::chaos::ChaosServer;
 use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, text};
+use crate::common::policy::{
+    self, AuthorizationRule, Build, TargetKind, allow, target, traffic_policy, yaml,
+};
 use crate::common::{
     SERVER_ID, SidecarProc, TempDir, backend_yaml, client_sidecar_as, route_yaml, server_sidecar,
     set_policy,
@@ -119,17 +122,8 @@ fn assert_denied(result: Result<HelloReply, tonic::Status>, caller: &str, call: 
 }
 
 /// An AuthorizationPolicy for the server sidecar's service account.
-fn authorization(name: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: AuthorizationPolicy
-metadata: {{ name: {name} }}
-spec:
-  targetRef: {{ kind: ServiceAccount, name: echo }}
-  rules: {rules}
----
-"
-    )
+fn authorization(name: &str, rules: Vec<AuthorizationRule>) -> String {
+    yaml(&[policy::authorization(name, "echo", rules)])
 }
 
 const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
@@ -142,14 +136,12 @@ async fn without_a_policy_every_mesh_identity_is_served() {
         assert_eq!(reply.message, "pylon");
     }
     // A policy for another service account does not apply here.
-    let elsewhere = "apiVersion: pylon.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: someone-else }
-spec:
-  targetRef: { kind: ServiceAccount, name: someone-else }
-  rules: []
-";
-    f.set_server_policy(elsewhere).await;
+    let elsewhere = yaml(&[policy::authorization(
+        "someone-else",
+        "someone-else",
+        Vec::new(),
+    )]);
+    f.set_server_policy(&elsewhere).await;
     for client in [&f.a, &f.b] {
         say_hello(&mut greeter(client).await).await.unwrap();
         let (status, _, body) = http(client, Method::DELETE, "/anything").await;
@@ -166,16 +158,12 @@ async fn only_the_allowed_principal_reaches_the_app_and_only_for_allowed_methods
     // A rate limit of one call: a denied call must not spend it.
     let policy = authorization(
         "greeter-callers",
-        &format!(
-            "[{{ from: {{ principals: [\"{CLIENT_A}\"] }}, to: {{ methods: [\"/helloworld.Greeter/*\"] }} }}]"
-        ),
-    ) + "apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: { name: protect-echo }
-spec:
-  targetRef: { kind: ServiceAccount, name: echo }
-  rateLimit: { requestsPerSecond: 1, burst: 1 }
-";
+        vec![allow(&[CLIENT_A], &["/helloworld.Greeter/*"], &[])],
+    ) + &yaml(&[traffic_policy(
+        "protect-echo",
+        target(TargetKind::ServiceAccount, "echo"),
+    )
+    .rate_limit(1, 1)]);
     f.set_server_policy(&policy).await;
 
     assert_denied(
@@ -216,8 +204,10 @@ async fn an_http_caller_is_refused_with_403_and_a_json_body() {
     let f = Fixture::start().await;
     let policy = authorization(
         "web",
-        "[{ from: { principals: [\"*/sa/client-a\"] } },
-          { to: { methods: [GET, HEAD], paths: [\"/public/*\"] } }]",
+        vec![
+            allow(&["*/sa/client-a"], &[], &[]),
+            allow(&[], &["GET", "HEAD"], &["/public/*"]),
+        ],
     );
     f.set_server_policy(&policy).await;
 
@@ -258,12 +248,8 @@ async fn a_policy_rewritten_at_run_time_flips_allow_and_deny() {
     // are per call, never cached per connection.
     let mut a = greeter(&f.a).await;
     let mut b = greeter(&f.b).await;
-    let only = |principal: &str| {
-        authorization(
-            "greeter-callers",
-            &format!("[{{ from: {{ principals: [\"{principal}\"] }} }}]"),
-        )
-    };
+    let only =
+        |principal: &str| authorization("greeter-callers", vec![allow(&[principal], &[], &[])]);
 
     f.set_server_policy(&only(CLIENT_A)).await;
     say_hello(&mut a).await.unwrap();
@@ -273,7 +259,8 @@ async fn a_policy_rewritten_at_run_time_flips_allow_and_deny() {
     assert_denied(say_hello(&mut a).await, CLIENT_A, SAY_HELLO);
     say_hello(&mut b).await.unwrap();
 
-    f.set_server_policy(&authorization("nobody", "[]")).await;
+    f.set_server_policy(&authorization("nobody", Vec::new()))
+        .await;
     assert_denied(say_hello(&mut a).await, CLIENT_A, SAY_HELLO);
     assert_denied(say_hello(&mut b).await, CLIENT_B, SAY_HELLO);
 

@@ -14,9 +14,10 @@ use pylon_proto::v1::EchoRequest;
 use tonic::Code;
 
 use crate::common::echo::{echo_client, start_named_echo};
-use crate::common::{
-    CLIENT_ID, SidecarProc, TempDir, backend_yaml, eventually, server_sidecar, sidecar_config,
+use crate::common::policy::{
+    Build, Endpoints, Kind, Protocol, backend, route, service_parent, yaml,
 };
+use crate::common::{CLIENT_ID, SidecarProc, TempDir, eventually, server_sidecar, sidecar_config};
 
 const GREETER_ID: &str = "spiffe://pylon.test/ns/shop/sa/greeter";
 
@@ -24,33 +25,27 @@ const GREETER_ID: &str = "spiffe://pylon.test/ns/shop/sa/greeter";
 /// the headless Service `greeter-headless`; and a hostnames route on the
 /// Service's full name without a port, to a fallback.
 fn policy(greeter_port: u16, fallback: SocketAddr) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: greeter, namespace: shop }}
-spec:
-  protocol: grpc
-  endpoints: {{ service: {{ name: greeter-headless, port: {greeter_port} }} }}
-  tls: {{ mode: mesh, identity: \"{GREETER_ID}\" }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: greeter, namespace: shop }}
-spec:
-  parentRefs: [{{ group: \"\", kind: Service, name: greeter, namespace: shop, port: 50051 }}]
-  rules:
-    - backendRefs: [{{ name: greeter }}]
----
-"
-    ) + &backend_yaml("fallback", &[fallback.to_string()], None)
-        + "apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: { name: fallback }
-spec:
-  hostnames: [greeter.shop.svc.cluster.local]
-  rules:
-    - backendRefs: [{ name: fallback }]
-"
+    yaml(&[
+        backend("greeter", &[], Some(GREETER_ID))
+            .in_namespace("shop")
+            .protocol(Protocol::Grpc)
+            .endpoints(Endpoints::Service {
+                name: "greeter-headless".into(),
+                namespace: None,
+                port: greeter_port,
+            }),
+        route(Kind::GrpcRoute, "greeter", "", &[("greeter", 1)])
+            .in_namespace("shop")
+            .hostnames(&[])
+            .parent(service_parent("greeter", Some("shop"), Some(50051))),
+        backend("fallback", &[fallback], None),
+        route(
+            Kind::GrpcRoute,
+            "fallback",
+            "greeter.shop.svc.cluster.local",
+            &[("fallback", 1)],
+        ),
+    ])
 }
 
 /// A client sidecar in Kubernetes namespace `namespace`, resolving names

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::common::control::{ControlProc, cp_config};
 use crate::common::echo::{echo_client, start_named_echo};
+use crate::common::policy::{allow, authorization, yaml};
 use crate::common::{
     CLIENT_ID, SERVER_ID, SidecarProc, TempDir, admin_get, eventually, mesh_policy,
 };
@@ -332,17 +333,14 @@ async fn a_mesh_runs_on_certificates_issued_from_tokens_alone() {
     let cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     // Each sidecar gets the mesh's routes, and only its own inbound
     // policies: the server one more resource than the client.
-    cp.apply(&format!(
-        "{}---
-apiVersion: pylon.dev/v1
-kind: AuthorizationPolicy
-metadata: {{ name: echo }}
-spec:
-  targetRef: {{ kind: ServiceAccount, name: echo }}
-  rules: [{{ from: {{ principals: [\"{CLIENT_ID}\"] }} }}]
-",
-        mesh_policy(server.inbound)
-    ));
+    cp.apply(
+        &(mesh_policy(server.inbound)
+            + &yaml(&[authorization(
+                "echo",
+                "echo",
+                vec![allow(&[CLIENT_ID], &[], &[])],
+            )])),
+    );
     let version = cp.status().0;
     cp.wait_acked(&[SERVER_ID, CLIENT_ID], version).await;
     let (s, c) = (server.config().await, client.config().await);

@@ -16,6 +16,10 @@ use crate::common::chaos::ChaosServer;
 use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
 use crate::common::otlp::Collector;
+use crate::common::policy::{
+    self, Build, GrpcCode, Kind, LoadBalancerType, Protocol, RetryOn, TargetKind,
+    outlier_detection, retry, target, traffic_policy, yaml,
+};
 use crate::common::{
     CLIENT_ID, SidecarProc, TempDir, admin_get, admin_send, eventually, sidecar_config,
 };
@@ -40,34 +44,19 @@ fn sidecar(dir: &Path, policy: &str, env: &[(&str, &str)]) -> SidecarProc {
 /// A gRPC route `svc.test` to backend `svc` over `endpoints`, retrying
 /// UNAVAILABLE, with outlier detection.
 fn resilient_policy(endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: svc }}
-spec:
-  protocol: grpc
-  endpoints: {{ static: [{}] }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: svc }}
-spec:
-  hostnames: [\"svc.test\"]
-  rules:
-    - backendRefs: [{{ name: svc }}]
-      retry: {{ attempts: 3, codes: [UNAVAILABLE], backoff: {{ base: 1ms, max: 5ms }} }}
----
-apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: {{ name: svc }}
-spec:
-  targetRefs: [{{ kind: Backend, name: svc }}]
-  loadBalancer: {{ type: RoundRobin }}
-  outlierDetection: {{ consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }}
-",
-        list.join(", ")
-    )
+    let ms = Duration::from_millis;
+    yaml(&[
+        policy::backend("svc", endpoints, None).protocol(Protocol::Grpc),
+        policy::route(Kind::GrpcRoute, "svc", "svc.test", &[("svc", 1)]).retry(retry(
+            3,
+            &[RetryOn::Grpc(GrpcCode::Unavailable)],
+            ms(1),
+            ms(5),
+        )),
+        traffic_policy("svc", target(TargetKind::Backend, "svc"))
+            .load_balancer(LoadBalancerType::RoundRobin)
+            .outlier_detection(outlier_detection(3, ms(100), Duration::from_secs(30), 50)),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,15 +298,12 @@ async fn control_plane_metrics_count_an_apply_and_an_ack() {
         .and_then(|rest| rest.split('/').next())
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no metrics address logged:\n{logs}"));
-    let version = control.apply(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: { name: svc }
-spec:
-  protocol: grpc
-  endpoints: { static: [\"127.0.0.1:9\"] }
-",
-    );
+    let version = control.apply(&yaml(&[policy::backend(
+        "svc",
+        &["127.0.0.1:9".parse().unwrap()],
+        None,
+    )
+    .protocol(Protocol::Grpc)]));
     let version: u64 = version.trim().parse().unwrap_or(1);
 
     // A sidecar streams the policy and ACKs it.

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use pylon::identity::dev::DevCa;
 
 use crate::common::http::{empty, gated_response, http1, start_http_app, text};
+use crate::common::policy::{allow, authorization, yaml};
 use crate::common::{
     CLIENT_ID, Mesh, SERVER_ID, SidecarProc, TempDir, admin_get, admin_request, mesh_policy,
     sidecar_config,
@@ -233,14 +234,12 @@ async fn strict_inbound_refuses_plaintext_and_permissive_serves_it_without_ident
     // An AuthorizationPolicy naming principals admits no plaintext caller,
     // not even with `*`.
     let policy_path = dir.path().join("server-policy.yaml");
-    let authz = "apiVersion: pylon.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: any-mesh, namespace: default }
-spec:
-  targetRef: { kind: ServiceAccount, name: echo }
-  rules: [{ from: { principals: [\"*\"] } }]
-";
-    crate::common::set_policy(&permissive, &policy_path, authz).await;
+    let authz = yaml(&[authorization(
+        "any-mesh",
+        "echo",
+        vec![allow(&["*"], &[], &[])],
+    )]);
+    crate::common::set_policy(&permissive, &policy_path, &authz).await;
     let denied = plaintext_get(permissive.inbound).await.unwrap();
     assert!(denied.contains("unauthorized"), "{denied}");
 }

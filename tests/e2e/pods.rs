@@ -15,6 +15,10 @@ use crate::common::pods::{
     ControlPlane, LoadClient, MeshedPod, Node, PodNet, Tools, pod_manifest, prerequisites,
     spiffe_id,
 };
+use crate::common::policy::{
+    Build, Kind, LoadBalancerType, RetryOn, TargetKind, backend, retry, route, target,
+    traffic_policy, yaml,
+};
 use crate::common::{Process, TempDir, backend_yaml, route_yaml};
 
 /// The tools, or `None` after saying why the test is skipped.
@@ -320,26 +324,17 @@ fn pods_replaced_under_load_fail_no_call() {
 
     // Both pods behind one Backend, taking turns; a call that cannot reach
     // one (connect failure, refused stream, 503) is retried on the other.
-    let endpoints: Vec<String> = servers.iter().map(|s| format!("{}:8080", s.ip())).collect();
-    cp.apply(&format!(
-        "{}apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: web }}
-spec:
-  hostnames: [\"web.default.svc\", \"web.default.svc:8080\"]
-  rules:
-    - backendRefs: [{{ name: web }}]
-      retry: {{ attempts: 3, codes: [503], backoff: {{ base: 10ms, max: 50ms }} }}
----
-apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: {{ name: web }}
-spec:
-  targetRefs: [{{ kind: Backend, name: web }}]
-  loadBalancer: {{ type: RoundRobin }}
-",
-        backend_yaml("web", &endpoints, Some(&spiffe_id("web")))
-    ));
+    let endpoints: Vec<std::net::SocketAddr> =
+        servers.iter().map(|s| (s.ip(), 8080).into()).collect();
+    let ms = Duration::from_millis;
+    cp.apply(&yaml(&[
+        backend("web", &endpoints, Some(&spiffe_id("web"))),
+        route(Kind::HttpRoute, "web", "web.default.svc", &[("web", 1)])
+            .hostnames(&["web.default.svc", "web.default.svc:8080"])
+            .retry(retry(3, &[RetryOn::Http(503)], ms(10), ms(50))),
+        traffic_policy("web", target(TargetKind::Backend, "web"))
+            .load_balancer(LoadBalancerType::RoundRobin),
+    ]));
 
     // The drain timeout the test holds the sidecars to is the one injection
     // gave them, from the annotation.

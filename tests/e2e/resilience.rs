@@ -15,6 +15,11 @@ use tonic::{Code, Request, Status};
 
 use crate::common::chaos::ChaosServer;
 use crate::common::echo::{echo_client, start_echo};
+use crate::common::policy::{
+    self, AbortStatus, Build, CircuitBreaker, Endpoints, GrpcCode, Kind, LoadBalancerType,
+    Protocol, Resource, Retry, RetryOn, TargetKind, abort, delay, outlier_detection, retry, target,
+    timeouts, traffic_policy, yaml,
+};
 use crate::common::{
     PATIENCE, SidecarProc, TempDir, admin_get, client_sidecar, eventually, eventually_every,
     set_policy,
@@ -67,58 +72,27 @@ impl Fixture {
 }
 
 /// A plaintext gRPC backend `svc` over `endpoints`.
-fn backend(endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: svc }}
-spec:
-  protocol: grpc
-  endpoints: {{ static: [{}] }}
----
-",
-        list.join(", ")
-    )
+fn backend(endpoints: &[SocketAddr]) -> Resource {
+    policy::backend("svc", endpoints, None).protocol(Protocol::Grpc)
 }
 
-/// A GRPCRoute `svc.test` → `svc` whose one rule carries `rule` (YAML
-/// lines indented for the rule's mapping, e.g. `retry: {...}`).
-fn route(rule: &str) -> String {
-    let extra: String = rule
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format!("      {l}\n"))
-        .collect();
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: svc }}
-spec:
-  hostnames: [\"svc.test\"]
-  rules:
-    - backendRefs: [{{ name: svc }}]
-{extra}---
-"
-    )
+/// A GRPCRoute `svc.test` → `svc`, in one rule.
+fn route() -> Resource {
+    policy::route(Kind::GrpcRoute, "svc", "svc.test", &[("svc", 1)])
 }
 
-/// A BackendTrafficPolicy for `svc` with `spec` lines.
-fn traffic(spec: &str) -> String {
-    let extra: String = spec
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format!("  {l}\n"))
-        .collect();
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: {{ name: svc }}
-spec:
-  targetRefs: [{{ kind: Backend, name: svc }}]
-{extra}---
-"
-    )
+/// A BackendTrafficPolicy for `svc` that sets nothing yet.
+fn traffic() -> Resource {
+    traffic_policy("svc", target(TargetKind::Backend, "svc"))
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A retry of `attempts` on `code`, backoff from 1ms to `max_ms`.
+fn retry_on(attempts: u32, code: GrpcCode, max_ms: u64) -> Retry {
+    retry(attempts, &[RetryOn::Grpc(code)], ms(1), ms(max_ms))
 }
 
 fn chaos(directives: &str, payload: &[u8]) -> Request<EchoRequest> {
@@ -140,13 +114,19 @@ fn pylon_error(status: &Status) -> Option<String> {
         .map(|v| v.to_str().unwrap().to_string())
 }
 
-const RETRY_UNAVAILABLE: &str =
-    "retry: { attempts: 3, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 5ms } }";
+/// `retry: { attempts: 3, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 5ms } }`
+fn retry_unavailable() -> Retry {
+    retry_on(3, GrpcCode::Unavailable, 5)
+}
 
 #[tokio::test]
 async fn retries_mask_failures_and_mark_each_attempt() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(&(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE))).await;
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_unavailable()),
+    ]))
+    .await;
     let mut client = f.client().await;
     let reply = client
         .unary(chaos("fail-first=2;key=k1", b"hello"))
@@ -166,7 +146,7 @@ async fn retries_mask_failures_and_mark_each_attempt() {
 #[tokio::test]
 async fn nothing_is_retried_without_a_policy_or_outside_its_codes() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(&(backend(&[server.addr]) + &route(""))).await;
+    let f = Fixture::start(&yaml(&[backend(&[server.addr]), route()])).await;
     let mut client = f.client().await;
     let status = client
         .unary(chaos("fail-first=1;key=k", b""))
@@ -179,7 +159,7 @@ async fn nothing_is_retried_without_a_policy_or_outside_its_codes() {
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE)),
+        &yaml(&[backend(&[server.addr]), route().retry(retry_unavailable())]),
     )
     .await;
     let status = client.unary(chaos("status=13", b"")).await.unwrap_err();
@@ -191,12 +171,10 @@ async fn nothing_is_retried_without_a_policy_or_outside_its_codes() {
 async fn exhausted_retries_return_the_last_answer() {
     let server = ChaosServer::start("a").await;
     server.set_mode("status=14");
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route(
-                "retry: { attempts: 2, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
-            )),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_on(2, GrpcCode::Unavailable, 2)),
+    ]))
     .await;
     let status = f.client().await.unary(chaos("", b"")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -208,12 +186,10 @@ async fn exhausted_retries_return_the_last_answer() {
 #[tokio::test]
 async fn a_status_in_trailers_is_retried_and_pushback_is_honoured() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route(
-                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
-            )),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_on(1, GrpcCode::Unavailable, 2)),
+    ]))
     .await;
     let mut client = f.client().await;
     let status = client
@@ -244,12 +220,10 @@ async fn a_status_in_trailers_is_retried_and_pushback_is_honoured() {
 #[tokio::test]
 async fn a_servers_pushback_cannot_park_a_call_beyond_the_routes_backoff() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route(
-                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
-            )),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_on(1, GrpcCode::Unavailable, 2)),
+    ]))
     .await;
     // An hour's pushback within a minute's deadline: taken as asked, the
     // wait would pass the deadline and the call would end UNAVAILABLE with
@@ -271,10 +245,10 @@ async fn connect_failures_are_retried_on_another_endpoint() {
         .unwrap();
     // The codes do not list UNAVAILABLE: a request that never reached a
     // server is always safe to send again.
-    let f = Fixture::start(
-        &(backend(&[closed, good.addr])
-            + &route("retry: { attempts: 1, codes: [RESOURCE_EXHAUSTED], backoff: { base: 1ms, max: 2ms } }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[closed, good.addr]),
+        route().retry(retry_on(1, GrpcCode::ResourceExhausted, 2)),
+    ]))
     .await;
     let mut client = f.client().await;
     for i in 0..20 {
@@ -294,13 +268,11 @@ async fn a_retry_prefers_an_endpoint_not_yet_tried() {
     let good = ChaosServer::start("good").await;
     // Round robin sends every other first try to the bad endpoint; each
     // retry must then go to the other one.
-    let f = Fixture::start(
-        &(backend(&[bad.addr, good.addr])
-            + &route(
-                "retry: { attempts: 1, codes: [UNAVAILABLE], backoff: { base: 1ms, max: 2ms } }",
-            )
-            + &traffic("loadBalancer: { type: RoundRobin }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[bad.addr, good.addr]),
+        route().retry(retry_on(1, GrpcCode::Unavailable, 2)),
+        traffic().load_balancer(LoadBalancerType::RoundRobin),
+    ]))
     .await;
     let mut client = f.client().await;
     for _ in 0..30 {
@@ -314,11 +286,11 @@ async fn a_retry_prefers_an_endpoint_not_yet_tried() {
 async fn the_retry_budget_caps_retries() {
     let server = ChaosServer::start("a").await;
     server.set_mode("status=14");
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route(RETRY_UNAVAILABLE)
-            + &traffic("retryBudget: { percent: 0, minRetriesPerSecond: 1 }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_unavailable()),
+        traffic().retry_budget(0.0, 1),
+    ]))
     .await;
     let mut client = f.client().await;
     for _ in 0..20 {
@@ -339,7 +311,11 @@ async fn the_retry_budget_caps_retries() {
 #[tokio::test]
 async fn request_bodies_are_replayed_up_to_the_limit() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(&(backend(&[server.addr]) + &route(RETRY_UNAVAILABLE))).await;
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().retry(retry_unavailable()),
+    ]))
+    .await;
     let mut client = f.client().await;
 
     // A small client stream is replayed whole on the retry.
@@ -382,7 +358,7 @@ async fn request_bodies_are_replayed_up_to_the_limit() {
 #[tokio::test]
 async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(&(backend(&[server.addr]) + &route(""))).await;
+    let f = Fixture::start(&yaml(&[backend(&[server.addr]), route()])).await;
     let mut client = f.client().await;
 
     // The caller's deadline. A raw HTTP/2 call, since a client library
@@ -412,7 +388,10 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[server.addr]) + &route("timeouts: { request: 200ms }")),
+        &yaml(&[
+            backend(&[server.addr]),
+            route().timeouts(timeouts(Some(ms(200)), None)),
+        ]),
     )
     .await;
     let status = client.unary(chaos("hang", b"")).await.unwrap_err();
@@ -434,13 +413,12 @@ async fn deadlines_are_enforced_and_the_remaining_time_forwarded() {
 #[tokio::test]
 async fn an_attempt_timeout_retries_with_the_time_that_remains() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route(
-                "timeouts: { request: 5s, backendRequest: 200ms }
-retry: { attempts: 2, codes: [DEADLINE_EXCEEDED], backoff: { base: 1ms, max: 2ms } }",
-            )),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route()
+            .timeouts(timeouts(Some(Duration::from_secs(5)), Some(ms(200))))
+            .retry(retry_on(2, GrpcCode::DeadlineExceeded, 2)),
+    ]))
     .await;
     let reply = f
         .client()
@@ -475,7 +453,11 @@ retry: { attempts: 2, codes: [DEADLINE_EXCEEDED], backoff: { base: 1ms, max: 2ms
 #[tokio::test]
 async fn a_route_deadline_ends_a_stream_that_outlives_it() {
     let mut app = start_echo().await;
-    let f = Fixture::start(&(backend(&[app.addr]) + &route("timeouts: { request: 300ms }"))).await;
+    let f = Fixture::start(&yaml(&[
+        backend(&[app.addr]),
+        route().timeouts(timeouts(Some(ms(300)), None)),
+    ]))
+    .await;
     let mut client = f.client().await;
     let mut stream = client
         .server_stream(EchoRequest {
@@ -505,8 +487,14 @@ async fn a_route_deadline_ends_a_stream_that_outlives_it() {
 
 /// Outlier detection, with round robin so that a bad endpoint's share of
 /// first tries does not depend on latency estimates.
-const EJECT: &str = "loadBalancer: { type: RoundRobin }
-outlierDetection: { consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s, maxEjectionPercent: 50 }";
+/// `loadBalancer: { type: RoundRobin }`, `outlierDetection: {
+/// consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 30s,
+/// maxEjectionPercent: 50 }`.
+fn eject() -> Resource {
+    traffic()
+        .load_balancer(LoadBalancerType::RoundRobin)
+        .outlier_detection(outlier_detection(3, ms(100), Duration::from_secs(30), 50))
+}
 
 #[tokio::test]
 async fn a_failing_endpoint_is_ejected_while_retries_keep_callers_whole() {
@@ -514,11 +502,11 @@ async fn a_failing_endpoint_is_ejected_while_retries_keep_callers_whole() {
     bad.set_mode("status=14");
     let good1 = ChaosServer::start("good1").await;
     let good2 = ChaosServer::start("good2").await;
-    let f = Fixture::start(
-        &(backend(&[bad.addr, good1.addr, good2.addr])
-            + &route(RETRY_UNAVAILABLE)
-            + &traffic(EJECT)),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[bad.addr, good1.addr, good2.addr]),
+        route().retry(retry_unavailable()),
+        eject(),
+    ]))
     .await;
     let mut client = f.client().await;
     for _ in 0..60 {
@@ -546,11 +534,11 @@ async fn when_every_endpoint_is_ejected_calls_fail_fast_until_one_returns() {
     let b = ChaosServer::start("b").await;
     a.set_mode("status=14");
     b.set_mode("status=14");
-    let f = Fixture::start(
-        &(backend(&[a.addr, b.addr])
-            + &route("")
-            + &traffic("outlierDetection: { consecutive5xxErrors: 1, interval: 100ms, baseEjectionTime: 1s, maxEjectionPercent: 100 }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[a.addr, b.addr]),
+        route(),
+        traffic().outlier_detection(outlier_detection(1, ms(100), Duration::from_secs(1), 100)),
+    ]))
     .await;
     let mut client = f.client().await;
     for _ in 0..2 {
@@ -586,11 +574,14 @@ async fn when_every_endpoint_is_ejected_calls_fail_fast_until_one_returns() {
 async fn a_full_bulkhead_fails_fast_with_overflow() {
     let server = ChaosServer::start("a").await;
     server.set_mode("hang");
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route("")
-            + &traffic("circuitBreaker: { maxParallelRequests: 2 }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route(),
+        traffic().circuit_breaker(CircuitBreaker {
+            max_parallel_requests: Some(2),
+            ..CircuitBreaker::default()
+        }),
+    ]))
     .await;
     let client = f.client().await;
     let mut held = Vec::new();
@@ -619,11 +610,11 @@ async fn a_full_bulkhead_fails_fast_with_overflow() {
 #[tokio::test]
 async fn the_rate_limit_refuses_with_retry_after() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route("")
-            + &traffic("rateLimit: { requestsPerSecond: 1, burst: 2 }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route(),
+        traffic().rate_limit(1, 2),
+    ]))
     .await;
     let mut client = f.client().await;
     client.unary(chaos("", b"")).await.unwrap();
@@ -649,7 +640,7 @@ async fn least_request_favours_the_faster_endpoint_and_round_robin_alternates() 
     let slow = ChaosServer::start("slow").await;
     slow.set_mode("delay=50");
     let fast = ChaosServer::start("fast").await;
-    let f = Fixture::start(&(backend(&[slow.addr, fast.addr]) + &route(""))).await;
+    let f = Fixture::start(&yaml(&[backend(&[slow.addr, fast.addr]), route()])).await;
     let mut client = f.client().await;
     for _ in 0..100 {
         client.unary(chaos("", b"")).await.unwrap();
@@ -664,9 +655,11 @@ async fn least_request_favours_the_faster_endpoint_and_round_robin_alternates() 
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[slow.addr, fast.addr])
-            + &route("")
-            + &traffic("loadBalancer: { type: RoundRobin }")),
+        &yaml(&[
+            backend(&[slow.addr, fast.addr]),
+            route(),
+            traffic().load_balancer(LoadBalancerType::RoundRobin),
+        ]),
     )
     .await;
     let (s0, f0) = (slow.requests(), fast.requests());
@@ -679,10 +672,10 @@ async fn least_request_favours_the_faster_endpoint_and_round_robin_alternates() 
 #[tokio::test]
 async fn faults_are_injected_as_configured() {
     let server = ChaosServer::start("a").await;
-    let f = Fixture::start(
-        &(backend(&[server.addr])
-            + &route("faultInjection: { abort: { grpcStatus: UNAVAILABLE, percent: 100 } }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[server.addr]),
+        route().fault(abort(AbortStatus::Grpc(GrpcCode::Unavailable), 100.0)),
+    ]))
     .await;
     let mut client = f.client().await;
     let status = client.unary(chaos("", b"")).await.unwrap_err();
@@ -693,8 +686,12 @@ async fn faults_are_injected_as_configured() {
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[server.addr])
-            + &route("faultInjection: { delay: { fixedDelay: 5s, percent: 100 } }\ntimeouts: { request: 200ms }")),
+        &yaml(&[
+            backend(&[server.addr]),
+            route()
+                .fault(delay(Duration::from_secs(5), 100.0))
+                .timeouts(timeouts(Some(ms(200)), None)),
+        ]),
     )
     .await;
     let status = client.unary(chaos("", b"")).await.unwrap_err();
@@ -703,8 +700,10 @@ async fn faults_are_injected_as_configured() {
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[server.addr])
-            + &route("faultInjection: { abort: { grpcStatus: UNAVAILABLE, percent: 50 } }")),
+        &yaml(&[
+            backend(&[server.addr]),
+            route().fault(abort(AbortStatus::Grpc(GrpcCode::Unavailable), 50.0)),
+        ]),
     )
     .await;
     let mut aborted = 0;
@@ -729,15 +728,19 @@ async fn ejections_and_permits_survive_a_reload() {
     let bad = ChaosServer::start("bad").await;
     bad.set_mode("status=14");
     let good = ChaosServer::start("good").await;
-    let policy = |extra_route: &str| {
-        backend(&[bad.addr, good.addr])
-            + &route(RETRY_UNAVAILABLE)
-            + &traffic(&format!(
-                "{EJECT}\ncircuitBreaker: {{ maxParallelRequests: 1 }}"
-            ))
-            + extra_route
+    let policy = |extra_route: Option<Resource>| {
+        let mut resources = vec![
+            backend(&[bad.addr, good.addr]),
+            route().retry(retry_unavailable()),
+            eject().circuit_breaker(CircuitBreaker {
+                max_parallel_requests: Some(1),
+                ..CircuitBreaker::default()
+            }),
+        ];
+        resources.extend(extra_route);
+        yaml(&resources)
     };
-    let f = Fixture::start(&policy("")).await;
+    let f = Fixture::start(&policy(None)).await;
     let mut client = f.client().await;
     while bad.requests() < 3 {
         client.unary(chaos("", b"")).await.unwrap();
@@ -751,15 +754,12 @@ async fn ejections_and_permits_survive_a_reload() {
     set_policy(
         &f.sidecar,
         &f.policy,
-        &policy(
-            "apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: { name: other }
-spec:
-  hostnames: [\"other.test\"]
-  rules: [{ backendRefs: [{ name: svc }] }]
-",
-        ),
+        &policy(Some(policy::route(
+            Kind::HttpRoute,
+            "other",
+            "other.test",
+            &[("svc", 1)],
+        ))),
     )
     .await;
     let endpoints = f.endpoints().await;
@@ -782,11 +782,14 @@ spec:
     set_policy(
         &f.sidecar,
         &f.policy,
-        &(backend(&[bad.addr, good.addr])
-            + &route(RETRY_UNAVAILABLE)
-            + &traffic(&format!(
-                "{EJECT}\ncircuitBreaker: {{ maxParallelRequests: 2 }}"
-            ))),
+        &yaml(&[
+            backend(&[bad.addr, good.addr]),
+            route().retry(retry_unavailable()),
+            eject().circuit_breaker(CircuitBreaker {
+                max_parallel_requests: Some(2),
+                ..CircuitBreaker::default()
+            }),
+        ]),
     )
     .await;
     client.unary(chaos("", b"")).await.unwrap();
@@ -797,43 +800,23 @@ spec:
     held.abort();
 }
 
-/// A plaintext HTTP/1.1 backend `web` and a route `web.test` to it.
-fn web_policy(endpoint: SocketAddr, rule: &str, traffic_spec: &str) -> String {
-    let rule: String = rule
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format!("      {l}\n"))
-        .collect();
-    let mut yaml = format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: web }}
-spec:
-  protocol: http1
-  endpoints: {{ static: [\"{endpoint}\"] }}
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: web }}
-spec:
-  hostnames: [\"web.test\"]
-  rules:
-    - backendRefs: [{{ name: web }}]
-{rule}---
-"
-    );
-    if !traffic_spec.is_empty() {
-        yaml += &format!(
-            "apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: {{ name: web }}
-spec:
-  targetRefs: [{{ kind: Backend, name: web }}]
-  {traffic_spec}
-"
-        );
-    }
-    yaml
+/// A plaintext HTTP/1.1 backend `web`, a route `web.test` to it (with
+/// `rule`'s settings) and a BackendTrafficPolicy for it (with `traffic`'s).
+fn web_policy(
+    endpoint: SocketAddr,
+    rule: impl FnOnce(Resource) -> Resource,
+    traffic: impl FnOnce(Resource) -> Resource,
+) -> String {
+    yaml(&[
+        policy::backend("web", &[endpoint], None).protocol(Protocol::Http1),
+        rule(policy::route(
+            Kind::HttpRoute,
+            "web",
+            "web.test",
+            &[("web", 1)],
+        )),
+        traffic(traffic_policy("web", target(TargetKind::Backend, "web"))),
+    ])
 }
 
 async fn http_get(sidecar: &SidecarProc, chaos: &str) -> http::Response<hyper::body::Incoming> {
@@ -851,8 +834,15 @@ async fn http_callers_get_http_statuses_for_timeouts_limits_and_retries() {
     let server = ChaosServer::start("web").await;
     let f = Fixture::start(&web_policy(
         server.addr,
-        "timeouts: { request: 200ms }\nretry: { attempts: 1, codes: [503], backoff: { base: 1ms, max: 2ms } }",
-        "rateLimit: { requestsPerSecond: 1, burst: 2 }",
+        |r| {
+            r.timeouts(timeouts(Some(ms(200)), None)).retry(retry(
+                1,
+                &[RetryOn::Http(503)],
+                ms(1),
+                ms(2),
+            ))
+        },
+        |t| t.rate_limit(1, 2),
     ))
     .await;
 
@@ -880,8 +870,13 @@ async fn max_connections_caps_connections_to_a_backend() {
     server.set_mode("hang");
     let f = Fixture::start(&web_policy(
         server.addr,
-        "",
-        "circuitBreaker: { maxConnections: 1 }",
+        |r| r,
+        |t| {
+            t.circuit_breaker(CircuitBreaker {
+                max_connections: Some(1),
+                ..CircuitBreaker::default()
+            })
+        },
     ))
     .await;
     // HTTP/1.1 needs a connection per call in flight: the first holds the
@@ -914,15 +909,13 @@ async fn the_local_app_is_protected_by_its_service_account_policy() {
     // The server sidecar's own policy: its service account is `echo`.
     assert!(SERVER_ID.ends_with("/ns/default/sa/echo"));
     let server_policy = mesh.dir.path().join("server-policy.yaml");
-    let protect = "apiVersion: pylon.dev/v1
-kind: BackendTrafficPolicy
-metadata: { name: protect-echo }
-spec:
-  targetRef: { kind: ServiceAccount, name: echo }
-  circuitBreaker: { maxParallelRequests: 1 }
-  rateLimit: { requestsPerSecond: 1, burst: 2 }
-";
-    set_policy(&mesh.server, &server_policy, protect).await;
+    let protect = traffic_policy("protect-echo", target(TargetKind::ServiceAccount, "echo"))
+        .circuit_breaker(CircuitBreaker {
+            max_parallel_requests: Some(1),
+            ..CircuitBreaker::default()
+        })
+        .rate_limit(1, 2);
+    set_policy(&mesh.server, &server_policy, &yaml(&[protect])).await;
 
     let client = echo_client(mesh.client.outbound, "echo.test").await;
     app.set_mode("hang");
@@ -969,16 +962,13 @@ async fn dns_endpoints_follow_the_records_and_keep_the_last_good_set() {
     let policy_path = dir.path().join("policy.yaml");
     std::fs::write(
         &policy_path,
-        format!(
-            "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: svc }}
-spec:
-  protocol: grpc
-  endpoints: {{ dns: {{ hostname: svc.mesh.test, port: {port} }} }}
----
-"
-        ) + &route(""),
+        yaml(&[
+            backend(&[]).endpoints(Endpoints::Dns {
+                hostname: "svc.mesh.test".into(),
+                port,
+            }),
+            route(),
+        ]),
     )
     .unwrap();
     let cfg = dir.path().join("pylon.yaml");
@@ -1050,11 +1040,16 @@ async fn a_retry_with_no_endpoint_left_returns_the_last_real_answer() {
     only.set_mode("status=14");
     // The first failure ejects the only endpoint: the retry has nowhere to
     // go, and the caller gets the server's answer, not the mesh's.
-    let f = Fixture::start(
-        &(backend(&[only.addr])
-            + &route(RETRY_UNAVAILABLE)
-            + &traffic("outlierDetection: { consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100 }")),
-    )
+    let f = Fixture::start(&yaml(&[
+        backend(&[only.addr]),
+        route().retry(retry_unavailable()),
+        traffic().outlier_detection(outlier_detection(
+            1,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            100,
+        )),
+    ]))
     .await;
     let status = f.client().await.unary(chaos("", b"")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);

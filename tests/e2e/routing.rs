@@ -6,7 +6,11 @@ use pylon_proto::v1::EchoRequest;
 
 use crate::common::echo::{echo_client, start_named_echo};
 use crate::common::http::{empty, http1, start_http_app, text};
-use crate::common::{TempDir, backend_yaml, client_sidecar, server_sidecar};
+use crate::common::policy::{
+    Build, GrpcMethodMatch, GrpcRouteMatch, HeaderMatch, HttpRouteMatch, Kind, PathMatch, backend,
+    route, rule, yaml,
+};
+use crate::common::{TempDir, client_sidecar, server_sidecar};
 
 const ID_A: &str = "spiffe://pylon.test/ns/default/sa/a";
 const ID_B: &str = "spiffe://pylon.test/ns/default/sa/b";
@@ -20,33 +24,53 @@ async fn matches_pick_the_backend_and_calls_share_one_connection() {
     let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
     let side_a = server_sidecar(&ca, dir.path(), "a", ID_A, echo_a.addr);
     let side_b = server_sidecar(&ca, dir.path(), "b", ID_B, echo_b.addr);
-    let policy = backend_yaml("a", &[side_a.inbound.to_string()], Some(ID_A))
-        + &backend_yaml("b", &[side_b.inbound.to_string()], Some(ID_B))
-        + &backend_yaml("web", &[web.addr.to_string()], None)
-        + "apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: { name: echo }
-spec:
-  hostnames: [\"echo.test\"]
-  rules:
-    - matches: [{ method: { service: pylon.v1.Echo, method: Unary } }]
-      backendRefs: [{ name: a }]
-    - matches: [{ method: { service: pylon.v1.Echo } }]
-      backendRefs: [{ name: b }]
-    - matches: [{ headers: [{ name: x-lane, value: fast }] }]
-      backendRefs: [{ name: b }]
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: { name: web }
-spec:
-  hostnames: [\"web.test\"]
-  rules:
-    - matches: [{ path: { type: Exact, value: /headers }, method: GET }]
-      backendRefs: [{ name: web }]
-    - matches: [{ path: { type: PathPrefix, value: /status }, headers: [{ name: x-lane, value: fast }] }]
-      backendRefs: [{ name: web }]
-";
+    let lane_fast = || {
+        vec![HeaderMatch {
+            name: "x-lane".into(),
+            value: "fast".into(),
+        }]
+    };
+    let method = |service: &str, method: Option<&str>| GrpcRouteMatch {
+        method: Some(GrpcMethodMatch {
+            service: Some(service.into()),
+            method: method.map(Into::into),
+        }),
+        headers: Vec::new(),
+    };
+    let policy = yaml(&[
+        backend("a", &[side_a.inbound], Some(ID_A)),
+        backend("b", &[side_b.inbound], Some(ID_B)),
+        backend("web", &[web.addr], None),
+        route(Kind::GrpcRoute, "echo", "echo.test", &[]).grpc_rules(vec![
+            rule(vec![method("pylon.v1.Echo", Some("Unary"))], &[("a", 1)]),
+            rule(vec![method("pylon.v1.Echo", None)], &[("b", 1)]),
+            rule(
+                vec![GrpcRouteMatch {
+                    method: None,
+                    headers: lane_fast(),
+                }],
+                &[("b", 1)],
+            ),
+        ]),
+        route(Kind::HttpRoute, "web", "web.test", &[]).http_rules(vec![
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::Exact("/headers".into())),
+                    method: Some("GET".into()),
+                    headers: Vec::new(),
+                }],
+                &[("web", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::Prefix("/status".into())),
+                    method: None,
+                    headers: lane_fast(),
+                }],
+                &[("web", 1)],
+            ),
+        ]),
+    ]);
     let (client, _) = client_sidecar(&ca, dir.path(), &policy);
     for s in [&side_a, &side_b, &client] {
         s.wait_ready().await;

@@ -17,6 +17,7 @@ use crate::common::control::ControlProc;
 use crate::common::echo::echo_client;
 use crate::common::http::{empty, http1, start_http_app, text};
 use crate::common::otlp::{CLIENT, Collector, INTERNAL, SERVER, Span, export_app_span};
+use crate::common::policy::{Build, GrpcCode, Kind, RetryOn, backend, retry, route, yaml};
 use crate::common::{
     CLIENT_ID, SERVER_ID, SidecarProc, TempDir, eventually, sidecar_config, strip_ansi,
 };
@@ -32,32 +33,17 @@ struct TracedMesh {
 /// The client's policy: `echo.test` (gRPC, retried on UNAVAILABLE) and
 /// `web.test` (HTTP) both go to the app behind the server sidecar.
 fn policy(server_inbound: SocketAddr) -> String {
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: app }}
-spec:
-  endpoints: {{ static: [\"{server_inbound}\"] }}
-  tls: {{ mode: mesh, identity: \"{SERVER_ID}\" }}
----
-apiVersion: pylon.dev/v1
-kind: GRPCRoute
-metadata: {{ name: echo }}
-spec:
-  hostnames: [\"echo.test\"]
-  rules:
-    - backendRefs: [{{ name: app }}]
-      retry: {{ attempts: 2, codes: [UNAVAILABLE], backoff: {{ base: 1ms, max: 5ms }} }}
----
-apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: web }}
-spec:
-  hostnames: [\"web.test\"]
-  rules:
-    - backendRefs: [{{ name: app }}]
-"
-    )
+    let ms = std::time::Duration::from_millis;
+    yaml(&[
+        backend("app", &[server_inbound], Some(SERVER_ID)),
+        route(Kind::GrpcRoute, "echo", "echo.test", &[("app", 1)]).retry(retry(
+            2,
+            &[RetryOn::Grpc(GrpcCode::Unavailable)],
+            ms(1),
+            ms(5),
+        )),
+        route(Kind::HttpRoute, "web", "web.test", &[("app", 1)]),
+    ])
 }
 
 fn tracing_to(endpoint: &str, sampling: f64) -> String {

@@ -27,7 +27,7 @@ pub use pylon_test_support::{
     PATIENCE, TempDir, eventually, eventually_blocking, eventually_every, write_atomic,
     write_secret,
 };
-pub use pylon_test_support::{control, otlp};
+pub use pylon_test_support::{control, otlp, policy};
 
 /// The binaries under test, as cargo built them for this test crate.
 pub const PYLON: &str = env!("CARGO_BIN_EXE_pylon");

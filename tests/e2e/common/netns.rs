@@ -6,8 +6,19 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-/// A network namespace with loopback up; deleted on drop.
-pub struct Netns(pub String);
+/// The `PATH` of every process started in a namespace made by
+/// [`Netns::add`] (a pod's).
+const POD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A network namespace with loopback up; deleted on drop. One made by
+/// [`Netns::add`] (a pod's) also has its `/etc/netns/<name>` directory (the
+/// files `ip netns exec` binds over `/etc`), removed on drop too, and runs
+/// its commands with an environment of their own (only `PATH`).
+pub struct Netns {
+    pub name: String,
+    /// Made by [`Netns::add`].
+    pod: bool,
+}
 
 impl Netns {
     /// A new namespace named after `label`, or `None` where namespaces
@@ -22,15 +33,41 @@ impl Netns {
         if !ok {
             return None;
         }
-        let ns = Netns(name);
+        let ns = Netns { name, pod: false };
         ns.run(&["ip", "link", "set", "lo", "up"]);
         Some(ns)
     }
 
-    /// `program` run inside the namespace.
+    /// Adds namespace `name` with loopback up, `hosts` as its `/etc/hosts`
+    /// and its own loopback as its DNS server; panics where it cannot.
+    pub fn add(name: String, hosts: &str) -> Netns {
+        let etc = Path::new("/etc/netns").join(&name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), hosts).unwrap();
+        // A name not in `hosts` fails at once (nothing answers on the
+        // pod's loopback) instead of waiting for a server outside.
+        std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        let ns = Netns { name, pod: true };
+        ip(&["netns", "add", &ns.name]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <this> args...`; panics unless it succeeds.
+    pub fn ip(&self, args: &[&str]) {
+        let mut argv = vec!["-n", &self.name];
+        argv.extend_from_slice(args);
+        ip(&argv);
+    }
+
+    /// `program` run inside the namespace (a pod's: with only `PATH` in
+    /// its environment).
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
+        if self.pod {
+            c.env_clear().env("PATH", POD_PATH);
+        }
+        c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 
@@ -43,10 +80,11 @@ impl Netns {
         let out = self.output(argv);
         assert!(
             out.status.success(),
-            "{argv:?}: {}",
+            "{argv:?} in {}: {}",
+            self.name,
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A link out of the namespace that is not loopback: a veth pair with
@@ -110,8 +148,26 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let mut del = Command::new("ip");
+        del.args(["netns", "del", &self.name]);
+        if self.pod {
+            del.stderr(Stdio::null());
+        }
+        let _ = del.status();
+        if self.pod {
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+        }
     }
+}
+
+/// Runs `ip args...`; panics unless it succeeds.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A child process, killed on drop.

@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::netns::Netns;
 use super::{PATIENCE, Process, TempDir, eventually_blocking};
 use pylon_test_support::admin::sum_samples;
 
@@ -56,8 +57,6 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The first address handed to other pods.
 const FIRST_POD_HOST: u8 = 10;
-/// The `PATH` of every process started in a pod.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The SPIFFE ID of service account `sa` in namespace `default`.
 pub fn spiffe_id(sa: &str) -> String {
@@ -108,59 +107,7 @@ pub fn prerequisites() -> Result<Tools, String> {
     Ok(Tools { python })
 }
 
-/// A network namespace, and its `/etc/netns/<name>` directory (the files
-/// `ip netns exec` binds over `/etc`); both removed on drop.
-pub struct Netns {
-    pub name: String,
-}
-
 impl Netns {
-    /// Adds namespace `name` with loopback up, `hosts` as its `/etc/hosts`
-    /// and its own loopback as its DNS server.
-    fn add(name: String, hosts: &str) -> Netns {
-        let etc = Path::new("/etc/netns").join(&name);
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(etc.join("hosts"), hosts).unwrap();
-        // A name not in `hosts` fails at once (nothing answers on the
-        // pod's loopback) instead of waiting for a server outside.
-        std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
-        let ns = Netns { name };
-        ip(&["netns", "add", &ns.name]);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n <this> args...`
-    pub fn ip(&self, args: &[&str]) {
-        let mut argv = vec!["-n", &self.name];
-        argv.extend_from_slice(args);
-        ip(&argv);
-    }
-
-    /// `program` run inside the namespace, with an environment of its own
-    /// (only `PATH`).
-    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.env_clear()
-            .env("PATH", PATH)
-            .args(["netns", "exec", &self.name])
-            .arg(program);
-        c
-    }
-
-    /// Runs `argv` inside the namespace; panics unless it succeeds; its
-    /// stdout.
-    pub fn run(&self, argv: &[&str]) -> String {
-        let out = self.cmd(argv[0]).args(&argv[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{argv:?} in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// `curl -s` from inside the namespace, bounded by `--max-time`.
     pub fn curl(&self, args: &[&str]) -> Reply {
         let out = self
@@ -171,26 +118,6 @@ impl Netns {
             .unwrap();
         Reply::from_output(&out)
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
-    }
-}
-
-/// Runs `ip args...`; panics unless it succeeds.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// What a `curl -D -` printed: status (0 when none came), head, body, and
