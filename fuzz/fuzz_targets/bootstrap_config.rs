@@ -64,7 +64,11 @@ fuzz_target!(|data: &[u8]| {
         let k = usize::from(line.as_bytes()[0]) % KEYS.len();
         let value = line.get(1..).unwrap_or_else(|| &line[line.len()..]);
         // The byte may start a multi-byte character: then the value is all of it.
-        let value = if line.is_char_boundary(1) { value } else { line };
+        let value = if line.is_char_boundary(1) {
+            value
+        } else {
+            line
+        };
         env.insert(env_name(KEYS[k]), value.to_string());
     }
     let first = Config::from_parts(yaml, Path::new("/etc/pylon"), &env);

@@ -16,7 +16,10 @@ fn check_format(d: Duration) {
     assert!((2..=9).contains(&b.len()), "{v:?}");
     let back = parse_grpc_timeout(&v).expect("a formatted grpc-timeout parses");
     let cap = Duration::from_secs(99_999_999 * 3600);
-    assert!(back <= d.min(cap), "{d:?} formatted as {v:?} grows to {back:?}");
+    assert!(
+        back <= d.min(cap),
+        "{d:?} formatted as {v:?} grows to {back:?}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -29,8 +32,8 @@ fuzz_target!(|data: &[u8]| {
             check_format(d);
             // Time only moves forward: the route's bound wins when shorter.
             let now = tokio::time::Instant::now();
-            let dl = effective_deadline(now, Some(d), Some(Duration::from_secs(1)))
-                .expect("a deadline");
+            let dl =
+                effective_deadline(now, Some(d), Some(Duration::from_secs(1))).expect("a deadline");
             assert!(dl <= now + Duration::from_secs(1));
             let _ = effective_deadline(now, Some(d), None);
         }

@@ -64,11 +64,17 @@ fn is_name(s: &str) -> bool {
 
 /// What any accepted token must satisfy.
 fn check_accepted(token: &str, w: &Workload) {
-    assert!(is_name(&w.namespace) && is_name(&w.service_account), "{w:?}");
+    assert!(
+        is_name(&w.namespace) && is_name(&w.service_account),
+        "{w:?}"
+    );
     let id = w.spiffe_id("pylon.local");
     assert_eq!(
         id,
-        format!("spiffe://pylon.local/ns/{}/sa/{}", w.namespace, w.service_account)
+        format!(
+            "spiffe://pylon.local/ns/{}/sa/{}",
+            w.namespace, w.service_account
+        )
     );
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3);
@@ -96,7 +102,10 @@ fn check_accepted(token: &str, w: &Workload) {
     if let Some(sub) = claims["sub"].as_str() {
         assert_eq!(
             sub,
-            format!("system:serviceaccount:{}:{}", w.namespace, w.service_account)
+            format!(
+                "system:serviceaccount:{}:{}",
+                w.namespace, w.service_account
+            )
         );
     }
 }

@@ -11,7 +11,9 @@ use pylon_proto::policy::{self, PolicyErrors};
 
 fn check_errors(yaml: &str, errors: &PolicyErrors) {
     assert!(!errors.is_empty(), "an Err without a problem");
-    let lines = yaml.lines().count() as u64 + 1;
+    // YAML breaks lines at CRLF, CR and LF.
+    let breaks = yaml.replace("\r\n", "\n").matches(['\r', '\n']).count();
+    let lines = breaks as u64 + 1;
     let mut text = 0usize;
     for e in errors.iter() {
         if let Some(line) = e.line {
@@ -39,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
         }
         (Ok(rs), Err(e)) => {
             check_errors(&yaml, e);
-            assert!(policy::validate_set(rs).is_err(), "parse refused a valid set: {e}");
+            assert!(
+                policy::validate_set(rs).is_err(),
+                "parse refused a valid set: {e}"
+            );
         }
         (Err(e), Ok(_)) => panic!("parse accepted what parse_documents refused: {e}"),
         (Err(e1), Err(e2)) => {

@@ -181,13 +181,17 @@ fuzz_target!(|data: &[u8]| {
         };
         let rest = std::str::from_utf8(rest).unwrap_or("");
         let mut words = rest.split(' ');
-        let method = Method::from_bytes(words.next().unwrap_or("").as_bytes()).unwrap_or(Method::GET);
+        let method =
+            Method::from_bytes(words.next().unwrap_or("").as_bytes()).unwrap_or(Method::GET);
         let authority = words.next().unwrap_or("");
         let path = words.next().unwrap_or("/");
         let mut headers = HeaderMap::new();
         for h in words {
             if let Some((n, v)) = h.split_once(':')
-                && let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v))
+                && let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(n.as_bytes()),
+                    HeaderValue::from_str(v),
+                )
             {
                 headers.append(n, v);
             }
@@ -204,13 +208,19 @@ fuzz_target!(|data: &[u8]| {
             grpc,
         };
         let found = table.find(authority, dst, &req);
-        assert!(same(found, table.find(authority, dst, &req)), "not deterministic");
+        assert!(
+            same(found, table.find(authority, dst, &req)),
+            "not deterministic"
+        );
         if let Some(a) = authority {
             let upper = a.to_ascii_uppercase();
             let lower = a.to_ascii_lowercase();
             let f_upper = table.find(Some(&upper), dst, &req);
             let f_lower = table.find(Some(&lower), dst, &req);
-            assert!(same(found, f_upper) && same(found, f_lower), "case matters for {a:?}");
+            assert!(
+                same(found, f_upper) && same(found, f_lower),
+                "case matters for {a:?}"
+            );
         }
         if !grpc && !path.contains('?') {
             let with_query = format!("{path}?q=1");
@@ -218,10 +228,17 @@ fuzz_target!(|data: &[u8]| {
                 path: &with_query,
                 ..req
             };
-            assert!(same(found, table.find(authority, dst, &q)), "the query changes {path:?}");
+            assert!(
+                same(found, table.find(authority, dst, &q)),
+                "the query changes {path:?}"
+            );
         }
         if let Some(rule) = found {
-            assert!(listed.contains(&Arc::as_ptr(rule)), "{} not in the dump", rule.route);
+            assert!(
+                listed.contains(&Arc::as_ptr(rule)),
+                "{} not in the dump",
+                rule.route
+            );
             let weights: u64 = rule.weighted_backends().map(|(w, _)| u64::from(w)).sum();
             assert_eq!(rule.pick_backend().is_some(), weights > 0, "{}", rule.route);
         }
