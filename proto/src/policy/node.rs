@@ -201,7 +201,7 @@ fn document_starts(yaml: &str) -> Vec<u64> {
     // Whether the current document has begun: a `---` before any content
     // opens the first document rather than ending an empty one.
     let mut open = false;
-    for (line, text) in (1u64..).zip(yaml.trim_start_matches('\u{feff}').lines()) {
+    for (line, text) in (1u64..).zip(yaml_lines(yaml.trim_start_matches('\u{feff}'))) {
         let marker = |m: &str| {
             text.strip_prefix(m)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
@@ -222,6 +222,31 @@ fn document_starts(yaml: &str) -> Vec<u64> {
         }
     }
     starts
+}
+
+/// The lines of `text` as YAML (and serde-saphyr's line numbers) count
+/// them: a line break is CRLF, CR or LF. `str::lines` does not break at a
+/// lone CR, which put every document of a CR-only file in document 1.
+fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        match s.find(['\r', '\n']) {
+            Some(i) => {
+                let after = if s[i..].starts_with("\r\n") {
+                    i + 2
+                } else {
+                    i + 1
+                };
+                rest = Some(&s[after..]);
+                Some(&s[..i])
+            }
+            None => {
+                rest = None;
+                (!s.is_empty()).then_some(s)
+            }
+        }
+    })
 }
 
 /// The node at a dotted path such as `spec.rules[0].backendRefs[1].name`.

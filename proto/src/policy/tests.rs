@@ -406,6 +406,22 @@ fn yaml_problems_are_reported_by_document() {
     assert_eq!(parse("kind:\n\t- x\n").unwrap_err().len(), 1);
 }
 
+/// Found by the `policy_yaml` fuzz target: YAML (and serde-saphyr's line
+/// numbers) breaks lines at a lone CR too, but documents were counted by
+/// `str::lines`, so a CR-only file numbered every document 1.
+#[test]
+fn documents_are_counted_with_every_yaml_line_break() {
+    for eol in ["\n", "\r\n", "\r"] {
+        let yaml = format!("{BACKEND_B}---\nkind: Nope\n").replace('\n', eol);
+        let errs = parse(&yaml).unwrap_err();
+        assert!(
+            errs.iter()
+                .all(|e| e.resource == "document 2" && e.line == Some(6)),
+            "{eol:?}: {errs}"
+        );
+    }
+}
+
 #[test]
 fn alias_bombs_fail_quickly() {
     let mut yaml = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
