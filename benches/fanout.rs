@@ -32,7 +32,7 @@ mod support;
 
 use support::{env_or, load_average, ms};
 
-use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -45,6 +45,9 @@ use pylon_proto::v1::discovery_client::DiscoveryClient;
 use pylon_proto::v1::policy_admin_client::PolicyAdminClient;
 use pylon_proto::v1::{self as pb, DiscoveryRequest};
 use pylon_test_support::control::ControlProc;
+use pylon_test_support::policy::{
+    self, Build, HttpRouteMatch, HttpRouteRule, Kind, PathMatch, Resource,
+};
 use rustls::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Request;
@@ -285,55 +288,48 @@ fn identity(i: usize) -> String {
 
 /// Ten backends of three endpoints each, over mesh mTLS.
 fn backends_yaml() -> String {
-    let mut yaml = String::new();
-    for b in 0..BACKENDS {
-        let _ = write!(
-            yaml,
-            "apiVersion: pylon.dev/v1
-kind: Backend
-metadata: {{ name: svc-{b}, namespace: bench }}
-spec:
-  endpoints: {{ static: [\"10.0.{b}.1:8080\", \"10.0.{b}.2:8080\", \"10.0.{b}.3:8080\"] }}
-  tls: {{ mode: mesh, identity: \"spiffe://pylon.local/ns/bench/sa/svc-{b}\" }}
----
-"
-        );
-    }
-    yaml
+    let backends: Vec<Resource> = (0..BACKENDS)
+        .map(|b| {
+            let endpoints: Vec<SocketAddr> = (1..=3)
+                .map(|host| format!("10.0.{b}.{host}:8080").parse().unwrap())
+                .collect();
+            let identity = format!("spiffe://pylon.local/ns/bench/sa/svc-{b}");
+            policy::backend(&format!("svc-{b}"), &endpoints, Some(&identity)).in_namespace("bench")
+        })
+        .collect();
+    policy::yaml(&backends)
 }
 
 /// The route of step `k`: a prefix rule per backend, plus a default rule
 /// splitting traffic between all of them. Weights and the timeout depend on
 /// `k`, so each step is a new version.
 fn route_yaml(k: u32) -> String {
-    let mut rules = String::new();
-    for b in 0..BACKENDS {
-        let _ = write!(
-            rules,
-            "    - matches: [{{ path: {{ value: /svc-{b} }} }}]
-      backendRefs: [{{ name: svc-{b} }}]
-      timeouts: {{ request: {}ms }}
-",
-            1000 + k
-        );
-    }
-    let refs: Vec<String> = (0..BACKENDS)
-        .map(|b| format!("{{ name: svc-{b}, weight: {} }}", 1 + (k + b) % 100))
+    let timeout = |d: Duration| Some(policy::timeouts(Some(d), None));
+    let mut rules: Vec<HttpRouteRule> = (0..BACKENDS)
+        .map(|b| {
+            let to_path = HttpRouteMatch {
+                path: Some(PathMatch::Prefix(format!("/svc-{b}"))),
+                method: None,
+                headers: Vec::new(),
+            };
+            let mut rule = policy::rule(vec![to_path], &[(&format!("svc-{b}"), 1)]);
+            rule.timeouts = timeout(Duration::from_millis(u64::from(1000 + k)));
+            rule
+        })
         .collect();
-    format!(
-        "apiVersion: pylon.dev/v1
-kind: HTTPRoute
-metadata: {{ name: web, namespace: bench }}
-spec:
-  hostnames: [\"web.bench.svc\"]
-  rules:
-{rules}    - backendRefs: [{}]
-      timeouts: {{ request: {}s }}
----
-",
-        refs.join(", "),
-        1 + k
-    )
+    let names: Vec<String> = (0..BACKENDS).map(|b| format!("svc-{b}")).collect();
+    let weighted: Vec<(&str, u32)> = names
+        .iter()
+        .zip(0u32..)
+        .map(|(name, b)| (name.as_str(), 1 + (k + b) % 100))
+        .collect();
+    let mut split = policy::rule(Vec::new(), &weighted);
+    split.timeouts = timeout(Duration::from_secs(u64::from(1 + k)));
+    rules.push(split);
+    let route = policy::route(Kind::HttpRoute, "web", "web.bench.svc", &[])
+        .in_namespace("bench")
+        .http_rules(rules);
+    policy::yaml(&[route])
 }
 
 /// The admin API, with the admin token.
