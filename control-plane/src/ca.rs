@@ -305,8 +305,12 @@ fn pem_of(der: &[u8]) -> String {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix(SystemTime::now())
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 

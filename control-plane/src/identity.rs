@@ -62,7 +62,7 @@ impl Caller {
 }
 
 fn now_unix() -> i64 {
-    crate::server::unix(SystemTime::now())
+    crate::ca::unix(SystemTime::now())
 }
 
 /// The caller: from its verified client certificate unless that was

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures_util::Stream;
 use pylon_proto::policy::{Kind, to_yaml};
@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ca::unix;
 use crate::ca::{CaMaterial, CaState, DataFiles, OperatorCa, admin_token};
 use crate::inject::webhook::WebhookConfig;
 use crate::k8s_token::{KeySource, TokenVerifier};
@@ -313,11 +314,6 @@ fn check_admin<T>(req: &Request<T>, expected_hash: &[u8]) -> Result<(), Status> 
     } else {
         Err(Status::unauthenticated("the admin token is not valid"))
     }
-}
-
-pub(crate) fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn key_of(r: Option<pb::ResourceRef>) -> Result<ResourceKey, Status> {
