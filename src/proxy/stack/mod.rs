@@ -216,3 +216,6 @@ pub fn expired(backend: &Backend, deadline: Option<Deadline>) -> ProxyError {
         timeout: deadline.map_or(Duration::ZERO, |d| d.timeout),
     }
 }
+
+#[cfg(test)]
+mod tests;
