@@ -426,11 +426,7 @@ impl Conn {
 
 /// The certificates of a PEM file as trust anchors.
 pub fn roots_from(path: &Path) -> anyhow::Result<RootCertStore> {
-    let roots = pylon_proto::tls_roots::roots_from_file(path).map_err(anyhow::Error::msg)?;
-    if roots.is_empty() {
-        anyhow::bail!("{}: no certificate", path.display());
-    }
-    Ok(roots)
+    pylon_proto::tls_roots::required_roots_from_file(path).map_err(anyhow::Error::msg)
 }
 
 /// A call's error as the user reads it: the server's message, one problem

@@ -72,10 +72,7 @@ impl Discovery {
     }
 
     fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
-        let roots = pylon_proto::tls_roots::roots_from_file(&self.ca_file)?;
-        if roots.is_empty() {
-            return Err(format!("{}: no certificate", self.ca_file.display()));
-        }
+        let roots = pylon_proto::tls_roots::required_roots_from_file(&self.ca_file)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -43,6 +43,16 @@ pub fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
     roots_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// [`roots_from_file`], refusing a file without a certificate (a store
+/// that trusts nothing): the roots a client verifies one server with.
+pub fn required_roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+    let roots = roots_from_file(path)?;
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +104,16 @@ mod tests {
         .unwrap();
         let err = roots_from_file(&bad).unwrap_err();
         assert!(err.starts_with(&format!("{}: ", bad.display())), "{err}");
+        // A file without a certificate: an empty store, unless one is
+        // required.
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(roots_from_file(&empty).unwrap().is_empty());
+        assert_eq!(
+            required_roots_from_file(&empty).unwrap_err(),
+            format!("{}: no certificate", empty.display())
+        );
+        assert_eq!(required_roots_from_file(&good).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
