@@ -319,7 +319,7 @@ impl Inbound {
             Side::Inbound,
             &mut req,
             grpc,
-            authority.as_ref().map(Authority::as_str),
+            authority.as_ref(),
             peer.identity.as_ref().map(|(id, _)| (peer.addr, id)),
         );
         let result = match allowed {

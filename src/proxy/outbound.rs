@@ -189,7 +189,7 @@ impl Outbound {
             Side::Outbound,
             &mut req,
             grpc,
-            authority.as_ref().map(Authority::as_str),
+            authority.as_ref(),
             None,
         );
         let result = match allowed {

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanId, SpanKind};
@@ -163,7 +164,7 @@ impl RequestScope {
         side: Side,
         req: &mut Request<B>,
         grpc: bool,
-        authority: Option<&str>,
+        authority: Option<&Authority>,
         remote: Option<(SocketAddr, &Arc<str>)>,
     ) -> RequestScope {
         let start = Instant::now();
@@ -171,7 +172,7 @@ impl RequestScope {
         let access = telemetry.access_log.then(|| {
             Box::new(AccessFields {
                 method: req.method().clone(),
-                authority: authority.unwrap_or_default().to_string(),
+                authority: authority.map_or_else(String::new, ToString::to_string),
                 path: req.uri().path().to_string(),
             })
         });
@@ -245,7 +246,7 @@ impl RequestScope {
             req.method().as_str().to_string(),
         ));
         if let Some(a) = authority {
-            attributes.push(KeyValue::new("server.address", host_of(a).to_string()));
+            attributes.push(KeyValue::new("server.address", a.host().to_string()));
         }
         // Attempts (outbound) share the request's attributes.
         let (kind, mut own, shared) = match side {
@@ -394,16 +395,6 @@ impl RequestScope {
                 "access"
             );
         }
-    }
-}
-
-/// The host of an authority (`host[:port]`, IPv6 in brackets).
-fn host_of(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host
-        }
-        _ => authority,
     }
 }
 
@@ -563,14 +554,6 @@ mod tests {
         let peer: Arc<str> = "spiffe://t/ns/default/sa/client".into();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(begin(&telemetry(false), Side::Inbound, Some((addr, &peer))).0);
-    }
-
-    #[test]
-    fn hosts_of_authorities() {
-        assert_eq!(host_of("greeter.shop:50051"), "greeter.shop");
-        assert_eq!(host_of("greeter"), "greeter");
-        assert_eq!(host_of("[::1]:8080"), "[::1]");
-        assert_eq!(host_of("[::1]"), "[::1]");
     }
 
     #[test]
