@@ -105,11 +105,12 @@ where
                 headers.insert(GRPC_TIMEOUT, format_grpc_timeout(remaining));
             }
         }
-        let per_try = self.rule.timeouts.and_then(|t| t.backend_request);
-        let limit = match (per_try.map(|t| now + t), deadline.map(|d| d.at)) {
-            (Some(a), Some(b)) if b <= a => Some((b, Limit::Deadline)),
-            (Some(a), _) => Some((a, Limit::AttemptTimeout(per_try.unwrap_or_default()))),
-            (None, Some(b)) => Some((b, Limit::Deadline)),
+        // The earlier of the attempt timeout and the deadline; the deadline
+        // when they fall together.
+        let limit = match (self.rule.timeouts.and_then(|t| t.backend_request), deadline) {
+            (Some(t), Some(d)) if d.at <= now + t => Some((d.at, Limit::Deadline)),
+            (Some(t), _) => Some((now + t, Limit::AttemptTimeout(t))),
+            (None, Some(d)) => Some((d.at, Limit::Deadline)),
             (None, None) => None,
         };
         let load = endpoint.load.begin();
