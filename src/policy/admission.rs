@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use prometheus_client::metrics::counter::Counter;
 use pylon_proto::policy::RateLimit;
 use tokio::time::Instant;
 
@@ -98,28 +99,30 @@ impl Admission {
         let overflow = self.metrics.overflow.clone();
         let name = self.name.clone();
         Box::pin(async move {
-            bulkhead.acquire(wait_until).await.map_err(|_| {
-                overflow.inc();
-                ProxyError::Overflow {
-                    backend: name,
-                    what: "parallel requests",
-                }
-            })
+            bulkhead
+                .acquire(wait_until)
+                .await
+                .map_err(|_| overflow_error(&overflow, name))
         })
     }
 
     /// The counter of calls refused for want of a slot.
-    pub fn overflow_counter(&self) -> prometheus_client::metrics::counter::Counter {
+    pub fn overflow_counter(&self) -> Counter {
         self.metrics.overflow.clone()
     }
 
     /// A refusal for want of a slot, counted (no waiting line).
     pub fn overflow(&self) -> ProxyError {
-        self.metrics.overflow.inc();
-        ProxyError::Overflow {
-            backend: self.name.clone(),
-            what: "parallel requests",
-        }
+        overflow_error(&self.metrics.overflow, self.name.clone())
+    }
+}
+
+/// `overflow` of `backend`'s calls in flight, counted in `counter`.
+fn overflow_error(counter: &Counter, backend: Arc<str>) -> ProxyError {
+    counter.inc();
+    ProxyError::Overflow {
+        backend,
+        what: "parallel requests",
     }
 }
 
