@@ -329,6 +329,14 @@ pub struct LimitArgs {
     /// The largest admin API message (bytes): an `apply`'s YAML.
     #[arg(long, env = "PYLON_CONTROL_MAX_ADMIN_MESSAGE_SIZE", default_value_t = crate::limits::DEFAULT_ADMIN_MAX_MESSAGE)]
     pub max_admin_message_size: usize,
+    /// How long a connection to --listen lives before the server sends
+    /// GOAWAY and the client moves to a new one; 0s: for ever.
+    #[arg(long, env = "PYLON_CONTROL_MAX_CONNECTION_AGE", value_parser = pylon_proto::policy::parse_duration, default_value = "1h")]
+    pub max_connection_age: Duration,
+    /// How long the calls in flight on an aged connection may go on before
+    /// it is closed (a sidecar's policy stream is cut then, and resumed).
+    #[arg(long, env = "PYLON_CONTROL_MAX_CONNECTION_AGE_GRACE", value_parser = pylon_proto::policy::parse_duration, default_value = "1m")]
+    pub max_connection_age_grace: Duration,
 }
 
 impl LimitArgs {
@@ -349,6 +357,8 @@ impl LimitArgs {
             },
             grpc,
             admin_max_message: self.max_admin_message_size,
+            max_connection_age: Some(self.max_connection_age).filter(|age| !age.is_zero()),
+            max_connection_age_grace: self.max_connection_age_grace,
         }
     }
 }

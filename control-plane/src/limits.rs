@@ -23,6 +23,17 @@ pub struct ServeLimits {
     pub webhook: ListenerLimits,
     /// The largest admin API message decoded (an `apply`'s YAML).
     pub admin_max_message: usize,
+    /// The gRPC API's connections live at most this long (`None`: for
+    /// ever): then the server sends GOAWAY, new calls go to a new
+    /// connection, and the calls in flight have
+    /// [`ServeLimits::max_connection_age_grace`] to finish before the
+    /// connection is closed. A sidecar's policy stream outlives any age; it
+    /// is cut at the end of the grace and the sidecar reconnects. Bounds how
+    /// long any one peer holds a connection, and spreads clients over
+    /// replicas that came up after them.
+    pub max_connection_age: Option<Duration>,
+    /// How long calls in flight on an aged connection may go on.
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServeLimits {
@@ -34,9 +45,20 @@ impl Default for ServeLimits {
                 ..ListenerLimits::default()
             },
             admin_max_message: DEFAULT_ADMIN_MAX_MESSAGE,
+            max_connection_age: Some(DEFAULT_MAX_CONNECTION_AGE),
+            max_connection_age_grace: DEFAULT_MAX_CONNECTION_AGE_GRACE,
         }
     }
 }
+
+/// A connection to the gRPC API is replaced after an hour: long enough that
+/// a mesh of thousands of sidecars reconnects a few per second, short
+/// enough that no peer holds one for days.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// A renewal or an apply takes well under a minute; a policy stream is cut
+/// and resumed.
+pub const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(60);
 
 /// The limits of one listener.
 #[derive(Debug, Clone, PartialEq, Eq)]

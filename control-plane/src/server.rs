@@ -222,14 +222,24 @@ impl ControlPlane {
             .max_decoding_message_size(IDENTITY_MAX_MESSAGE);
         let (shutdown, mut stop) = watch::channel(false);
         let webhook_limits = limits.webhook.clone();
+        let (age, age_grace) = (limits.max_connection_age, limits.max_connection_age_grace);
         let limits = limits.grpc;
         let guard = tls::Guard::new(
             limits.clone(),
             ListenerMetrics::new(state.metrics.clone(), "grpc"),
-        );
+        )
+        .with_lifetime(age.map(|age| age + age_grace));
         let incoming = tls::incoming(listener, tls_rx, guard);
+        // tonic's own grace closes an aged connection without a GOAWAY
+        // first, so the server only ends it gracefully (GOAWAY, then closed
+        // when its calls are done) and the guard closes what outlives the
+        // grace.
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(age) = age {
+            builder = builder.max_connection_age(age);
+        }
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .max_concurrent_streams(limits.max_concurrent_streams)
                 .http2_max_pending_accept_reset_streams(Some(
                     limits.max_pending_accept_reset_streams,

@@ -12,6 +12,7 @@
 //! Not here: the HTTP/2 limits themselves (hyper's, set by the servers from
 //! [`ListenerLimits`]), authentication.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub struct Guard {
     pub metrics: ListenerMetrics,
     permits: Arc<Semaphore>,
     open: Arc<AtomicUsize>,
+    /// How long a connection lives at most, from its handshake: then it is
+    /// closed under the server, whatever is in flight.
+    lifetime: Option<Duration>,
 }
 
 impl Guard {
@@ -52,9 +56,17 @@ impl Guard {
         Guard {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             open: Arc::new(AtomicUsize::new(0)),
+            lifetime: None,
             limits,
             metrics,
         }
+    }
+
+    /// Connections are closed `lifetime` after their handshake (`None`:
+    /// never). The server's own maximum age ends a connection gracefully
+    /// once its calls are done; this is the bound for calls that never are.
+    pub fn with_lifetime(self, lifetime: Option<Duration>) -> Guard {
+        Guard { lifetime, ..self }
     }
 
     /// A place for one more connection, unless `max_connections` are open.
@@ -102,6 +114,8 @@ pub struct TlsConnection {
     /// Follows the frames the server writes, on an HTTP/2 connection.
     frames: Option<FrameReader>,
     metrics: ListenerMetrics,
+    /// When the connection is closed under the server, if ever.
+    closes_at: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: Slot,
 }
 
@@ -129,6 +143,15 @@ impl AsyncRead for TlsConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if let Some(closes_at) = &mut this.closes_at
+            && closes_at.as_mut().poll(cx).is_ready()
+        {
+            tracing::debug!(peer = %this.peer.addr, "closing a connection past its maximum age and grace");
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection is past its maximum age",
+            )));
+        }
         if this.first_read < this.first.len() {
             let rest = &this.first[this.first_read..];
             let n = rest.len().min(buf.remaining());
@@ -338,6 +361,7 @@ async fn handshake(
         first,
         first_read: 0,
         frames: h2.then(FrameReader::default),
+        closes_at: guard.lifetime.map(|l| Box::pin(tokio::time::sleep(l))),
         metrics: guard.metrics.clone(),
         _slot: slot,
     })

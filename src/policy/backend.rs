@@ -133,7 +133,9 @@ impl Backend {
                 );
                 a
             },
-            connections: Arc::new(ConnectionLimit::new(config.circuit_breaker.max_connections)),
+            connections: Arc::new(ConnectionLimit::new(Some(max_connections(
+                &config.circuit_breaker,
+            )))),
             outlier: OutlierDetector::new(config.outlier_detection),
             round_robin: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
@@ -171,7 +173,7 @@ impl Backend {
             config.circuit_breaker.max_pending_requests,
         );
         self.connections
-            .set_max(config.circuit_breaker.max_connections);
+            .set_max(Some(max_connections(&config.circuit_breaker)));
         self.outlier.configure(config.outlier_detection);
         let transport_changed = !self.config.load().transport.same_as(&config.transport);
         self.config.store(Arc::new(config));
@@ -360,6 +362,18 @@ impl Backend {
     }
 }
 
+/// The connections a Backend may open to its endpoints together when its
+/// policy sets no `circuitBreaker.maxConnections` (Envoy's default too):
+/// a flood of HTTP/1.1 calls cannot open a socket each without bound.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+
+/// The connection cap of a backend with `circuit_breaker`.
+fn max_connections(circuit_breaker: &CircuitBreaker) -> u32 {
+    circuit_breaker
+        .max_connections
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+}
+
 /// How often a backend without outlier detection checks whether it got some.
 const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
@@ -376,5 +390,23 @@ async fn sweep_outliers(backend: Weak<Backend>) {
         let now = Instant::now();
         let endpoints = b.endpoints.load();
         b.outlier.sweep(endpoints.iter().map(|e| &e.health), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_capped_by_default_and_by_policy() {
+        assert_eq!(
+            max_connections(&CircuitBreaker::default()),
+            DEFAULT_MAX_CONNECTIONS
+        );
+        let set = CircuitBreaker {
+            max_connections: Some(3),
+            ..CircuitBreaker::default()
+        };
+        assert_eq!(max_connections(&set), 3);
     }
 }

@@ -51,7 +51,7 @@ impl CpMesh {
     }
 }
 
-fn spawn_sidecar(
+pub(crate) fn spawn_sidecar(
     dir: &TempDir,
     ca: &DevCa,
     cp: &ControlProc,

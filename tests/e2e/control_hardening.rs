@@ -570,3 +570,49 @@ async fn the_data_directory_is_private_and_a_readable_or_missing_ca_state_stops_
     assert!(stderr.contains("ca.json is missing"), "{stderr}");
     assert!(!ca.exists(), "no new CA was made");
 }
+
+#[tokio::test]
+async fn aged_connections_are_replaced_and_a_sidecar_follows_policy_across_them() {
+    let dir = TempDir::new("cp-age");
+    let (cp, _) = control(
+        &dir,
+        &[
+            "--max-connection-age",
+            "1s",
+            "--max-connection-age-grace",
+            "1s",
+        ],
+    );
+    let app = crate::common::echo::start_named_echo("app").await;
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let sidecar = crate::control::spawn_sidecar(
+        &dir,
+        &ca,
+        &cp,
+        "server",
+        crate::common::SERVER_ID,
+        app.addr,
+        "",
+    );
+    cp.apply(&crate::common::mesh_policy(sidecar.inbound));
+    let first = cp.status().0;
+    cp.wait_acked(&[crate::common::SERVER_ID], first).await;
+
+    // The sidecar's connection is aged out: GOAWAY, then its policy stream,
+    // which never ends by itself, is cut after the grace. It reconnects,
+    // more than once ...
+    eventually("the policy stream reopened twice", || async {
+        sidecar.logs().matches("policy stream open").count() >= 3
+    })
+    .await;
+    // ... and each time it comes back: a later apply still reaches it.
+    cp.apply(&crate::common::backend_yaml(
+        "aged",
+        &[app.addr.to_string()],
+        None,
+    ));
+    let second = cp.status().0;
+    assert!(second > first);
+    cp.wait_acked(&[crate::common::SERVER_ID], second).await;
+    sidecar.wait_policy_version(&second.to_string()).await;
+}
