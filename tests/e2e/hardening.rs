@@ -618,3 +618,61 @@ async fn secrets_others_can_read_stop_the_sidecar_from_starting() {
         "{logs}"
     );
 }
+
+/// The sidecar's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_a_listener_backs_off_and_every_listener_recovers() {
+    let app = start_http_app().await;
+    let dir = TempDir::new("emfile");
+    let ca = DevCa::new("pylon test root").unwrap();
+    let proxy = sidecar(
+        &ca,
+        dir.path(),
+        "client",
+        CLIENT_ID,
+        &direct_policy(app.addr),
+        app.addr,
+        &[],
+    );
+    proxy.wait_ready().await;
+    served(proxy.outbound).await;
+
+    // A few descriptors above what is open now (the soft limit, as
+    // `ulimit -n` in the pod would set it) ...
+    let pid = proxy.pid();
+    let limit = open_fds(pid) + 4;
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    // ... and more connections than that: accept fails with EMFILE while
+    // they are open.
+    let mut flood = Vec::new();
+    for _ in 0..32 {
+        flood.push(TcpStream::connect(proxy.outbound).await.unwrap());
+    }
+    proxy.wait_log("accepting a connection failed").await;
+    assert!(proxy.logs().contains("Too many open files"));
+    drop(flood);
+
+    // Once they are gone every listener serves again, and the failures
+    // were counted on the listener that met them.
+    eventually("the outbound listener serves again", || async {
+        let Ok(mut client) = crate::common::http::try_h2c(proxy.outbound).await else {
+            return false;
+        };
+        let get = Request::get("http://web.test/headers").body(empty());
+        let resp = client.send_request(get.unwrap()).await;
+        resp.is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    proxy.wait_ready().await;
+    assert!(proxy.metric(&limit_hits("outbound", "accept_error")).await >= 1);
+}

@@ -164,13 +164,18 @@ pub async fn http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<
 
 /// An h2c client on one connection to `addr`.
 pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    try_h2c(addr).await.unwrap()
+}
+
+/// [`h2c`], or why there is no connection.
+pub async fn try_h2c(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<Body>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    sender
+    Ok(sender)
 }
 
 /// A `/gate` response of the [`HttpApp`] in flight through `outbound`
