@@ -12,8 +12,8 @@
 //!   store (first apply: every Backend, TLS config and metric series is new)
 //!   and into a store that already holds the same policy (the reload case:
 //!   Backends, TLS configs and series reused); and the same two without the
-//!   parse — `compile::compile`, the Backend updates and the swap, as
-//!   `apply` does them — on resources parsed beforehand. Medians of
+//!   parse — `PolicyStore::install`: compile, the Backend updates and the
+//!   swap — on resources parsed beforehand. Medians of
 //!   `PYLON_SCALE_ROUNDS` rounds.
 //! - **routing**: nanoseconds per `store.load().routes.find(..)` over
 //!   random requests: hits on exact hostnames (the rule found after a
@@ -34,15 +34,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use http::{HeaderMap, Method};
 use pylon::config::DnsConfig;
 use pylon::discovery::Dns;
 use pylon::identity::IdentityStore;
 use pylon::identity::dev::DevCa;
-use pylon::policy::compile::{self, CompileContext};
+use pylon::policy::PolicyStore;
 use pylon::policy::routing::{ClusterDns, RequestView};
-use pylon::policy::{PolicyStore, Snapshot};
 use pylon::telemetry::metrics::Metrics;
 use pylon_proto::policy::{
     BackendRef, Backoff, GrpcCode, GrpcMethodMatch, GrpcRouteMatch, HeaderMatch, HttpRouteMatch,
@@ -323,7 +321,7 @@ fn queries(case: Case, n: usize, rng: &mut fastrand::Rng) -> Vec<Query> {
 }
 
 /// Checks that every query routes where it should (outside the timing).
-fn check(current: &ArcSwap<Snapshot>, queries: &[Query]) {
+fn check(current: &PolicyStore, queries: &[Query]) {
     let headers = HeaderMap::new();
     let snapshot = current.load();
     for q in queries {
@@ -345,7 +343,7 @@ fn view<'a>(q: &'a Query, headers: &'a HeaderMap) -> RequestView<'a> {
 }
 
 /// Nanoseconds per `find` over `finds` calls cycling through `queries`.
-fn time_finds(current: &ArcSwap<Snapshot>, queries: &[Query], finds: usize) -> f64 {
+fn time_finds(current: &PolicyStore, queries: &[Query], finds: usize) -> f64 {
     let headers = HeaderMap::new();
     let views: Vec<(&str, RequestView<'_>)> = queries
         .iter()
@@ -385,30 +383,15 @@ impl Env {
     }
 }
 
-/// Compiles `resources` against the snapshot in `current` and swaps the
-/// result in, as `PolicyStore::apply` does after parsing: the Backend
-/// updates, then the store (which drops the previous snapshot).
-fn compile_and_swap(
-    env: &Env,
-    metrics: &Metrics,
-    current: &ArcSwap<Snapshot>,
-    resources: Vec<Resource>,
-    version: String,
-) -> Timed {
-    let ctx = CompileContext {
-        identity: &env.identity,
-        metrics,
-        service_account: pylon::identity::service_account(OWN_ID),
-        cluster: &env.cluster,
-    };
+/// Compiles `resources` against the snapshot in `store` and installs the
+/// result: `PolicyStore::install`, what `PolicyStore::apply` does after
+/// parsing (the Backend updates, the swap; the previous snapshot is dropped
+/// on a blocking thread, off the timed one).
+fn compile_and_swap(store: &PolicyStore, resources: Vec<Resource>, version: String) -> Timed {
     let start = Timed::start();
-    let (snapshot, updates) = compile::compile(resources, version, &current.load(), &ctx)
+    store
+        .install(resources, version)
         .unwrap_or_else(|e| panic!("the policy does not compile: {e:?}"));
-    for u in updates {
-        u.backend.apply(u.config);
-        u.backend.set_endpoints(&u.endpoints, &env.dns);
-    }
-    current.store(Arc::new(snapshot));
     start.stop()
 }
 
@@ -499,7 +482,7 @@ fn measure(env: &Env, n: usize, settings: &Settings) -> Row {
         version += 1;
         version.to_string()
     };
-    let mut current = ArcSwap::from_pointee(Snapshot::default());
+    let mut current = env.store(&Metrics::new());
     for _ in 0..settings.rounds {
         if settings.apply {
             // Parse alone.
@@ -520,17 +503,10 @@ fn measure(env: &Env, n: usize, settings: &Settings) -> Row {
 
         // Compile + swap alone, on resources parsed beforehand: into an
         // empty snapshot with new metrics, then the same policy again.
-        let metrics = Metrics::new();
-        current = ArcSwap::from_pointee(Snapshot::default());
-        compile_first.push(compile_and_swap(
-            env,
-            &metrics,
-            &current,
-            resources.clone(),
-            next(),
-        ));
+        current = env.store(&Metrics::new());
+        compile_first.push(compile_and_swap(&current, resources.clone(), next()));
         let again = resources.clone();
-        compile_reload.push(compile_and_swap(env, &metrics, &current, again, next()));
+        compile_reload.push(compile_and_swap(&current, again, next()));
     }
 
     // Routing, on the last snapshot compiled.

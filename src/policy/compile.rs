@@ -22,7 +22,9 @@ use crate::http::pool::Transport;
 use crate::identity::{IdentityStore, tls};
 use crate::policy::authz::Authorization;
 use crate::policy::backend::{Backend, BackendConfig, EndpointSource};
-use crate::policy::routing::{ClusterDns, Matcher, RouteHosts, RouteTable, Rule, RulePolicy};
+use crate::policy::routing::{
+    ClusterDns, Matcher, RouteHosts, RouteMetrics, RouteTable, Rule, RulePolicy,
+};
 use crate::telemetry::metrics::Metrics;
 
 /// What compiling needs besides the resources.
@@ -310,6 +312,7 @@ fn add_route<M: RouteMatch>(
         (p.name.as_str(), ns, p.port)
     });
     let hosts = RouteHosts::new(&spec.hostnames, parents, ctx.cluster);
+    let mut handles = RouteMetrics::new(name, ctx.metrics);
     for (i, rule) in spec.rules.iter().enumerate() {
         let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends)
             .map_err(|e| format!("spec.rules[{i}].backendRefs: {e}"))?;
@@ -318,7 +321,7 @@ fn add_route<M: RouteMatch>(
             retry: rule.retry.clone(),
             fault_injection: rule.fault_injection.clone(),
         };
-        let compiled = Arc::new(Rule::new(name.clone(), i, weighted, policy, ctx.metrics));
+        let compiled = Arc::new(Rule::of_route(i, weighted, policy, &mut handles));
         if rule.matches.is_empty() {
             routes.add(&hosts, M::match_all(), vec![], &compiled);
         }

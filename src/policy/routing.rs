@@ -59,6 +59,37 @@ pub struct RulePolicy {
     pub fault_injection: Option<FaultInjection>,
 }
 
+/// One route's metric handles, made once and shared by its rules: the
+/// fault counters, and the request metrics per backend its rules name.
+pub struct RouteMetrics<'m> {
+    metrics: &'m Metrics,
+    route: Arc<str>,
+    fault_delays: Counter,
+    fault_aborts: Counter,
+    requests: Vec<(Arc<str>, RequestMetrics)>,
+}
+
+impl<'m> RouteMetrics<'m> {
+    pub fn new(route: Arc<str>, metrics: &'m Metrics) -> Self {
+        RouteMetrics {
+            fault_delays: metrics.fault(&route, "delay"),
+            fault_aborts: metrics.fault(&route, "abort"),
+            requests: Vec::new(),
+            metrics,
+            route,
+        }
+    }
+
+    fn requests(&mut self, backend: &Backend) -> RequestMetrics {
+        if let Some((_, m)) = self.requests.iter().find(|(b, _)| *b == backend.name) {
+            return m.clone();
+        }
+        let m = self.metrics.outbound_requests(&self.route, &backend.name);
+        self.requests.push((backend.name.clone(), m.clone()));
+        m
+    }
+}
+
 impl Rule {
     pub fn new(
         route: Arc<str>,
@@ -66,6 +97,21 @@ impl Rule {
         weighted: Vec<(u32, Arc<Backend>)>,
         policy: RulePolicy,
         metrics: &Metrics,
+    ) -> Self {
+        Rule::of_route(
+            index,
+            weighted,
+            policy,
+            &mut RouteMetrics::new(route, metrics),
+        )
+    }
+
+    /// Rule `index` of the route whose handles are `route`.
+    pub fn of_route(
+        index: usize,
+        weighted: Vec<(u32, Arc<Backend>)>,
+        policy: RulePolicy,
+        route: &mut RouteMetrics<'_>,
     ) -> Self {
         let mut total = 0u32;
         let backends = weighted
@@ -76,15 +122,12 @@ impl Rule {
                 (total, b)
             })
             .collect::<Vec<(u32, Arc<Backend>)>>();
-        let requests = backends
-            .iter()
-            .map(|(_, b)| metrics.outbound_requests(&route, &b.name))
-            .collect();
+        let requests = backends.iter().map(|(_, b)| route.requests(b)).collect();
         Rule {
             requests,
-            fault_delays: metrics.fault(&route, "delay"),
-            fault_aborts: metrics.fault(&route, "abort"),
-            route,
+            fault_delays: route.fault_delays.clone(),
+            fault_aborts: route.fault_aborts.clone(),
+            route: route.route.clone(),
             index,
             backends,
             total_weight: total,
