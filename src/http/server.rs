@@ -6,6 +6,10 @@
 //!   request head, or the HTTP/2 preface and a frame header; one that
 //!   dribbles less (slowloris, a pre-preface stall) is closed;
 //! - an HTTP/1 request head must arrive within `headerReadTimeout`;
+//! - a request body may not stall longer than `bodyReadTimeout` between
+//!   its frames (`super::request_body`): every request reaches the service
+//!   as a [`RequestBody`], its [`super::request_body::BodyStall`] in the
+//!   extensions;
 //! - a connection with no request in flight for `idleTimeout` is closed
 //!   gracefully (GOAWAY), as is one older than `maxAge`, whose calls still
 //!   open get `maxAgeGrace` before it is closed;
@@ -36,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::request_body::RequestBody;
 use crate::config::ConnectionSettings;
 use crate::telemetry::metrics::{Limit, ListenerLimits};
 
@@ -83,7 +88,7 @@ impl HttpServer {
     ) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError> + Send + 'static,
         B: Body + Unpin + Send + 'static,
@@ -101,6 +106,8 @@ impl HttpServer {
         let service = Tracked {
             inner: service,
             activity: activity.clone(),
+            body_read_timeout: settings.body_read_timeout,
+            limits: self.limits.clone(),
         };
         let mut conn = std::pin::pin!(self.builder.serve_connection(io, service));
         let first_bytes_by = start + settings.first_bytes_timeout;
@@ -363,15 +370,17 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
 }
 
 /// The service, counting each request in flight until its response body
-/// ends.
+/// ends, its request body read under the body read timeout.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    body_read_timeout: Option<Duration>,
+    limits: ListenerLimits,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -381,7 +390,12 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.begin();
-        let response = self.inner.call(req);
+        let (mut parts, body) = req.into_parts();
+        let (body, stall) = RequestBody::new(body, self.body_read_timeout, &self.limits);
+        if let Some(stall) = stall {
+            parts.extensions.insert(stall);
+        }
+        let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let resp = response.await?;
             Ok(resp.map(|body| TrackedBody {

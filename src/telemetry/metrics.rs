@@ -100,10 +100,13 @@ pub enum Limit {
     IdleTimeout,
     /// Open longer than the maximum age: told to go away.
     MaxAge,
+    /// A request body sent nothing for the body read timeout: the request
+    /// was cut off.
+    BodyReadTimeout,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 10] = [
         Limit::MaxConnections,
         Limit::AcceptError,
         Limit::Handshakes,
@@ -113,6 +116,7 @@ impl Limit {
         Limit::Http2Resets,
         Limit::IdleTimeout,
         Limit::MaxAge,
+        Limit::BodyReadTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +130,7 @@ impl Limit {
             Limit::Http2Resets => "http2_resets",
             Limit::IdleTimeout => "idle_timeout",
             Limit::MaxAge => "max_age",
+            Limit::BodyReadTimeout => "body_read_timeout",
         }
     }
 
