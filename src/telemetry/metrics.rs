@@ -103,10 +103,13 @@ pub enum Limit {
     /// A request body sent nothing for the body read timeout: the request
     /// was cut off.
     BodyReadTimeout,
+    /// The peer read nothing the server wrote for the write-stall limit:
+    /// the connection was cut off.
+    WriteStall,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 11] = [
         Limit::MaxConnections,
         Limit::AcceptError,
         Limit::Handshakes,
@@ -117,6 +120,7 @@ impl Limit {
         Limit::IdleTimeout,
         Limit::MaxAge,
         Limit::BodyReadTimeout,
+        Limit::WriteStall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +135,7 @@ impl Limit {
             Limit::IdleTimeout => "idle_timeout",
             Limit::MaxAge => "max_age",
             Limit::BodyReadTimeout => "body_read_timeout",
+            Limit::WriteStall => "write_stall",
         }
     }
 
