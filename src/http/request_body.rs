@@ -78,14 +78,15 @@ impl BodyStall {
 pub struct RequestBody<B = Incoming> {
     body: B,
     /// `None` when the timeout is off or the body was empty to begin with.
-    watch: Option<Box<Watch>>,
+    watch: Option<Watch>,
 }
 
 #[derive(Debug)]
 struct Watch {
     stall: BodyStall,
     limits: ListenerLimits,
-    sleep: Pin<Box<Sleep>>,
+    /// Made the first time a read finds nothing (many bodies never wait).
+    sleep: Option<Pin<Box<Sleep>>>,
     /// The sleep runs: the last read found nothing.
     armed: bool,
     /// The body ended (or failed): no more clock.
@@ -107,14 +108,14 @@ impl<B: Body> RequestBody<B> {
         let watch = Watch {
             stall: stall.clone(),
             limits: limits.clone(),
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             armed: false,
             done: false,
         };
         (
             RequestBody {
                 body,
-                watch: Some(Box::new(watch)),
+                watch: Some(watch),
             },
             Some(stall),
         )
@@ -134,13 +135,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(w) = this.watch.as_deref()
+        if let Some(w) = &this.watch
             && let Some(expired) = w.stall.expired()
         {
             return Poll::Ready(Some(Err(expired.into())));
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        let Some(w) = this.watch.as_deref_mut().filter(|w| !w.done) else {
+        let Some(w) = this.watch.as_mut().filter(|w| !w.done) else {
             return polled.map_err(Into::into);
         };
         match polled {
@@ -151,11 +152,14 @@ where
             }
             Poll::Pending => {
                 let timeout = w.stall.0.timeout;
+                let sleep = w
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if !w.armed {
                     w.armed = true;
-                    w.sleep.as_mut().reset(Instant::now() + timeout);
+                    sleep.as_mut().reset(Instant::now() + timeout);
                 }
-                if w.sleep.as_mut().poll(cx).is_pending() {
+                if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 w.done = true;
