@@ -910,7 +910,9 @@ async fn slow_and_silent_clients_of_the_listeners_hardening_does_not_cover_are_c
             )
         })
         .await;
-    assert_eq!(answer.as_deref(), Some(""), "closed without an answer");
+    // Closed (whichever limit fires, neither serves the request).
+    let answer = answer.expect("the connection stayed open");
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Both limits are 1 s here: whichever fires first closes it.
     let hits = f.limit_hits(Inbound, "first_bytes_timeout").await
         + f.limit_hits(Inbound, "header_read_timeout").await;
