@@ -26,9 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::UNIX_EPOCH;
 
+use crate::http::request_body::RequestBody;
 use crate::resilience::outlier::EndpointState;
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use pylon_proto::policy::{BackendTls, Protocol};
 use serde_json::{Value, json};
@@ -213,7 +213,7 @@ fn may_change_state<B>(peer: SocketAddr, req: &Request<B>) -> Result<(), &'stati
 const APP_HEALTH: &str = "/app-health/";
 
 /// The probe listener: reads only.
-async fn probe_door(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn probe_door(state: &AdminState, req: Request<RequestBody>) -> Response<ProxyBody> {
     let path = req.uri().path();
     if path.starts_with(APP_HEALTH) {
         return app_health(state, req).await;
@@ -226,7 +226,7 @@ async fn probe_door(state: &AdminState, req: Request<Incoming>) -> Response<Prox
 
 /// `GET /app-health/<container>/<startup|readiness|liveness>`: runs the
 /// app's original probe; 200 when it passes, 503 with the reason when not.
-async fn app_health(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn app_health(state: &AdminState, req: Request<RequestBody>) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -256,7 +256,7 @@ async fn app_health(state: &AdminState, req: Request<Incoming>) -> Response<Prox
     }
 }
 
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+fn handle(state: &AdminState, req: Request<RequestBody>) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -316,7 +316,7 @@ pub async fn serve_starting(
     loop {
         let (tcp, _, open) = acceptor.accept(&listener).await;
         let last_error = last_error.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
+        let svc = service_fn(move |req: Request<RequestBody>| {
             let mut resp = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
                 _ => {
@@ -355,7 +355,7 @@ const MAX_LOG_LEVEL_BODY: usize = 4096;
 /// `GET /log-level`: the filter in force; `PUT /log-level`: replace it with
 /// the body (`debug`, `info,pylon::proxy=debug`). A directive that does not
 /// parse is refused (400) and changes nothing.
-async fn log_level(req: Request<Incoming>) -> Response<ProxyBody> {
+async fn log_level(req: Request<RequestBody>) -> Response<ProxyBody> {
     use crate::telemetry::logging::{self, LevelError};
     let answer = |r: Result<String, LevelError>| match r {
         Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),

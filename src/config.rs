@@ -43,6 +43,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("inbound.appMaxRequests", KeyKind::Count),
     ("connections.firstBytesTimeout", KeyKind::Duration),
     ("connections.headerReadTimeout", KeyKind::Duration),
+    ("connections.bodyReadTimeout", KeyKind::Duration),
     ("connections.idleTimeout", KeyKind::Duration),
     ("connections.maxAge", KeyKind::Duration),
     ("connections.maxAgeGrace", KeyKind::Duration),
@@ -148,8 +149,8 @@ pub struct Config {
 
 /// `connections.*`: the limits every listener (outbound, inbound, admin,
 /// probe) applies to each connection it accepts. A duration of `0s` turns
-/// the idle timeout, the maximum age or TCP keepalive off; the other
-/// timeouts must be positive.
+/// the body read timeout, the idle timeout, the maximum age or TCP
+/// keepalive off; the other timeouts must be positive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionSettings {
     /// From accept (after the TLS handshake on inbound) until a complete
@@ -159,6 +160,10 @@ pub struct ConnectionSettings {
     /// How long an HTTP/1 request head may take once the connection waits
     /// for one (hyper's `header_read_timeout`).
     pub header_read_timeout: Duration,
+    /// The longest gap between the frames of a request body while the
+    /// proxy waits for it (`http::request_body`); a request whose body
+    /// stalls longer is cut off. `None` (`0s`) turns it off.
+    pub body_read_timeout: Option<Duration>,
     /// A connection with no request in flight this long is closed
     /// gracefully (HTTP/2 GOAWAY).
     pub idle_timeout: Option<Duration>,
@@ -185,6 +190,7 @@ pub struct ConnectionSettings {
 impl ConnectionSettings {
     pub const DEFAULT_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
     pub const DEFAULT_MAX_AGE_GRACE: Duration = Duration::from_secs(300);
@@ -200,6 +206,7 @@ impl Default for ConnectionSettings {
         ConnectionSettings {
             first_bytes_timeout: Self::DEFAULT_FIRST_BYTES_TIMEOUT,
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: Some(Self::DEFAULT_BODY_READ_TIMEOUT),
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             max_age: Some(Self::DEFAULT_MAX_AGE),
             max_age_grace: Self::DEFAULT_MAX_AGE_GRACE,
@@ -1044,6 +1051,8 @@ impl Reader<'_> {
                 "connections.headerReadTimeout",
                 C::DEFAULT_HEADER_READ_TIMEOUT,
             ),
+            body_read_timeout: self
+                .optional_duration("connections.bodyReadTimeout", C::DEFAULT_BODY_READ_TIMEOUT),
             idle_timeout: self
                 .optional_duration("connections.idleTimeout", C::DEFAULT_IDLE_TIMEOUT),
             max_age: self.optional_duration("connections.maxAge", C::DEFAULT_MAX_AGE),
@@ -1687,6 +1696,10 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
         assert_eq!(c.connections, ConnectionSettings::default());
         assert_eq!(c.connections.first_bytes_timeout, Duration::from_secs(10));
         assert_eq!(c.connections.max_pending_accept_reset_streams, 100);
+        assert_eq!(
+            c.connections.body_read_timeout,
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(c.admin.max_connections, 64);
         assert_eq!(c.outbound.max_connections, 4096);
         assert_eq!(c.inbound.max_connections, 4096);
@@ -1707,6 +1720,7 @@ headers: {{ withUnderscores: reject }}
         );
         let e = env(&[
             ("PYLON_CONNECTIONS_MAX_AGE", "0s"),
+            ("PYLON_CONNECTIONS_BODY_READ_TIMEOUT", "1500ms"),
             ("PYLON_CONNECTIONS_MAX_HEADER_BYTES", "16384"),
             ("PYLON_INBOUND_MAX_CONCURRENT_HANDSHAKES", "4"),
             ("PYLON_OUTBOUND_MAX_CONNECTIONS", "2"),
@@ -1723,6 +1737,10 @@ headers: {{ withUnderscores: reject }}
         );
         assert_eq!(c.connections.idle_timeout, None, "0s turns it off");
         assert_eq!(c.connections.max_age, None);
+        assert_eq!(
+            c.connections.body_read_timeout,
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(c.connections.max_concurrent_streams, 8);
         assert_eq!(c.connections.max_header_bytes, 16384);
         assert_eq!(c.inbound.max_concurrent_handshakes, 4);

@@ -84,7 +84,9 @@ pub struct ListenerLimits {
     /// head is refused (431, `REFUSED_STREAM`).
     pub max_header_list_size: u32,
     /// HTTP/2 PING interval; a peer that does not answer within twice this
-    /// is disconnected (dead sidecars, half-open connections).
+    /// is disconnected (dead sidecars, half-open connections), as is one
+    /// that reads nothing the server writes for twice this (a flood whose
+    /// answers it never reads).
     pub keepalive_interval: Duration,
 }
 

@@ -117,6 +117,10 @@ pub enum Refusal {
     /// The handshake ended, but the first bytes of the protocol did not
     /// come within the handshake timeout.
     FirstBytesTimeout,
+    /// The peer read nothing the server wrote for twice the keepalive
+    /// interval (a flood whose answers it never reads, a dead peer): the
+    /// connection was cut.
+    WriteStall,
 }
 
 impl Refusal {
@@ -126,6 +130,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::HandshakeFailed => "handshake_failed",
             Refusal::FirstBytesTimeout => "first_bytes_timeout",
+            Refusal::WriteStall => "write_stall",
         }
     }
 }

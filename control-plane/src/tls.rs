@@ -2,7 +2,12 @@
 //! handshake and read the first protocol bytes within a deadline, and hand
 //! the server each connection with who is on the other end. What a
 //! connection's server writes is read for the HTTP/2 resets and GOAWAYs
-//! that say a limit was hit ([`crate::h2_frames`]), and counted.
+//! that say a limit was hit ([`crate::h2_frames`]), and counted. A peer
+//! that stops reading what the server writes (a SETTINGS or PING flood
+//! whose answers it never reads, a dead peer) is cut off once a write has
+//! waited twice the keepalive interval: HTTP/2's own keepalive cannot
+//! close such a connection, since its GOAWAY would have to be written
+//! first.
 //!
 //! tonic's own TLS cannot change its configuration at run time (a CA
 //! rotation changes the serving certificate and the client-certificate
@@ -116,10 +121,69 @@ pub struct TlsConnection {
     metrics: ListenerMetrics,
     /// When the connection is closed under the server, if ever.
     closes_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_stall: WriteStall,
     _slot: Slot,
 }
 
+/// How long a write may wait for the peer to read before the connection
+/// is cut; the clock runs only while a write is blocked.
+struct WriteStall {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStall {
+    fn new(limit: Duration) -> WriteStall {
+        WriteStall { limit, sleep: None }
+    }
+
+    /// `polled`, or an error once the write has been blocked for the limit
+    /// (`true` the first time, to count it).
+    fn check<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> (Poll<std::io::Result<T>>, bool) {
+        if polled.is_ready() {
+            self.sleep = None;
+            return (polled, false);
+        }
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return (Poll::Pending, false);
+        }
+        let err = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {limit:?}"),
+        );
+        (Poll::Ready(Err(err)), true)
+    }
+}
+
 impl TlsConnection {
+    /// `polled` under the write-stall limit, a cut counted once.
+    fn unless_stalled<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        let (polled, cut) = self.write_stall.check(polled, cx);
+        if cut {
+            self.metrics.refused(
+                Refusal::WriteStall,
+                self.peer.addr,
+                &format_args!(
+                    "the peer read nothing for {:?}: cut off",
+                    self.write_stall.limit
+                ),
+            );
+        }
+        polled
+    }
+
     fn observe(&mut self, written: &[u8]) {
         if let Some(frames) = &mut self.frames {
             let (metrics, peer) = (&self.metrics, self.peer.addr);
@@ -173,15 +237,17 @@ impl AsyncWrite for TlsConnection {
         if let Poll::Ready(Ok(n)) = written {
             self.observe(&buf[..n]);
         }
-        written
+        self.unless_stalled(written, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
+        let flushed = Pin::new(&mut self.tls).poll_flush(cx);
+        self.unless_stalled(flushed, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
+        let shut = Pin::new(&mut self.tls).poll_shutdown(cx);
+        self.unless_stalled(shut, cx)
     }
 
     fn poll_write_vectored(
@@ -200,7 +266,7 @@ impl AsyncWrite for TlsConnection {
                 n -= take;
             }
         }
-        written
+        self.unless_stalled(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -363,6 +429,7 @@ async fn handshake(
         frames: h2.then(FrameReader::default),
         closes_at: guard.lifetime.map(|l| Box::pin(tokio::time::sleep(l))),
         metrics: guard.metrics.clone(),
+        write_stall: WriteStall::new(guard.limits.keepalive_interval * 2),
         _slot: slot,
     })
 }
@@ -387,6 +454,34 @@ async fn first_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_for_the_limit_fails_and_any_progress_restarts_the_clock() {
+        let limit = Duration::from_secs(20);
+        let mut stall = WriteStall::new(limit);
+        let mut check = |polled: Poll<std::io::Result<usize>>| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            stall.check(polled, &mut cx)
+        };
+        assert!(matches!(check(Poll::Pending), (Poll::Pending, false)));
+        tokio::time::advance(limit - Duration::from_secs(1)).await;
+        assert!(matches!(check(Poll::Pending), (Poll::Pending, false)));
+        // The peer read something: the clock starts again.
+        assert!(matches!(
+            check(Poll::Ready(Ok(1))),
+            (Poll::Ready(Ok(1)), false)
+        ));
+        assert!(matches!(check(Poll::Pending), (Poll::Pending, false)));
+        tokio::time::advance(limit - Duration::from_secs(1)).await;
+        assert!(matches!(check(Poll::Pending), (Poll::Pending, false)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (polled, cut) = check(Poll::Pending);
+        assert!(cut);
+        let Poll::Ready(Err(e)) = polled else {
+            panic!("not cut: {polled:?}")
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
 
     #[tokio::test]
     async fn first_bytes_stop_where_the_protocol_is_known() {

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use super::end::EndBody;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
+use super::request_body::RequestBody;
 
 /// Errors of any body the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,6 +24,8 @@ pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A caller's request body, under the body read timeout.
+    Request(RequestBody),
     /// An HTTP/1 response body whose connection goes back to its pool once
     /// the body has been read to the end.
     Pooled(PooledBody),
@@ -77,6 +80,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::Request(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::End(b) => Pin::new(b.as_mut()).poll_frame(cx),
@@ -90,6 +94,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Request(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
             ProxyBody::Replay(b) => b.is_end_stream(),
             ProxyBody::End(b) => b.is_end_stream(),
@@ -103,6 +108,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Request(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
             ProxyBody::Replay(b) => b.size_hint(),
             ProxyBody::End(b) => b.size_hint(),

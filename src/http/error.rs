@@ -94,6 +94,10 @@ pub enum ProxyError {
     /// (`headers.withUnderscores: reject`).
     #[error("the header {name:?} is not allowed (a name with an underscore)")]
     InvalidHeader { name: String },
+    /// The caller's request body stalled longer than
+    /// `connections.bodyReadTimeout` between frames.
+    #[error("the request body sent nothing for {timeout:?} (connections.bodyReadTimeout)")]
+    BodyReadTimeout { timeout: Duration },
 }
 
 fn on_backend(backend: &Option<Arc<str>>) -> String {
@@ -123,13 +127,14 @@ impl ProxyError {
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::Unauthorized { .. } => "unauthorized",
             ProxyError::InvalidHeader { .. } => "invalid-header",
+            ProxyError::BodyReadTimeout { .. } => "body-read-timeout",
         }
     }
 
     /// Every code [`ProxyError::code`] gives, to read one back from a
     /// response header as a static string (a response may carry the code of
     /// a proxy further along the path, e.g. the peer sidecar's).
-    const CODES: [&'static str; 16] = [
+    const CODES: [&'static str; 17] = [
         "no-route",
         "no-backend",
         "no-endpoint",
@@ -146,6 +151,7 @@ impl ProxyError {
         "fault-injected",
         "unauthorized",
         "invalid-header",
+        "body-read-timeout",
     ];
 
     /// The code an `x-pylon-error` value names, if it is one of ours.
@@ -159,9 +165,9 @@ impl ProxyError {
             ProxyError::Unauthorized { .. } => GrpcCode::PermissionDenied,
             // What a gRPC client makes of the HTTP 400 an HTTP caller gets.
             ProxyError::InvalidHeader { .. } => GrpcCode::Internal,
-            ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
-                GrpcCode::DeadlineExceeded
-            }
+            ProxyError::DeadlineExceeded { .. }
+            | ProxyError::AttemptTimeout { .. }
+            | ProxyError::BodyReadTimeout { .. } => GrpcCode::DeadlineExceeded,
             ProxyError::Overflow { .. } | ProxyError::RateLimited { .. } => {
                 GrpcCode::ResourceExhausted
             }
@@ -178,6 +184,7 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BodyReadTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::DeadlineExceeded { .. } | ProxyError::AttemptTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -429,6 +436,25 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["error"]["requestId"], "req-1");
         assert_eq!(v["error"]["code"], "no-route");
+    }
+
+    #[test]
+    fn a_stalled_request_body_is_408_or_deadline_exceeded_and_the_callers_fault() {
+        let e = ProxyError::BodyReadTimeout {
+            timeout: Duration::from_secs(30),
+        };
+        let r = e.to_response(false);
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(r.headers()[X_PYLON_ERROR], "body-read-timeout");
+        let r = e.to_response(true);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "pylon: the request body sent nothing for 30s (connections.bodyReadTimeout)"
+        );
+        assert!(!e.never_sent());
+        assert!(!crate::proxy::stack::outlier::endpoint_failure(&e));
+        assert_eq!(ProxyError::known_code(b"body-read-timeout"), Some(e.code()));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! HTTP transport, with no policy in it: the body type the proxy forwards,
 //! header rewriting, connection pools to endpoints and plaintext upstreams,
-//! the request-body replay buffer, deadlines as `grpc-timeout` carries
+//! the request-body replay buffer and read timeout, deadlines as `grpc-timeout` carries
 //! them, the one wrapper that watches a response to its end, the proxy's
 //! own errors and how they render, and how every listener accepts and serves its
 //! connections under the limits of `connections.*`.
@@ -14,5 +14,6 @@ pub mod listener;
 pub mod own_socket;
 pub mod pool;
 pub mod replay;
+pub mod request_body;
 pub mod server;
 pub mod upstream;

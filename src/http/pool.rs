@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::headers::Wire;
 use super::own_socket::OwnSocket;
+use super::request_body::{BodyReadTimeout, BodyStall};
 use crate::identity::tls::{IdentityMismatch, find_identity_mismatch};
 use crate::resilience::bulkhead::{ConnectionGuard, ConnectionLimit};
 
@@ -90,6 +91,10 @@ pub enum SendError {
     Connect(ConnectError),
     #[error(transparent)]
     Http(hyper::Error),
+    /// The caller's request body stalled past the body read timeout while
+    /// it was being sent: the caller's fault, not the endpoint's.
+    #[error(transparent)]
+    RequestBody(BodyReadTimeout),
 }
 
 /// The connections to one endpoint address.
@@ -150,9 +155,16 @@ impl EndpointPool {
         req: Request<ProxyBody>,
         wire: Wire,
     ) -> Result<Response<ProxyBody>, SendError> {
-        match wire {
+        let stall = req.extensions().get::<BodyStall>().cloned();
+        let sent = match wire {
             Wire::Http2 => self.send_h2(req).await,
             Wire::Http1 => self.send_h1(req).await,
+        };
+        // hyper reports a failed request body as a reset (HTTP/2) or a
+        // broken connection (HTTP/1): the stall says whose fault it was.
+        match (sent, stall.as_ref().and_then(BodyStall::expired)) {
+            (Err(SendError::Http(_)), Some(timeout)) => Err(SendError::RequestBody(timeout)),
+            (sent, _) => sent,
         }
     }
 

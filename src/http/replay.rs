@@ -34,6 +34,9 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// The record outgrew the limit and was dropped.
     capped: bool,
+    /// The caller's body failed (it was cut off, or timed out): what was
+    /// read is not the whole body, and must never be sent as if it were.
+    failed: bool,
     limit: usize,
     /// The attempt allowed to read: older attempts' bodies fail.
     active: u64,
@@ -57,6 +60,8 @@ pub enum ReplayError {
     Superseded,
     #[error("request body too large to replay")]
     Capped,
+    #[error("request body failed in an earlier attempt")]
+    Failed,
     #[error("request body: {0}")]
     Caller(BoxError),
 }
@@ -72,6 +77,7 @@ impl<B> ReplayBody<B> {
                 frames_read: 0,
                 trailers: None,
                 capped: false,
+                failed: false,
                 limit,
                 active: 0,
             })),
@@ -87,7 +93,8 @@ impl<B> ReplayBody<B> {
 
     /// Whether a new attempt could send the whole body again.
     pub fn replayable(&self) -> bool {
-        !self.lock().capped
+        let shared = self.lock();
+        !shared.capped && !shared.failed
     }
 
     /// A body for the next attempt; this one (and every older one) stops.
@@ -129,6 +136,9 @@ where
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let Some(source) = shared.source.as_mut() else {
+            if shared.failed {
+                return Poll::Ready(Some(Err(ReplayError::Failed)));
+            }
             // The caller's body is done: trailers, if any, then the end.
             if !this.trailers_sent
                 && let Some(t) = shared.trailers.clone()
@@ -146,6 +156,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 shared.source = None;
+                shared.failed = true;
                 Poll::Ready(Some(Err(ReplayError::Caller(e.into()))))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -310,5 +321,32 @@ mod tests {
             read(attempt.retry()).await,
             Err(ReplayError::Capped)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_caller_body_that_failed_is_never_replayed_as_if_whole() {
+        let source = StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            Err(BoxError::from("the caller stalled")),
+        ]));
+        let mut first = ReplayBody::new(source, 1024);
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        assert!(matches!(
+            first.frame().await,
+            Some(Err(ReplayError::Caller(_)))
+        ));
+        assert!(!first.replayable(), "a retry would send a truncated body");
+        let mut retry = first.retry();
+        assert_eq!(
+            retry.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        assert!(
+            matches!(retry.frame().await, Some(Err(ReplayError::Failed))),
+            "the replay fails where the caller's body did, it does not end"
+        );
     }
 }

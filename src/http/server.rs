@@ -6,12 +6,21 @@
 //!   request head, or the HTTP/2 preface and a frame header; one that
 //!   dribbles less (slowloris, a pre-preface stall) is closed;
 //! - an HTTP/1 request head must arrive within `headerReadTimeout`;
+//! - a request body may not stall longer than `bodyReadTimeout` between
+//!   its frames (`super::request_body`): every request reaches the service
+//!   as a [`RequestBody`], its [`super::request_body::BodyStall`] in the
+//!   extensions;
 //! - a connection with no request in flight for `idleTimeout` is closed
 //!   gracefully (GOAWAY), as is one older than `maxAge`, whose calls still
 //!   open get `maxAgeGrace` before it is closed;
 //! - HTTP/2: streams per connection, resets before accept (rapid reset) and
 //!   resets the server had to send (MadeYouReset) before GOAWAY, and the
 //!   size of a header list; HTTP/1: the size of a request head;
+//! - a peer that reads nothing the server writes for [`WRITE_STALL_LIMIT`]
+//!   is cut off: neither HTTP/2 keepalive, nor the idle timeout, nor the
+//!   maximum age can close such a connection, since each must write a
+//!   GOAWAY first (a SETTINGS or PING flood whose answers are never read,
+//!   a download nobody reads);
 //! - on a drain, each connection is told to go away and finishes its calls.
 //!
 //! Every limit that closes a connection is counted (and logged, throttled)
@@ -36,11 +45,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::request_body::RequestBody;
 use crate::config::ConnectionSettings;
 use crate::telemetry::metrics::{Limit, ListenerLimits};
 
 /// HTTP/2 PING interval on accepted connections, to find dead callers.
 const SERVER_KEEPALIVE: Duration = Duration::from_secs(30);
+/// How long a write may wait for the peer to read: twice
+/// [`SERVER_KEEPALIVE`], the time a silent HTTP/2 peer is given too.
+pub const WRITE_STALL_LIMIT: Duration = Duration::from_secs(60);
 /// The HTTP/1 read buffer is never smaller than this (hyper's minimum).
 const MIN_H1_BUFFER: usize = 8192;
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -83,7 +96,7 @@ impl HttpServer {
     ) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError> + Send + 'static,
         B: Body + Unpin + Send + 'static,
@@ -97,10 +110,13 @@ impl HttpServer {
             io,
             activity: activity.clone(),
             read: 0,
+            stall: WriteStall::new(WRITE_STALL_LIMIT, self.limits.clone()),
         });
         let service = Tracked {
             inner: service,
             activity: activity.clone(),
+            body_read_timeout: settings.body_read_timeout,
+            limits: self.limits.clone(),
         };
         let mut conn = std::pin::pin!(self.builder.serve_connection(io, service));
         let first_bytes_by = start + settings.first_bytes_timeout;
@@ -289,13 +305,59 @@ impl Drop for InFlight {
 
 /// The connection's bytes, watched until the client has sent the HTTP/2
 /// preface and a frame header (an HTTP/1 client has spoken once a request
-/// head reached the service).
+/// head reached the service); its writes under the write-stall limit.
 struct FirstBytes<I> {
     io: I,
     activity: Arc<Activity>,
     /// Bytes read so far, up to [`H2_FIRST_BYTES`]; `usize::MAX` once the
     /// bytes are not an HTTP/2 preface.
     read: usize,
+    stall: WriteStall,
+}
+
+/// The clock of a blocked write: it runs only while a write waits for the
+/// peer to read, and cuts the connection at the limit.
+struct WriteStall {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    limits: ListenerLimits,
+}
+
+impl WriteStall {
+    fn new(limit: Duration, limits: ListenerLimits) -> WriteStall {
+        WriteStall {
+            limit,
+            sleep: None,
+            limits,
+        }
+    }
+
+    /// `polled`, or an error once the write has waited for the limit.
+    fn check<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.sleep = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.limits.hit(
+            Limit::WriteStall,
+            &format_args!("cut off a connection whose peer read nothing for {limit:?}"),
+        );
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {limit:?}"),
+        )))
+    }
 }
 
 impl<I> FirstBytes<I> {
@@ -338,7 +400,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.stall.check(polled, cx)
     }
 
     fn poll_write_vectored(
@@ -346,7 +410,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.stall.check(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -354,24 +420,30 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.stall.check(polled, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.stall.check(polled, cx)
     }
 }
 
 /// The service, counting each request in flight until its response body
-/// ends.
+/// ends, its request body read under the body read timeout.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    body_read_timeout: Option<Duration>,
+    limits: ListenerLimits,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -381,7 +453,12 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.begin();
-        let response = self.inner.call(req);
+        let (mut parts, body) = req.into_parts();
+        let (body, stall) = RequestBody::new(body, self.body_read_timeout, &self.limits);
+        if let Some(stall) = stall {
+            parts.extensions.insert(stall);
+        }
+        let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let resp = response.await?;
             Ok(resp.map(|body| TrackedBody {
@@ -426,6 +503,38 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_reads_nothing_for_the_limit_is_cut_off_and_counted() {
+        let metrics = Metrics::new();
+        let limit = Duration::from_secs(60);
+        let mut stall = WriteStall::new(limit, metrics.listener_limits("inbound"));
+        let mut check = |polled: Poll<std::io::Result<usize>>| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            stall.check(polled, &mut cx)
+        };
+        assert!(check(Poll::Pending).is_pending());
+        tokio::time::advance(limit - Duration::from_secs(1)).await;
+        assert!(check(Poll::Pending).is_pending());
+        // The peer read something: the clock starts again.
+        assert!(matches!(check(Poll::Ready(Ok(5))), Poll::Ready(Ok(5))));
+        assert!(check(Poll::Pending).is_pending());
+        tokio::time::advance(limit - Duration::from_secs(1)).await;
+        assert!(check(Poll::Pending).is_pending());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Poll::Ready(Err(e)) = check(Poll::Pending) else {
+            panic!("not cut off")
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            metrics.encode().contains(
+                "pylon_connection_limits_total{listener=\"inbound\",limit=\"write_stall\"} 1"
+            ),
+            "{}",
+            metrics.encode()
+        );
+    }
 
     #[test]
     fn the_h2_preface_and_a_frame_header_count_as_speaking() {
@@ -434,6 +543,10 @@ mod tests {
             io: (),
             activity: activity.clone(),
             read: 0,
+            stall: WriteStall::new(
+                WRITE_STALL_LIMIT,
+                Metrics::new().listener_limits("outbound"),
+            ),
         };
         io.watch(&H2_PREFACE[..10]);
         io.watch(&H2_PREFACE[10..]);
@@ -446,6 +559,10 @@ mod tests {
             io: (),
             activity: activity.clone(),
             read: 0,
+            stall: WriteStall::new(
+                WRITE_STALL_LIMIT,
+                Metrics::new().listener_limits("outbound"),
+            ),
         };
         io.watch(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n0123456789");
         assert_eq!(io.read, usize::MAX);

@@ -12,6 +12,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::Wire;
 use super::pool::{ConnectError, EndpointPool, SendError, Transport};
+use super::request_body::BodyReadTimeout;
 use crate::resilience::bulkhead::ConnectionLimit;
 use crate::telemetry::logging::Throttle;
 
@@ -87,6 +88,9 @@ impl PlainUpstream {
 pub fn upstream_error(backend: &Arc<str>, addr: SocketAddr, e: SendError) -> ProxyError {
     let backend = backend.clone();
     match e {
+        SendError::RequestBody(BodyReadTimeout { timeout }) => {
+            ProxyError::BodyReadTimeout { timeout }
+        }
         SendError::Http(source) => ProxyError::Upstream {
             backend,
             addr,

@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::http::request_body::RequestBody;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -302,7 +302,7 @@ impl Inbound {
 
     async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         peer: &Peer,
         app: &App,
     ) -> Response<ProxyBody> {
@@ -333,7 +333,7 @@ impl Inbound {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         authority: Option<Authority>,
         peer: &Peer,
         app: &App,
@@ -357,7 +357,7 @@ impl Inbound {
             Wire::Http1
         };
         let to_app = ToApp {
-            req: req.map(ProxyBody::Incoming),
+            req: req.map(ProxyBody::Request),
             grpc,
             caller: peer.identity.as_ref().map(|(id, _)| id),
             authority,

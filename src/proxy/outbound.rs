@@ -9,9 +9,9 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
+use crate::http::request_body::RequestBody;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -176,7 +176,7 @@ impl Outbound {
 
     async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         dst: Option<SocketAddr>,
         passthrough: Option<&Passthrough>,
     ) -> Response<ProxyBody> {
@@ -206,7 +206,7 @@ impl Outbound {
 
     async fn route(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         authority: Option<Authority>,
         grpc: bool,
         dst: Option<SocketAddr>,
@@ -250,7 +250,7 @@ impl Outbound {
         scope.set_backend(&backend.name);
         let te_trailers = strip_hop_by_hop(req.headers_mut());
         let call = Call {
-            req: req.map(ProxyBody::Incoming),
+            req: req.map(ProxyBody::Request),
             ctx: CallCtx {
                 grpc,
                 authority,
@@ -273,7 +273,7 @@ impl Outbound {
 /// unchanged to the connection's original destination, over the protocol
 /// the app spoke.
 async fn pass_through(
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     authority: Option<&Authority>,
     p: &Passthrough,
     scope: &mut RequestScope,
@@ -286,7 +286,7 @@ async fn pass_through(
     } else {
         Wire::Http1
     };
-    let mut req = req.map(ProxyBody::Incoming);
+    let mut req = req.map(ProxyBody::Request);
     rewrite_for(&mut req, wire, Scheme::HTTP, authority, te_trailers);
     let mut resp = upstream.send(req, wire).await?;
     response_for_caller(&mut resp);

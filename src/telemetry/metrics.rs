@@ -100,10 +100,16 @@ pub enum Limit {
     IdleTimeout,
     /// Open longer than the maximum age: told to go away.
     MaxAge,
+    /// A request body sent nothing for the body read timeout: the request
+    /// was cut off.
+    BodyReadTimeout,
+    /// The peer read nothing the server wrote for the write-stall limit:
+    /// the connection was cut off.
+    WriteStall,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 11] = [
         Limit::MaxConnections,
         Limit::AcceptError,
         Limit::Handshakes,
@@ -113,6 +119,8 @@ impl Limit {
         Limit::Http2Resets,
         Limit::IdleTimeout,
         Limit::MaxAge,
+        Limit::BodyReadTimeout,
+        Limit::WriteStall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +134,8 @@ impl Limit {
             Limit::Http2Resets => "http2_resets",
             Limit::IdleTimeout => "idle_timeout",
             Limit::MaxAge => "max_age",
+            Limit::BodyReadTimeout => "body_read_timeout",
+            Limit::WriteStall => "write_stall",
         }
     }
 

@@ -19,6 +19,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::common::control::ControlProc;
+use crate::common::h2raw::{
+    self, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, REFUSED_STREAM, RST_STREAM,
+    frame, header_block, read_frame,
+};
 use crate::common::{PYLON_CONTROL, TempDir, eventually};
 use crate::identity::{csr, identity_client, with_token};
 
@@ -76,42 +80,6 @@ async fn tls(cp: &ControlProc, config: Option<Arc<rustls::ClientConfig>>) -> Tls
         .unwrap()
 }
 
-// ----- a raw HTTP/2 frame writer and reader -----
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const ACK: u8 = 0x1;
-const REFUSED_STREAM: u32 = 0x7;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A header block of literal fields without indexing (no Huffman), as
-/// HPACK allows any encoder to write.
-fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (name, value) in fields {
-        assert!(name.len() < 127 && value.len() < 127);
-        block.push(0x00);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    block
-}
-
 fn grpc_headers(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut fields = vec![
         (":method", "POST"),
@@ -125,42 +93,11 @@ fn grpc_headers(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     header_block(&fields)
 }
 
-/// A frame read: (type, flags, stream id, payload).
-type Frame = (u8, u8, u32, Vec<u8>);
-
-async fn read_frame(io: &mut TlsStream<TcpStream>) -> Option<Frame> {
-    let mut head = [0u8; 9];
-    io.read_exact(&mut head).await.ok()?;
-    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    let mut payload = vec![0; len];
-    io.read_exact(&mut payload).await.ok()?;
-    Some((head[3], head[4], stream, payload))
-}
-
-fn code_of(payload: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([
-        payload[at],
-        payload[at + 1],
-        payload[at + 2],
-        payload[at + 3],
-    ])
-}
-
 /// An HTTP/2 connection past the SETTINGS exchange, without a request.
 async fn raw_h2(cp: &ControlProc) -> TlsStream<TcpStream> {
     let mut io = tls(cp, None).await;
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
-    io.write_all(&hello).await.unwrap();
     // The server's SETTINGS (its limits in force once we ACK them).
-    loop {
-        let (kind, flags, _, _) = read_frame(&mut io).await.expect("the server's SETTINGS");
-        if kind == SETTINGS && flags & ACK == 0 {
-            break;
-        }
-    }
-    io.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+    h2raw::handshake(&mut io, &[]).await;
     io
 }
 
@@ -194,11 +131,11 @@ async fn streams_beyond_the_limit_are_refused_while_the_connection_and_other_cli
     io.write_all(&burst).await.unwrap();
     let mut refused = Vec::new();
     while refused.len() < 6 {
-        let (kind, _, stream, payload) = read_frame(&mut io).await.expect("a frame");
-        assert_ne!(kind, GOAWAY, "the connection itself was closed");
-        if kind == RST_STREAM {
-            assert_eq!(code_of(&payload, 0), REFUSED_STREAM, "stream {stream}");
-            refused.push(stream);
+        let f = read_frame(&mut io).await.expect("a frame");
+        assert_ne!(f.kind, GOAWAY, "the connection itself was closed");
+        if f.kind == RST_STREAM {
+            assert_eq!(f.error_code(), REFUSED_STREAM, "stream {}", f.stream);
+            refused.push(f.stream);
         }
     }
     refused.sort_unstable();
@@ -238,9 +175,9 @@ async fn streams_the_client_makes_the_server_reset_close_the_connection_past_the
     let _ = io.write_all(&burst).await;
     let goaway = loop {
         match read_frame(&mut io).await {
-            Some((GOAWAY, _, _, payload)) => break code_of(&payload, 4),
-            Some(_) => {}
-            None => panic!("the connection ended without a GOAWAY"),
+            Ok(f) if f.kind == GOAWAY => break f.error_code(),
+            Ok(_) => {}
+            Err(e) => panic!("the connection ended without a GOAWAY: {e}"),
         }
     };
     assert_eq!(goaway, ENHANCE_YOUR_CALM);

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::common::h2raw;
 use crate::common::http::{empty, h2c, http1, start_http_app, text};
 use crate::common::{
     CLIENT_ID, PATIENCE, PYLON, Process, SERVER_ID, SidecarProc, TempDir, admin_get, backend_yaml,
@@ -235,58 +236,13 @@ async fn callers_cannot_forge_what_the_mesh_tells_the_app() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
-/// Raw HTTP/2 frames, for a client that breaks the rules.
-mod frames {
-    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    pub const HEADERS: u8 = 0x1;
-    pub const RST_STREAM: u8 = 0x3;
-    pub const SETTINGS: u8 = 0x4;
-    pub const GOAWAY: u8 = 0x7;
-    pub const END_HEADERS: u8 = 0x4;
-    pub const ACK: u8 = 0x1;
-    pub const REFUSED_STREAM: u32 = 0x7;
-
-    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    /// `POST /echo` for `web.test`, the request body left open (HPACK:
-    /// indexed `:method POST` and `:scheme http`, literal `:path` and
-    /// `:authority` with indexed names).
-    pub fn open_request(stream: u32) -> Vec<u8> {
-        let mut block = vec![0x83, 0x86, 0x04, 5];
-        block.extend_from_slice(b"/echo");
-        block.extend_from_slice(&[0x01, 8]);
-        block.extend_from_slice(b"web.test");
-        frame(HEADERS, END_HEADERS, stream, &block)
-    }
-
-    /// Reads one frame: (type, flags, stream, payload).
-    pub async fn read(
-        io: &mut (impl tokio::io::AsyncRead + Unpin),
-    ) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
-        use tokio::io::AsyncReadExt;
-        let mut head = [0u8; 9];
-        io.read_exact(&mut head).await?;
-        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        io.read_exact(&mut payload).await?;
-        Ok((head[3], head[4], stream, payload))
-    }
-
-    pub fn code(payload: &[u8], at: usize) -> u32 {
-        u32::from_be_bytes([
-            payload[at],
-            payload[at + 1],
-            payload[at + 2],
-            payload[at + 3],
-        ])
-    }
+/// `POST /echo` for `web.test`, the request body left open.
+fn open_request(stream: u32) -> Vec<u8> {
+    h2raw::headers(
+        stream,
+        &h2raw::request_block("POST", "http", "web.test", "/echo"),
+        false,
+    )
 }
 
 #[tokio::test]
@@ -306,36 +262,15 @@ async fn http2_streams_past_the_limit_are_refused_while_another_client_is_served
     proxy.wait_ready().await;
 
     let mut tcp = TcpStream::connect(proxy.outbound).await.unwrap();
-    tcp.write_all(frames::PREFACE).await.unwrap();
-    tcp.write_all(&frames::frame(frames::SETTINGS, 0, 0, &[]))
-        .await
-        .unwrap();
     // The server's SETTINGS (with its stream limit) first, then ours acked.
-    loop {
-        let (kind, flags, _, _) = frames::read(&mut tcp).await.unwrap();
-        if kind == frames::SETTINGS && flags & frames::ACK == 0 {
-            break;
-        }
-    }
-    tcp.write_all(&frames::frame(frames::SETTINGS, frames::ACK, 0, &[]))
-        .await
-        .unwrap();
+    h2raw::handshake(&mut tcp, &[]).await;
     for stream in [1, 3, 5] {
-        tcp.write_all(&frames::open_request(stream)).await.unwrap();
+        tcp.write_all(&open_request(stream)).await.unwrap();
     }
-    let refusal = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let (kind, _, stream, payload) = frames::read(&mut tcp).await.unwrap();
-            match kind {
-                frames::RST_STREAM if stream == 5 => return frames::code(&payload, 0),
-                frames::GOAWAY => return frames::code(&payload, 4),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the third stream was neither refused nor the connection closed");
-    assert_eq!(refusal, frames::REFUSED_STREAM);
+    let refusal = h2raw::cut_off(&mut tcp, PATIENCE)
+        .await
+        .expect("the third stream was neither refused nor the connection closed");
+    assert_eq!(refusal, h2raw::Cut::Reset(5, h2raw::REFUSED_STREAM));
 
     // Another client on the same listener is served meanwhile.
     served(proxy.outbound).await;
@@ -367,7 +302,7 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
 
     // Outbound: part of the HTTP/2 preface, then nothing.
     let mut dribble = TcpStream::connect(client.outbound).await.unwrap();
-    dribble.write_all(&frames::PREFACE[..10]).await.unwrap();
+    dribble.write_all(&h2raw::PREFACE[..10]).await.unwrap();
     // HTTP/1: a request head that never ends.
     let mut slow_head = TcpStream::connect(client.outbound).await.unwrap();
     slow_head
@@ -381,7 +316,7 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     let mut after_tls = tls_to(client_config(&store, SERVER_ID).unwrap(), server.inbound)
         .await
         .unwrap();
-    after_tls.write_all(&frames::PREFACE[..10]).await.unwrap();
+    after_tls.write_all(&h2raw::PREFACE[..10]).await.unwrap();
     after_tls.flush().await.unwrap();
 
     // Well-behaved clients are served, directly and through the mesh.

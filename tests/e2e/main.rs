@@ -11,6 +11,7 @@ mod control_hardening;
 mod gamma;
 mod grpc;
 mod hardening;
+mod hostile;
 mod http;
 mod identity;
 mod inject;

@@ -192,6 +192,7 @@ where
                             load: s.load,
                             span: s.span,
                             pending_status: false,
+                            stall: None,
                         })
                     }
                     Ok(Err(error)) => Err(Failed {

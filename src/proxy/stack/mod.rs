@@ -56,6 +56,7 @@ use tower::{Service, ServiceBuilder};
 use crate::http::body::ProxyBody;
 use crate::http::error::ProxyError;
 use crate::http::headers::Wire;
+use crate::http::request_body::BodyStall;
 use crate::http::upstream::PlainUpstream;
 use crate::policy::backend::{Backend, Endpoint};
 use crate::policy::inbound::InboundLimits;
@@ -188,6 +189,9 @@ pub struct Attempted {
     pub span: Option<SpanRecord>,
     /// Outlier detection waits for a gRPC status in trailers.
     pub pending_status: bool,
+    /// The caller's request body, whose stall (not the endpoint) is to
+    /// blame if the response then breaks off.
+    pub stall: Option<BodyStall>,
 }
 
 /// An attempt that ended without a response head.

@@ -4,7 +4,9 @@
 //! read early by the retry layer, or, once the response is passed on, from
 //! the trailers at the end of its body (the attempt's observer of
 //! `http::end`, which also releases its in-flight count and ends its span).
-//! The call's deadline never counts against the endpoint.
+//! The call's deadline never counts against the endpoint, nor does a
+//! response broken off because the caller's request body stalled past the
+//! body read timeout.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +26,7 @@ use super::{Attempted, Deadline, Failed, Routed};
 use crate::http::body::ProxyBody;
 use crate::http::end::{Ending, OnEnd, ResponseEnd, StreamDeadline, grpc_status, observe, watch};
 use crate::http::error::ProxyError;
+use crate::http::request_body::BodyStall;
 use crate::policy::backend::{Backend, Endpoint};
 use crate::resilience::balancer::LoadGuard;
 use crate::resilience::outlier::Outcome;
@@ -73,6 +76,7 @@ where
     fn call(&mut self, routed: Routed) -> Self::Future {
         OutlierFuture {
             grpc: routed.ctx.grpc,
+            stall: routed.req.extensions().get::<BodyStall>().cloned(),
             fut: self.inner.call(routed),
             backend: self.backend,
         }
@@ -85,6 +89,7 @@ pin_project! {
         fut: F,
         backend: &'a Backend,
         grpc: bool,
+        stall: Option<BodyStall>,
     }
 }
 
@@ -115,6 +120,7 @@ where
                     Some(outcome) => this.backend.observe(&attempted.endpoint, outcome, now),
                     None => attempted.pending_status = true,
                 }
+                attempted.stall = this.stall.take();
                 Ok(attempted)
             }
             Err(failed) => {
@@ -153,6 +159,7 @@ impl Attempted {
             load,
             span,
             pending_status,
+            stall,
         } = self;
         let guard = AttemptGuard {
             backend: backend.clone(),
@@ -160,6 +167,7 @@ impl Attempted {
             _load: load,
             pending_status,
             span,
+            stall,
         };
         let deadline = deadline.map(|d| StreamDeadline {
             sleep: Box::pin(tokio::time::sleep_until(d.at)),
@@ -179,6 +187,7 @@ struct AttemptGuard {
     pending_status: bool,
     /// The attempt's span, ended (exported) with the body.
     span: Option<SpanRecord>,
+    stall: Option<BodyStall>,
 }
 
 impl OnEnd for AttemptGuard {
@@ -205,6 +214,8 @@ impl OnEnd for AttemptGuard {
                 let outcome = end.trailers_grpc.map_or(SERVER_FAILURE, grpc_outcome);
                 self.backend.observe(&self.endpoint, outcome, now);
             }
+            // The caller's body stalled and the exchange was cut for it.
+            Ending::Failed if self.stall.as_ref().and_then(BodyStall::expired).is_some() => {}
             Ending::Failed => self.backend.observe(&self.endpoint, GATEWAY_FAILURE, now),
             Ending::DeadlineExceeded => {
                 self.backend.metrics.request_timeouts.inc();

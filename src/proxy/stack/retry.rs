@@ -27,6 +27,7 @@ use crate::http::body::ProxyBody;
 use crate::http::end::grpc_status;
 use crate::http::error::ProxyError;
 use crate::http::replay::ReplayBody;
+use crate::http::request_body::BodyStall;
 use crate::policy::backend::Backend;
 use crate::policy::routing::Rule;
 use crate::proxy::retry::{Answered, Decision, Deliver, Outcome, Pushback, RetryPolicy};
@@ -156,14 +157,19 @@ pin_project! {
     }
 }
 
-/// A copy of a request head for another attempt (extensions are not
-/// carried: nothing upstream reads them).
+/// A copy of a request head for another attempt. Of the extensions only
+/// the body's stall is carried (the pool reads it to tell a caller's
+/// stalled body from an endpoint's failure); nothing else upstream reads
+/// them.
 fn clone_parts(parts: &Parts) -> Parts {
     let mut head = Request::new(());
     *head.method_mut() = parts.method.clone();
     *head.uri_mut() = parts.uri.clone();
     *head.version_mut() = parts.version;
     *head.headers_mut() = parts.headers.clone();
+    if let Some(stall) = parts.extensions.get::<BodyStall>() {
+        head.extensions_mut().insert(stall.clone());
+    }
     head.into_parts().0
 }
 

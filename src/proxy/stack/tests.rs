@@ -458,6 +458,7 @@ impl Service<Attempt> for Script {
                     endpoint: ep,
                     span: None,
                     pending_status: false,
+                    stall: None,
                 })
             }
             Err(()) => Err(Failed {

@@ -9,6 +9,7 @@
 
 pub mod chaos;
 pub mod echo;
+pub mod h2raw;
 pub mod http;
 pub mod issuer;
 pub mod k8s;
