@@ -12,7 +12,9 @@
 //!
 //! The wrapper also enforces a call's deadline while the response streams
 //! (a gRPC caller gets `DEADLINE_EXCEEDED` in trailers, an HTTP caller a
-//! reset stream) and replays a frame read early to decide on a retry.
+//! reset stream), ends a gRPC response whose upstream fails mid-stream with
+//! `UNAVAILABLE` in trailers (an HTTP caller gets the broken body), and
+//! replays a frame read early to decide on a retry.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,7 +27,7 @@ use pylon_proto::policy::GrpcCode;
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
-use super::error::{ProxyError, X_PYLON_ERROR, percent_encode_grpc_message};
+use super::error::{ProxyError, X_PYLON_ERROR, is_grpc, percent_encode_grpc_message};
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +125,9 @@ pub fn observe(mut resp: Response<ProxyBody>, observer: Box<dyn OnEnd>) -> Respo
         body.observers.push(observer);
         return resp;
     }
-    let mut resp = watch(resp, None, None, false);
+    // The observer does not know the request; a gRPC response says so.
+    let grpc = is_grpc(resp.headers());
+    let mut resp = watch(resp, None, None, grpc);
     if let ProxyBody::End(body) = resp.body_mut() {
         body.observers.push(observer);
     }
@@ -131,8 +135,9 @@ pub fn observe(mut resp: Response<ProxyBody>, observer: Box<dyn OnEnd>) -> Respo
 }
 
 /// Wraps `resp` to watch it to its end: `peeked` (a frame read early) is
-/// passed on first, and `deadline` applies while it streams (told in
-/// trailers when `grpc`). Observers are added with [`observe`].
+/// passed on first, and `deadline` applies while it streams; when `grpc`,
+/// the deadline and an upstream failure are told in trailers. Observers are
+/// added with [`observe`].
 pub fn watch(
     resp: Response<ProxyBody>,
     peeked: Option<Frame<Bytes>>,
@@ -198,9 +203,24 @@ impl EndBody {
         t.insert(X_PYLON_ERROR, HeaderValue::from_static(DEADLINE_EXCEEDED));
         t
     }
+
+    fn failure_trailers(error: &BoxError) -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(GrpcCode::Unavailable.as_u8())),
+        );
+        let message = format!("pylon: the upstream failed while the response streamed: {error}");
+        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
+            t.insert("grpc-message", v);
+        }
+        t.insert(X_PYLON_ERROR, HeaderValue::from_static(UPSTREAM_FAILED));
+        t
+    }
 }
 
 const DEADLINE_EXCEEDED: &str = "deadline-exceeded";
+const UPSTREAM_FAILED: &str = "upstream-failed";
 
 impl Body for EndBody {
     type Data = Bytes;
@@ -243,6 +263,16 @@ impl Body for EndBody {
             Poll::Ready(None) => {
                 this.finish(Ending::Complete);
                 Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) if this.grpc => {
+                // A gRPC caller always gets a status: a reset stream would
+                // reach it as INTERNAL or CANCELLED, not as the
+                // unavailability it is.
+                this.inner = ProxyBody::Empty;
+                this.end.trailers_grpc = Some(GrpcCode::Unavailable);
+                this.end.error = Some(UPSTREAM_FAILED);
+                this.finish(Ending::Failed);
+                Poll::Ready(Some(Ok(Frame::trailers(Self::failure_trailers(&e)))))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish(Ending::Failed);
@@ -325,6 +355,25 @@ mod tests {
         }
     }
 
+    /// A message, then the upstream fails.
+    struct Failing(bool);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Ready(Some(Err("connection reset".into())))
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"msg")))))
+            }
+        }
+    }
+
     fn grpc_body() -> ProxyBody {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static("14"));
@@ -388,6 +437,46 @@ mod tests {
         assert_eq!(end.ending, Ending::Complete);
         assert_eq!(end.head_grpc, Some(e.grpc_code()));
         assert_eq!(end.error, Some(e.code()));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_failure_mid_stream_ends_a_grpc_response_with_unavailable() {
+        let seen = recorded();
+        let mut resp = Response::new(ProxyBody::boxed(Failing(false)));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        let resp = observe(resp, Box::new(Record(seen.clone(), 1)));
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().unwrap().clone();
+        assert_eq!(grpc_status(&trailers), Some(GrpcCode::Unavailable));
+        assert_eq!(trailers[X_PYLON_ERROR], "upstream-failed");
+        assert!(
+            trailers["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("connection reset"),
+            "{trailers:?}"
+        );
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"msg"));
+        let end = seen.lock().unwrap()[0].1;
+        assert_eq!(end.ending, Ending::Failed);
+        assert_eq!(end.grpc_status(), Some(GrpcCode::Unavailable));
+        assert_eq!(end.error, Some("upstream-failed"));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_failure_mid_stream_breaks_an_http_body() {
+        let seen = recorded();
+        let resp = observe(
+            Response::new(ProxyBody::boxed(Failing(false))),
+            Box::new(Record(seen.clone(), 1)),
+        );
+        assert!(resp.into_body().collect().await.is_err());
+        let end = seen.lock().unwrap()[0].1;
+        assert_eq!(end.ending, Ending::Failed);
+        assert_eq!(end.grpc_status(), None);
     }
 
     #[tokio::test(start_paused = true)]

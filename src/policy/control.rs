@@ -14,7 +14,8 @@
 //! installed — the newest policy is the one in force, a revoked permission
 //! stays revoked — but is NACKed with the reason, and the older cache is
 //! removed, so that a restart never silently serves a policy older than
-//! the one that was in force. Reconnects back off exponentially with full
+//! the one that was in force (where even that fails, a read-only
+//! directory, a warning says the older cache stays). Reconnects back off exponentially with full
 //! jitter; HTTP/2 keepalives find a dead control plane.
 //!
 //! Not here: how a snapshot is compiled ([`super::compile`]).
@@ -131,7 +132,20 @@ async fn keep(state_dir: &Path, version: &str, yaml: &str) -> Result<(), String>
             }
             None => {
                 let stale = state_dir.join(CACHE_FILE);
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(stale)).await;
+                let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(stale))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                if let Err(e) = removed
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    // A read-only directory keeps it: say so, since a restart
+                    // while the control plane is unreachable would serve it.
+                    tracing::warn!(
+                        error = %e,
+                        "cannot remove the older policy cache either; it stays, older than the policy in force"
+                    );
+                }
                 return Err(format!(
                     "installed, but not kept in {}: {e} (a restart while the control plane is unreachable would start with no policy)",
                     state_dir.display()

@@ -123,7 +123,7 @@ impl Load {
     }
 }
 
-fn cert_field(config: &serde_json::Value, field: &str) -> String {
+pub(crate) fn cert_field(config: &serde_json::Value, field: &str) -> String {
     match &config["certificate"][field] {
         serde_json::Value::String(s) => s.clone(),
         v => v.to_string(),

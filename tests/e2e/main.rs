@@ -8,6 +8,7 @@ mod common;
 mod authz;
 mod control;
 mod control_hardening;
+mod faults;
 mod gamma;
 mod grpc;
 mod hardening;

@@ -200,10 +200,9 @@ pub async fn start_echo() -> EchoApp {
     start_named_echo("echo").await
 }
 
-/// An Echo server that names itself `name` in `x-served-by`.
-pub async fn start_named_echo(name: &'static str) -> EchoApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+/// The Echo service naming itself `name`, to serve however a test likes,
+/// and the receiver of its stream cancellations.
+pub fn echo_service(name: &'static str) -> (EchoServer<EchoService>, mpsc::UnboundedReceiver<()>) {
     let (tx, cancelled) = mpsc::unbounded_channel();
     let svc = EchoServer::new(EchoService {
         name,
@@ -211,6 +210,14 @@ pub async fn start_named_echo(name: &'static str) -> EchoApp {
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
+    (svc, cancelled)
+}
+
+/// An Echo server that names itself `name` in `x-served-by`.
+pub async fn start_named_echo(name: &'static str) -> EchoApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (svc, cancelled) = echo_service(name);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
