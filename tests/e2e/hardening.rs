@@ -51,6 +51,27 @@ fn direct_policy(app: SocketAddr) -> String {
         + &route_yaml("HTTPRoute", "web", "web.test", &[("app", 1)])
 }
 
+/// A client sidecar that sends `web.test` straight to a new HTTP app, with
+/// extra `env`; keep the app and the directory while the sidecar is used.
+async fn direct_sidecar(
+    name: &str,
+    env: &[(&str, &str)],
+) -> (crate::common::http::HttpApp, TempDir, SidecarProc) {
+    let app = start_http_app().await;
+    let dir = TempDir::new(name);
+    let ca = DevCa::new("pylon test root").unwrap();
+    let proxy = sidecar(
+        &ca,
+        dir.path(),
+        "client",
+        CLIENT_ID,
+        &direct_policy(app.addr),
+        app.addr,
+        env,
+    );
+    (app, dir, proxy)
+}
+
 /// `GET /headers` for `web.test` over a new h2c connection to `addr`.
 async fn served(addr: SocketAddr) -> String {
     let mut client = h2c(addr).await;
@@ -247,18 +268,11 @@ fn open_request(stream: u32) -> Vec<u8> {
 
 #[tokio::test]
 async fn http2_streams_past_the_limit_are_refused_while_another_client_is_served() {
-    let app = start_http_app().await;
-    let dir = TempDir::new("streams");
-    let ca = DevCa::new("pylon test root").unwrap();
-    let proxy = sidecar(
-        &ca,
-        dir.path(),
-        "client",
-        CLIENT_ID,
-        &direct_policy(app.addr),
-        app.addr,
+    let (_app, _dir, proxy) = direct_sidecar(
+        "streams",
         &[("PYLON_CONNECTIONS_MAX_CONCURRENT_STREAMS", "2")],
-    );
+    )
+    .await;
     proxy.wait_ready().await;
 
     let mut tcp = TcpStream::connect(proxy.outbound).await.unwrap();
@@ -361,18 +375,11 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
 
 #[tokio::test]
 async fn connections_past_the_listener_cap_are_closed_at_accept() {
-    let app = start_http_app().await;
-    let dir = TempDir::new("max-connections");
-    let ca = DevCa::new("pylon test root").unwrap();
-    let proxy = sidecar(
-        &ca,
-        dir.path(),
-        "client",
-        CLIENT_ID,
-        &direct_policy(app.addr),
-        app.addr,
+    let (_app, _dir, proxy) = direct_sidecar(
+        "max-connections",
         &[("PYLON_OUTBOUND_MAX_CONNECTIONS", "2")],
-    );
+    )
+    .await;
     proxy.wait_ready().await;
     let get = || {
         Request::get("/headers")
@@ -563,18 +570,7 @@ fn open_fds(pid: u32) -> usize {
 
 #[tokio::test]
 async fn out_of_file_descriptors_a_listener_backs_off_and_every_listener_recovers() {
-    let app = start_http_app().await;
-    let dir = TempDir::new("emfile");
-    let ca = DevCa::new("pylon test root").unwrap();
-    let proxy = sidecar(
-        &ca,
-        dir.path(),
-        "client",
-        CLIENT_ID,
-        &direct_policy(app.addr),
-        app.addr,
-        &[],
-    );
+    let (_app, _dir, proxy) = direct_sidecar("emfile", &[]).await;
     proxy.wait_ready().await;
     served(proxy.outbound).await;
 
