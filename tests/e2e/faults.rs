@@ -135,16 +135,7 @@ async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
 async fn a_grpc_stream_whose_server_dies_ends_with_unavailable_and_the_next_call_is_served() {
     let app = KillableApp::start("127.0.0.1:0".parse().unwrap()).await;
     let mesh = Mesh::start(app.addr).await;
-    let mut echo = echo_client(mesh.client.outbound, "echo.test").await;
-    let mut stream = echo
-        .server_stream(EchoRequest {
-            payload: b"tick".to_vec(),
-            count: u32::MAX,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut echo, mut stream) = endless_stream(mesh.client.outbound).await;
     // In flight through both sidecars.
     assert_eq!(stream.message().await.unwrap().unwrap().payload, b"tick");
 
@@ -160,6 +151,27 @@ async fn a_grpc_stream_whose_server_dies_ends_with_unavailable_and_the_next_call
     let _app = KillableApp::restart(app.addr).await;
     let reply = bounded("the next call", echo.unary(EchoRequest::default())).await;
     assert!(reply.is_ok(), "{reply:?}\n{}", mesh.server.logs());
+}
+
+/// A client of `outbound` and a server stream through it that never ends
+/// by itself (`tick` after `tick`).
+async fn endless_stream(
+    outbound: std::net::SocketAddr,
+) -> (
+    pylon_proto::v1::echo_client::EchoClient<tonic::transport::Channel>,
+    tonic::Streaming<pylon_proto::v1::EchoReply>,
+) {
+    let mut echo = echo_client(outbound, "echo.test").await;
+    let stream = echo
+        .server_stream(EchoRequest {
+            payload: b"tick".to_vec(),
+            count: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (echo, stream)
 }
 
 /// Reads `stream` to its end: the status it ends with (a clean end fails
@@ -181,16 +193,7 @@ async fn status_at_end(stream: &mut tonic::Streaming<pylon_proto::v1::EchoReply>
 async fn a_grpc_stream_whose_peer_sidecar_dies_ends_with_unavailable() {
     let app = start_named_echo("app").await;
     let mesh = Mesh::start(app.addr).await;
-    let mut echo = echo_client(mesh.client.outbound, "echo.test").await;
-    let mut stream = echo
-        .server_stream(EchoRequest {
-            payload: b"tick".to_vec(),
-            count: u32::MAX,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_echo, mut stream) = endless_stream(mesh.client.outbound).await;
     assert_eq!(stream.message().await.unwrap().unwrap().payload, b"tick");
 
     // The server sidecar is killed (SIGKILL): the mTLS connection dies
