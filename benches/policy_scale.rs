@@ -387,7 +387,8 @@ impl Env {
 
 /// Compiles `resources` against the snapshot in `current` and swaps the
 /// result in, as `PolicyStore::apply` does after parsing: the Backend
-/// updates, then the store (which drops the previous snapshot).
+/// updates, then the swap (the previous snapshot retired to the blocking
+/// pool, `policy::retire`).
 fn compile_and_swap(
     env: &Env,
     metrics: &Metrics,
@@ -408,7 +409,7 @@ fn compile_and_swap(
         u.backend.apply(u.config);
         u.backend.set_endpoints(&u.endpoints, &env.dns);
     }
-    current.store(Arc::new(snapshot));
+    pylon::policy::retire(current.swap(Arc::new(snapshot)));
     start.stop()
 }
 
