@@ -122,6 +122,12 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// Removes hop-by-hop fields. Returns whether the caller announced it
 /// accepts trailers (`TE: trailers`), which the next hop must hear again.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // Most messages carry none of them: one pass over the few names present
+    // costs less than a hashed lookup per hop-by-hop name (this runs on
+    // every request and response, in both sidecars).
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return false;
+    }
     let te_trailers = headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')

@@ -188,10 +188,8 @@ impl PolicyStore {
     /// new configuration, then the new snapshot. On any error nothing
     /// changes and every problem is returned.
     ///
-    /// The previous snapshot is dropped off this thread when a runtime is
-    /// at hand: freeing a large policy's many small allocations would
-    /// otherwise hold up the apply (and, on a one-worker sidecar, the
-    /// requests queued behind it).
+    /// The previous snapshot is [`retire`]d: dropped off this thread when
+    /// a runtime is at hand.
     pub fn install(&self, resources: Vec<Resource>, version: String) -> Result<(), Vec<String>> {
         let ctx = compile::CompileContext {
             identity: &self.identity,
@@ -222,7 +220,7 @@ impl PolicyStore {
             last_rejected_version: None,
         };
         drop(status);
-        drop_elsewhere(previous);
+        retire(previous);
         Ok(())
     }
 
@@ -233,14 +231,17 @@ impl PolicyStore {
     }
 }
 
-/// Drops `value` on a blocking thread of the current runtime, or here when
-/// there is none.
-fn drop_elsewhere<T: Send + 'static>(value: T) {
+/// Lets go of a snapshot a newer one replaced. Freeing a large one is many
+/// small deallocations (about half of a 10,000-route reload's CPU): on a
+/// Tokio runtime that is done on its blocking pool, so that neither the
+/// apply nor the requests of a one-worker sidecar wait for it. Requests
+/// still holding parts of it keep those alive as before.
+pub fn retire(previous: Arc<Snapshot>) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
-            runtime.spawn_blocking(move || drop(value));
+            runtime.spawn_blocking(move || drop(previous));
         }
-        Err(_) => drop(value),
+        Err(_) => drop(previous),
     }
 }
 
@@ -279,4 +280,31 @@ pub fn refresh_gauges(policy: &PolicyStore, identity: &IdentityStore) {
     state
         .control_plane_connected
         .set(i64::from(policy.source_state().connected));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_runtime_a_retired_snapshot_is_dropped_at_once() {
+        let snapshot = Arc::new(Snapshot::default());
+        let weak = Arc::downgrade(&snapshot);
+        retire(snapshot);
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[tokio::test]
+    async fn on_a_runtime_a_retired_snapshot_is_dropped_on_the_blocking_pool() {
+        let snapshot = Arc::new(Snapshot::default());
+        let weak = Arc::downgrade(&snapshot);
+        retire(snapshot);
+        for _ in 0..500 {
+            if weak.upgrade().is_none() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        panic!("the retired snapshot is still alive");
+    }
 }

@@ -32,6 +32,16 @@ use std::sync::Arc;
 /// Names the attempt (1 for the first try) on every upstream request.
 pub const X_PYLON_ATTEMPT: &str = "x-pylon-attempt";
 
+/// The value of `x-pylon-attempt`: a static one for the first attempts
+/// (`HeaderValue::from(u32)` allocates, on every request).
+fn attempt_value(n: u32) -> HeaderValue {
+    const FIRST: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match n.checked_sub(1).and_then(|i| FIRST.get(i as usize)) {
+        Some(v) => HeaderValue::from_static(v),
+        None => HeaderValue::from(n),
+    }
+}
+
 #[derive(Clone, Copy)]
 pub struct AttemptLayer<'a> {
     rule: &'a Rule,
@@ -84,7 +94,7 @@ where
             .as_ref()
             .map(|t| t.attempt(routed.n, endpoint.addr()));
         let headers = routed.req.headers_mut();
-        headers.insert(X_PYLON_ATTEMPT, HeaderValue::from(routed.n));
+        headers.insert(X_PYLON_ATTEMPT, attempt_value(routed.n));
         if let Some(span) = &span {
             headers.insert(TRACEPARENT, span.traceparent());
         }
@@ -221,6 +231,18 @@ where
                     }
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_values_are_the_attempt_number() {
+        for n in [1, 2, 9, 10, 11, 123] {
+            assert_eq!(attempt_value(n), HeaderValue::from(n), "{n}");
         }
     }
 }
