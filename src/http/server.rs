@@ -560,10 +560,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_h2_preface_and_a_frame_header_count_as_speaking() {
-        let activity = Arc::new(Activity::new(Instant::now()));
-        let mut io = FirstBytes {
+    /// A connection's first-bytes watch over no I/O, reporting to `activity`.
+    fn first_bytes(activity: &Arc<Activity>) -> FirstBytes<()> {
+        FirstBytes {
             io: (),
             activity: activity.clone(),
             read: 0,
@@ -571,7 +570,13 @@ mod tests {
                 WRITE_STALL_LIMIT,
                 Metrics::new().listener_limits("outbound"),
             ),
-        };
+        }
+    }
+
+    #[test]
+    fn the_h2_preface_and_a_frame_header_count_as_speaking() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let mut io = first_bytes(&activity);
         io.watch(&H2_PREFACE[..10]);
         io.watch(&H2_PREFACE[10..]);
         assert!(!activity.spoke.load(Ordering::Acquire), "a preface alone");
@@ -579,15 +584,7 @@ mod tests {
         assert!(activity.spoke.load(Ordering::Acquire));
 
         let activity = Arc::new(Activity::new(Instant::now()));
-        let mut io = FirstBytes {
-            io: (),
-            activity: activity.clone(),
-            read: 0,
-            stall: WriteStall::new(
-                WRITE_STALL_LIMIT,
-                Metrics::new().listener_limits("outbound"),
-            ),
-        };
+        let mut io = first_bytes(&activity);
         io.watch(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n0123456789");
         assert_eq!(io.read, usize::MAX);
         assert!(

@@ -236,7 +236,7 @@ impl PolicyStore {
 /// Tokio runtime that is done on its blocking pool, so that neither the
 /// apply nor the requests of a one-worker sidecar wait for it. Requests
 /// still holding parts of it keep those alive as before.
-pub fn retire(previous: Arc<Snapshot>) {
+fn retire(previous: Arc<Snapshot>) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             runtime.spawn_blocking(move || drop(previous));

@@ -147,13 +147,7 @@ async fn mesh_tls_is_1_3_only() {
         tls.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = crate::common::http::h2_over(tls).await.unwrap();
     let resp = sender
         .send_request(
             Request::get("https://web.test/headers")

@@ -28,7 +28,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use pylon::identity::dev::DevCa;
 use pylon::identity::tls::client_config;
@@ -41,7 +40,7 @@ use tokio::sync::oneshot;
 use crate::common::control::ControlProc;
 use crate::common::echo::{EchoApp, start_echo};
 use crate::common::h2raw::{self, Cut};
-use crate::common::http::{HttpApp, empty, full, start_http_app, text};
+use crate::common::http::{HttpApp, empty, full, h2_over, start_http_app, text};
 use crate::common::{
     CLIENT_ID, PATIENCE, PYLON, PYLON_CONTROL, SERVER_ID, SidecarProc, TempDir, backend_yaml,
     eventually, sidecar_config,
@@ -264,11 +263,7 @@ impl Fixture {
             return;
         }
         let io = self.connect(l).await;
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut sender = h2_over(io).await.unwrap();
         let scheme = if l == Outbound { "http" } else { "https" };
         let resp = sender
             .send_request(
@@ -798,13 +793,7 @@ async fn absurd_grpc_timeouts_are_ignored_or_bounded_as_documented() {
                 io,
                 move |io, s| async move {
                     let _ = s.send(());
-                    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-                        TokioExecutor::new(),
-                        TokioIo::new(io),
-                    )
-                    .await
-                    .unwrap();
-                    tokio::spawn(conn);
+                    let mut sender = h2_over(io).await.unwrap();
                     let resp = sender
                         .send_request(
                             Request::get("https://web.test/headers")
@@ -859,11 +848,7 @@ async fn an_8_mib_body_with_retries_on_goes_through_once_with_memory_bounded() {
         let scheme = if l == Outbound { "http" } else { "https" };
         let echoed = f
             .under_attack("8 MiB body, retries on", l, io, move |io, s| async move {
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                let mut sender = h2_over(io).await.unwrap();
                 let _ = s.send(());
                 let resp = sender
                     .send_request(
@@ -971,11 +956,7 @@ async fn an_inbound_connection_flood_past_the_cap_is_closed_and_the_slots_come_b
     // The slots the flood held come back: a mesh client is served.
     eventually("a mesh client served after the flood", async || {
         let io = f.connect(Inbound).await;
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        let mut sender = h2_over(io).await.map_err(|e| e.to_string())?;
         let resp = sender
             .send_request(
                 Request::get("https://web.test/headers")

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use pylon::identity::dev::DevCa;
 use pylon::identity::tls::client_config;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 use crate::common::echo::{echo_client, start_echo};
-use crate::common::http::{empty, start_http_app, text};
+use crate::common::http::{empty, h2_over, start_http_app, text};
 use crate::common::{CLIENT_ID, Mesh, SERVER_ID, TempDir, client_sidecar, server_sidecar};
 
 /// Sends one HTTP/2 request over TLS with `config` to `addr`.
@@ -27,9 +27,7 @@ async fn h2_over_tls(
     let tls = TlsConnector::from(config)
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
+    let mut sender = h2_over(tls).await?;
     let req = Request::get("https://web.test/headers").body(empty())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
@@ -97,9 +95,7 @@ async fn a_plaintext_client_is_refused() {
         .await
         .unwrap();
     let outcome = async {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
+        let mut sender = h2_over(tcp).await?;
         sender
             .send_request(Request::get("http://web.test/headers").body(empty())?)
             .await?;

@@ -172,8 +172,17 @@ pub async fn try_h2c(
     addr: SocketAddr,
 ) -> anyhow::Result<hyper::client::conn::http2::SendRequest<Body>> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
+    Ok(h2_over(tcp).await?)
+}
+
+/// An HTTP/2 client over `io` (plaintext or TLS), its connection driven
+/// by a task of its own.
+pub async fn h2_over<IO>(io: IO) -> hyper::Result<hyper::client::conn::http2::SendRequest<Body>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(sender)
 }
