@@ -79,16 +79,37 @@ fn usable_request_id(v: &HeaderValue) -> bool {
 
 /// The request ID of `headers`; generated and inserted (replacing what the
 /// caller sent) when absent, repeated, or not [`usable_request_id`].
+///
+/// The field sent on is marked never-indexed ([`unique_per_request`]).
 fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     let mut ids = headers.get_all(X_REQUEST_ID).iter();
     match (ids.next(), ids.next()) {
-        (Some(v), None) if usable_request_id(v) => v.clone(),
+        (Some(v), None) if usable_request_id(v) => {
+            let id = v.clone();
+            if let Some(sent) = headers.get_mut(X_REQUEST_ID) {
+                sent.set_sensitive(true);
+            }
+            id
+        }
         _ => {
             let id = new_request_id();
-            headers.insert(X_REQUEST_ID, id.clone());
+            headers.insert(X_REQUEST_ID, unique_per_request(id.clone()));
             id
         }
     }
+}
+
+/// A header value that differs on every request (`x-request-id`,
+/// `traceparent`), marked so that HPACK sends it as a never-indexed
+/// literal. Indexed, each one would be added to both ends' dynamic tables
+/// only to push out the fields that do repeat (`:authority`,
+/// `content-type`, ...), which then go out in full again; and every
+/// request's lookup would walk the chain of earlier IDs under the same
+/// name, comparing values. (The flag only changes the HTTP/2 encoding:
+/// HTTP/1 writes the value as it is.)
+pub fn unique_per_request(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// The service and method of a gRPC path (`/pkg.Service/Method`).
@@ -489,10 +510,17 @@ mod tests {
     fn a_present_request_id_is_kept() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
-        assert_eq!(request_id(&mut h), "abc");
-        let mut h = HeaderMap::new();
-        let id = request_id(&mut h);
-        assert_eq!(h[X_REQUEST_ID], id);
+        let kept = request_id(&mut h);
+        assert_eq!(kept, "abc");
+        let mut h2 = HeaderMap::new();
+        let id = request_id(&mut h2);
+        assert_eq!(h2[X_REQUEST_ID], id);
+        // Sent on as never-indexed (HPACK); the scope's copy, which logs
+        // and error answers show, is a plain value.
+        for (sent, own) in [(&h[X_REQUEST_ID], &kept), (&h2[X_REQUEST_ID], &id)] {
+            assert!(sent.is_sensitive());
+            assert!(!own.is_sensitive());
+        }
     }
 
     #[test]

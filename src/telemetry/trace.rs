@@ -69,7 +69,9 @@ impl TraceParent {
             span_id: u64::from_be_bytes(self.span_id.to_bytes()),
             sampled: self.sampled,
         };
-        HeaderValue::from_bytes(&w3c.encode()).unwrap_or(HeaderValue::from_static(""))
+        super::request_scope::unique_per_request(
+            HeaderValue::from_bytes(&w3c.encode()).unwrap_or(HeaderValue::from_static("")),
+        )
     }
 }
 
@@ -359,6 +361,7 @@ mod tests {
         assert_eq!(p.span_id, SpanId::from(0x00f067aa0ba902b7u64));
         assert!(p.sampled);
         assert_eq!(p.header(), v);
+        assert!(p.header().is_sensitive(), "never indexed: new on every hop");
         let unsampled = TraceParent {
             sampled: false,
             ..p
