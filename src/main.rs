@@ -96,14 +96,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime: tokio's multi-thread scheduler, with its worker count
+/// (`TOKIO_WORKER_THREADS`, else the CPUs available to the process) — or,
+/// when that count is one, the current-thread scheduler. One worker has no
+/// one to share tasks with, and the current-thread scheduler skips the
+/// work-stealing bookkeeping (shared queues, idle-worker wake-ups) that
+/// every task of a one-worker multi-thread runtime still pays for; the
+/// blocking pool is the same in both (docs/performance.md).
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("pylon: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        })
+    let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(v) => v.trim().parse::<usize>().ok(),
+        Err(_) => std::thread::available_parallelism()
+            .ok()
+            .map(std::num::NonZeroUsize::get),
+    };
+    let mut builder = if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("pylon: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn run_proxy(config: Config) -> ExitCode {

@@ -324,7 +324,7 @@ impl Sidecar {
             move |tcp, peer, drain| inbound.clone().serve(tcp, peer, drain),
         );
         state.listening.store(true, Ordering::Release);
-        tracing::info!("serving");
+        tracing::info!(runtime = %runtime_description(), "serving");
         Ok(Sidecar {
             addrs,
             policy,
@@ -487,5 +487,15 @@ impl Drop for Sidecar {
         for task in &self.background {
             task.abort();
         }
+    }
+}
+
+/// The scheduler the sidecar runs on, for its start-up log:
+/// `current-thread`, or `multi-thread, N workers`.
+fn runtime_description() -> String {
+    let rt = tokio::runtime::Handle::current();
+    match rt.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread".to_string(),
+        _ => format!("multi-thread, {} workers", rt.metrics().num_workers()),
     }
 }

@@ -272,3 +272,76 @@ async fn application_statuses_are_not_the_meshs() {
         assert!(resp.headers().get("x-pylon-error").is_none());
     }
 }
+
+/// With one worker (`TOKIO_WORKER_THREADS=1`) a sidecar runs tokio's
+/// current-thread scheduler; with more, the multi-thread one. A mesh of one
+/// of each serves concurrent h2c streams and HTTP/1.1 connections, each
+/// answered with its own request.
+#[tokio::test]
+async fn a_one_worker_sidecar_runs_on_the_current_thread_scheduler_and_serves_concurrent_calls() {
+    use crate::common::{SERVER_ID, client_sidecar_with_env, mesh_policy, server_sidecar_with_env};
+
+    let app = start_http_app().await;
+    let dir = crate::common::TempDir::new("one-worker");
+    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
+    let server = server_sidecar_with_env(
+        &ca,
+        dir.path(),
+        "server",
+        SERVER_ID,
+        app.addr,
+        &[("TOKIO_WORKER_THREADS", "2")],
+    );
+    let (client, _policy) = client_sidecar_with_env(
+        &ca,
+        dir.path(),
+        "client",
+        CLIENT_ID,
+        &mesh_policy(server.inbound),
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    server.wait_ready().await;
+    client.wait_ready().await;
+    client.wait_log("runtime=current-thread").await;
+    server.wait_log("runtime=multi-thread, 2 workers").await;
+
+    let h2 = h2c(client.outbound).await;
+    let streams = (0..64).map(|i| {
+        let mut h2 = h2.clone();
+        tokio::spawn(async move {
+            let req = Request::get("http://web.test/headers")
+                .header("x-call", format!("stream-{i}"))
+                .body(empty())
+                .unwrap();
+            let resp = h2.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            (i, text(resp).await)
+        })
+    });
+    let connections = (0..8).map(|i| {
+        let outbound = client.outbound;
+        tokio::spawn(async move {
+            let mut conn = http1(outbound).await;
+            let mut req = get("/headers", "web.test");
+            req.headers_mut()
+                .insert("x-call", format!("connection-{i}").parse().unwrap());
+            let resp = conn.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            (i + 1000, text(resp).await)
+        })
+    });
+    let tasks: Vec<_> = streams.chain(connections).collect();
+    assert_eq!(tasks.len(), 72);
+    for task in tasks {
+        let (i, body) = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+        let own = if i < 1000 {
+            format!("x-call: stream-{i}")
+        } else {
+            format!("x-call: connection-{}", i - 1000)
+        };
+        assert!(
+            body.lines().any(|l| l == own),
+            "call {i} got another's answer: {body}"
+        );
+    }
+}

@@ -56,12 +56,24 @@ pub fn server_sidecar(
     id: &str,
     app: SocketAddr,
 ) -> SidecarProc {
+    server_sidecar_with_env(ca, dir, name, id, app, &[])
+}
+
+/// [`server_sidecar`], with `env` set for the process.
+pub fn server_sidecar_with_env(
+    ca: &DevCa,
+    dir: &Path,
+    name: &str,
+    id: &str,
+    app: SocketAddr,
+    env: &[(&str, &str)],
+) -> SidecarProc {
     let files = ca.write_identity(dir, name, id).unwrap();
     let policy = dir.join(format!("{name}-policy.yaml"));
     std::fs::write(&policy, "").unwrap();
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, sidecar_config(&files, &policy, app)).unwrap();
-    SidecarProc::spawn(PYLON, &cfg)
+    SidecarProc::spawn_with_env(PYLON, &cfg, env)
 }
 
 /// Starts a client-side sidecar (identity [`CLIENT_ID`]) with `policy`;
@@ -79,13 +91,25 @@ pub fn client_sidecar_as(
     id: &str,
     policy: &str,
 ) -> (SidecarProc, PathBuf) {
+    client_sidecar_with_env(ca, dir, name, id, policy, &[])
+}
+
+/// [`client_sidecar_as`], with `env` set for the process.
+pub fn client_sidecar_with_env(
+    ca: &DevCa,
+    dir: &Path,
+    name: &str,
+    id: &str,
+    policy: &str,
+    env: &[(&str, &str)],
+) -> (SidecarProc, PathBuf) {
     let files = ca.write_identity(dir, name, id).unwrap();
     let policy_path = dir.join(format!("{name}-policy.yaml"));
     std::fs::write(&policy_path, policy).unwrap();
     let unused_app: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, sidecar_config(&files, &policy_path, unused_app)).unwrap();
-    (SidecarProc::spawn(PYLON, &cfg), policy_path)
+    (SidecarProc::spawn_with_env(PYLON, &cfg, env), policy_path)
 }
 
 /// Two sidecars with mTLS between them: `client` (outbound side) and
