@@ -9,17 +9,20 @@
 //! offers nothing newer than 1.2 fails the handshake.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
+    Tls12ClientSessionValue, Tls13ClientSessionValue, verify_server_cert_signed_by_trust_anchor,
+};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, NamedGroup,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -120,7 +123,64 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver(store.clone())));
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = Resumption::store(Arc::new(LazySessions::default()));
     Ok(Arc::new(config))
+}
+
+/// Sessions kept per client config, as rustls's default.
+const SESSIONS_PER_CONFIG: usize = 256;
+
+/// rustls's in-memory session cache, allocated when the first session (or
+/// key exchange hint) is stored rather than with the config: a policy
+/// builds one client config per expected identity — a thousand in a large
+/// one — and most connect late or never.
+#[derive(Debug, Default)]
+struct LazySessions(OnceLock<ClientSessionMemoryCache>);
+
+impl LazySessions {
+    fn cache(&self) -> &ClientSessionMemoryCache {
+        self.0
+            .get_or_init(|| ClientSessionMemoryCache::new(SESSIONS_PER_CONFIG))
+    }
+}
+
+impl ClientSessionStore for LazySessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.cache().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.0.get()?.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.cache().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.0.get()?.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        if let Some(cache) = self.0.get() {
+            cache.remove_tls12_session(server_name);
+        }
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.cache().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.0.get()?.take_tls13_ticket(server_name)
+    }
 }
 
 /// Presents the store's current certificate as a client (to the control
@@ -277,5 +337,81 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.store.signature_algorithms().supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+
+    use super::*;
+    use crate::identity::dev::DevCa;
+
+    const SERVER_ID: &str = "spiffe://pylon.local/ns/default/sa/server";
+    const CLIENT_ID: &str = "spiffe://pylon.local/ns/default/sa/client";
+
+    fn peer() -> ServerName<'static> {
+        ServerName::IpAddress(IpAddr::from([10, 0, 0, 1]).into())
+    }
+
+    /// Moves TLS records between the two ends until neither has more.
+    fn exchange(client: &mut ClientConnection, server: &mut ServerConnection) {
+        let mut buf = Vec::new();
+        for _ in 0..10 {
+            buf.clear();
+            client.write_tls(&mut buf).unwrap();
+            let mut moved = !buf.is_empty();
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                server.read_tls(&mut rd).unwrap();
+            }
+            server.process_new_packets().unwrap();
+            buf.clear();
+            server.write_tls(&mut buf).unwrap();
+            moved |= !buf.is_empty();
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).unwrap();
+            }
+            client.process_new_packets().unwrap();
+            if !moved && !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_configs_session_cache_is_made_at_the_first_stored_session() {
+        let sessions = LazySessions::default();
+        assert_eq!(sessions.kx_hint(&peer()), None);
+        assert!(sessions.tls12_session(&peer()).is_none());
+        assert!(sessions.take_tls13_ticket(&peer()).is_none());
+        sessions.remove_tls12_session(&peer());
+        assert!(sessions.0.get().is_none(), "reading allocates nothing");
+        sessions.set_kx_hint(peer(), NamedGroup::X25519);
+        assert!(sessions.0.get().is_some());
+        assert_eq!(sessions.kx_hint(&peer()), Some(NamedGroup::X25519));
+    }
+
+    #[test]
+    fn a_mesh_client_config_resumes_its_sessions() {
+        let ca = DevCa::new("tls test").unwrap();
+        let server = server_config(&ca.identity_store(SERVER_ID, &[&ca]).unwrap()).unwrap();
+        let client =
+            client_config(&ca.identity_store(CLIENT_ID, &[&ca]).unwrap(), SERVER_ID).unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut c = ClientConnection::new(client.clone(), peer()).unwrap();
+            let mut s = ServerConnection::new(server.clone()).unwrap();
+            exchange(&mut c, &mut s);
+            assert_eq!(c.alpn_protocol(), Some(&b"h2"[..]));
+            kinds.push(c.handshake_kind());
+        }
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]
+        );
     }
 }

@@ -121,11 +121,11 @@ impl Drop for Backend {
 impl Backend {
     /// A backend with no endpoint yet; [`Backend::apply`] configures it.
     pub fn new(name: Arc<str>, config: BackendConfig, metrics: &Metrics) -> Arc<Backend> {
+        let backend_metrics = metrics.backend(&name);
         let backend = Arc::new(Backend {
-            metrics: metrics.backend(&name),
             budget: RetryBudget::new(config.retry_budget),
             admission: {
-                let a = Admission::new(name.clone(), metrics.backend(&name));
+                let a = Admission::new(name.clone(), backend_metrics.clone());
                 a.configure(
                     config.rate_limit,
                     config.circuit_breaker.max_parallel_requests,
@@ -142,6 +142,7 @@ impl Backend {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             dns_watch: Mutex::new(None),
+            metrics: backend_metrics,
             name,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

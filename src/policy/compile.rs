@@ -23,7 +23,7 @@ use crate::identity::{IdentityStore, tls};
 use crate::policy::authz::Authorization;
 use crate::policy::backend::{Backend, BackendConfig, EndpointSource};
 use crate::policy::routing::{
-    ClusterDns, Matcher, RouteHosts, RouteMetrics, RouteTable, Rule, RulePolicy,
+    ClusterDns, Entry, Map, Matcher, RouteHosts, RouteMetrics, RouteTable, Rule, RulePolicy,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -128,18 +128,28 @@ pub fn compile(
         }
     }
 
-    let mut routes = RouteTable::default();
     let mut ordered: Vec<&Resource> = resources
         .iter()
         .filter(|r| matches!(r.spec, Spec::GrpcRoute(_) | Spec::HttpRoute(_)))
         .collect();
+    let mut routes =
+        RouteTable::with_capacity(ordered.len(), ordered.iter().map(|r| hosts_of(r)).sum());
+    // The Backends by `namespace/name` again, hashed: routes look up every
+    // backendRef (tens of thousands in a large policy), faster than in the
+    // ordered map.
+    let by_key: Map<&str, &Arc<Backend>> = backends.iter().map(|(k, b)| (k.as_str(), b)).collect();
     ordered.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
+    let mut key = String::new();
     for r in ordered {
         let result = match &r.spec {
-            Spec::GrpcRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx),
-            Spec::HttpRoute(spec) => add_route(&mut routes, r, spec, &backends, ctx),
+            Spec::GrpcRoute(spec) => {
+                add_route(&mut routes, r, spec, &by_key, &prev.routes, ctx, &mut key)
+            }
+            Spec::HttpRoute(spec) => {
+                add_route(&mut routes, r, spec, &by_key, &prev.routes, ctx, &mut key)
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -159,6 +169,17 @@ pub fn compile(
         inbound,
     };
     Ok((snapshot, updates))
+}
+
+/// How many hostnames (and Service names, five per parent) a route
+/// indexes, to size the route table.
+fn hosts_of(r: &Resource) -> usize {
+    let (hostnames, parents) = match &r.spec {
+        Spec::GrpcRoute(spec) => (spec.hostnames.len(), spec.parent_refs.len()),
+        Spec::HttpRoute(spec) => (spec.hostnames.len(), spec.parent_refs.len()),
+        _ => (0, 0),
+    };
+    hostnames + 5 * parents
 }
 
 /// Where a Backend's endpoints come from. A Service is named by its fully
@@ -214,17 +235,22 @@ fn backend_config(
     })
 }
 
+/// The Backends `refs` name, with their weights. `key` is scratch space
+/// for the `namespace/name` keys, reused across calls.
 fn resolve_refs(
     refs: &[BackendRef],
     namespace: &str,
-    backends: &BTreeMap<String, Arc<Backend>>,
+    backends: &Map<&str, &Arc<Backend>>,
+    key: &mut String,
 ) -> Result<Vec<(u32, Arc<Backend>)>, String> {
     refs.iter()
         .map(|br| {
             let ns = br.namespace.as_deref().unwrap_or(namespace);
+            key.clear();
+            key.extend([ns, "/", br.name.as_str()]);
             backends
-                .get(&format!("{ns}/{}", br.name))
-                .map(|b| (br.weight, b.clone()))
+                .get(key.as_str())
+                .map(|b| (br.weight, Arc::clone(b)))
                 .ok_or_else(|| format!("no Backend \"{}\" in namespace \"{ns}\"", br.name))
         })
         .collect()
@@ -298,12 +324,17 @@ impl RouteMatch for HttpRouteMatch {
     }
 }
 
+/// Adds route `r`'s rules to `routes`. Its metric handles start from the
+/// same route's in `prev` (the previous snapshot's table, compiled with
+/// the same metrics), and are kept in `routes` for the next compile.
 fn add_route<M: RouteMatch>(
     routes: &mut RouteTable,
     r: &Resource,
     spec: &RouteSpec<M>,
-    backends: &BTreeMap<String, Arc<Backend>>,
+    backends: &Map<&str, &Arc<Backend>>,
+    prev: &RouteTable,
     ctx: &CompileContext<'_>,
+    key: &mut String,
 ) -> Result<(), String> {
     let name: Arc<str> = r.display_name().into();
     let route_ns = r.metadata.namespace.as_str();
@@ -312,9 +343,10 @@ fn add_route<M: RouteMatch>(
         (p.name.as_str(), ns, p.port)
     });
     let hosts = RouteHosts::new(&spec.hostnames, parents, ctx.cluster);
-    let mut handles = RouteMetrics::new(name, ctx.metrics);
+    let mut handles = RouteMetrics::reusing(name.clone(), ctx.metrics, prev.series(&name));
+    let mut entries = Vec::with_capacity(spec.rules.iter().map(|r| r.matches.len().max(1)).sum());
     for (i, rule) in spec.rules.iter().enumerate() {
-        let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends)
+        let weighted = resolve_refs(&rule.backend_refs, &r.metadata.namespace, backends, key)
             .map_err(|e| format!("spec.rules[{i}].backendRefs: {e}"))?;
         let policy = RulePolicy {
             timeouts: rule.timeouts,
@@ -323,15 +355,18 @@ fn add_route<M: RouteMatch>(
         };
         let compiled = Arc::new(Rule::of_route(i, weighted, policy, &mut handles));
         if rule.matches.is_empty() {
-            routes.add(&hosts, M::match_all(), vec![], &compiled);
+            entries.push(Entry::new(M::match_all(), vec![], compiled.clone()));
         }
         for (j, m) in rule.matches.iter().enumerate() {
-            let at = format!("spec.rules[{i}].matches[{j}]");
-            let matcher = m.matcher().map_err(|e| format!("{at}.{e}"))?;
-            let headers = compile_headers(m.headers()).map_err(|e| format!("{at}.headers: {e}"))?;
-            routes.add(&hosts, matcher, headers, &compiled);
+            let at = || format!("spec.rules[{i}].matches[{j}]");
+            let matcher = m.matcher().map_err(|e| format!("{}.{e}", at()))?;
+            let headers =
+                compile_headers(m.headers()).map_err(|e| format!("{}.headers: {e}", at()))?;
+            entries.push(Entry::new(matcher, headers, compiled.clone()));
         }
     }
+    routes.add_route(&hosts, entries);
+    routes.keep_series(name, handles.into_series());
     Ok(())
 }
 
@@ -376,5 +411,68 @@ mod tests {
                 port: 1
             }
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_each_routes_series_and_compiles_as_a_first_compile() {
+        use pylon_proto::policy::Kind;
+        use pylon_test_support::policy::{backend, route};
+
+        let ca = crate::identity::dev::DevCa::new("compile test").unwrap();
+        let identity = ca
+            .identity_store("spiffe://pylon.local/ns/default/sa/client", &[&ca])
+            .unwrap();
+        let metrics = Metrics::new();
+        let cluster = ClusterDns::default();
+        let ctx = CompileContext {
+            identity: &identity,
+            metrics: &metrics,
+            service_account: None,
+            cluster: &cluster,
+        };
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let policy = |to: &str| {
+            vec![
+                backend("a", &[addr], None),
+                backend("b", &[addr], None),
+                route(Kind::HttpRoute, "web", "web", &[(to, 1)]),
+                route(Kind::GrpcRoute, "rpc", "rpc", &[("a", 1)]),
+            ]
+        };
+        let (first, _) = compile(policy("a"), "1".into(), &Snapshot::default(), &ctx).unwrap();
+        let (reload, _) = compile(policy("b"), "2".into(), &first, &ctx).unwrap();
+        let (fresh, _) = compile(policy("b"), "3".into(), &Snapshot::default(), &ctx).unwrap();
+
+        let described = |s: &Snapshot| {
+            s.routes
+                .describe()
+                .into_iter()
+                .map(|(host, r)| {
+                    let to: Vec<String> = r
+                        .weighted_backends()
+                        .map(|(w, b)| format!("{w} {}", b.name))
+                        .collect();
+                    (host, r.route.to_string(), r.index, to)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(described(&reload), described(&fresh));
+        assert_eq!(
+            described(&reload)[1],
+            (
+                "web".into(),
+                "HTTPRoute/web".into(),
+                0,
+                vec!["1 Backend/b".into()]
+            )
+        );
+
+        let web = |s: &Snapshot| s.routes.describe()[1].1.clone();
+        web(&first).fault_delays.inc();
+        assert_eq!(web(&reload).fault_delays.get(), 1, "the same series");
+        let b = &reload.backends["default/b"];
+        assert!(web(&reload).requests_to(b).is_some());
+        assert!(reload.routes.series("HTTPRoute/web").is_some());
+        assert!(reload.routes.series("HTTPRoute/gone").is_none());
     }
 }

@@ -32,6 +32,14 @@ use crate::policy::backend::Backend;
 use crate::telemetry::metrics::{Metrics, RequestMetrics};
 use prometheus_client::metrics::counter::Counter;
 
+/// The maps of a [`RouteTable`]: keyed by hostnames, addresses and route
+/// names from policy, and hashed with foldhash rather than SipHash, which
+/// showed in compile profiles and in every lookup. Request authorities
+/// only ever look keys up, never insert, so a caller cannot grow a chain
+/// of colliding keys (HashDoS): a fixed-key fast hash would do; foldhash's
+/// is seeded per process anyway.
+pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A compiled route rule: where matching requests go, and the per-route
 /// policy the layers below read.
 #[derive(Debug)]
@@ -66,6 +74,19 @@ pub struct RouteMetrics<'m> {
     route: Arc<str>,
     fault_delays: Counter,
     fault_aborts: Counter,
+    /// The request metrics per backend the rules named so far.
+    requests: Vec<(Arc<str>, RequestMetrics)>,
+    /// Those the same route had in the previous snapshot, not named yet.
+    kept: Vec<(Arc<str>, RequestMetrics)>,
+}
+
+/// A route's metric handles as a snapshot keeps them, so that the next
+/// snapshot's route of the same name starts from them instead of looking
+/// every series up again.
+#[derive(Debug, Clone)]
+pub struct RouteSeries {
+    fault_delays: Counter,
+    fault_aborts: Counter,
     requests: Vec<(Arc<str>, RequestMetrics)>,
 }
 
@@ -75,8 +96,37 @@ impl<'m> RouteMetrics<'m> {
             fault_delays: metrics.fault(&route, "delay"),
             fault_aborts: metrics.fault(&route, "abort"),
             requests: Vec::new(),
+            kept: Vec::new(),
             metrics,
             route,
+        }
+    }
+
+    /// The handles of `route`, starting from `kept` (the same route's in
+    /// the previous snapshot) when there is one. `kept` must come from
+    /// `metrics`: a series handle is the series itself, and a family never
+    /// drops a series, so a kept handle is what a lookup would return.
+    pub fn reusing(route: Arc<str>, metrics: &'m Metrics, kept: Option<&RouteSeries>) -> Self {
+        match kept {
+            Some(kept) => RouteMetrics {
+                fault_delays: kept.fault_delays.clone(),
+                fault_aborts: kept.fault_aborts.clone(),
+                requests: Vec::with_capacity(kept.requests.len()),
+                kept: kept.requests.clone(),
+                metrics,
+                route,
+            },
+            None => RouteMetrics::new(route, metrics),
+        }
+    }
+
+    /// The handles to keep for the next snapshot: those of the backends
+    /// this snapshot's rules name.
+    pub fn into_series(self) -> RouteSeries {
+        RouteSeries {
+            fault_delays: self.fault_delays,
+            fault_aborts: self.fault_aborts,
+            requests: self.requests,
         }
     }
 
@@ -84,7 +134,10 @@ impl<'m> RouteMetrics<'m> {
         if let Some((_, m)) = self.requests.iter().find(|(b, _)| *b == backend.name) {
             return m.clone();
         }
-        let m = self.metrics.outbound_requests(&self.route, &backend.name);
+        let m = match self.kept.iter().position(|(b, _)| *b == backend.name) {
+            Some(i) => self.kept.swap_remove(i).1,
+            None => self.metrics.outbound_requests(&self.route, &backend.name),
+        };
         self.requests.push((backend.name.clone(), m.clone()));
         m
     }
@@ -192,14 +245,23 @@ pub struct RequestView<'a> {
     pub grpc: bool,
 }
 
-#[derive(Debug)]
-struct Entry {
+/// One match of a rule: what it matches besides the hostname, and the rule.
+#[derive(Debug, Clone)]
+pub struct Entry {
     matcher: Matcher,
     headers: Vec<(HeaderName, HeaderValue)>,
     rule: Arc<Rule>,
 }
 
 impl Entry {
+    pub fn new(matcher: Matcher, headers: Vec<(HeaderName, HeaderValue)>, rule: Arc<Rule>) -> Self {
+        Entry {
+            matcher,
+            headers,
+            rule,
+        }
+    }
+
     fn matches(&self, req: &RequestView<'_>) -> bool {
         let head_ok = match &self.matcher {
             Matcher::Grpc { service, method } => {
@@ -249,6 +311,13 @@ pub struct HostRules {
 }
 
 impl HostRules {
+    fn push(&mut self, entry: Entry) {
+        match entry.matcher {
+            Matcher::Grpc { .. } => self.grpc.push(entry),
+            Matcher::Http { .. } => self.http.push(entry),
+        }
+    }
+
     fn find(&self, req: &RequestView<'_>) -> Option<&Arc<Rule>> {
         let grpc = if req.grpc { self.grpc.as_slice() } else { &[] };
         grpc.iter()
@@ -392,32 +461,89 @@ impl RouteHosts {
     fn is_any(&self) -> bool {
         self.hostnames.is_empty() && self.services.is_empty()
     }
+
+    /// The rule lists of a [`RouteTable`] that a route with these hosts
+    /// adds its entries to.
+    fn slots(&self) -> Vec<Slot<'_>> {
+        let mut slots = Vec::with_capacity(
+            usize::from(self.is_any())
+                + self.services.len()
+                + self.services_port_80.len()
+                + self.hostnames.len(),
+        );
+        if self.is_any() {
+            slots.push(Slot::Any);
+        }
+        slots.extend(self.services.iter().map(|h| Slot::Exact(h)));
+        slots.extend(self.services_port_80.iter().map(|h| Slot::Port80(h)));
+        for h in &self.hostnames {
+            let (host, port) = split_host_port(h);
+            if let Some(suffix) = host.strip_prefix('*') {
+                slots.push(Slot::Wildcard(suffix, port));
+                continue;
+            }
+            slots.push(Slot::Exact(h));
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = bare.parse::<IpAddr>() {
+                slots.push(match port {
+                    Some(p) => Slot::Addr(SocketAddr::new(ip, p)),
+                    None => Slot::Ip(ip),
+                });
+            }
+        }
+        slots
+    }
+}
+
+/// One rule list of a [`RouteTable`], by its key.
+enum Slot<'h> {
+    Any,
+    /// A `host` or `host:port` key.
+    Exact(&'h str),
+    /// A Service name of a parent with port 80.
+    Port80(&'h str),
+    /// `.suffix` of a `*.suffix` hostname, and its port.
+    Wildcard(&'h str, Option<u16>),
+    Ip(IpAddr),
+    Addr(SocketAddr),
 }
 
 /// Every route rule of a snapshot, indexed by hostname.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// `host` and `host:port` keys, lowercase.
-    exact: HashMap<String, HostRules>,
+    exact: Map<String, HostRules>,
     /// Service names of parents with port 80, for authorities without a
     /// port; looked up at the `host:port` level.
-    port_80: HashMap<String, HostRules>,
+    port_80: Map<String, HostRules>,
     /// Hostnames that are IP literals, for routing by original destination.
-    by_ip: HashMap<IpAddr, HostRules>,
-    by_addr: HashMap<SocketAddr, HostRules>,
+    by_ip: Map<IpAddr, HostRules>,
+    by_addr: Map<SocketAddr, HostRules>,
     /// `*.suffix` hostnames by `.suffix` (validation admits no other
     /// wildcard), then by port: those with a port first, `None` (every
     /// port) last. A lookup tries the authority's own suffixes, longest
     /// first, so its cost depends on the authority, not on how many
     /// wildcards there are.
-    wildcard: HashMap<String, Vec<(Option<u16>, HostRules)>>,
+    wildcard: Map<String, Vec<(Option<u16>, HostRules)>>,
     /// Shortest and longest key of `wildcard`, to skip suffixes no key has.
     wildcard_lengths: (usize, usize),
     /// Routes without hostnames.
     any: HostRules,
+    /// Each route's metric handles, by route name, for the next snapshot.
+    series: Map<Arc<str>, RouteSeries>,
 }
 
 impl RouteTable {
+    /// An empty table with room for `routes` routes over `hosts` hostnames
+    /// (and Service names), so that compiling does not rehash as it grows.
+    pub fn with_capacity(routes: usize, hosts: usize) -> Self {
+        RouteTable {
+            exact: Map::with_capacity_and_hasher(hosts, Default::default()),
+            series: Map::with_capacity_and_hasher(routes, Default::default()),
+            ..RouteTable::default()
+        }
+    }
+
     /// Adds one match of a rule for the given hosts. Call in route-name,
     /// rule, match order; then [`RouteTable::finish`].
     pub fn add(
@@ -427,31 +553,38 @@ impl RouteTable {
         headers: Vec<(HeaderName, HeaderValue)>,
         rule: &Arc<Rule>,
     ) {
-        let entry = || Entry {
-            matcher: matcher.clone(),
-            headers: headers.clone(),
-            rule: rule.clone(),
+        self.add_route(hosts, vec![Entry::new(matcher, headers, rule.clone())]);
+    }
+
+    /// Adds every match of a route's rules (in rule, match order) for the
+    /// route's hosts: each host's list is looked up once per route, and the
+    /// entries are moved into the last list (cloned only for a route with
+    /// more than one). Call in route-name order; then
+    /// [`RouteTable::finish`].
+    pub fn add_route(&mut self, hosts: &RouteHosts, entries: Vec<Entry>) {
+        let slots = hosts.slots();
+        let Some((last, others)) = slots.split_last() else {
+            return;
         };
-        let push = |rules: &mut HostRules| {
-            let e = entry();
-            match e.matcher {
-                Matcher::Grpc { .. } => rules.grpc.push(e),
-                Matcher::Http { .. } => rules.http.push(e),
+        for slot in others {
+            let rules = self.rules_mut(slot);
+            for e in &entries {
+                rules.push(e.clone());
             }
-        };
-        if hosts.is_any() {
-            push(&mut self.any);
         }
-        for h in &hosts.services {
-            push(self.exact.entry(h.clone()).or_default());
+        let rules = self.rules_mut(last);
+        for e in entries {
+            rules.push(e);
         }
-        for h in &hosts.services_port_80 {
-            push(self.port_80.entry(h.clone()).or_default());
-        }
-        for h in &hosts.hostnames {
-            let (host, port) = split_host_port(h);
-            if let Some(suffix) = host.strip_prefix('*') {
-                let slots = self.wildcard.entry(suffix.to_string()).or_default();
+    }
+
+    fn rules_mut(&mut self, slot: &Slot<'_>) -> &mut HostRules {
+        match *slot {
+            Slot::Any => &mut self.any,
+            Slot::Exact(h) => self.exact.entry(h.to_owned()).or_default(),
+            Slot::Port80(h) => self.port_80.entry(h.to_owned()).or_default(),
+            Slot::Wildcard(suffix, port) => {
+                let slots = self.wildcard.entry(suffix.to_owned()).or_default();
                 let i = match slots.iter().position(|(p, _)| *p == port) {
                     Some(i) => i,
                     None => {
@@ -459,21 +592,21 @@ impl RouteTable {
                         slots.len() - 1
                     }
                 };
-                push(&mut slots[i].1);
-                continue;
+                &mut slots[i].1
             }
-            match self.exact.get_mut(h.as_str()) {
-                Some(rules) => push(rules),
-                None => push(self.exact.entry(h.clone()).or_default()),
-            }
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            if let Ok(ip) = bare.parse::<IpAddr>() {
-                match port {
-                    Some(p) => push(self.by_addr.entry(SocketAddr::new(ip, p)).or_default()),
-                    None => push(self.by_ip.entry(ip).or_default()),
-                }
-            }
+            Slot::Ip(ip) => self.by_ip.entry(ip).or_default(),
+            Slot::Addr(addr) => self.by_addr.entry(addr).or_default(),
         }
+    }
+
+    /// Keeps `route`'s metric handles for the next snapshot's compile.
+    pub fn keep_series(&mut self, route: Arc<str>, series: RouteSeries) {
+        self.series.insert(route, series);
+    }
+
+    /// The metric handles `route` had in this snapshot.
+    pub fn series(&self, route: &str) -> Option<&RouteSeries> {
+        self.series.get(route)
     }
 
     /// Sorts every hostname's rules into precedence order.
@@ -1151,5 +1284,223 @@ mod tests {
         assert_eq!(split_host_port("a"), ("a", None));
         assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some(80)));
         assert_eq!(split_host_port("[::1]"), ("[::1]", None));
+    }
+
+    #[test]
+    fn a_route_added_whole_is_indexed_as_when_added_match_by_match() {
+        let dns = cluster(Some("default"));
+        let hostnames: Vec<String> = ["web", "*.example.com", "10.0.0.1:8080", "10.0.0.2"]
+            .map(String::from)
+            .into();
+        let hosts = RouteHosts::new(&hostnames, [("greeter", "default", Some(80))], &dns);
+        let (api, post, grpc) = (rule("api"), rule("post"), rule("grpc"));
+        let canary = || {
+            vec![(
+                HeaderName::from_static("x-canary"),
+                HeaderValue::from_static("1"),
+            )]
+        };
+        let matches = || {
+            vec![
+                Entry::new(
+                    http(Some(PathMatch::Prefix("/api".into())), None),
+                    vec![],
+                    api.clone(),
+                ),
+                Entry::new(http(None, Some(Method::POST)), canary(), post.clone()),
+                Entry::new(
+                    Matcher::Grpc {
+                        service: Some("pkg.Svc".into()),
+                        method: None,
+                    },
+                    vec![],
+                    grpc.clone(),
+                ),
+            ]
+        };
+        let mut one_by_one = RouteTable::default();
+        for e in matches() {
+            one_by_one.add(&hosts, e.matcher, e.headers, &e.rule);
+        }
+        one_by_one.finish();
+        let mut whole = RouteTable::default();
+        whole.add_route(&hosts, matches());
+        whole.finish();
+
+        let described = |t: &RouteTable| {
+            t.describe()
+                .into_iter()
+                .map(|(host, r)| (host, r.route.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(described(&whole), described(&one_by_one));
+        // Three hostnames, one wildcard, five names of the Service parent.
+        assert_eq!(
+            described(&whole).len(),
+            (3 + 1 + 5) * 3,
+            "every host has every rule"
+        );
+
+        let mut with_canary = HeaderMap::new();
+        with_canary.insert("x-canary", HeaderValue::from_static("1"));
+        let none = HeaderMap::new();
+        let cases = [
+            (
+                Some("web"),
+                None,
+                &Method::GET,
+                "/api/x",
+                &none,
+                false,
+                Some("api"),
+            ),
+            (
+                Some("a.example.com"),
+                None,
+                &Method::POST,
+                "/",
+                &with_canary,
+                false,
+                Some("post"),
+            ),
+            (
+                Some("a.example.com"),
+                None,
+                &Method::POST,
+                "/",
+                &none,
+                false,
+                None,
+            ),
+            (
+                None,
+                Some("10.0.0.1:8080"),
+                &Method::POST,
+                "/pkg.Svc/M",
+                &none,
+                true,
+                Some("grpc"),
+            ),
+            (
+                None,
+                Some("10.0.0.2:1"),
+                &Method::GET,
+                "/api",
+                &none,
+                false,
+                Some("api"),
+            ),
+            (
+                Some("greeter"),
+                None,
+                &Method::GET,
+                "/api",
+                &none,
+                false,
+                Some("api"),
+            ),
+            (
+                Some("greeter.default.svc:80"),
+                None,
+                &Method::GET,
+                "/api",
+                &none,
+                false,
+                Some("api"),
+            ),
+            (
+                Some("other"),
+                None,
+                &Method::GET,
+                "/api",
+                &none,
+                false,
+                None,
+            ),
+        ];
+        for (authority, dst, method, path, headers, grpc, want) in cases {
+            let dst = dst.map(|d| d.parse().unwrap());
+            let req = view(method, path, headers, grpc);
+            let found = |t: &RouteTable| t.find(authority, dst, &req).map(|r| r.route.to_string());
+            assert_eq!(
+                found(&whole),
+                found(&one_by_one),
+                "{authority:?} {dst:?} {path}"
+            );
+            assert_eq!(
+                found(&whole).as_deref(),
+                want,
+                "{authority:?} {dst:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_route_without_hosts_is_added_to_every_authority() {
+        let mut t = RouteTable::default();
+        t.add_route(
+            &RouteHosts::default(),
+            vec![Entry::new(http(None, None), vec![], rule("all"))],
+        );
+        t.finish();
+        assert_eq!(route_for(&t, "anything").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn kept_route_series_are_the_same_series_and_only_for_backends_still_named() {
+        let metrics = Metrics::new();
+        let (b1, b2, b3) = (
+            Backend::for_tests("b1"),
+            Backend::for_tests("b2"),
+            Backend::for_tests("b3"),
+        );
+        let mut first = RouteMetrics::new("GRPCRoute/r".into(), &metrics);
+        let r1 = Rule::of_route(
+            0,
+            vec![(1, b1.clone()), (1, b2.clone())],
+            RulePolicy::default(),
+            &mut first,
+        );
+        let kept = first.into_series();
+
+        let mut again = RouteMetrics::reusing("GRPCRoute/r".into(), &metrics, Some(&kept));
+        let r2 = Rule::of_route(
+            0,
+            vec![(1, b2.clone()), (1, b3.clone())],
+            RulePolicy::default(),
+            &mut again,
+        );
+        r1.fault_aborts.inc();
+        assert_eq!(r2.fault_aborts.get(), 1, "the same fault series");
+        assert_eq!(r2.fault_delays.get(), 0);
+        let names = |s: &RouteSeries| {
+            s.requests
+                .iter()
+                .map(|(b, _)| b.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&again.into_series()),
+            ["b2", "b3"],
+            "b1 is no longer named"
+        );
+
+        // A call recorded through the first snapshot's handle and one through
+        // the second's count in one series.
+        let ok = crate::telemetry::metrics::RequestStatus::Http(200);
+        let ms = std::time::Duration::from_millis(1);
+        r1.requests_to(&b2).unwrap().record(ok, ms);
+        r2.requests_to(&b2).unwrap().record(ok, ms);
+        let text = metrics.encode();
+        let labels = "route=\"GRPCRoute/r\",backend=\"b2\"";
+        for line in [
+            format!("pylon_outbound_requests_total{{{labels},status=\"2xx\"}} 2"),
+            format!("pylon_outbound_request_duration_seconds_count{{{labels}}} 2"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+
+        let fresh = RouteMetrics::reusing("GRPCRoute/other".into(), &metrics, None);
+        assert!(fresh.requests.is_empty() && fresh.kept.is_empty());
     }
 }
