@@ -88,8 +88,10 @@ def default_target_dir():
 
 # The sidecar as the image builds it (Dockerfile: the `dist` profile, without
 # the default feature `full`), and the backend from the same profile; a
-# `release` build when there is no `dist` one.
-BUILD = "cargo build --profile dist --locked --no-default-features --bin pylon --example peers-backend"
+# `release` build when there is no `dist` one. Two commands: built together,
+# the example's dev-dependencies would turn `full` back on in the sidecar.
+BUILD = ("cargo build --profile dist --locked --example peers-backend && "
+         "cargo build --profile dist --locked --no-default-features --bin pylon")
 
 
 def built(target_dir, *path):
