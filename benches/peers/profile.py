@@ -56,7 +56,7 @@ def thread_sched(pids):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pylon", required=True)
-    ap.add_argument("--backend", help="default: TARGET/release/examples/peers-backend")
+    ap.add_argument("--backend", help="default: TARGET/dist/examples/peers-backend")
     ap.add_argument("--mode", choices=["callgrind", "perf", "latency"], default="callgrind")
     ap.add_argument("-n", type=int, help="requests (callgrind 20000, perf 100000)")
     ap.add_argument("--secs", type=int, default=10, help="latency run length")
@@ -77,7 +77,7 @@ def main():
     ctx.h2load = shutil.which("h2load")
     ctx.connections, ctx.streams = 4, 32
     ctx.certs = peers.make_certs(scratch)
-    backend = a.backend or os.path.join(peers.default_target_dir(), "release", "examples", "peers-backend")
+    backend = a.backend or peers.default_backend(peers.default_target_dir())
     be = subprocess.Popen([backend, "127.0.0.1:0", "1"], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
     ctx.backend_port = int(re.search(r":(\d+)", be.stdout.readline()).group(1))

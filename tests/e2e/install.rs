@@ -592,8 +592,8 @@ fn the_dockerfile_builds_as_ci_does_copies_what_cargo_builds_and_runs_as_1337() 
     assert_eq!(
         build,
         [
-            "build --release --locked --no-default-features --bin pylon",
-            "build --release --locked --bin pylon-control"
+            "build --profile dist --locked --no-default-features --bin pylon",
+            "build --profile dist --locked --bin pylon-control"
         ]
     );
     let ci = std::fs::read_to_string(Path::new(REPO).join(".ci/run")).unwrap();
@@ -645,7 +645,7 @@ fn the_dockerfile_builds_as_ci_does_copies_what_cargo_builds_and_runs_as_1337() 
         .iter()
         .map(|b| {
             (
-                format!("/src/target/release/{b}"),
+                format!("/src/target/dist/{b}"),
                 format!("/usr/local/bin/{b}"),
             )
         })
