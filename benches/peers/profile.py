@@ -97,10 +97,7 @@ def main():
     px = peers.start_pylon(ctx, int(a.workers), scratch)
     pids = [p.pid for p in px.procs]  # server, client
     try:
-        for _ in range(100):
-            if peers.h2load(ctx, px.outbound, requests=20, clients=1, streams=1)["ok"] == 20:
-                break
-            time.sleep(0.3)
+        peers.wait_for_path(ctx, px, "pylon", scratch, timeout=60)
         peers.h2load(ctx, px.outbound, requests=2000)
         url = f"http://127.0.0.1:{px.outbound}/"
         if a.mode == "latency":

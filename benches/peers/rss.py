@@ -129,10 +129,7 @@ def measure(ctx, binary, env, d, show_maps):
         os.environ.update(saved)
     pids = [p.pid for p in px.procs]
     try:
-        for _ in range(100):
-            if peers.h2load(ctx, px.outbound, requests=20, clients=1, streams=1)["ok"] == 20:
-                break
-            time.sleep(0.2)
+        peers.wait_for_path(ctx, px, "pylon", d)
         time.sleep(1)
         idle = [rollup(p) for p in pids]
         res = {"threads": threads(pids[0])}

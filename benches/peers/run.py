@@ -590,25 +590,30 @@ def oha_fixed_rate(ctx, port):
             "ok": ok, "errors": non2xx + sum(errors.values())}
 
 
+def wait_for_path(ctx, px, name, d, timeout=20):
+    """Returns once 20 requests through the proxy's outbound listener all got
+    2xx, so that nothing is measured before the whole path answers; raises if
+    the proxy exits or `timeout` seconds pass first (its files are in `d`)."""
+    deadline = time.time() + timeout
+    while True:
+        if not px.alive():
+            raise RuntimeError(f"{name} exited at start (see {d})")
+        try:
+            probe = h2load(ctx, px.outbound, requests=20, clients=1, streams=1)
+            if probe["ok"] == 20:
+                return
+        except (RuntimeError, subprocess.TimeoutExpired):
+            probe = None
+        if time.time() > deadline:
+            raise RuntimeError(f"{name}: no 2xx through the path in {timeout}s ({probe}); see {d}")
+        time.sleep(0.2)
+
+
 def measure(ctx, name, workers, scratch):
     d = tempfile.mkdtemp(prefix=f"{name}-w{workers}-", dir=scratch)
     px = STARTERS[name](ctx, workers, d)
     try:
-        # Every proxy's outbound listener answers through the whole path
-        # before anything is measured.
-        deadline = time.time() + 20
-        while True:
-            if not px.alive():
-                raise RuntimeError(f"{name} exited at start (see {d})")
-            try:
-                probe = h2load(ctx, px.outbound, requests=20, clients=1, streams=1)
-                if probe["ok"] == 20:
-                    break
-            except (RuntimeError, subprocess.TimeoutExpired):
-                probe = None
-            if time.time() > deadline:
-                raise RuntimeError(f"{name}: no 2xx through the path in 20s ({probe}); see {d}")
-            time.sleep(0.2)
+        wait_for_path(ctx, px, name, d)
         if not rejects_without_client_cert(ctx, px.inbound):
             raise RuntimeError(f"{name}: the inbound half accepts a client without a certificate")
         time.sleep(0.5)
