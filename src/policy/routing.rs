@@ -544,8 +544,10 @@ impl RouteTable {
         }
     }
 
-    /// Adds one match of a rule for the given hosts. Call in route-name,
-    /// rule, match order; then [`RouteTable::finish`].
+    /// Adds one match of a rule for the given hosts (tests build tables
+    /// this way; compiling adds whole routes, [`RouteTable::add_route`]).
+    /// Call in route-name, rule, match order; then [`RouteTable::finish`].
+    #[cfg(test)]
     pub fn add(
         &mut self,
         hosts: &RouteHosts,

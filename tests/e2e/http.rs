@@ -279,29 +279,15 @@ async fn application_statuses_are_not_the_meshs() {
 /// answered with its own request.
 #[tokio::test]
 async fn a_one_worker_sidecar_runs_on_the_current_thread_scheduler_and_serves_concurrent_calls() {
-    use crate::common::{SERVER_ID, client_sidecar_with_env, mesh_policy, server_sidecar_with_env};
-
     let app = start_http_app().await;
-    let dir = crate::common::TempDir::new("one-worker");
-    let ca = pylon::identity::dev::DevCa::new("pylon test root").unwrap();
-    let server = server_sidecar_with_env(
-        &ca,
-        dir.path(),
-        "server",
-        SERVER_ID,
+    let mesh = Mesh::start_with_env(
         app.addr,
-        &[("TOKIO_WORKER_THREADS", "2")],
-    );
-    let (client, _policy) = client_sidecar_with_env(
-        &ca,
-        dir.path(),
-        "client",
-        CLIENT_ID,
-        &mesh_policy(server.inbound),
+        crate::common::mesh_policy,
         &[("TOKIO_WORKER_THREADS", "1")],
-    );
-    server.wait_ready().await;
-    client.wait_ready().await;
+        &[("TOKIO_WORKER_THREADS", "2")],
+    )
+    .await;
+    let (client, server) = (&mesh.client, &mesh.server);
     client.wait_log("runtime=current-thread").await;
     server.wait_log("runtime=multi-thread, 2 workers").await;
 

@@ -131,10 +131,28 @@ impl Mesh {
     /// Starts the mesh with the client's policy made from the server
     /// sidecar's inbound address.
     pub async fn start_with(app: SocketAddr, policy: impl Fn(SocketAddr) -> String) -> Mesh {
+        Self::start_with_env(app, policy, &[], &[]).await
+    }
+
+    /// [`Mesh::start_with`], with `client_env` and `server_env` set for the
+    /// two sidecar processes.
+    pub async fn start_with_env(
+        app: SocketAddr,
+        policy: impl Fn(SocketAddr) -> String,
+        client_env: &[(&str, &str)],
+        server_env: &[(&str, &str)],
+    ) -> Mesh {
         let dir = TempDir::new("mesh");
         let ca = DevCa::new("pylon test root").unwrap();
-        let server = server_sidecar(&ca, dir.path(), "server", SERVER_ID, app);
-        let (client, policy) = client_sidecar(&ca, dir.path(), &policy(server.inbound));
+        let server = server_sidecar_with_env(&ca, dir.path(), "server", SERVER_ID, app, server_env);
+        let (client, policy) = client_sidecar_with_env(
+            &ca,
+            dir.path(),
+            "client",
+            CLIENT_ID,
+            &policy(server.inbound),
+            client_env,
+        );
         server.wait_ready().await;
         client.wait_ready().await;
         Mesh {
