@@ -328,6 +328,15 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     let address = mesh.cp.addr;
     let data = mesh.cp.data_dir.clone();
     mesh.cp.kill9();
+    // Its port stays taken until it comes back, by a listener that drops
+    // every connection: a control plane of a test running alongside could
+    // otherwise be given the freed port and answer in its place.
+    let holder = tokio::net::TcpListener::bind(address).await.unwrap();
+    let hold = tokio::spawn(async move {
+        while let Ok((conn, _)) = holder.accept().await {
+            drop(conn);
+        }
+    });
 
     // The client sidecar restarts with the control plane gone.
     drop(std::mem::replace(
@@ -343,6 +352,8 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_its_cache() 
     echo.unary(EchoRequest::default()).await.unwrap();
 
     // The control plane comes back: the sidecar reconnects on its own.
+    hold.abort();
+    let _ = hold.await;
     mesh.cp = ControlProc::spawn_at(crate::common::PYLON_CONTROL, &data, address);
     mesh.cp.wait_acked(&[CLIENT_ID], version).await;
     eventually("the client sidecar ready again", async || {
