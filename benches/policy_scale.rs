@@ -35,6 +35,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
+
+/// The sidecar's allocator (ADR 18): compiling a policy is mostly
+/// allocation, and glibc's malloc would measure another program.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use pylon::config::DnsConfig;
 use pylon::discovery::Dns;
 use pylon::identity::IdentityStore;
@@ -548,8 +553,11 @@ fn load_average() -> String {
 fn main() {
     let settings = Settings::from_env();
     // Backends start their outlier sweeps on the current runtime, as in the
-    // sidecar; the runtime is not driven, so they only cost their spawn.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // sidecar. Its worker runs them, and retires those of dropped Backends
+    // (one runtime that nothing drove kept every aborted task queued, and
+    // each round ran slower than the last).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
