@@ -468,8 +468,16 @@ mod tests {
         );
 
         let web = |s: &Snapshot| s.routes.describe()[1].1.clone();
-        web(&first).fault_delays.inc();
-        assert_eq!(web(&reload).fault_delays.get(), 1, "the same series");
+        let rpc = |s: &Snapshot| s.routes.describe()[0].1.clone();
+        let ok = crate::telemetry::metrics::RequestStatus::Http(200);
+        for s in [&first, &reload] {
+            let a = &s.backends["default/a"];
+            let calls = rpc(s).requests_to(a).unwrap().clone();
+            calls.record(ok, std::time::Duration::from_millis(1));
+        }
+        let line = "pylon_outbound_requests_total{route=\"GRPCRoute/rpc\",backend=\"Backend/a\",status=\"2xx\"} 2";
+        let text = metrics.encode();
+        assert!(text.lines().any(|l| l == line), "the same series: {text}");
         let b = &reload.backends["default/b"];
         assert!(web(&reload).requests_to(b).is_some());
         assert!(reload.routes.series("HTTPRoute/web").is_some());

@@ -29,8 +29,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pylon_proto::policy::{FaultInjection, PathMatch, Retry, Timeouts};
 
 use crate::policy::backend::Backend;
-use crate::telemetry::metrics::{Metrics, RequestMetrics};
-use prometheus_client::metrics::counter::Counter;
+use crate::telemetry::metrics::{FaultCounters, Metrics, RequestMetrics};
 
 /// The maps of a [`RouteTable`]: keyed by hostnames, addresses and route
 /// names from policy, and hashed with foldhash rather than SipHash, which
@@ -52,11 +51,17 @@ pub struct Rule {
     total_weight: u32,
     pub timeouts: Option<Timeouts>,
     pub retry: Option<Retry>,
-    pub fault_injection: Option<FaultInjection>,
-    pub fault_delays: Counter,
-    pub fault_aborts: Counter,
+    pub faults: Option<RuleFaults>,
     /// Request counts and durations per backend, in the order of `backends`.
     requests: Vec<RequestMetrics>,
+}
+
+/// A rule's fault injection, and the counters of the faults it injected
+/// (the route's, shared by its rules).
+#[derive(Debug)]
+pub struct RuleFaults {
+    pub injection: FaultInjection,
+    pub counters: FaultCounters,
 }
 
 /// A rule's policy besides its backends.
@@ -68,12 +73,12 @@ pub struct RulePolicy {
 }
 
 /// One route's metric handles, made once and shared by its rules: the
-/// fault counters, and the request metrics per backend its rules name.
+/// fault counters (once a rule injects faults), and the request metrics per
+/// backend its rules name.
 pub struct RouteMetrics<'m> {
     metrics: &'m Metrics,
     route: Arc<str>,
-    fault_delays: Counter,
-    fault_aborts: Counter,
+    faults: Option<FaultCounters>,
     /// The request metrics per backend the rules named so far.
     requests: Vec<(Arc<str>, RequestMetrics)>,
     /// Those the same route had in the previous snapshot, not named yet.
@@ -85,16 +90,14 @@ pub struct RouteMetrics<'m> {
 /// every series up again.
 #[derive(Debug, Clone)]
 pub struct RouteSeries {
-    fault_delays: Counter,
-    fault_aborts: Counter,
+    faults: Option<FaultCounters>,
     requests: Vec<(Arc<str>, RequestMetrics)>,
 }
 
 impl<'m> RouteMetrics<'m> {
     pub fn new(route: Arc<str>, metrics: &'m Metrics) -> Self {
         RouteMetrics {
-            fault_delays: metrics.fault(&route, "delay"),
-            fault_aborts: metrics.fault(&route, "abort"),
+            faults: None,
             requests: Vec::new(),
             kept: Vec::new(),
             metrics,
@@ -109,8 +112,7 @@ impl<'m> RouteMetrics<'m> {
     pub fn reusing(route: Arc<str>, metrics: &'m Metrics, kept: Option<&RouteSeries>) -> Self {
         match kept {
             Some(kept) => RouteMetrics {
-                fault_delays: kept.fault_delays.clone(),
-                fault_aborts: kept.fault_aborts.clone(),
+                faults: kept.faults.clone(),
                 requests: Vec::with_capacity(kept.requests.len()),
                 kept: kept.requests.clone(),
                 metrics,
@@ -124,8 +126,7 @@ impl<'m> RouteMetrics<'m> {
     /// this snapshot's rules name.
     pub fn into_series(self) -> RouteSeries {
         RouteSeries {
-            fault_delays: self.fault_delays,
-            fault_aborts: self.fault_aborts,
+            faults: self.faults,
             requests: self.requests,
         }
     }
@@ -136,10 +137,19 @@ impl<'m> RouteMetrics<'m> {
         }
         let m = match self.kept.iter().position(|(b, _)| *b == backend.name) {
             Some(i) => self.kept.swap_remove(i).1,
-            None => self.metrics.outbound_requests(&self.route, &backend.name),
+            None => self
+                .metrics
+                .outbound_requests(self.route.clone(), backend.name.clone()),
         };
         self.requests.push((backend.name.clone(), m.clone()));
         m
+    }
+
+    fn faults(&mut self) -> FaultCounters {
+        let (metrics, route) = (self.metrics, &self.route);
+        self.faults
+            .get_or_insert_with(|| metrics.faults(route))
+            .clone()
     }
 }
 
@@ -178,15 +188,16 @@ impl Rule {
         let requests = backends.iter().map(|(_, b)| route.requests(b)).collect();
         Rule {
             requests,
-            fault_delays: route.fault_delays.clone(),
-            fault_aborts: route.fault_aborts.clone(),
+            faults: policy.fault_injection.map(|injection| RuleFaults {
+                injection,
+                counters: route.faults(),
+            }),
             route: route.route.clone(),
             index,
             backends,
             total_weight: total,
             timeouts: policy.timeouts,
             retry: policy.retry,
-            fault_injection: policy.fault_injection,
         }
     }
 
@@ -1456,11 +1467,18 @@ mod tests {
             Backend::for_tests("b2"),
             Backend::for_tests("b3"),
         );
+        let faulty = || RulePolicy {
+            fault_injection: Some(FaultInjection {
+                delay: None,
+                abort: None,
+            }),
+            ..RulePolicy::default()
+        };
         let mut first = RouteMetrics::new("GRPCRoute/r".into(), &metrics);
         let r1 = Rule::of_route(
             0,
             vec![(1, b1.clone()), (1, b2.clone())],
-            RulePolicy::default(),
+            faulty(),
             &mut first,
         );
         let kept = first.into_series();
@@ -1469,12 +1487,15 @@ mod tests {
         let r2 = Rule::of_route(
             0,
             vec![(1, b2.clone()), (1, b3.clone())],
-            RulePolicy::default(),
+            faulty(),
             &mut again,
         );
-        r1.fault_aborts.inc();
-        assert_eq!(r2.fault_aborts.get(), 1, "the same fault series");
-        assert_eq!(r2.fault_delays.get(), 0);
+        let plain = Rule::of_route(1, vec![(1, b3.clone())], RulePolicy::default(), &mut again);
+        let counters = |r: &Rule| r.faults.as_ref().unwrap().counters.clone();
+        counters(&r1).aborts.inc();
+        assert_eq!(counters(&r2).aborts.get(), 1, "the same fault series");
+        assert_eq!(counters(&r2).delays.get(), 0);
+        assert!(plain.faults.is_none());
         let names = |s: &RouteSeries| {
             s.requests
                 .iter()
@@ -1502,7 +1523,19 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
 
-        let fresh = RouteMetrics::reusing("GRPCRoute/other".into(), &metrics, None);
-        assert!(fresh.requests.is_empty() && fresh.kept.is_empty());
+        // Series come into being with their first call or fault: a route
+        // that injects no faults has no fault series, a backend never
+        // called no request series.
+        let mut other = RouteMetrics::reusing("GRPCRoute/other".into(), &metrics, None);
+        assert!(other.requests.is_empty() && other.kept.is_empty());
+        let quiet = Rule::of_route(0, vec![(1, b1.clone())], RulePolicy::default(), &mut other);
+        assert!(quiet.faults.is_none() && quiet.requests_to(&b1).is_some());
+        let text = metrics.encode();
+        for absent in ["GRPCRoute/other", "backend=\"b3\""] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        assert!(
+            text.contains("pylon_faults_injected_total{route=\"GRPCRoute/r\",fault=\"abort\"} 1")
+        );
     }
 }

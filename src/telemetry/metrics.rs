@@ -257,6 +257,13 @@ pub struct BackendMetrics {
     pub attempt_timeouts: Counter,
 }
 
+/// The faults one route injected, by kind.
+#[derive(Debug, Clone, Default)]
+pub struct FaultCounters {
+    pub delays: Counter,
+    pub aborts: Counter,
+}
+
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("pylon");
@@ -443,42 +450,40 @@ impl Metrics {
         }
     }
 
-    /// The counter of one kind of fault on one route.
-    pub fn fault(&self, route: &str, fault: &'static str) -> Counter {
-        self.faults.get_or_create_owned(&FaultLabels {
-            route: route.to_string(),
-            fault,
-        })
+    /// The fault counters of `route`. Resolved only for routes with a rule
+    /// that injects faults, so other routes export no fault series.
+    pub fn faults(&self, route: &str) -> FaultCounters {
+        let fault = |fault| {
+            self.faults.get_or_create_owned(&FaultLabels {
+                route: route.to_string(),
+                fault,
+            })
+        };
+        FaultCounters {
+            delays: fault("delay"),
+            aborts: fault("abort"),
+        }
     }
 
     /// The request counts and durations of calls routed by `route` to
-    /// `backend`.
-    pub fn outbound_requests(&self, route: &str, backend: &str) -> RequestMetrics {
-        let family = self.outbound_requests.clone();
-        let (r, b) = (route.to_string(), backend.to_string());
-        RequestMetrics::new(
-            Box::new(move |status| {
-                family.get_or_create_owned(&OutboundRequestLabels {
-                    route: r.clone(),
-                    backend: b.clone(),
-                    status,
-                })
-            }),
-            self.outbound_duration
-                .get_or_create_owned(&RouteBackendLabels {
-                    route: route.to_string(),
-                    backend: backend.to_string(),
-                }),
-        )
+    /// `backend`. Nothing is looked up here: each series is resolved at the
+    /// first call that records into it, so a pair that never saw a call
+    /// exports no series, and compiling a large policy creates none.
+    pub fn outbound_requests(&self, route: Arc<str>, backend: Arc<str>) -> RequestMetrics {
+        RequestMetrics::new(Series::Outbound {
+            counts: self.outbound_requests.clone(),
+            durations: self.outbound_duration.clone(),
+            route,
+            backend,
+        })
     }
 
     /// The request counts and durations of inbound calls.
     pub fn inbound_requests(&self) -> RequestMetrics {
-        let family = self.inbound_requests.clone();
-        RequestMetrics::new(
-            Box::new(move |status| family.get_or_create_owned(&StatusLabel { status })),
-            self.inbound_duration.clone(),
-        )
+        RequestMetrics::new(Series::Inbound {
+            counts: self.inbound_requests.clone(),
+            duration: self.inbound_duration.clone(),
+        })
     }
 
     /// The connection gauge and counter of one listener.
@@ -586,19 +591,67 @@ impl RequestStatus {
     }
 }
 
-type MakeCounter = Box<dyn Fn(&'static str) -> Counter + Send + Sync>;
+/// The families a [`RequestMetrics`] resolves its series from, and their
+/// labels.
+enum Series {
+    Outbound {
+        counts: Family<OutboundRequestLabels, Counter>,
+        durations: Family<RouteBackendLabels, DurationHistogram>,
+        route: Arc<str>,
+        backend: Arc<str>,
+    },
+    /// The duration is one histogram, registered (and exported) as is.
+    Inbound {
+        counts: Family<StatusLabel, Counter>,
+        duration: DurationHistogram,
+    },
+}
+
+impl Series {
+    fn count(&self, status: &'static str) -> Counter {
+        match self {
+            Series::Outbound {
+                counts,
+                route,
+                backend,
+                ..
+            } => counts.get_or_create_owned(&OutboundRequestLabels {
+                route: route.to_string(),
+                backend: backend.to_string(),
+                status,
+            }),
+            Series::Inbound { counts, .. } => counts.get_or_create_owned(&StatusLabel { status }),
+        }
+    }
+
+    fn duration(&self) -> DurationHistogram {
+        match self {
+            Series::Outbound {
+                durations,
+                route,
+                backend,
+                ..
+            } => durations.get_or_create_owned(&RouteBackendLabels {
+                route: route.to_string(),
+                backend: backend.to_string(),
+            }),
+            Series::Inbound { duration, .. } => duration.clone(),
+        }
+    }
+}
 
 /// The request counts (by status) and duration histogram of one route and
 /// backend, or of the inbound side. Cheap to clone.
 #[derive(Clone)]
 pub struct RequestMetrics(Arc<RequestMetricsInner>);
 
+/// Each series is resolved on its first use: the families hold every
+/// status ever seen, and a status (or a route and backend) never seen
+/// exports no series.
 struct RequestMetricsInner {
-    make: MakeCounter,
-    /// Resolved on first use of each status: the family holds every status
-    /// ever seen, and a status never seen exports no series.
+    series: Series,
     by_status: [OnceLock<Counter>; STATUSES],
-    duration: DurationHistogram,
+    duration: OnceLock<DurationHistogram>,
 }
 
 impl std::fmt::Debug for RequestMetrics {
@@ -608,11 +661,11 @@ impl std::fmt::Debug for RequestMetrics {
 }
 
 impl RequestMetrics {
-    fn new(make: MakeCounter, duration: DurationHistogram) -> Self {
+    fn new(series: Series) -> Self {
         RequestMetrics(Arc::new(RequestMetricsInner {
-            make,
+            series,
             by_status: std::array::from_fn(|_| OnceLock::new()),
-            duration,
+            duration: OnceLock::new(),
         }))
     }
 
@@ -620,9 +673,12 @@ impl RequestMetrics {
     pub fn record(&self, status: RequestStatus, elapsed: Duration) {
         let inner = &self.0;
         inner.by_status[status.index()]
-            .get_or_init(|| (inner.make)(status.label()))
+            .get_or_init(|| inner.series.count(status.label()))
             .inc();
-        inner.duration.observe(elapsed);
+        inner
+            .duration
+            .get_or_init(|| inner.series.duration())
+            .observe(elapsed);
     }
 }
 
@@ -690,7 +746,7 @@ mod tests {
     #[test]
     fn request_metrics_count_by_bounded_status_and_time_in_seconds() {
         let m = Metrics::new();
-        let r = m.outbound_requests("GRPCRoute/greeter", "Backend/greeter");
+        let r = m.outbound_requests("GRPCRoute/greeter".into(), "Backend/greeter".into());
         r.record(RequestStatus::Grpc(GrpcCode::Ok), Duration::from_millis(3));
         r.record(RequestStatus::Grpc(GrpcCode::Ok), Duration::from_millis(30));
         r.record(
@@ -762,7 +818,7 @@ mod tests {
         a.retries.inc();
         again.retries.inc();
         a.request_timeouts.inc();
-        m.fault("GRPCRoute/greeter", "abort").inc();
+        m.faults("GRPCRoute/greeter").aborts.inc();
         m.authorization().denied.inc();
         let text = m.encode();
         assert!(

@@ -55,9 +55,10 @@ fn chance(percent: f64) -> bool {
 impl<'a, S> Fault<'a, S> {
     /// The abort for this call, if one is drawn.
     fn abort(&self) -> Option<ProxyError> {
-        let abort = self.rule.fault_injection.as_ref()?.abort.as_ref()?;
+        let faults = self.rule.faults.as_ref()?;
+        let abort = faults.injection.abort.as_ref()?;
         chance(abort.percent).then(|| {
-            self.rule.fault_aborts.inc();
+            faults.counters.aborts.inc();
             ProxyError::FaultAbort {
                 route: self.rule.route.clone(),
                 status: abort.status,
@@ -79,15 +80,15 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let Some(fault) = &self.rule.fault_injection else {
+        let Some(faults) = &self.rule.faults else {
             return FaultFuture::Inner {
                 fut: self.inner.call(call),
             };
         };
-        if let Some(delay) = &fault.delay
+        if let Some(delay) = &faults.injection.delay
             && chance(delay.percent)
         {
-            self.rule.fault_delays.inc();
+            faults.counters.delays.inc();
             let wake = Instant::now() + delay.fixed_delay;
             let (until, expires) = match call.ctx.deadline {
                 Some(d) if d.at <= wake => (d.at, true),

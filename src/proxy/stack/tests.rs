@@ -135,7 +135,7 @@ async fn an_abort_answers_without_calling_the_inner_service() {
     let called = run(&mut svc, call(None)).await;
     assert!(matches!(called.result, Err(ProxyError::FaultAbort { .. })));
     assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
-    assert_eq!(r.fault_aborts.get(), 1);
+    assert_eq!(r.faults.as_ref().unwrap().counters.aborts.get(), 1);
 }
 
 #[tokio::test(start_paused = true)]
