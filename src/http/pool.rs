@@ -23,7 +23,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -333,7 +333,7 @@ async fn handshake_h2<T>(io: T, guard: Held) -> Result<http2::SendRequest<ProxyB
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+    let (sender, conn) = http2::Builder::new(BoxingExecutor)
         .timer(TokioTimer::new())
         .adaptive_window(true)
         .keep_alive_interval(H2_KEEPALIVE)
@@ -349,6 +349,26 @@ where
         }
     });
     Ok(sender)
+}
+
+/// Spawns the futures of hyper's HTTP/2 client in a box. hyper hands each
+/// one over as one enum as large as its connection task (~2.5 KB), once or
+/// twice per request (the response's wait, and the request body's pipe
+/// when there is one). Tokio keeps a task's future inline in its cell,
+/// and writes the whole cell's stage (as large as the future) again to drop
+/// the future and to store its output: an inline 2.5 KB future is copied
+/// three times, a boxed one once, for one allocation.
+#[derive(Clone, Copy, Debug)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
 }
 
 /// Idle HTTP/1.1 connections of one endpoint, most recently used on top.
