@@ -17,11 +17,13 @@
 //!
 //! The stack is built per call from the rule and the backend it was routed
 //! to (references: building it costs nothing), and every layer's future is
-//! a concrete, pin-projected type; the only box is the endpoint's send
-//! (hyper's future cannot be named) and, off the fast path, a wait for a
-//! bulkhead slot. The layers above `retry` take a [`Call`] and answer
-//! [`Called`] (the result and what the call did); the layers below take an
-//! [`Attempt`] and answer [`Attempted`] or [`Failed`].
+//! a concrete, pin-projected type; the boxes are the stack's future as a
+//! whole (made in `Outbound::route`, so the request's future does not carry
+//! it inline), the endpoint's send (hyper's future cannot be named) and,
+//! off the fast path, a wait for a bulkhead slot. The layers above `retry`
+//! take a [`Call`] and answer [`Called`] (the result and what the call
+//! did); the layers below take an [`Attempt`] and answer [`Attempted`] or
+//! [`Failed`].
 //!
 //! Inbound, [`inbound`] composes the local app's protection the same way:
 //!
