@@ -35,11 +35,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
-
-/// The sidecar's allocator (ADR 18): compiling a policy is mostly
-/// allocation, and glibc's malloc would measure another program.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use pylon::config::DnsConfig;
 use pylon::discovery::Dns;
 use pylon::identity::IdentityStore;
@@ -52,6 +47,11 @@ use pylon_proto::policy::{
     Metadata, PathMatch, Resource, Retry, RetryOn, RouteRule, RouteSpec, Spec, Timeouts,
 };
 use pylon_test_support::policy::{backend, yaml};
+
+/// The sidecar's allocator (ADR 18): compiling a policy is mostly
+/// allocation, and glibc's malloc would measure another program.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const TARGET: Duration = Duration::from_millis(50);
 const OWN_ID: &str = "spiffe://pylon.local/ns/default/sa/client";
