@@ -27,7 +27,9 @@ use pylon_proto::policy::GrpcCode;
 use tokio::time::Sleep;
 
 use super::body::{BoxError, ProxyBody};
-use super::error::{ProxyError, X_PYLON_ERROR, is_grpc, percent_encode_grpc_message};
+use super::error::{
+    GRPC_MESSAGE, GRPC_STATUS, ProxyError, X_PYLON_ERROR, is_grpc, percent_encode_grpc_message,
+};
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +107,7 @@ impl std::fmt::Debug for EndBody {
 
 /// The gRPC status in a header block (a head or trailers).
 pub fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
-    let v = headers.get("grpc-status")?.to_str().ok()?;
+    let v = headers.get(GRPC_STATUS)?.to_str().ok()?;
     GrpcCode::from_u8(v.parse().ok()?)
 }
 
@@ -198,7 +200,7 @@ impl EndBody {
         let message =
             format!("pylon: deadline of {timeout:?} exceeded while the response streamed");
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
-            t.insert("grpc-message", v);
+            t.insert(GRPC_MESSAGE, v);
         }
         t.insert(X_PYLON_ERROR, HeaderValue::from_static(DEADLINE_EXCEEDED));
         t
@@ -212,7 +214,7 @@ impl EndBody {
         );
         let message = format!("pylon: the upstream failed while the response streamed: {error}");
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
-            t.insert("grpc-message", v);
+            t.insert(GRPC_MESSAGE, v);
         }
         t.insert(X_PYLON_ERROR, HeaderValue::from_static(UPSTREAM_FAILED));
         t

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use pylon_proto::policy::{AbortStatus, GrpcCode};
 
 use super::body::ProxyBody;
@@ -18,7 +18,11 @@ use crate::identity::tls::IdentityMismatch;
 use crate::telemetry::request_scope::X_REQUEST_ID;
 
 /// The header naming the proxy's own failure.
-pub const X_PYLON_ERROR: &str = "x-pylon-error";
+pub const X_PYLON_ERROR: HeaderName = HeaderName::from_static("x-pylon-error");
+/// A gRPC call's status, in trailers (or a trailers-only head). Field
+/// names as typed constants: a `&str` key is parsed again at every lookup.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -312,9 +316,9 @@ pub fn grpc_status_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(u16::from(code.as_u8())));
+    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code.as_u8())));
     if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(message)) {
-        h.insert("grpc-message", v);
+        h.insert(GRPC_MESSAGE, v);
     }
     h.insert(X_PYLON_ERROR, HeaderValue::from_static(error));
     resp

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use crate::http::error::{grpc_code_for_http, http_status_for_grpc};
 
 /// `grpc-retry-pushback-ms`.
-pub const GRPC_RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+pub const GRPC_RETRY_PUSHBACK: http::HeaderName =
+    http::HeaderName::from_static("grpc-retry-pushback-ms");
 const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
 const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
