@@ -194,7 +194,7 @@ impl EndBody {
     fn deadline_trailers(timeout: Duration) -> HeaderMap {
         let mut t = HeaderMap::new();
         t.insert(
-            "grpc-status",
+            GRPC_STATUS,
             HeaderValue::from(u16::from(GrpcCode::DeadlineExceeded.as_u8())),
         );
         let message =
@@ -209,7 +209,7 @@ impl EndBody {
     fn failure_trailers(error: &BoxError) -> HeaderMap {
         let mut t = HeaderMap::new();
         t.insert(
-            "grpc-status",
+            GRPC_STATUS,
             HeaderValue::from(u16::from(GrpcCode::Unavailable.as_u8())),
         );
         let message = format!("pylon: the upstream failed while the response streamed: {error}");

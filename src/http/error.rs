@@ -19,8 +19,10 @@ use crate::telemetry::request_scope::X_REQUEST_ID;
 
 /// The header naming the proxy's own failure.
 pub const X_PYLON_ERROR: HeaderName = HeaderName::from_static("x-pylon-error");
-/// A gRPC call's status, in trailers (or a trailers-only head). Field
-/// names as typed constants: a `&str` key is parsed again at every lookup.
+
+// A gRPC call's status and message, in trailers (or a trailers-only head).
+// Field names are typed constants: a `&str` key is parsed again at every
+// lookup and insert.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 

@@ -258,7 +258,7 @@ pub struct BackendMetrics {
 }
 
 /// The faults one route injected, by kind.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FaultCounters {
     pub delays: Counter,
     pub aborts: Counter,
