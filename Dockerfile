@@ -8,7 +8,8 @@
 # (the demo, its embedded control plane, the load generator and `inject`),
 # so the binary on every pod carries the sidecar only. Both are built with
 # the `dist` profile (Cargo.toml: `release` with fat LTO and one codegen
-# unit; ADR 20).
+# unit; ADR 20); the sidecar's text is linked in the order of
+# link/pylon.order (build.rs, ADR 21).
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src

@@ -4,6 +4,7 @@ certificates, configs and policy), idle and after saturation, from
 /proc/<pid>/smaps_rollup and /proc/<pid>/smaps.
 
     rss.py --pylon BIN [--pylon BIN2 ...] [--rounds 3] [--secs 10] [--env K=V ...] [--maps]
+    rss.py --check-order --pylon BIN
 
 For each binary, in each round (binaries alternating): start the server and
 the client sidecar (one Tokio worker each, as run.py does), wait for /ready
@@ -13,7 +14,8 @@ RssFile and Pss of each sidecar; warm up 2 s and saturate with h2load for
 sidecars (CPU us per request); read VmHWM (**peak**, as run.py) and
 smaps_rollup again (**after**); wait --settle seconds (default 12: jemalloc's
 default decay is 10 s) and read it once more (**settled**). Figures are per
-sidecar, the mean of the two, median over rounds. --maps prints the idle
+sidecar, the mean of the two, median over rounds, and how much of the binary's
+text follows link/pylon.order (ADR 21). --maps prints the idle
 server sidecar's resident memory per mapping group (the binary's text,
 rodata, data; libc; heap; anonymous; stacks) in the first round.
 
@@ -172,7 +174,13 @@ def main():
     ap.add_argument("--warm", action="store_true",
                     help="leave the binary's pages in the page cache as they are (default: dropped "
                          "before each start, so every binary starts from the same state)")
+    ap.add_argument("--check-order", action="store_true",
+                    help="only say how much of each binary's text follows link/pylon.order")
     a = ap.parse_args()
+    if a.check_order:
+        for binary in a.pylon:
+            print(f"{binary}: {text_order(binary)}")
+        return
     labels = a.label or [os.path.basename(p) for p in a.pylon]
     envs = [{} for _ in a.pylon]
     for e in a.env:
@@ -234,6 +242,29 @@ def main():
         print(f"  {label:<24} " + " ".join(
             f"{statistics.median(r[c] for r in rs):>11.1f}" for c in cols))
         print(f"  {'':<24} cpu_us per round: " + ", ".join(f"{r['cpu_us']:.1f}" for r in rs))
+        print(f"  {'':<24} {text_order(a.pylon[i])}")
+
+
+def text_order(binary):
+    """How much of link/pylon.order (ADR 21) the binary's text follows: a
+    `dist` build has every symbol the file names that its code still has; a
+    file gone stale (renamed code, new dependencies) shows as fewer found."""
+    order = os.path.join(HERE, "..", "..", "link", "pylon.order")
+    nm = shutil.which("nm")
+    if not nm:
+        return "text order: not checked (no nm)"
+    with open(order) as f:
+        wanted = [line.strip() for line in f if line.strip()]
+    out = subprocess.run([nm, binary], capture_output=True, text=True).stdout
+    have = {parts[-1] for parts in map(str.split, out.splitlines()) if len(parts) >= 2}
+    found = [s for s in wanted if s in have]
+    if not found:
+        return f"text order: none of link/pylon.order's {len(wanted)} symbols in the binary"
+    # In order when the addresses of the symbols found rise as the file lists them.
+    addr = {parts[-1]: int(parts[0], 16) for parts in map(str.split, out.splitlines()) if len(parts) == 3}
+    rising = sum(addr[a] < addr[b] for a, b in zip(found, found[1:]))
+    return (f"text order: {len(found)} of link/pylon.order's {len(wanted)} symbols in the binary, "
+            f"{rising * 100 // max(1, len(found) - 1)} % of them in the file's order")
 
 
 if __name__ == "__main__":

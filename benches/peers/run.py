@@ -317,7 +317,8 @@ def start_pylon(ctx, workers, d):
     for side in ("server", "client"):
         px.spawn([ctx.pylon, "proxy", "--config", os.path.join(d, f"{side}.yaml")],
                  os.path.join(d, f"pylon-{side}.log"), env=env)
-    for admin in (server_admin, client_admin):
+    px.admins = (server_admin, client_admin)
+    for admin in px.admins:
         wait_for(lambda a=admin: http_ok(f"http://127.0.0.1:{a}/ready"), px, "pylon /ready")
     return px
 
