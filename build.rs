@@ -7,10 +7,12 @@
 //! `x86_64-unknown-linux-gnu`, where rustc links with LLD by default. A
 //! symbol the file names that the build does not have is skipped without a
 //! word, so a stale file costs resident pages, never a failed build.
-//! `PYLON_TEXT_ORDER=0` links in the linker's own order.
 //!
 //! The same build packs the relative relocations (`-z pack-relative-relocs`):
 //! the loader reads a few KB of them at start, not ~330 KB.
+//!
+//! `PYLON_TEXT_ORDER=0` turns both off: the linker's own order, and
+//! relocations as they were.
 //!
 //! Regenerate the file from a `dist` binary:
 //! `benches/peers/profile.py --pylon target/dist/pylon --mode order`.

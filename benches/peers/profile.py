@@ -32,7 +32,8 @@ the front, what it never runs stays out of its resident set.
 managed: `pylon-control serve`, a token, the peers policy applied, and one
 sidecar with identity and policy from the control plane and OTLP telemetry on
 (to a port nobody listens at); after /ready, five calls (no upstream answers
-them) and the admin endpoints, 1 s idle, its smaps_rollup.
+them) and the admin endpoints, 1 s idle, its smaps_rollup (the binary's
+pages dropped from the page cache before the start, as rss.py does).
 
 latency: per-thread run and run-queue wait from /proc/<pid>/task/<tid>/schedstat,
 read before and after the run: a stall that is CPU contention (the thread was
@@ -57,6 +58,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import run as peers  # noqa: E402
+import rss  # noqa: E402
 
 
 def thread_sched(pids):
@@ -84,7 +86,7 @@ def run_managed(pylon, control, out, scratch, callgrind=True):
     server = f"https://127.0.0.1:{cp_port}"
     cp = subprocess.Popen([control, "serve", "--data-dir", data, "--listen", f"127.0.0.1:{cp_port}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    side = None
+    side, log = None, open(os.path.join(scratch, "managed.log"), "w")
     try:
         cli = dict(os.environ, PYLON_CONTROL_SERVER=server, PYLON_CONTROL_CA_FILE=os.path.join(data, "ca.pem"),
                    PYLON_CONTROL_TOKEN_FILE=os.path.join(data, "admin.token"))
@@ -116,11 +118,11 @@ stateDir: "{scratch}/state"
         env = dict(os.environ, TOKIO_WORKER_THREADS="1", PYLON_LOG="warn")
         env.pop("PYLON_CONFIG", None)
         cmd = [pylon, "proxy", "--config", config]
+        if not callgrind:
+            rss.evict(pylon)  # as rss.py does: every binary starts from a cold page cache
         if callgrind:
             cmd = ["valgrind", "--tool=callgrind", "--demangle=no", f"--callgrind-out-file={out}/cg.managed.%p"] + cmd
-        side = subprocess.Popen(cmd,
-                                env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(os.path.join(scratch, "managed.log"), "w"))
+        side = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         base = f"http://127.0.0.1:{admin}"
         deadline = time.time() + 180
         while not peers.http_ok(f"{base}/ready"):
@@ -146,6 +148,7 @@ stateDir: "{scratch}/state"
             if p:
                 p.terminate()
                 p.wait()
+        log.close()
 
 
 def write_order(binary, groups, path):
