@@ -76,12 +76,20 @@ def thread_sched(pids):
     return out
 
 
+def read_admin(port):
+    """What a sidecar serves besides requests: a read of each admin
+    endpoint (scrapes, probes, the config dump)."""
+    for path in ("/live", "/ready", "/metrics", "/config"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as r:
+            r.read()
+
+
 def run_managed(pylon, control, out, scratch, callgrind=True):
     """A sidecar as the injector runs one: identity issued and policy
     streamed by `pylon-control serve`, telemetry on (to an OTLP endpoint
     nobody listens at). Start-up, /ready, a few calls (no upstream answers
     them) and the admin endpoints. Under callgrind, returns its dump;
-    otherwise, 1 s later, its smaps_rollup (KiB)."""
+    otherwise, 1 s later, its smaps_rollup (KiB, as rss.rollup)."""
     data, cp_port = os.path.join(scratch, "control"), peers.free_port()
     server = f"https://127.0.0.1:{cp_port}"
     cp = subprocess.Popen([control, "serve", "--data-dir", data, "--listen", f"127.0.0.1:{cp_port}"],
@@ -134,13 +142,10 @@ stateDir: "{scratch}/state"
                 urllib.request.urlopen(f"http://127.0.0.1:{outbound}/", timeout=60).read()
             except OSError:
                 pass  # no upstream: the call fails, as it may
-        for path in ("/live", "/ready", "/metrics", "/config"):
-            with urllib.request.urlopen(f"{base}{path}", timeout=60) as r:
-                r.read()
+        read_admin(admin)
         if not callgrind:
             time.sleep(1)
-            with open(f"/proc/{side.pid}/smaps_rollup") as f:
-                return {p[0][:-1]: int(p[1]) for p in map(str.split, f) if len(p) >= 2 and p[0].endswith(":")}
+            return rss.rollup(side.pid)
         subprocess.run(["callgrind_control", "-d", str(side.pid)], capture_output=True)
         return f"{out}/cg.managed.{side.pid}.1"
     finally:
@@ -234,7 +239,7 @@ def main():
     if a.mode == "managed":
         m = run_managed(a.pylon, control, out, scratch, callgrind=False)
         print(f"managed sidecar, idle: Rss {m['Rss'] / 1024:.1f} MiB, RssAnon {m['Anonymous'] / 1024:.1f}, "
-              f"RssFile {(m['Rss'] - m['Anonymous']) / 1024:.1f}, Pss {m['Pss'] / 1024:.1f}")
+              f"RssFile {m['RssFile'] / 1024:.1f}, Pss {m['Pss'] / 1024:.1f}")
         return
 
     class Ctx:
@@ -303,11 +308,8 @@ def main():
             rec.send_signal(signal.SIGINT)
             rec.wait()
         if a.mode == "order":
-            # What a sidecar serves besides requests: scrapes and the admin endpoints.
             for admin in px.admins:
-                for path in ("/live", "/ready", "/metrics", "/config"):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=60) as r:
-                        r.read()
+                read_admin(admin)
         if a.mode in ("callgrind", "order"):
             for pid in pids:
                 subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True)

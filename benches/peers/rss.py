@@ -255,13 +255,12 @@ def text_order(binary):
         return "text order: not checked (no nm)"
     with open(order) as f:
         wanted = [line.strip() for line in f if line.strip()]
-    out = subprocess.run([nm, binary], capture_output=True, text=True).stdout
-    have = {parts[-1] for parts in map(str.split, out.splitlines()) if len(parts) >= 2}
-    found = [s for s in wanted if s in have]
+    out = subprocess.run([nm, "--defined-only", binary], capture_output=True, text=True).stdout
+    addr = {parts[2]: int(parts[0], 16) for parts in map(str.split, out.splitlines()) if len(parts) == 3}
+    found = [s for s in wanted if s in addr]
     if not found:
         return f"text order: none of link/pylon.order's {len(wanted)} symbols in the binary"
     # In order when the addresses of the symbols found rise as the file lists them.
-    addr = {parts[-1]: int(parts[0], 16) for parts in map(str.split, out.splitlines()) if len(parts) == 3}
     rising = sum(addr[a] < addr[b] for a, b in zip(found, found[1:]))
     return (f"text order: {len(found)} of link/pylon.order's {len(wanted)} symbols in the binary, "
             f"{rising * 100 // max(1, len(found) - 1)} % of them in the file's order")
