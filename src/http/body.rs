@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::end::EndBody;
+use super::h2_client::RecvBody;
 use super::pool::PooledBody;
 use super::replay::ReplayBody;
 use super::request_body::RequestBody;
@@ -24,6 +25,8 @@ pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A response body from an HTTP/2 upstream.
+    H2(RecvBody),
     /// A caller's request body, under the body read timeout.
     Request(RequestBody),
     /// An HTTP/1 response body whose connection goes back to its pool once
@@ -80,6 +83,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Request(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
@@ -94,6 +98,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::H2(b) => b.is_end_stream(),
             ProxyBody::Request(b) => b.is_end_stream(),
             ProxyBody::Pooled(b) => b.is_end_stream(),
             ProxyBody::Replay(b) => b.is_end_stream(),
@@ -108,6 +113,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::H2(b) => b.size_hint(),
             ProxyBody::Request(b) => b.size_hint(),
             ProxyBody::Pooled(b) => b.size_hint(),
             ProxyBody::Replay(b) => b.size_hint(),

@@ -13,7 +13,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use pylon_proto::policy::{AbortStatus, GrpcCode};
 
 use super::body::ProxyBody;
-use super::pool::ConnectError;
+use super::pool::{ConnectError, UpstreamError};
 use crate::identity::tls::IdentityMismatch;
 use crate::telemetry::request_scope::X_REQUEST_ID;
 
@@ -62,7 +62,7 @@ pub enum ProxyError {
     Upstream {
         backend: Arc<str>,
         addr: SocketAddr,
-        source: hyper::Error,
+        source: UpstreamError,
     },
     #[error("{backend}: every endpoint is ejected")]
     NoHealthyEndpoint { backend: Arc<str> },
@@ -259,17 +259,12 @@ impl ProxyError {
 /// Whether the server said it did not process the request: the stream was
 /// refused (REFUSED_STREAM), or a graceful GOAWAY named a last stream below
 /// it (h2 fails such streams with the GOAWAY at once).
-fn refused_stream(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            let graceful_go_away =
-                h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || graceful_go_away;
-        }
-        cur = err.source();
-    }
-    false
+fn refused_stream(e: &UpstreamError) -> bool {
+    e.h2().is_some_and(|h2| {
+        let graceful_go_away =
+            h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM) || graceful_go_away
+    })
 }
 
 /// The gRPC status a gRPC client derives from an HTTP status (gRPC's

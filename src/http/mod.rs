@@ -9,6 +9,7 @@ pub mod body;
 pub mod deadline;
 pub mod end;
 pub mod error;
+pub mod h2_client;
 pub mod headers;
 pub mod listener;
 pub mod own_socket;

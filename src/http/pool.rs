@@ -22,13 +22,14 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::h2_client::{self, Http2Connection};
 use super::headers::Wire;
 use super::own_socket::OwnSocket;
 use super::request_body::{BodyReadTimeout, BodyStall};
@@ -41,8 +42,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const H1_MAX_IDLE: usize = 64;
 /// An idle HTTP/1.1 connection older than this is closed instead of reused.
 const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// HTTP/2 PING interval on pooled connections, to find dead peers.
-const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Marks a response whose request had to wait for a new connection (TCP,
+/// TLS, HTTP/2 handshake): its time to answer says little about the
+/// endpoint, so the balancer leaves it out of the latency estimate.
+#[derive(Clone, Copy, Debug)]
+pub struct NewConnection;
 
 /// How connections to an endpoint are made.
 #[derive(Clone, Debug)]
@@ -79,7 +84,7 @@ pub enum ConnectError {
     #[error("the peer did not negotiate HTTP/2 (ALPN h2)")]
     NoH2,
     #[error("HTTP handshake failed: {0}")]
-    Handshake(Arc<hyper::Error>),
+    Handshake(Arc<dyn std::error::Error + Send + Sync>),
     #[error("the backend's maxConnections are all open")]
     Overflow,
 }
@@ -90,18 +95,47 @@ pub enum SendError {
     #[error(transparent)]
     Connect(ConnectError),
     #[error(transparent)]
-    Http(hyper::Error),
+    Http(UpstreamError),
     /// The caller's request body stalled past the body read timeout while
     /// it was being sent: the caller's fault, not the endpoint's.
     #[error(transparent)]
     RequestBody(BodyReadTimeout),
 }
 
+/// A request that failed on an open connection.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Http1(hyper::Error),
+    #[error(transparent)]
+    Http2(h2::Error),
+}
+
+impl UpstreamError {
+    /// The HTTP/2 error, if the failure was one: the connection's own, or
+    /// one hyper reports.
+    pub fn h2(&self) -> Option<&h2::Error> {
+        match self {
+            UpstreamError::Http2(e) => Some(e),
+            UpstreamError::Http1(e) => {
+                let mut cur = std::error::Error::source(e);
+                while let Some(err) = cur {
+                    if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                        return Some(h2);
+                    }
+                    cur = err.source();
+                }
+                None
+            }
+        }
+    }
+}
+
 /// The connections to one endpoint address.
 pub struct EndpointPool {
     addr: SocketAddr,
     transport: Transport,
-    h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    h2: ArcSwapOption<Http2Connection>,
     /// Held while an HTTP/2 connect is under way; holds the last attempt's
     /// error. `h2_attempts` counts finished attempts, so a caller that waited
     /// on one takes its outcome instead of connecting again.
@@ -170,37 +204,42 @@ impl EndpointPool {
 
     async fn send_h2(&self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, SendError> {
         let mut retried = false;
+        let mut waited = false;
         loop {
-            let conn = self.h2_sender().await.map_err(SendError::Connect)?;
-            let mut sender = http2::SendRequest::clone(&conn);
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(ProxyBody::Incoming)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !retried => {
-                        // The connection refuses new streams (GOAWAY, or it
-                        // is closing): stop handing it out.
-                        self.h2.compare_and_swap(&conn, None::<Arc<_>>);
-                        retried = true;
-                        req = unsent;
-                    }
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+            let (conn, connected) = self.h2_sender().await.map_err(SendError::Connect)?;
+            waited |= connected;
+            match conn.send(req).await {
+                Ok(resp) => return Ok(marked(resp, waited)),
+                Err(h2_client::Failed {
+                    unsent: Some(unsent),
+                    ..
+                }) if !retried => {
+                    // The connection refuses new streams (GOAWAY, or it
+                    // is closing): stop handing it out.
+                    self.h2.compare_and_swap(&conn, None::<Arc<_>>);
+                    retried = true;
+                    req = unsent;
+                }
+                Err(failed) => return Err(SendError::Http(UpstreamError::Http2(failed.error))),
             }
         }
     }
 
-    async fn h2_sender(&self) -> Result<Arc<http2::SendRequest<ProxyBody>>, ConnectError> {
+    /// The connection to send on, and whether this caller waited for it to
+    /// be made.
+    async fn h2_sender(&self) -> Result<(Arc<Http2Connection>, bool), ConnectError> {
         if let Some(s) = self.h2.load_full()
             && !s.is_closed()
         {
-            return Ok(s);
+            return Ok((s, false));
         }
         let seen = self.h2_attempts.load(Ordering::Acquire);
         let mut last_error = self.h2_connect.lock().await;
         if let Some(s) = self.h2.load_full()
             && !s.is_closed()
         {
-            return Ok(s);
+            // Made while we waited for the lock.
+            return Ok((s, true));
         }
         if self.h2_attempts.load(Ordering::Acquire) != seen
             && let Some(e) = last_error.as_ref()
@@ -216,21 +255,23 @@ impl EndpointPool {
         self.h2_attempts.fetch_add(1, Ordering::Release);
         let sender = Arc::new(result?);
         self.h2.store(Some(sender.clone()));
-        Ok(sender)
+        Ok((sender, true))
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<ProxyBody>, ConnectError> {
+    async fn connect_h2(&self) -> Result<Http2Connection, ConnectError> {
         let (io, guard) = self.connect_io().await?;
         match io {
-            Io::Plain(tcp) => handshake_h2(tcp, guard).await,
-            Io::Tls(tls) => handshake_h2(*tls, guard).await,
+            Io::Plain(tcp) => Http2Connection::handshake(tcp, guard).await,
+            Io::Tls(tls) => Http2Connection::handshake(*tls, guard).await,
         }
+        .map_err(|e| ConnectError::Handshake(Arc::new(e)))
     }
 
     async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
+        let mut waited = false;
         loop {
             let (mut sender, reused) = match self.h1_idle.take().await {
                 Some(s) => (s, true),
@@ -241,6 +282,7 @@ impl EndpointPool {
                     false,
                 ),
             };
+            waited |= !reused;
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
@@ -249,13 +291,14 @@ impl EndpointPool {
                         ret: Some((sender, self.h1_idle.clone())),
                         done: false,
                     };
-                    return Ok(Response::from_parts(parts, ProxyBody::Pooled(body)));
+                    let resp = Response::from_parts(parts, ProxyBody::Pooled(body));
+                    return Ok(marked(resp, waited));
                 }
                 Err(mut e) => match e.take_message() {
                     // A reused connection that closed before taking the
                     // request; a fresh one is tried at most once per idle one.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
+                    _ => return Err(SendError::Http(UpstreamError::Http1(e.into_error()))),
                 },
             }
         }
@@ -319,6 +362,14 @@ impl EndpointPool {
     }
 }
 
+/// `resp`, marked [`NewConnection`] when its request waited for one.
+fn marked(mut resp: Response<ProxyBody>, waited: bool) -> Response<ProxyBody> {
+    if waited {
+        resp.extensions_mut().insert(NewConnection);
+    }
+    resp
+}
+
 enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
@@ -328,48 +379,6 @@ enum Io {
 /// backend's cap, and its address in the registry of the sidecar's own
 /// sockets (redirect-loop detection).
 type Held = (ConnectionGuard, OwnSocket);
-
-async fn handshake_h2<T>(io: T, guard: Held) -> Result<http2::SendRequest<ProxyBody>, ConnectError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = http2::Builder::new(BoxingExecutor)
-        .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .keep_alive_interval(H2_KEEPALIVE)
-        .keep_alive_timeout(H2_KEEPALIVE)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ConnectError::Handshake(Arc::new(e)))?;
-    tokio::spawn(async move {
-        let _open = guard;
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
-        }
-    });
-    Ok(sender)
-}
-
-/// Spawns the futures of hyper's HTTP/2 client in a box. hyper hands each
-/// one over as one enum as large as its connection task (~2.5 KB), once or
-/// twice per request (the response's wait, and the request body's pipe
-/// when there is one). Tokio keeps a task's future inline in its cell,
-/// and writes the whole cell's stage (as large as the future) again to drop
-/// the future and to store its output: an inline 2.5 KB future is copied
-/// three times, a boxed one once, for one allocation.
-#[derive(Clone, Copy, Debug)]
-struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
-}
 
 /// Idle HTTP/1.1 connections of one endpoint, most recently used on top.
 #[derive(Default)]
@@ -459,6 +468,68 @@ impl Drop for PooledBody {
             && let Some((sender, idle)) = self.ret.take()
         {
             idle.put(sender);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An h2c or HTTP/1.1 server answering every request with 200.
+    async fn server(h2: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let io = TokioIo::new(tcp);
+                let ok = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                });
+                tokio::spawn(async move {
+                    if h2 {
+                        let builder =
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                        let _ = builder.serve_connection(io, ok).await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, ok)
+                            .await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn only_an_answer_that_waited_for_its_connection_is_marked_new() {
+        for (wire, h2) in [(Wire::Http2, true), (Wire::Http1, false)] {
+            let addr = server(h2).await;
+            let limit = Arc::new(ConnectionLimit::new(None));
+            let pool = EndpointPool::new(addr, Transport::Plain, limit);
+            let mut marks = Vec::new();
+            for _ in 0..2 {
+                let mut req = Request::new(ProxyBody::Empty);
+                if h2 {
+                    *req.version_mut() = http::Version::HTTP_2;
+                    *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+                }
+                let resp = pool.send(req, wire).await.unwrap();
+                marks.push(resp.extensions().get::<NewConnection>().is_some());
+                // Read to the end: an HTTP/1.1 connection goes back to the
+                // pool only then.
+                resp.into_body().collect().await.unwrap();
+            }
+            assert_eq!(marks, [true, false], "{wire:?}");
         }
     }
 }

@@ -23,6 +23,7 @@ use super::{Attempted, Failed, Routed, expired};
 use crate::http::body::ProxyBody;
 use crate::http::deadline::{GRPC_TIMEOUT, format_grpc_timeout};
 use crate::http::error::ProxyError;
+use crate::http::pool::NewConnection;
 use crate::policy::backend::{Backend, Endpoint};
 use crate::policy::routing::Rule;
 use crate::resilience::balancer::LoadGuard;
@@ -194,8 +195,14 @@ where
                 };
                 Poll::Ready(match sent {
                     Ok(Ok(resp)) => {
-                        let end = Instant::now();
-                        s.load.record_latency(end - s.start, end);
+                        // A connect's handshakes are not the endpoint's
+                        // latency: counted, one slow first answer would
+                        // price it out of the balancer's picks for tens
+                        // of seconds.
+                        if resp.extensions().get::<NewConnection>().is_none() {
+                            let end = Instant::now();
+                            s.load.record_latency(end - s.start, end);
+                        }
                         Ok(Attempted {
                             resp,
                             endpoint: s.endpoint,

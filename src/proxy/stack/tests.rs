@@ -338,6 +338,8 @@ fn routed(n: u32, deadline: Option<Deadline>) -> Routed {
 struct FakeSend {
     status: Option<u16>,
     headers: Arc<Mutex<Vec<http::HeaderMap>>>,
+    /// Answers as over a connection the request waited for.
+    new_connection: bool,
 }
 
 impl Service<Routed> for FakeSend {
@@ -360,6 +362,10 @@ impl Service<Routed> for FakeSend {
             Some(status) => {
                 let mut resp = Response::new(ProxyBody::Empty);
                 *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                if self.new_connection {
+                    resp.extensions_mut()
+                        .insert(crate::http::pool::NewConnection);
+                }
                 Box::pin(ready(Ok(resp)))
             }
             None => Box::pin(std::future::pending()),
@@ -407,6 +413,32 @@ async fn an_attempt_is_marked_and_bounded_by_its_timeout_or_the_deadline() {
     assert!(headers[0].get("grpc-timeout").is_none());
     assert_eq!(headers[1]["x-pylon-attempt"], "3");
     assert_eq!(headers[1]["grpc-timeout"], "50000000n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_over_a_new_connection_leaves_the_latency_estimate_alone() {
+    use crate::resilience::balancer::DEFAULT_RTT;
+    let backend = Backend::for_tests("Backend/t");
+    let r = rule(&backend, RulePolicy::default());
+    for (new_connection, estimate) in [(true, DEFAULT_RTT), (false, Duration::ZERO)] {
+        let send = FakeSend {
+            status: Some(200),
+            new_connection,
+            ..FakeSend::default()
+        };
+        let mut svc = attempt::AttemptLayer::new(&r, &backend).layer(send);
+        let Ok(attempted) = svc.call(routed(1, None)).await else {
+            panic!("no answer")
+        };
+        // Time stands still: a counted answer took no time at all; one
+        // left out keeps the default a new endpoint starts from.
+        let load = &attempted.endpoint.load;
+        assert_eq!(
+            load.rtt_estimate(Instant::now()),
+            estimate,
+            "{new_connection}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
