@@ -3,7 +3,10 @@
 //! 6-byte body, over h2c (prior knowledge) and HTTP/1.1 on one port.
 //!
 //! It is meant to cost as little as possible next to the proxies in front of
-//! it: no routing, no logging, one static body.
+//! it: no routing, no logging, one static body. Two paths serve the bulk
+//! benchmark (`benches/peers/bulk.py`) instead: `/bytes/N` answers with N
+//! bytes, in 1 MiB chunks; `/upload` reads the request body to its end and
+//! answers with its length.
 //!
 //! ```text
 //! peers-backend [ADDR] [WORKER_THREADS]      # defaults 127.0.0.1:0 and 1
@@ -18,13 +21,19 @@ use std::io::Write;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
 const BODY: &[u8] = b"hello\n";
+/// The chunk `/bytes/N` answers in.
+const CHUNK: usize = 1024 * 1024;
+
+type Chunks = tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>;
+type AnyBody = Either<Full<Bytes>, StreamBody<Chunks>>;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -54,8 +63,21 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
         tokio::spawn(async move {
-            let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
+            let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let path = req.uri().path();
+                let body: AnyBody = if let Some(n) = path.strip_prefix("/bytes/") {
+                    Either::Right(chunks(n.parse().unwrap_or(0)))
+                } else if path == "/upload" {
+                    let mut body = req.into_body();
+                    let mut len = 0;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        len += frame.data_ref().map_or(0, Bytes::len);
+                    }
+                    Either::Left(Full::new(Bytes::from(format!("{len}\n"))))
+                } else {
+                    Either::Left(Full::new(Bytes::from_static(BODY)))
+                };
+                let mut response = Response::new(body);
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static("text/plain"),
@@ -68,4 +90,14 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
                 .await;
         });
     }
+}
+
+/// `len` bytes in chunks of [`CHUNK`], sharing one buffer.
+fn chunks(len: usize) -> StreamBody<Chunks> {
+    static ZEROS: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let zeros = ZEROS.get_or_init(|| Bytes::from(vec![0u8; CHUNK]));
+    let frames: Vec<_> = (0..len.div_ceil(CHUNK))
+        .map(|i| Ok(Frame::data(zeros.slice(..(len - i * CHUNK).min(CHUNK)))))
+        .collect();
+    StreamBody::new(tokio_stream::iter(frames))
 }

@@ -1,9 +1,10 @@
 //! HTTP/2 to upstreams on `h2` directly (ADR 22).
 //!
 //! A request is sent from the caller's own task: it opens a stream on the
-//! shared connection and waits there for the response head, feeding the
-//! request body to the stream meanwhile. Only a request body still
-//! streaming when the response head arrives gets a task of its own.
+//! shared connection, sends what its body has ready, and waits there for
+//! the response head. Only a request body still to come after that (an
+//! upload, a client stream) gets a task of its own, reset if the caller
+//! gives up before the answer.
 //! (hyper's client hands every request to a dispatch task over a channel,
 //! spawns a task per request to wait for the response, and answers over a
 //! second channel: three more wake-ups and a spawn per request.)
@@ -24,11 +25,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
+use h2::client::SendRequest;
 use h2::{Ping, Reason, RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep};
 
 use super::body::{BoxError, ProxyBody};
@@ -136,15 +138,23 @@ impl Http2Connection {
             unsent: None,
         })?;
         drop(send);
-        let mut waiting = Waiting {
-            response,
-            pipe: (!eos).then(|| Pipe::new(body, tx)),
-        };
-        let resp = poll_fn(|cx| waiting.poll(cx)).await;
-        if let Some(pipe) = waiting.pipe.take() {
-            // The answer came first: the rest of the request body streams
-            // on its own.
-            tokio::spawn(pipe);
+        let mut streaming = None;
+        if !eos {
+            let mut pipe = Pipe::new(body, tx);
+            // Usually the whole body is here already (a unary call's one
+            // message): sent now, with no task for it.
+            let done = poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx).is_ready())).await;
+            if !done {
+                let (cancel, cancelled) = oneshot::channel();
+                pipe.cancelled = Some(cancelled);
+                tokio::spawn(pipe);
+                streaming = Some(CancelOnDrop(Some(cancel)));
+            }
+        }
+        let resp = response.await;
+        if let Some(mut c) = streaming {
+            // Answered: the body streams on, whatever becomes of the answer.
+            c.disarm();
         }
         match resp {
             Ok(resp) => {
@@ -165,20 +175,22 @@ impl Http2Connection {
     }
 }
 
-/// A request waiting for its response head, sending its body meanwhile.
-struct Waiting {
-    response: ResponseFuture,
-    pipe: Option<Pipe>,
+/// Resets a streaming request whose caller gave up before the answer came
+/// (a timeout, a cancelled call): its body's task would otherwise go on
+/// sending it.
+struct CancelOnDrop(Option<oneshot::Sender<()>>);
+
+impl CancelOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
 }
 
-impl Waiting {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<RecvStream>, h2::Error>> {
-        if let Some(pipe) = self.pipe.as_mut()
-            && Pin::new(pipe).poll(cx).is_ready()
-        {
-            self.pipe = None;
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            let _ = cancel.send(());
         }
-        Pin::new(&mut self.response).poll(cx)
     }
 }
 
@@ -255,6 +267,9 @@ struct Pipe {
     tx: SendStream<Bytes>,
     /// A chunk taken from the body, waiting for send capacity.
     chunk: Option<(Bytes, bool)>,
+    /// Once the pipe has a task of its own: fires when the caller gave up
+    /// on the answer.
+    cancelled: Option<oneshot::Receiver<()>>,
 }
 
 impl Pipe {
@@ -263,6 +278,7 @@ impl Pipe {
             body,
             tx,
             chunk: None,
+            cancelled: None,
         }
     }
 
@@ -345,6 +361,17 @@ impl Future for Pipe {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if let Some(cancelled) = this.cancelled.as_mut() {
+            match Pin::new(cancelled).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    this.tx.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                // Answered: nothing more to watch.
+                Poll::Ready(Err(_)) => this.cancelled = None,
+                Poll::Pending => {}
+            }
+        }
         this.step(cx).map(|r| {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "request body to an HTTP/2 upstream ended early");
@@ -421,8 +448,6 @@ impl Body for RecvBody {
 mod tests {
     use http_body_util::{BodyExt, StreamBody};
     use tokio::net::{TcpListener, TcpStream};
-
-    use tokio::sync::oneshot;
 
     use super::*;
 
@@ -505,6 +530,33 @@ mod tests {
         let (received, trailers) = served.await.unwrap();
         assert_eq!(received, b"one two");
         assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    }
+
+    #[tokio::test]
+    async fn a_streaming_request_whose_caller_gives_up_is_reset() {
+        let (client, mut server) = pair().await;
+        let (chunks, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (accepted, on_accept) = oneshot::channel();
+        let served = tokio::spawn(async move {
+            let (req, _respond) = server.accept().await.unwrap().unwrap();
+            accepted.send(()).unwrap();
+            let mut recv = req.into_body();
+            let driving = std::future::poll_fn(|cx| server.poll_closed(cx));
+            tokio::select! {
+                data = recv.data() => data,
+                _ = driving => panic!("connection closed"),
+            }
+        });
+        // The request is open and its body's task waits for data; the
+        // caller stops waiting for the answer.
+        tokio::select! {
+            _ = client.send(request(ProxyBody::boxed(body))) => panic!("answered"),
+            _ = on_accept => {}
+        }
+        let error = served.await.unwrap().unwrap().unwrap_err();
+        assert_eq!(error.reason(), Some(Reason::CANCEL));
+        drop(chunks);
     }
 
     #[tokio::test]
