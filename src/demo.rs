@@ -14,8 +14,8 @@
 //! fixed rate through the client sidecar ([`crate::loadgen`]) and prints one
 //! row per second: rate, success, latency, retries sent, endpoints ejected
 //! and the policy version the client sidecar runs. The scenario: at 5 s the
-//! third greeter starts failing (retries mask it, outlier detection ejects
-//! it); at 10 s, 15 s and 25 s the canary's weight goes to 10 %, 50 % and
+//! stable greeter that has answered the most calls starts failing (retries
+//! mask it, outlier detection ejects it); at 10 s, 15 s and 25 s the canary's weight goes to 10 %, 50 % and
 //! 100 % through the admin API, and the table says when every sidecar has
 //! acknowledged each version; at 20 s the failing greeter heals. It runs
 //! until `--duration` has passed or Ctrl-C; on the way out it stops
@@ -92,7 +92,10 @@ const ACK_POLL: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    /// The last stable greeter starts failing.
+    /// The stable greeter that has answered the most calls starts failing.
+    /// (At the demo's load the least-request balancer favours the fastest
+    /// greeters, and one may get only a call a second: its failure would
+    /// take seconds to show, and callers would hardly feel it.)
     Fail,
     Heal,
     /// The canary's share, in percent.
@@ -209,6 +212,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 );
                 before = now;
                 row_started = Instant::now();
+                mesh.note_calls();
             }
             () = &mut deadline => break "duration reached",
         }
@@ -395,6 +399,10 @@ struct DemoMesh {
     admin: PolicyAdminClient<Channel>,
     /// Three stable greeters, then the canary.
     greeters: Vec<RunningGreeter>,
+    /// The stable greeter made to fail, until it heals.
+    failing: Option<usize>,
+    /// Each stable greeter's calls at the last row.
+    calls_seen: [u64; GREETERS],
     servers: Vec<Sidecar>,
     client: Sidecar,
     /// Routes to the greeters like the client, but is not admitted by them.
@@ -509,6 +517,8 @@ impl DemoMesh {
             control,
             admin: mesh_admin.client,
             greeters,
+            failing: None,
+            calls_seen: [0; GREETERS],
             servers,
             client,
             intruder,
@@ -568,17 +578,32 @@ impl DemoMesh {
         Ok(reply.into_inner().version)
     }
 
+    /// Notes each stable greeter's calls so far, for the next row.
+    fn note_calls(&mut self) {
+        for (seen, greeter) in self.calls_seen.iter_mut().zip(&self.greeters) {
+            *seen = greeter.calls();
+        }
+    }
+
     /// Carries out one step of the scenario; returns what to print.
     async fn take(&mut self, step: Step, awaiting: &mut Option<(u64, Instant)>) -> String {
         match step {
             Step::Fail => {
-                self.greeters[GREETERS - 1].set_failing(true);
-                format!("greeter {GREETERS} starts failing (UNAVAILABLE)")
+                // Over the last second: where the balancer sends calls now.
+                let busiest = (0..GREETERS)
+                    .max_by_key(|&i| self.greeters[i].calls() - self.calls_seen[i])
+                    .unwrap_or(0);
+                self.greeters[busiest].set_failing(true);
+                self.failing = Some(busiest);
+                format!("greeter {} starts failing (UNAVAILABLE)", busiest + 1)
             }
-            Step::Heal => {
-                self.greeters[GREETERS - 1].set_failing(false);
-                format!("greeter {GREETERS} heals")
-            }
+            Step::Heal => match self.failing.take() {
+                Some(i) => {
+                    self.greeters[i].set_failing(false);
+                    format!("greeter {} heals", i + 1)
+                }
+                None => String::new(),
+            },
             Step::Canary(percent) => {
                 let started = Instant::now();
                 let version = match self.apply(percent).await {
@@ -793,7 +818,7 @@ fn print_header(
         "  policy          retries (UNAVAILABLE, 2 more tries, budget 20 %), outlier ejection\n                  (3 gateway errors → out for 5 s, growing), least-request balancing"
     );
     println!(
-        "  scenario        5s greeter {GREETERS} starts failing; 10s, 15s, 25s canary greeter-v2 at\n                  10 %, 50 %, 100 % (applied through the control plane); 20s greeter {GREETERS} heals"
+        "  scenario        5s the busiest greeter starts failing; 10s, 15s, 25s canary greeter-v2 at\n                  10 %, 50 %, 100 % (applied through the control plane); 20s it heals"
     );
     println!(
         "  identities      every sidecar made its key and a CSR; the control plane's CA signed\n                  it for the identity of the sidecar's bootstrap token (24 h, renewed at 70 %)"

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pylon_proto::helloworld::greeter_server::{Greeter, GreeterServer};
 use pylon_proto::helloworld::{HelloReply, HelloRequest};
@@ -22,6 +22,8 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone, Default)]
 pub struct HelloGreeter {
     failing: Arc<AtomicBool>,
+    /// Calls answered, either way.
+    calls: Arc<AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -30,6 +32,7 @@ impl Greeter for HelloGreeter {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         if self.failing.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this greeter is failing on purpose"));
         }
@@ -44,6 +47,7 @@ impl Greeter for HelloGreeter {
 pub struct RunningGreeter {
     pub addr: SocketAddr,
     failing: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -57,6 +61,7 @@ impl RunningGreeter {
         let (shutdown, stop_requested) = oneshot::channel::<()>();
         let greeter = HelloGreeter::default();
         let failing = greeter.failing.clone();
+        let calls = greeter.calls.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(GreeterServer::new(greeter))
@@ -68,6 +73,7 @@ impl RunningGreeter {
         Ok(RunningGreeter {
             addr,
             failing,
+            calls,
             shutdown,
             server,
         })
@@ -76,6 +82,11 @@ impl RunningGreeter {
     /// From now on every call fails with UNAVAILABLE (`true`) or succeeds.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Calls answered so far, successfully or not.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, lets open connections finish, and returns how
