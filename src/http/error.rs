@@ -256,6 +256,20 @@ impl ProxyError {
     }
 }
 
+/// The HTTP/2 error in `e`'s chain of sources, `e` included: hyper and
+/// tower wrap the `h2::Error` that says which reason a stream or
+/// connection ended with.
+pub fn h2_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a h2::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Whether the server said it did not process the request: the stream was
 /// refused (REFUSED_STREAM), or a graceful GOAWAY named a last stream below
 /// it (h2 fails such streams with the GOAWAY at once).

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep};
 
 use super::body::{BoxError, ProxyBody};
+use super::error::h2_error_in;
 
 /// How often a connection is pinged, and how long a PONG may take before
 /// the connection is given up as dead.
@@ -343,8 +344,8 @@ impl Pipe {
                 Some(Err(e)) => {
                     // The caller's reason when it reset its own stream;
                     // ours otherwise.
-                    self.tx
-                        .send_reset(reason_in(&*e).unwrap_or(Reason::INTERNAL_ERROR));
+                    let reason = h2_error_in(&*e).and_then(h2::Error::reason);
+                    self.tx.send_reset(reason.unwrap_or(Reason::INTERNAL_ERROR));
                     return Poll::Ready(Err(e));
                 }
                 None => {
@@ -378,18 +379,6 @@ impl Future for Pipe {
             }
         })
     }
-}
-
-/// The HTTP/2 reason somewhere in `e`'s chain of sources.
-fn reason_in(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        cur = err.source();
-    }
-    None
 }
 
 /// A response body from an HTTP/2 upstream. Read data is handed back to

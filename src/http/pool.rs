@@ -29,6 +29,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::error::h2_error_in;
 use super::h2_client::{self, Http2Connection};
 use super::headers::Wire;
 use super::own_socket::OwnSocket;
@@ -117,16 +118,7 @@ impl UpstreamError {
     pub fn h2(&self) -> Option<&h2::Error> {
         match self {
             UpstreamError::Http2(e) => Some(e),
-            UpstreamError::Http1(e) => {
-                let mut cur = std::error::Error::source(e);
-                while let Some(err) = cur {
-                    if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                        return Some(h2);
-                    }
-                    cur = err.source();
-                }
-                None
-            }
+            UpstreamError::Http1(e) => h2_error_in(e),
         }
     }
 }

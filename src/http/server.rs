@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::error::h2_error_in;
 use super::request_body::RequestBody;
 use crate::config::ConnectionSettings;
 use crate::telemetry::metrics::{Limit, ListenerLimits};
@@ -169,16 +170,7 @@ impl HttpServer {
 
     /// Counts the limits an ended connection's error says it hit.
     fn count_error(&self, e: &BoxError) {
-        let mut h2_error = None;
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-        while let Some(err) = source {
-            if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                h2_error = Some(h2);
-                break;
-            }
-            source = err.source();
-        }
-        match h2_error {
+        match h2_error_in(e.as_ref()) {
             Some(h2) if h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => self.limits.hit(
                 Limit::Http2Resets,
                 &format_args!("closed an HTTP/2 connection: {h2}"),
