@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Ping, Reason, RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -160,10 +160,8 @@ impl Http2Connection {
         match resp {
             Ok(resp) => {
                 let (parts, recv) = resp.into_parts();
-                let remaining = content_length(&parts.headers);
                 let body = RecvBody {
                     recv,
-                    remaining,
                     data_done: false,
                 };
                 Ok(Response::from_parts(parts, ProxyBody::H2(body)))
@@ -210,15 +208,6 @@ fn set_content_length(head: &mut Request<()>, body: &ProxyBody) {
         head.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Pings the connection every [`KEEPALIVE`]; ready with an error when a
@@ -382,12 +371,12 @@ impl Future for Pipe {
 }
 
 /// A response body from an HTTP/2 upstream. Read data is handed back to
-/// the connection's window at once.
+/// the connection's window at once. Its size is not hinted: a
+/// `content-length` the upstream sent goes to the caller as a field, and
+/// `h2` checks the body against it.
 #[derive(Debug)]
 pub struct RecvBody {
     recv: RecvStream,
-    /// What `content-length` says is left.
-    remaining: Option<u64>,
     data_done: bool,
 }
 
@@ -404,9 +393,6 @@ impl Body for RecvBody {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(n) = this.remaining.as_mut() {
-                        *n = n.saturating_sub(data.len() as u64);
-                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 // RST_STREAM(NO_ERROR) after a complete response: the
@@ -428,13 +414,17 @@ impl Body for RecvBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.remaining
-            .map_or_else(SizeHint::default, SizeHint::with_exact)
+        if self.recv.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
     use http_body_util::{BodyExt, StreamBody};
     use tokio::net::{TcpListener, TcpStream};
 
