@@ -34,7 +34,8 @@ import run as peers  # noqa: E402
 
 
 def transfer(h2load, url, n, upload=None):
-    """MB/s of n requests to url, one at a time (upload: a file to POST)."""
+    """Seconds h2load took for n requests to url, one at a time (upload: a
+    file to POST)."""
     cmd = [h2load, "-t", "1", "-c", "1", "-m", "1", "-n", str(n)]
     if upload:
         cmd += ["-d", upload]
@@ -44,8 +45,7 @@ def transfer(h2load, url, n, upload=None):
     if done["ok"] != n:
         raise RuntimeError(f"{url}: {done}\n{out[-1500:]}")
     m = re.search(r"finished in ([\d.]+)(ms|s)", out)
-    secs = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-    return done, secs
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
 
 
 def main():
@@ -79,8 +79,8 @@ def main():
     results = {i: {"down": [], "up": []} for i in range(len(a.pylon))}
     try:
         base = f"http://127.0.0.1:{ctx.backend_port}"
-        direct = (mb / transfer(ctx.h2load, f"{base}/bytes/{size}", a.n)[1],
-                  mb / transfer(ctx.h2load, f"{base}/upload", a.n, payload)[1])
+        direct = (mb / transfer(ctx.h2load, f"{base}/bytes/{size}", a.n),
+                  mb / transfer(ctx.h2load, f"{base}/upload", a.n, payload))
         peers.log(f"backend alone: download {direct[0]:.0f} MB/s, upload {direct[1]:.0f} MB/s")
         for rnd in range(a.rounds):
             order = list(range(len(a.pylon)))
@@ -94,8 +94,8 @@ def main():
                 try:
                     peers.wait_for_path(ctx, px, "pylon", d)
                     url = f"http://127.0.0.1:{px.outbound}"
-                    down = mb / transfer(ctx.h2load, f"{url}/bytes/{size}", a.n)[1]
-                    up = mb / transfer(ctx.h2load, f"{url}/upload", a.n, payload)[1]
+                    down = mb / transfer(ctx.h2load, f"{url}/bytes/{size}", a.n)
+                    up = mb / transfer(ctx.h2load, f"{url}/upload", a.n, payload)
                 finally:
                     px.stop()
                 results[i]["down"].append(down)

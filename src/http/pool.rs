@@ -29,7 +29,6 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::error::h2_error_in;
 use super::h2_client::{self, Http2Connection};
 use super::headers::Wire;
 use super::own_socket::OwnSocket;
@@ -113,12 +112,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// The HTTP/2 error, if the failure was one: the connection's own, or
-    /// one hyper reports.
+    /// The HTTP/2 error, if the failure was on an HTTP/2 connection.
     pub fn h2(&self) -> Option<&h2::Error> {
         match self {
             UpstreamError::Http2(e) => Some(e),
-            UpstreamError::Http1(e) => h2_error_in(e),
+            UpstreamError::Http1(_) => None,
         }
     }
 }
