@@ -97,7 +97,7 @@ impl Http2Connection {
         let ended = closed.clone();
         tokio::spawn(async move {
             let _held = held;
-            let mut keepalive = ping.map(Keepalive::new);
+            let mut keepalive = ping.map(|p| Keepalive::new(p, KEEPALIVE));
             let result = poll_fn(|cx| {
                 if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(r);
@@ -160,11 +160,10 @@ impl Http2Connection {
         match resp {
             Ok(resp) => {
                 let (parts, recv) = resp.into_parts();
-                let body = RecvBody {
-                    recv,
-                    data_done: false,
-                };
-                Ok(Response::from_parts(parts, ProxyBody::H2(body)))
+                Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::H2(RecvBody::new(recv)),
+                ))
             }
             Err(error) => Err(Failed {
                 error,
@@ -210,30 +209,34 @@ fn set_content_length(head: &mut Request<()>, body: &ProxyBody) {
     }
 }
 
-/// Pings the connection every [`KEEPALIVE`]; ready with an error when a
-/// PONG is late.
-struct Keepalive {
+/// Pings a connection (either side's) every `interval`; ready when a PONG
+/// has not come back within `interval` (`Ok`), or the PING could not be
+/// sent (`Err`).
+pub(super) struct Keepalive {
     ping: h2::PingPong,
+    interval: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
     awaiting_pong: bool,
 }
 
 impl Keepalive {
-    fn new(ping: h2::PingPong) -> Keepalive {
+    pub(super) fn new(ping: h2::PingPong, interval: Duration) -> Keepalive {
         Keepalive {
             ping,
-            timer: Box::pin(sleep(KEEPALIVE)),
+            interval,
+            timer: Box::pin(sleep(interval)),
             awaiting_pong: false,
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        let interval = self.interval;
         loop {
             if self.awaiting_pong {
                 match self.ping.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
                         self.awaiting_pong = false;
-                        self.timer.as_mut().reset(Instant::now() + KEEPALIVE);
+                        self.timer.as_mut().reset(Instant::now() + interval);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {}
@@ -241,19 +244,20 @@ impl Keepalive {
             }
             ready!(self.timer.as_mut().poll(cx));
             if self.awaiting_pong {
-                tracing::debug!("HTTP/2 upstream connection: no PONG within {KEEPALIVE:?}");
+                tracing::debug!("HTTP/2 connection: no PONG within {interval:?}");
                 return Poll::Ready(Ok(()));
             }
             self.ping.send_ping(Ping::opaque())?;
             self.awaiting_pong = true;
-            self.timer.as_mut().reset(Instant::now() + KEEPALIVE);
+            self.timer.as_mut().reset(Instant::now() + interval);
         }
     }
 }
 
-/// Feeds a request body to its stream, as the peer's flow control allows.
-struct Pipe {
-    body: ProxyBody,
+/// Feeds a body to its stream, as the peer's flow control allows: a
+/// request's here, a response's in `h2_server`.
+pub(super) struct Pipe<B = ProxyBody> {
+    body: B,
     tx: SendStream<Bytes>,
     /// A chunk taken from the body, waiting for send capacity.
     chunk: Option<(Bytes, bool)>,
@@ -262,8 +266,12 @@ struct Pipe {
     cancelled: Option<oneshot::Receiver<()>>,
 }
 
-impl Pipe {
-    fn new(body: ProxyBody, tx: SendStream<Bytes>) -> Pipe {
+impl<B> Pipe<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub(super) fn new(body: B, tx: SendStream<Bytes>) -> Pipe<B> {
         Pipe {
             body,
             tx,
@@ -331,8 +339,9 @@ impl Pipe {
                     }
                 },
                 Some(Err(e)) => {
-                    // The caller's reason when it reset its own stream;
-                    // ours otherwise.
+                    let e: BoxError = e.into();
+                    // The reason of the stream whose reset ended this
+                    // body (a caller's or an upstream's); ours otherwise.
                     let reason = h2_error_in(&*e).and_then(h2::Error::reason);
                     self.tx.send_reset(reason.unwrap_or(Reason::INTERNAL_ERROR));
                     return Poll::Ready(Err(e));
@@ -346,7 +355,11 @@ impl Pipe {
     }
 }
 
-impl Future for Pipe {
+impl<B> Future for Pipe<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -364,20 +377,29 @@ impl Future for Pipe {
         }
         this.step(cx).map(|r| {
             if let Err(e) = r {
-                tracing::debug!(error = %e, "request body to an HTTP/2 upstream ended early");
+                tracing::debug!(error = %e, "a body sent over HTTP/2 ended early");
             }
         })
     }
 }
 
-/// A response body from an HTTP/2 upstream. Read data is handed back to
-/// the connection's window at once. Its size is not hinted: a
-/// `content-length` the upstream sent goes to the caller as a field, and
-/// `h2` checks the body against it.
+/// A body received over HTTP/2: a response's from an upstream, or a
+/// request's from a caller (`h2_server`). Read data is handed back to the
+/// connection's window at once. Its size is not hinted: a `content-length`
+/// the peer sent goes on as a field, and `h2` checks the body against it.
 #[derive(Debug)]
 pub struct RecvBody {
     recv: RecvStream,
     data_done: bool,
+}
+
+impl RecvBody {
+    pub(super) fn new(recv: RecvStream) -> RecvBody {
+        RecvBody {
+            recv,
+            data_done: false,
+        }
+    }
 }
 
 impl Body for RecvBody {

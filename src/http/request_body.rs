@@ -1,5 +1,5 @@
-//! A caller's request body as every listener hands it on: the body hyper
-//! received, read with a limit on the gap between its frames
+//! A caller's request body as every listener hands it on: the body
+//! received over HTTP/1 (hyper) or HTTP/2 (`h2_server`), read with a limit on the gap between its frames
 //! (`connections.bodyReadTimeout`). A caller that opens a request and then
 //! trickles or stalls its body cannot hold a connection, a stream, a
 //! bulkhead slot or an upstream connection for longer than that gap.
@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::body::BoxError;
+use super::h2_client::RecvBody;
 use crate::telemetry::metrics::{Limit, ListenerLimits};
 
 /// The caller sent no body data for the body read timeout.
@@ -73,9 +74,45 @@ impl BodyStall {
     }
 }
 
+/// A request body as a caller sent it, over either protocol.
+#[derive(Debug)]
+pub enum CallerBody {
+    Http1(Incoming),
+    Http2(RecvBody),
+}
+
+impl Body for CallerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            CallerBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            CallerBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            CallerBody::Http1(b) => b.is_end_stream(),
+            CallerBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            CallerBody::Http1(b) => b.size_hint(),
+            CallerBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A caller's request body under the body read timeout.
 #[derive(Debug)]
-pub struct RequestBody<B = Incoming> {
+pub struct RequestBody<B = CallerBody> {
     body: B,
     /// `None` when the timeout is off or the body was empty to begin with.
     watch: Option<Watch>,

@@ -1,6 +1,7 @@
 //! The HTTP server every listener runs (the mesh listeners, the admin port
 //! and the probe listener), and the limits of `connections.*` it keeps on
-//! each connection:
+//! each connection. A connection that opens with the HTTP/2 preface is
+//! served by `h2_server` (ADR 23), any other by hyper's HTTP/1 server.
 //!
 //! - a client must speak within `firstBytesTimeout`: a complete HTTP/1
 //!   request head, or the HTTP/2 preface and a frame header; one that
@@ -36,17 +37,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::error::h2_error_in;
-use super::request_body::RequestBody;
+use super::h2_server::{self, Ended};
+use super::prefixed::Prefixed;
+use super::request_body::{CallerBody, RequestBody};
 use crate::config::ConnectionSettings;
 use crate::telemetry::metrics::{Limit, ListenerLimits};
 
@@ -67,7 +71,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// One listener's HTTP server. Cheap to clone.
 #[derive(Clone)]
 pub struct HttpServer {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// HTTP/1 connections' settings (HTTP/2: `h2_server`).
+    http1: Arc<http1::Builder>,
     settings: Arc<ConnectionSettings>,
     limits: ListenerLimits,
 }
@@ -75,7 +80,7 @@ pub struct HttpServer {
 impl HttpServer {
     pub fn new(settings: &ConnectionSettings, limits: ListenerLimits) -> HttpServer {
         HttpServer {
-            builder: Arc::new(builder(settings)),
+            http1: Arc::new(http1_builder(settings)),
             settings: Arc::new(settings.clone()),
             limits,
         }
@@ -100,28 +105,73 @@ impl HttpServer {
         S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError> + Send + 'static,
-        B: Body + Unpin + Send + 'static,
-        B::Data: Send,
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let settings = &*self.settings;
         let start = Instant::now();
         let activity = Arc::new(Activity::new(start));
-        let io = TokioIo::new(FirstBytes {
+        let mut io = FirstBytes {
             io,
             activity: activity.clone(),
             read: 0,
             stall: WriteStall::new(WRITE_STALL_LIMIT, self.limits.clone()),
-        });
+        };
         let service = Tracked {
             inner: service,
             activity: activity.clone(),
             body_read_timeout: settings.body_read_timeout,
             limits: self.limits.clone(),
         };
-        let mut conn = std::pin::pin!(self.builder.serve_connection(io, service));
         let first_bytes_by = start + settings.first_bytes_timeout;
+        let (prefix, http2) = tokio::select! {
+            sniffed = sniff(&mut io) => sniffed?,
+            () = sleep_until(Some(first_bytes_by)) => {
+                self.first_bytes_timeout();
+                return Ok(());
+            }
+            () = stopped(drain.as_mut()), if drain.is_some() => return Ok(()),
+        };
+        let io = Prefixed::new(prefix, io);
+        let shutdown = AtomicBool::new(false);
+        let mut conn = if http2 {
+            Conn::Http2(Box::pin(async {
+                match h2_server::serve(
+                    io,
+                    |req| service.call_with(req),
+                    settings,
+                    SERVER_KEEPALIVE,
+                    &shutdown,
+                )
+                .await
+                {
+                    Ok(Ended::Closed) => Ok(()),
+                    Ok(Ended::KeepaliveTimeout) => {
+                        tracing::debug!(
+                            "closed an HTTP/2 connection whose caller answered no PING within {SERVER_KEEPALIVE:?}"
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(BoxError::from(e)),
+                }
+            }))
+        } else {
+            Conn::Http1(Box::pin(
+                self.http1.serve_connection(TokioIo::new(io), &service),
+            ))
+        };
         let old_at = settings.max_age.map(|age| start + age);
+        // Tells the caller to go away (GOAWAY, or `connection: close` on
+        // the next HTTP/1 response); the calls in flight finish.
+        macro_rules! go_away {
+            () => {
+                match &mut conn {
+                    Conn::Http1(c) => c.as_mut().graceful_shutdown(),
+                    // Seen when the loop polls the connection next.
+                    Conn::Http2(_) => shutdown.store(true, Ordering::Relaxed),
+                }
+            };
+        }
         let mut going_away = false;
         let mut close_at: Option<Instant> = None;
         loop {
@@ -132,32 +182,26 @@ impl HttpServer {
             };
             let changed = activity.changed.notified();
             tokio::select! {
-                result = conn.as_mut() => return result.inspect_err(|e| self.count_error(e)),
+                result = &mut conn => return result.inspect_err(|e| self.count_error(e)),
                 () = changed => {}
                 () = sleep_until(Some(first_bytes_by)), if !spoke => {
-                    self.limits.hit(
-                        Limit::FirstBytesTimeout,
-                        &format_args!(
-                            "closed a connection that sent no request within {:?}",
-                            settings.first_bytes_timeout
-                        ),
-                    );
+                    self.first_bytes_timeout();
                     return Ok(());
                 }
                 () = sleep_until(idle_at), if idle_at.is_some() => {
                     self.limits.hit(Limit::IdleTimeout, &"closing an idle connection");
-                    conn.as_mut().graceful_shutdown();
+                    go_away!();
                     going_away = true;
                     close_at = Some(Instant::now() + settings.max_age_grace);
                 }
                 () = sleep_until(old_at), if old_at.is_some() && !going_away => {
                     self.limits.hit(Limit::MaxAge, &"a connection reached its maximum age");
-                    conn.as_mut().graceful_shutdown();
+                    go_away!();
                     going_away = true;
                     close_at = Some(Instant::now() + settings.max_age_grace);
                 }
                 () = stopped(drain.as_mut()), if drain.is_some() && !going_away => {
-                    conn.as_mut().graceful_shutdown();
+                    go_away!();
                     going_away = true;
                 }
                 () = sleep_until(close_at), if close_at.is_some() => {
@@ -166,6 +210,16 @@ impl HttpServer {
                 }
             }
         }
+    }
+
+    fn first_bytes_timeout(&self) {
+        self.limits.hit(
+            Limit::FirstBytesTimeout,
+            &format_args!(
+                "closed a connection that sent no request within {:?}",
+                self.settings.first_bytes_timeout
+            ),
+        );
     }
 
     /// Counts the limits an ended connection's error says it hit.
@@ -193,24 +247,54 @@ impl HttpServer {
     }
 }
 
-/// The hyper settings of `settings`.
-fn builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1 settings of `settings`.
+fn http1_builder(settings: &ConnectionSettings) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size((settings.max_header_bytes as usize).max(MIN_H1_BUFFER));
-    b.http2()
-        .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(settings.max_local_error_reset_streams)
-        .max_header_list_size(settings.max_header_bytes)
-        .keep_alive_interval(SERVER_KEEPALIVE)
-        .keep_alive_timeout(SERVER_KEEPALIVE);
     b
+}
+
+/// Reads a connection's first bytes, up to the length of the HTTP/2
+/// preface: the bytes read, and whether they are the preface. (Short of
+/// it, at the first byte that differs or at the end of the stream: HTTP/1,
+/// whose server gets the bytes and judges them.)
+async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<(Bytes, bool)> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    loop {
+        let read = io.read(&mut buf[n..]).await?;
+        n += read;
+        if read == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok((Bytes::copy_from_slice(&buf[..n]), false));
+        }
+        if n == buf.len() {
+            return Ok((Bytes::from_static(H2_PREFACE), true));
+        }
+    }
+}
+
+/// A connection being served, by hyper (HTTP/1) or `h2_server`.
+enum Conn<H1, H2> {
+    Http1(Pin<Box<H1>>),
+    Http2(Pin<Box<H2>>),
+}
+
+impl<H1, H2> Future for Conn<H1, H2>
+where
+    H1: Future<Output = Result<(), hyper::Error>>,
+    H2: Future<Output = Result<(), BoxError>>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Conn::Http1(c) => c.as_mut().poll(cx).map_err(BoxError::from),
+            Conn::Http2(c) => c.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Resolves at `at`; never when `None`.
@@ -444,6 +528,17 @@ where
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.call_with(req.map(CallerBody::Http1))
+    }
+}
+
+impl<S> Tracked<S> {
+    /// Calls the service with `req` (of either protocol), counted in
+    /// flight, its body under the body read timeout.
+    fn call_with<B>(&self, req: Request<CallerBody>) -> TrackedFuture<S::Future>
+    where
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>>,
+    {
         let in_flight = self.activity.begin();
         let (mut parts, body) = req.into_parts();
         let (body, stall) = RequestBody::new(body, self.body_read_timeout, &self.limits);

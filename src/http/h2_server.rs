@@ -1,0 +1,307 @@
+//! HTTP/2 from callers on `h2` directly (ADR 23): what `server` runs for a
+//! connection that opened with the HTTP/2 preface.
+//!
+//! The connection's task accepts streams and calls the service for each
+//! (its future is small: the service boxes what it does); each stream gets
+//! a task that waits for the answer, sends its head, and feeds its body to
+//! the stream as the caller's flow control allows. A caller that resets
+//! its stream before the answer drops the call, and with it whatever the
+//! call was waiting for upstream.
+//!
+//! (hyper's server did the same with more on the way: a `content-length`
+//! parse of every request, a lock per frame for its keepalive and window
+//! probing, eleven hashed removes of connection fields from every response
+//! head, a wrapper around every request body.)
+//!
+//! What goes out must be fit for HTTP/2 already: the proxy strips
+//! hop-by-hop fields from what it forwards (`headers::response_for_caller`)
+//! and makes none itself. `h2` refuses a head that still has one; that
+//! stream is reset with INTERNAL_ERROR.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use h2::Reason;
+use h2::server::SendResponse;
+use http::{HeaderValue, Request, Response, header};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::BoxError;
+use super::error::h2_error_in;
+use super::h2_client::{CONNECTION_WINDOW, Keepalive, Pipe, RecvBody, STREAM_WINDOW};
+use super::request_body::CallerBody;
+use crate::config::ConnectionSettings;
+
+/// Response data buffered per stream beyond what the caller's windows
+/// allow (hyper's server default).
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// How a connection's serving ended without an HTTP/2 error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every stream is done and the connection closed (the caller's
+    /// GOAWAY or close, or ours after a graceful shutdown).
+    Closed,
+    /// A PING went unanswered for the keepalive interval.
+    KeepaliveTimeout,
+}
+
+/// Serves an HTTP/2 connection over `io` (which replays the preface):
+/// each request goes to `call`, whose future answers it. Once `shutdown`
+/// is set (and this future polled again: whoever sets it polls it) the
+/// caller is sent GOAWAY and the streams open finish.
+pub async fn serve<I, C, F, B, E>(
+    io: I,
+    call: C,
+    settings: &ConnectionSettings,
+    keepalive: Duration,
+    shutdown: &AtomicBool,
+) -> Result<Ended, h2::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    C: Fn(Request<CallerBody>) -> F,
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(settings.max_header_bytes)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(settings.max_local_error_reset_streams))
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut keepalive = conn.ping_pong().map(|p| Keepalive::new(p, keepalive));
+    let mut closing = false;
+    loop {
+        let next = poll_fn(|cx| {
+            if !closing && shutdown.load(Ordering::Relaxed) {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            if let Some(Poll::Ready(r)) = keepalive.as_mut().map(|k| k.poll(cx)) {
+                return Poll::Ready(Err(r));
+            }
+            conn.poll_accept(cx).map(Ok)
+        })
+        .await;
+        match next {
+            Ok(Some(Ok((req, respond)))) => {
+                let (parts, recv) = req.into_parts();
+                let body = CallerBody::Http2(RecvBody::new(recv));
+                let answer = call(Request::from_parts(parts, body));
+                tokio::spawn(reply(answer, respond));
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Ok(Ended::Closed),
+            Err(Ok(())) => return Ok(Ended::KeepaliveTimeout),
+            Err(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Answers one stream: waits for the call's response (or the caller's
+/// reset, which drops the call), sends its head, then its body.
+async fn reply<F, B, E>(answer: F, mut respond: SendResponse<Bytes>)
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError>,
+{
+    let mut answer = pin!(answer);
+    let answered = poll_fn(|cx| {
+        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        // Registered only while the answer is pending: a reset drops it.
+        respond.poll_reset(cx).map(|_| None)
+    })
+    .await;
+    let resp = match answered {
+        None => return,
+        Some(Ok(resp)) => resp,
+        Some(Err(e)) => {
+            let e: BoxError = e.into();
+            tracing::debug!(error = %e, "a call over HTTP/2 failed without an answer");
+            let reason = h2_error_in(&*e).and_then(h2::Error::reason);
+            respond.send_reset(reason.unwrap_or(Reason::INTERNAL_ERROR));
+            return;
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    let eos = body.is_end_stream();
+    if !eos
+        && let Some(len) = body.size_hint().exact()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        parts.headers.insert(header::DATE, date());
+    }
+    match respond.send_response(Response::from_parts(parts, ()), eos) {
+        Ok(tx) if !eos => Pipe::new(body, tx).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "could not send a response head over HTTP/2");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+}
+
+/// The `date` field for now, formatted once a second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static CACHED: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|cached| match cached {
+        Some((at, value)) if *at == secs => value.clone(),
+        _ => {
+            let value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                .unwrap_or(HeaderValue::from_static(""));
+            *cached = Some((secs, value.clone()));
+            value
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// Serves one connection on a loopback listener with `call`; the
+    /// caller's side is a plain `h2` client.
+    async fn connected<C, F>(
+        call: C,
+        shutdown: Arc<AtomicBool>,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<Ended, h2::Error>>,
+    )
+    where
+        C: Fn(Request<CallerBody>) -> F + Send + 'static,
+        F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let settings = ConnectionSettings::default();
+            serve(tcp, call, &settings, Duration::from_secs(30), &shutdown).await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        (send, served)
+    }
+
+    fn get() -> Request<()> {
+        Request::get("http://pod/").body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_resets_its_stream_drops_the_call() {
+        let (called_tx, called) = oneshot::channel::<oneshot::Sender<()>>();
+        let called_tx = std::sync::Mutex::new(Some(called_tx));
+        let call = move |_req: Request<CallerBody>| {
+            // The call holds `held` until it is dropped; it never answers.
+            let (held, dropped) = oneshot::channel::<()>();
+            if let Some(tx) = called_tx.lock().unwrap().take() {
+                let _ = tx.send(held);
+            }
+            async move {
+                let _ = dropped.await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        };
+        let (mut send, _served) = connected(call, Arc::new(AtomicBool::new(false))).await;
+        send = send.ready().await.unwrap();
+        let (response, mut body) = send.send_request(get(), false).unwrap();
+        let mut held = called.await.unwrap();
+        body.send_reset(Reason::CANCEL);
+        drop(response);
+        // The call's future was dropped: its end of `held` is gone.
+        held.closed().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_goaway_and_lets_open_streams_finish() {
+        let (answer_tx, answer_rx) = oneshot::channel::<()>();
+        let answer_rx = std::sync::Mutex::new(Some(answer_rx));
+        let (called_tx, called) = oneshot::channel::<()>();
+        let called_tx = std::sync::Mutex::new(Some(called_tx));
+        let call = move |_req: Request<CallerBody>| {
+            let wait = answer_rx.lock().unwrap().take();
+            if let Some(tx) = called_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            async move {
+                if let Some(wait) = wait {
+                    let _ = wait.await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let (send, served) = connected(call, shutdown.clone()).await;
+        let mut send = send.ready().await.unwrap();
+        let (response, _) = send.send_request(get(), true).unwrap();
+        called.await.unwrap();
+        // Seen at the connection's next wake-up: the answer's.
+        shutdown.store(true, Ordering::Relaxed);
+        answer_tx.send(()).unwrap();
+        let resp = response.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = RecvBody::new(resp.into_body())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"done");
+        // GOAWAY was sent: the connection ends once the stream is done, and
+        // a new request is refused.
+        assert_eq!(served.await.unwrap().unwrap(), Ended::Closed);
+        let refused = send
+            .ready()
+            .await
+            .and_then(|mut s| s.send_request(get(), true));
+        assert!(refused.is_err(), "a request after GOAWAY was accepted");
+    }
+
+    #[tokio::test]
+    async fn a_response_of_known_size_carries_its_length_and_a_date() {
+        let call = |_req: Request<CallerBody>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+        };
+        let (send, _served) = connected(call, Arc::new(AtomicBool::new(false))).await;
+        let mut send = send.ready().await.unwrap();
+        let (response, _) = send.send_request(get(), true).unwrap();
+        let resp = response.await.unwrap();
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "5");
+        assert!(httpdate::parse_http_date(resp.headers()[header::DATE].to_str().unwrap()).is_ok());
+    }
+}
