@@ -20,9 +20,9 @@
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -66,7 +66,7 @@ pub async fn serve<I, C, F, B, E>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
     C: Fn(Request<CallerBody>) -> F,
-    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    F: Future<Output = Result<Response<B>, E>> + Unpin + Send + 'static,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
     E: Into<BoxError> + Send + 'static,
@@ -100,7 +100,7 @@ where
                 let (parts, recv) = req.into_parts();
                 let body = CallerBody::Http2(RecvBody::new(recv));
                 let answer = call(Request::from_parts(parts, body));
-                tokio::spawn(reply(answer, respond));
+                tokio::spawn(Reply::new(answer, respond));
             }
             Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Ok(Ended::Closed),
@@ -112,52 +112,102 @@ where
 
 /// Answers one stream: waits for the call's response (or the caller's
 /// reset, which drops the call), sends its head, then its body.
-async fn reply<F, B, E>(answer: F, mut respond: SendResponse<Bytes>)
+///
+/// A state machine by hand, as small as its larger state: an `async fn`
+/// kept every local of both steps, and a future is copied whole as it is
+/// spawned and as its task ends.
+enum Reply<F, B> {
+    Waiting {
+        answer: F,
+        respond: SendResponse<Bytes>,
+    },
+    Sending(Pipe<B>),
+    Done,
+}
+
+impl<F, B, E> Reply<F, B>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    F: Future<Output = Result<Response<B>, E>> + Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
     E: Into<BoxError>,
 {
-    let mut answer = pin!(answer);
-    let answered = poll_fn(|cx| {
-        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        // Registered only while the answer is pending: a reset drops it.
-        respond.poll_reset(cx).map(|_| None)
-    })
-    .await;
-    let resp = match answered {
-        None => return,
-        Some(Ok(resp)) => resp,
-        Some(Err(e)) => {
-            let e: BoxError = e.into();
-            tracing::debug!(error = %e, "a call over HTTP/2 failed without an answer");
-            let reason = h2_error_in(&*e).and_then(h2::Error::reason);
-            respond.send_reset(reason.unwrap_or(Reason::INTERNAL_ERROR));
-            return;
-        }
-    };
-    let (mut parts, body) = resp.into_parts();
-    let eos = body.is_end_stream();
-    if !eos
-        && let Some(len) = body.size_hint().exact()
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    fn new(answer: F, respond: SendResponse<Bytes>) -> Reply<F, B> {
+        Reply::Waiting { answer, respond }
     }
-    if !parts.headers.contains_key(header::DATE) {
-        parts.headers.insert(header::DATE, date());
+
+    /// Sends the head of `answered`; the body still to send, if any.
+    fn head(
+        answered: Result<Response<B>, E>,
+        respond: &mut SendResponse<Bytes>,
+    ) -> Option<Pipe<B>> {
+        let resp = match answered {
+            Ok(resp) => resp,
+            Err(e) => {
+                let e: BoxError = e.into();
+                tracing::debug!(error = %e, "a call over HTTP/2 failed without an answer");
+                let reason = h2_error_in(&*e).and_then(h2::Error::reason);
+                respond.send_reset(reason.unwrap_or(Reason::INTERNAL_ERROR));
+                return None;
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        let eos = body.is_end_stream();
+        if !eos
+            && let Some(len) = body.size_hint().exact()
+            && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        if !parts.headers.contains_key(header::DATE) {
+            parts.headers.insert(header::DATE, date());
+        }
+        match respond.send_response(Response::from_parts(parts, ()), eos) {
+            Ok(tx) if !eos => Some(Pipe::new(body, tx)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not send a response head over HTTP/2");
+                respond.send_reset(Reason::INTERNAL_ERROR);
+                None
+            }
+        }
     }
-    match respond.send_response(Response::from_parts(parts, ()), eos) {
-        Ok(tx) if !eos => Pipe::new(body, tx).await,
-        Ok(_) => {}
-        Err(e) => {
-            tracing::debug!(error = %e, "could not send a response head over HTTP/2");
-            respond.send_reset(Reason::INTERNAL_ERROR);
+}
+
+impl<F, B, E> Future for Reply<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Reply::Waiting { answer, respond } = this {
+            let answered = match Pin::new(answer).poll(cx) {
+                Poll::Ready(answered) => answered,
+                Poll::Pending => {
+                    // Registered only while the answer is pending: a reset
+                    // drops the call.
+                    if respond.poll_reset(cx).is_ready() {
+                        *this = Reply::Done;
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
+            };
+            *this = match Self::head(answered, respond) {
+                Some(pipe) => Reply::Sending(pipe),
+                None => Reply::Done,
+            };
+        }
+        match this {
+            Reply::Sending(pipe) => Pin::new(pipe).poll(cx),
+            _ => Poll::Ready(()),
         }
     }
 }
@@ -211,6 +261,8 @@ mod tests {
         let served = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let settings = ConnectionSettings::default();
+            // Boxed, as `server::Tracked` boxes the service's future.
+            let call = move |req| Box::pin(call(req));
             serve(tcp, call, &settings, Duration::from_secs(30), &shutdown).await
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
