@@ -1,8 +1,9 @@
 //! A caller's request body as every listener hands it on: the body
-//! received over HTTP/1 (hyper) or HTTP/2 (`h2_server`), read with a limit on the gap between its frames
-//! (`connections.bodyReadTimeout`). A caller that opens a request and then
-//! trickles or stalls its body cannot hold a connection, a stream, a
-//! bulkhead slot or an upstream connection for longer than that gap.
+//! received over HTTP/1 (hyper) or HTTP/2 (`h2_server`), read with a limit
+//! on the gap between its frames (`connections.bodyReadTimeout`). A
+//! caller that opens a request and then trickles or stalls its body cannot
+//! hold a connection, a stream, a bulkhead slot or an upstream connection
+//! for longer than that gap.
 //!
 //! The clock runs only while the proxy is waiting for the caller: from the
 //! moment a read finds nothing until the next frame, reset by each frame,
