@@ -12,6 +12,8 @@
 //! is verified ([`crate::identity::tls`]).
 
 use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
 
 use pylon_proto::policy::{AuthorizationRule, Resource, Spec, TargetKind};
 
@@ -52,6 +54,38 @@ impl<'a> Caller<'a> {
 
     pub fn principal(&self) -> &'a str {
         self.principal
+    }
+}
+
+/// A connection's verified SPIFFE ID, read once when the connection is
+/// accepted: each of its requests gets its [`Caller`] without parsing the
+/// ID again.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    id: Arc<str>,
+    /// Where the `<ns>` of `spiffe://<td>/ns/<ns>/sa/<sa>` lies in `id`.
+    namespace: Option<Range<usize>>,
+}
+
+impl Principal {
+    pub fn new(id: Arc<str>) -> Principal {
+        let namespace = namespace_of(&id).map(|ns| {
+            let start = ns.as_ptr().addr() - id.as_ptr().addr();
+            start..start + ns.len()
+        });
+        Principal { id, namespace }
+    }
+
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The caller of a request on this connection.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller {
+            principal: &self.id,
+            namespace: self.namespace.clone().and_then(|r| self.id.get(r)),
+        }
     }
 }
 
@@ -557,6 +591,13 @@ spec:
     #[test]
     fn namespaces_of_spiffe_ids() {
         assert_eq!(namespace_of(CLIENT_A), Some("default"));
+        // Found once per connection, the same as per request.
+        for id in [CLIENT_A, OTHER_NS, "spiffe://pylon.test/team-x/client"] {
+            let principal = Principal::new(id.into());
+            let caller = principal.caller();
+            assert_eq!(caller.principal(), id);
+            assert_eq!(caller.namespace, namespace_of(id), "{id}");
+        }
         assert_eq!(namespace_of(OTHER_NS), Some("team-x"));
         for id in [
             "spiffe://td/ns/x/sa/",

@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::http::request_body::RequestBody;
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, Version};
+use http::{Request, Response, Version};
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -46,6 +46,7 @@ use crate::http::upstream::PlainUpstream;
 use super::observe::{CallTimer, respond};
 use super::stack::{self, ToApp};
 use crate::identity::spiffe_id_of;
+use crate::policy::authz::Principal;
 use crate::policy::inbound::InboundLimits;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::Limit;
@@ -72,7 +73,7 @@ pub struct Inbound {
 /// `x-pylon-peer-identity`); plaintext callers (permissive mode) have none.
 struct Peer {
     addr: SocketAddr,
-    identity: Option<(Arc<str>, HeaderValue)>,
+    identity: Option<Principal>,
     /// What the app is told about a caller with an identity.
     headers: Option<PeerHeaders>,
 }
@@ -195,22 +196,19 @@ impl Inbound {
             .1
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .and_then(|leaf| spiffe_id_of(leaf).ok())
-            .and_then(|id| {
-                let header = HeaderValue::from_str(&id).ok()?;
-                Some((Arc::<str>::from(id), header))
-            });
+            .and_then(|leaf| spiffe_id_of(leaf).ok());
+        // `None` when the ID is no valid header value.
         let headers = identity
             .as_ref()
-            .and_then(|(id, _)| PeerHeaders::new(&self.options.own_identity, id));
+            .and_then(|id| PeerHeaders::new(&self.options.own_identity, id));
         let (Some(identity), Some(headers)) = (identity, headers) else {
             tracing::info!(%peer, "inbound connection without a usable peer identity");
             return;
         };
-        tracing::debug!(%peer, identity = %identity.0, "inbound connection");
+        tracing::debug!(%peer, %identity, "inbound connection");
         let peer = Arc::new(Peer {
             addr: peer,
-            identity: Some(identity),
+            identity: Some(Principal::new(identity.into())),
             headers: Some(headers),
         });
         self.serve_http(tls, peer, app, drain).await;
@@ -320,7 +318,7 @@ impl Inbound {
             &mut req,
             grpc,
             authority.as_ref(),
-            peer.identity.as_ref().map(|(id, _)| (peer.addr, id)),
+            peer.identity.as_ref().map(|p| (peer.addr, p.id())),
         );
         let result = match allowed {
             Ok(()) => self.forward(req, authority, peer, app, grpc, &scope).await,
@@ -359,7 +357,7 @@ impl Inbound {
         let to_app = ToApp {
             req: req.map(ProxyBody::Request),
             grpc,
-            caller: peer.identity.as_ref().map(|(id, _)| id),
+            caller: peer.identity.as_ref(),
             authority,
             wire,
             te_trailers,

@@ -60,7 +60,7 @@ where
 
     fn call(&mut self, to_app: ToApp<'a>) -> Self::Future {
         let caller = match to_app.caller {
-            Some(id) => Caller::new(id),
+            Some(principal) => principal.caller(),
             None => Caller::unauthenticated(),
         };
         let call = InboundCall {

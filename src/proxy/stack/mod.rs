@@ -60,6 +60,7 @@ use crate::http::error::ProxyError;
 use crate::http::headers::Wire;
 use crate::http::request_body::BodyStall;
 use crate::http::upstream::PlainUpstream;
+use crate::policy::authz::Principal;
 use crate::policy::backend::{Backend, Endpoint};
 use crate::policy::inbound::InboundLimits;
 use crate::policy::routing::Rule;
@@ -100,7 +101,7 @@ pub struct ToApp<'a> {
     pub req: Request<ProxyBody>,
     pub grpc: bool,
     /// The caller's verified SPIFFE ID; none for a plaintext caller.
-    pub caller: Option<&'a Arc<str>>,
+    pub caller: Option<&'a Principal>,
     pub authority: Option<Authority>,
     /// The protocol to the app: the caller's.
     pub wire: Wire,
