@@ -69,8 +69,8 @@ pub struct Inbound {
 }
 
 /// A connection's peer: its address and, over mTLS, its verified SPIFFE
-/// ID (as text for authorization, and as the value of
-/// `x-pylon-peer-identity`); plaintext callers (permissive mode) have none.
+/// ID (with its namespace found, for authorization) and what the app is
+/// told of it; plaintext callers (permissive mode) have neither.
 struct Peer {
     addr: SocketAddr,
     identity: Option<Principal>,
