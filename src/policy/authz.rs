@@ -36,13 +36,6 @@ pub struct Caller<'a> {
 }
 
 impl<'a> Caller<'a> {
-    pub fn new(spiffe_id: &'a str) -> Self {
-        Caller {
-            principal: spiffe_id,
-            namespace: namespace_of(spiffe_id),
-        }
-    }
-
     /// A caller without a verified identity (plaintext, permissive mode):
     /// it matches no `principals` or `namespaces` entry, not even `*`.
     pub fn unauthenticated() -> Caller<'static> {
@@ -357,7 +350,7 @@ spec:
     }
 
     fn allows(a: &Authorization, caller: &str, call: InboundCall<'_>) -> bool {
-        a.allows(&Caller::new(caller), &call)
+        a.allows(&Principal::new(caller.into()).caller(), &call)
     }
 
     #[test]
@@ -591,13 +584,6 @@ spec:
     #[test]
     fn namespaces_of_spiffe_ids() {
         assert_eq!(namespace_of(CLIENT_A), Some("default"));
-        // Found once per connection, the same as per request.
-        for id in [CLIENT_A, OTHER_NS, "spiffe://pylon.test/team-x/client"] {
-            let principal = Principal::new(id.into());
-            let caller = principal.caller();
-            assert_eq!(caller.principal(), id);
-            assert_eq!(caller.namespace, namespace_of(id), "{id}");
-        }
         assert_eq!(namespace_of(OTHER_NS), Some("team-x"));
         for id in [
             "spiffe://td/ns/x/sa/",
@@ -608,6 +594,16 @@ spec:
             "https://td/ns/x/sa/y",
         ] {
             assert_eq!(namespace_of(id), None, "{id}");
+        }
+    }
+
+    #[test]
+    fn a_principal_finds_its_namespace_once_for_every_caller() {
+        for id in [CLIENT_A, OTHER_NS, "spiffe://pylon.test/team-x/client"] {
+            let principal = Principal::new(id.into());
+            let caller = principal.caller();
+            assert_eq!(caller.principal(), id);
+            assert_eq!(caller.namespace, namespace_of(id), "{id}");
         }
     }
 }
