@@ -9,10 +9,14 @@
 //! spawns a task per request to wait for the response, and answers over a
 //! second channel: three more wake-ups and a spawn per request.)
 //!
-//! Each connection has one task: it drives the connection, sends a PING
-//! every [`KEEPALIVE`] and closes the connection when no PONG comes back
-//! within [`KEEPALIVE`]. The connection's flow-control windows are fixed
-//! (see [`STREAM_WINDOW`]).
+//! Each connection has one task: it drives the connection and, on a
+//! connection to another sidecar, sends a PING every [`KEEPALIVE`] and
+//! closes the connection when no PONG comes back within [`KEEPALIVE`]. A
+//! plaintext upstream (the app, or a service outside the mesh) gets no
+//! PINGs (ADR 25): gRPC servers count a PING on a connection without calls,
+//! or more often than every 5 minutes, as abuse and answer GOAWAY
+//! `too_many_pings`. The connection's flow-control windows are fixed (see
+//! [`STREAM_WINDOW`]).
 //!
 //! Requests reach here with their hop-by-hop fields already removed
 //! (`headers::strip_hop_by_hop`); `h2` refuses a request that still has one.
@@ -36,8 +40,8 @@ use tokio::time::{Instant, sleep};
 use super::body::{BoxError, ProxyBody};
 use super::error::h2_error_in;
 
-/// How often a connection is pinged, and how long a PONG may take before
-/// the connection is given up as dead.
+/// How often a connection to another sidecar is pinged, and how long a
+/// PONG may take before the connection is given up as dead.
 pub const KEEPALIVE: Duration = Duration::from_secs(20);
 /// The receive window of each stream. Fixed rather than grown by
 /// bandwidth-delay probing: inside a cluster a round trip takes well under
@@ -76,8 +80,13 @@ pub struct Failed {
 
 impl Http2Connection {
     /// Handshakes over `io` and starts the connection's task, which holds
-    /// `held` for as long as the connection is open.
-    pub async fn handshake<T, H>(io: T, held: H) -> Result<Http2Connection, h2::Error>
+    /// `held` for as long as the connection is open and, with `keepalive`,
+    /// pings the peer that often.
+    pub async fn handshake<T, H>(
+        io: T,
+        held: H,
+        keepalive: Option<Duration>,
+    ) -> Result<Http2Connection, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         H: Send + 'static,
@@ -93,11 +102,11 @@ impl Http2Connection {
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
-        let ping = conn.ping_pong();
+        let ping = keepalive.and_then(|interval| Some((conn.ping_pong()?, interval)));
         let ended = closed.clone();
         tokio::spawn(async move {
             let _held = held;
-            let mut keepalive = ping.map(|p| Keepalive::new(p, KEEPALIVE));
+            let mut keepalive = ping.map(|(p, interval)| Keepalive::new(p, interval));
             let result = poll_fn(|cx| {
                 if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(r);
@@ -252,6 +261,39 @@ impl Keepalive {
             self.timer.as_mut().reset(Instant::now() + interval);
         }
     }
+}
+
+/// Plays an HTTP/2 server that never answers on `tcp` (the client's
+/// side already connected): whether a PING came from the client within
+/// `limit`. For tests of who gets PINGs.
+#[cfg(test)]
+pub(crate) async fn pinged_within(mut tcp: tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const ACK: u8 = 0x1;
+    let mut preface = [0u8; 24];
+    tcp.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    // Our SETTINGS (none), and the ACK of the client's.
+    let mut settings = [0u8; 18];
+    settings[3] = SETTINGS;
+    settings[12] = SETTINGS;
+    settings[13] = ACK;
+    tcp.write_all(&settings).await.unwrap();
+    let frames = async {
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if head[3] == PING && head[4] & ACK == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(limit, frames).await.is_ok()
 }
 
 /// Feeds a body to its stream, as the peer's flow control allows: a
@@ -452,8 +494,9 @@ mod tests {
 
     use super::*;
 
-    /// A connected pair: our client connection and the server side's
-    /// handshaken `h2` connection.
+    /// A connected pair: our client connection (pinging as a connection to
+    /// another sidecar does) and the server side's handshaken `h2`
+    /// connection.
     async fn pair() -> (Http2Connection, h2::server::Connection<TcpStream, Bytes>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -463,9 +506,27 @@ mod tests {
         };
         let client = async {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            Http2Connection::handshake(tcp, ()).await.unwrap()
+            Http2Connection::handshake(tcp, (), Some(KEEPALIVE))
+                .await
+                .unwrap()
         };
         tokio::join!(client, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_keepalive_is_pinged_with_a_call_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let client = Http2Connection::handshake(tcp, (), Some(KEEPALIVE))
+            .await
+            .unwrap();
+        let open = tokio::spawn(async move {
+            let _ = client.send(request(ProxyBody::Empty)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(pinged_within(server, Duration::from_secs(600)).await);
+        open.abort();
     }
 
     fn request(body: ProxyBody) -> Request<ProxyBody> {

@@ -26,6 +26,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
@@ -42,6 +43,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const H1_MAX_IDLE: usize = 64;
 /// An idle HTTP/1.1 connection older than this is closed instead of reused.
 const H1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// TCP keepalive on a plaintext upstream's connection, which gets no
+/// HTTP/2 PINGs (ADR 25): the first probe after 20 s of silence, then one
+/// every 10 s, and the connection is closed after 3 unanswered; a peer
+/// gone silent is found within 50 s, about when a PING's deadline would
+/// have found it.
+fn upstream_tcp_keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(h2_client::KEEPALIVE)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3)
+}
 
 /// Marks a response whose request had to wait for a new connection (TCP,
 /// TLS, HTTP/2 handshake): its time to answer says little about the
@@ -251,8 +264,12 @@ impl EndpointPool {
     async fn connect_h2(&self) -> Result<Http2Connection, ConnectError> {
         let (io, guard) = self.connect_io().await?;
         match io {
-            Io::Plain(tcp) => Http2Connection::handshake(tcp, guard).await,
-            Io::Tls(tls) => Http2Connection::handshake(*tls, guard).await,
+            // No PINGs to an app or a service outside the mesh (ADR 25): the
+            // socket's TCP keepalive finds a peer gone silent instead.
+            Io::Plain(tcp) => Http2Connection::handshake(tcp, guard, None).await,
+            Io::Tls(tls) => {
+                Http2Connection::handshake(*tls, guard, Some(h2_client::KEEPALIVE)).await
+            }
         }
         .map_err(|e| ConnectError::Handshake(Arc::new(e)))
     }
@@ -325,7 +342,10 @@ impl EndpointPool {
             let _ = tcp.set_nodelay(true);
             let own = OwnSocket::register(&tcp);
             let io = match &self.transport {
-                Transport::Plain => Ok(Io::Plain(tcp)),
+                Transport::Plain => {
+                    let _ = SockRef::from(&tcp).set_tcp_keepalive(&upstream_tcp_keepalive());
+                    Ok(Io::Plain(tcp))
+                }
                 Transport::Mesh(config) => {
                     // The verifier checks the SPIFFE ID; the IP only keeps
                     // SNI out of the ClientHello.
@@ -498,6 +518,27 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_app_is_never_pinged_with_a_call_open_or_not() {
+        // A gRPC server's default policy takes a PING without a call open,
+        // or more than one per 5 minutes, as abuse (GOAWAY
+        // `too_many_pings`). (h2_client's tests show the check sees the
+        // PINGs a sidecar's connection gets.)
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = EndpointPool::new(addr, Transport::Plain, Arc::new(ConnectionLimit::new(None)));
+        let mut req = Request::new(ProxyBody::Empty);
+        *req.version_mut() = http::Version::HTTP_2;
+        *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        // Never answered: the call stays open throughout.
+        let open = tokio::spawn(async move { pool.send(req, Wire::Http2).await.map(|_| ()) });
+        let (server, _) = listener.accept().await.unwrap();
+        let ten_minutes = Duration::from_secs(600);
+        assert!(!h2_client::pinged_within(server, ten_minutes).await);
+        assert!(!open.is_finished());
+        open.abort();
     }
 
     #[tokio::test]
