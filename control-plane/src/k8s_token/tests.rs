@@ -30,14 +30,31 @@ async fn verifier(dir: &std::path::Path, jwks: &str) -> TokenVerifier {
         .unwrap()
 }
 
-fn temp_dir(label: &str) -> std::path::PathBuf {
+/// A directory of the test's own, removed when the test ends (passed or
+/// not).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(label: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!(
         "pylon-k8s-token-{label}-{}-{:x}",
         std::process::id(),
         rand_u64()
     ));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 fn rand_u64() -> u64 {
