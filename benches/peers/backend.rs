@@ -6,7 +6,9 @@
 //! it: no routing, no logging, one static body. Two paths serve the bulk
 //! benchmark (`benches/peers/bulk.py`) instead: `/bytes/N` answers with N
 //! bytes, in 1 MiB chunks; `/upload` reads the request body to its end and
-//! answers with its length.
+//! answers with its length. A gRPC call (`content-type: application/grpc`,
+//! as `profile.py --grpc` sends) gets a gRPC answer: one 6-byte message and
+//! the trailer `grpc-status: 0`.
 //!
 //! ```text
 //! peers-backend [ADDR] [WORKER_THREADS]      # defaults 127.0.0.1:0 and 1
@@ -65,7 +67,13 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
                 let path = req.uri().path();
-                let body: AnyBody = if let Some(n) = path.strip_prefix("/bytes/") {
+                let grpc = req
+                    .headers()
+                    .get(hyper::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let body: AnyBody = if grpc {
+                    Either::Right(grpc_answer())
+                } else if let Some(n) = path.strip_prefix("/bytes/") {
                     Either::Right(chunks(n.parse().unwrap_or(0)))
                 } else if path == "/upload" {
                     let mut body = req.into_body();
@@ -80,7 +88,11 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
                 let mut response = Response::new(body);
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain"),
+                    hyper::header::HeaderValue::from_static(if grpc {
+                        "application/grpc"
+                    } else {
+                        "text/plain"
+                    }),
                 );
                 Ok::<_, Infallible>(response)
             });
@@ -99,5 +111,24 @@ fn chunks(len: usize) -> StreamBody<Chunks> {
     let frames: Vec<_> = (0..len.div_ceil(CHUNK))
         .map(|i| Ok(Frame::data(zeros.slice(..(len - i * CHUNK).min(CHUNK)))))
         .collect();
+    StreamBody::new(tokio_stream::iter(frames))
+}
+
+/// A unary gRPC answer: [`BODY`] as one length-prefixed message, then the
+/// trailer `grpc-status: 0`.
+fn grpc_answer() -> StreamBody<Chunks> {
+    static MESSAGE: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let message = MESSAGE.get_or_init(|| {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&(BODY.len() as u32).to_be_bytes());
+        m.extend_from_slice(BODY);
+        Bytes::from(m)
+    });
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+    let frames = vec![
+        Ok(Frame::data(message.clone())),
+        Ok(Frame::trailers(trailers)),
+    ];
     StreamBody::new(tokio_stream::iter(frames))
 }

