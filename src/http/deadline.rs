@@ -39,9 +39,10 @@ pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
 /// eight digits, rounding down so the next hop never gets more time than
 /// there is.
 pub fn format_grpc_timeout(d: Duration) -> HeaderValue {
-    const MAX: u128 = 99_999_999;
-    let nanos = d.as_nanos();
-    let units: [(u128, u8); 6] = [
+    const MAX: u64 = 99_999_999;
+    // In u64 (584 years of nanoseconds): u128 division is a library call.
+    let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let units: [(u64, u8); 6] = [
         (1, b'n'),
         (1_000, b'u'),
         (1_000_000, b'm'),
@@ -54,8 +55,20 @@ pub fn format_grpc_timeout(d: Duration) -> HeaderValue {
         .map(|&(per, unit)| (nanos / per, unit))
         .find(|&(v, _)| v <= MAX)
         .unwrap_or((MAX, b'H'));
-    HeaderValue::from_str(&format!("{value}{}", char::from(unit)))
-        .unwrap_or(HeaderValue::from_static("0n"))
+    let mut value = value as u32; // at most MAX
+    // At most eight digits and the unit, written from the end.
+    let mut buf = [0u8; 9];
+    let mut at = buf.len() - 1;
+    buf[at] = unit;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&buf[at..]).unwrap_or(HeaderValue::from_static("0n"))
 }
 
 /// The deadline of a call starting `now`: the earlier of the caller's
@@ -117,6 +130,10 @@ mod tests {
         assert_eq!(f(Duration::from_secs(200_000)), "200000S");
         assert_eq!(f(Duration::from_secs(400 * 86_400)), "34560000S");
         assert_eq!(f(Duration::from_secs(4000 * 86_400)), "5760000M");
+        assert_eq!(f(Duration::ZERO), "0n");
+        assert_eq!(f(Duration::from_nanos(99_999_999)), "99999999n");
+        // Saturated at 584 years of nanoseconds: still never more than there is.
+        assert_eq!(f(Duration::MAX), "5124095H");
         for d in [1u64, 999, 123_456_789, 86_400_000_000_000] {
             let d = Duration::from_nanos(d);
             let back = parse(&f(d)).unwrap();

@@ -124,17 +124,32 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // Most messages carry none of them: one pass over the few names present
     // costs less than a hashed lookup per hop-by-hop name (this runs on
-    // every request and response, in both sidecars).
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // every request and response, in both sidecars). The pass notes which
+    // are present, so that only those are looked up and removed: a gRPC
+    // call always carries `te`, and usually nothing else of the list.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return false;
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    if headers.contains_key(header::CONNECTION) {
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
+    let te_trailers = has(&header::TE)
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    if has(&header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -146,8 +161,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     te_trailers
 }
@@ -315,6 +332,30 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_alone_is_stripped() {
+        for (name, value) in [
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("te", "gzip"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            h.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            let te_trailers = strip_hop_by_hop(&mut h);
+            assert_eq!(te_trailers, value == "trailers", "{name}: {value}");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert!(h.contains_key("x-kept"));
+        }
     }
 
     #[test]

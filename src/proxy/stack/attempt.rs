@@ -27,6 +27,7 @@ use crate::http::pool::NewConnection;
 use crate::policy::backend::{Backend, Endpoint};
 use crate::policy::routing::Rule;
 use crate::resilience::balancer::LoadGuard;
+use crate::telemetry::request_scope::unique_per_request;
 use crate::telemetry::trace::{SpanRecord, TRACEPARENT};
 use std::sync::Arc;
 
@@ -112,8 +113,13 @@ where
                 };
             }
             // Only gRPC servers read it; a plain HTTP call carries none.
+            // The time left differs at every call: never indexed in HPACK,
+            // like the request ID.
             if routed.ctx.grpc {
-                headers.insert(GRPC_TIMEOUT, format_grpc_timeout(remaining));
+                headers.insert(
+                    GRPC_TIMEOUT,
+                    unique_per_request(format_grpc_timeout(remaining)),
+                );
             }
         }
         // The earlier of the attempt timeout and the deadline; the deadline

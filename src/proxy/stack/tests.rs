@@ -413,6 +413,8 @@ async fn an_attempt_is_marked_and_bounded_by_its_timeout_or_the_deadline() {
     assert!(headers[0].get("grpc-timeout").is_none());
     assert_eq!(headers[1]["x-pylon-attempt"], "3");
     assert_eq!(headers[1]["grpc-timeout"], "50000000n");
+    // New at every call: sent as a never-indexed HPACK literal.
+    assert!(headers[1]["grpc-timeout"].is_sensitive());
 }
 
 #[tokio::test(start_paused = true)]
