@@ -161,8 +161,16 @@ where
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-        if !parts.headers.contains_key(header::DATE) {
-            parts.headers.insert(header::DATE, date());
+        // `date` never indexed (RFC 7541 §6.2.3): h2's encoder would add a
+        // new entry each second, chained behind the older ones under the
+        // same name, and walk that chain from the oldest on every response:
+        // after a minute, the table is ~60 dates and each answer compares
+        // them all (~3,000 instructions on the server sidecar).
+        match parts.headers.get_mut(header::DATE) {
+            Some(date) => date.set_sensitive(true),
+            None => {
+                parts.headers.insert(header::DATE, date());
+            }
         }
         match respond.send_response(Response::from_parts(parts, ()), eos) {
             Ok(tx) if !eos => Some(Pipe::new(body, tx)),
@@ -224,8 +232,9 @@ fn date() -> HeaderValue {
     CACHED.with_borrow_mut(|cached| match cached {
         Some((at, value)) if *at == secs => value.clone(),
         _ => {
-            let value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+            let mut value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
                 .unwrap_or(HeaderValue::from_static(""));
+            value.set_sensitive(true);
             *cached = Some((secs, value.clone()));
             value
         }
@@ -342,6 +351,118 @@ mod tests {
             .await
             .and_then(|mut s| s.send_request(get(), true));
         assert!(refused.is_err(), "a request after GOAWAY was accepted");
+    }
+
+    /// How the fields of an HPACK block whose name is the static table's
+    /// entry `name` are represented: `'L'` literal with incremental
+    /// indexing, `'W'` without indexing, `'N'` never indexed. (A field
+    /// indexed whole from a table names no entry and is not listed.)
+    fn representations(block: &[u8], name: usize) -> Vec<char> {
+        fn int(block: &[u8], at: &mut usize, prefix: u32) -> usize {
+            let mask = (1usize << prefix) - 1;
+            let mut v = usize::from(block[*at]) & mask;
+            *at += 1;
+            if v < mask {
+                return v;
+            }
+            let mut shift = 0;
+            loop {
+                let b = block[*at];
+                *at += 1;
+                v += usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    return v;
+                }
+            }
+        }
+        let mut found = Vec::new();
+        let mut at = 0;
+        while at < block.len() {
+            let first = block[at];
+            let (kind, prefix) = match first {
+                f if f & 0x80 != 0 => {
+                    int(block, &mut at, 7);
+                    continue;
+                }
+                f if f & 0x40 != 0 => ('L', 6),
+                f if f & 0x20 != 0 => {
+                    int(block, &mut at, 5);
+                    continue;
+                }
+                f if f & 0x10 != 0 => ('N', 4),
+                _ => ('W', 4),
+            };
+            let index = int(block, &mut at, prefix);
+            if index == 0 {
+                let len = int(block, &mut at, 7);
+                at += len;
+            }
+            let len = int(block, &mut at, 7);
+            at += len;
+            if index == name {
+                found.push(kind);
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn every_response_sends_its_date_never_indexed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const DATE: usize = 33; // HPACK's static table
+        // The app's own date on odd calls, none (the sidecar's) on even ones.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let call = move |_req: Request<CallerBody>| {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"hi")));
+                if n % 2 == 0 {
+                    resp.headers_mut().insert(
+                        header::DATE,
+                        HeaderValue::from_static("Thu, 03 Dec 2026 12:00:00 GMT"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let call = move |req| Box::pin(call(req));
+            let settings = ConnectionSettings::default();
+            serve(tcp, call, &settings, Duration::from_secs(30), &shutdown).await
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        // GET http://pod/: :method GET, :scheme http, :path / from the
+        // static table, :authority as a literal.
+        let request = [0x82, 0x86, 0x84, 0x01, 3, b'p', b'o', b'd'];
+        let mut dates = Vec::new();
+        for stream in [1u8, 3, 5, 7] {
+            let mut frame = vec![0, 0, request.len() as u8, 0x1, 0x5, 0, 0, 0, stream];
+            frame.extend_from_slice(&request);
+            tcp.write_all(&frame).await.unwrap();
+            // Up to this stream's response head.
+            loop {
+                let mut head = [0u8; 9];
+                tcp.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                tcp.read_exact(&mut payload).await.unwrap();
+                if head[3] == 0x1 && head[8] == stream {
+                    dates.push(representations(&payload, DATE));
+                    break;
+                }
+            }
+        }
+        // Indexed, the second answer with the app's date (and every one in
+        // the same second as an earlier one) would refer to the table.
+        assert_eq!(dates, vec![vec!['N']; 4]);
     }
 
     #[tokio::test]
