@@ -417,7 +417,7 @@ mod tests {
             let n = calls.fetch_add(1, Ordering::Relaxed);
             async move {
                 let mut resp = Response::new(Full::new(Bytes::from_static(b"hi")));
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     resp.headers_mut().insert(
                         header::DATE,
                         HeaderValue::from_static("Thu, 03 Dec 2026 12:00:00 GMT"),
