@@ -4,6 +4,8 @@ policy), one fixed load, and one of three measurements:
 
     profile.py --pylon BIN --mode callgrind [-n 20000]   instructions per request
     profile.py --pylon BIN --mode perf [-n 100000]       perf.data per sidecar (-e cpu-clock -g)
+    profile.py --pylon BIN --mode drift                  instructions per request early in long-lived
+                                                          connections' life and two minutes later
     profile.py --pylon BIN --mode latency [--secs 10]    oha at 1,000 rps, and how long each
                                                           sidecar thread ran and waited for a CPU
     profile.py --pylon BIN --mode order [--order FILE]   the functions the sidecars ran, as a
@@ -34,6 +36,14 @@ sidecar with identity and policy from the control plane and OTLP telemetry on
 (to a port nobody listens at); after /ready, five calls (no upstream answers
 them) and the admin endpoints, 1 s idle, its smaps_rollup (the binary's
 pages dropped from the page cache before the start, as rss.py does).
+
+drift: both sidecars under callgrind, one h2load run of 170 s whose
+connections live throughout (4 x 8 streams); counters zeroed at 5 s and
+dumped at 30 s (A), zeroed at 140 s and dumped at 165 s (B). Requests are
+counted by the calls to RequestScope::begin in each dump. A per-connection
+state that grows with use (an HPACK table filling with values that never
+repeat, a map never pruned) shows as B above A; run.py's rounds, ~25 s per
+start, only ever see A.
 
 latency: per-thread run and run-queue wait from /proc/<pid>/task/<tid>/schedstat,
 read before and after the run: a stall that is CPU contention (the thread was
@@ -217,11 +227,32 @@ def resolve(table, text):
     return table.get(m.group(1))
 
 
+def instructions_and_requests(path):
+    """A callgrind dump's total instructions, and the requests it saw (calls
+    to RequestScope::begin, made once per request)."""
+    total, requests, names, callee = 0, 0, {}, None
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+            elif line.startswith(("fn=", "cfn=")):
+                m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+                if m and m.group(2):
+                    names[m.group(1)] = m.group(2)
+                if line.startswith("cfn="):
+                    callee = names.get(m.group(1)) if m else None
+            elif line.startswith("calls=") and callee and callee.startswith(
+                    "pylon::telemetry::request_scope::RequestScope::begin"):
+                requests += int(line[6:].split()[0])
+    return total, requests
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pylon", required=True)
     ap.add_argument("--backend", help="default: TARGET/dist/examples/peers-backend")
-    ap.add_argument("--mode", choices=["callgrind", "perf", "latency", "order", "managed"], default="callgrind")
+    ap.add_argument("--mode", choices=["callgrind", "perf", "latency", "order", "managed", "drift"],
+                    default="callgrind")
     ap.add_argument("-n", type=int, help="requests (callgrind 20000, perf 100000)")
     ap.add_argument("--secs", type=int, default=10, help="latency run length")
     ap.add_argument("--workers", default="1")
@@ -265,7 +296,7 @@ def main():
 
     def spawn_wrapped(self, cmd, logfile, env=None):
         side = "server" if cmd[-1].endswith("server.yaml") else "client"
-        if a.mode in ("callgrind", "order"):
+        if a.mode in ("callgrind", "order", "drift"):
             names = ["--demangle=no"] if a.mode == "order" else []
             cmd = ["valgrind", "--tool=callgrind", *names, f"--callgrind-out-file={out}/cg.{side}.%p"] + cmd
         return spawn(self, cmd, logfile, env)
@@ -293,6 +324,29 @@ def main():
                     if ran > 10_000_000:
                         print(f"  pid {k[0]} {k[2]:<16} ran {ran / 1e6:7.1f} ms, waited for a CPU "
                               f"{waited / 1e6:7.1f} ms over {slices} slices")
+            return
+        if a.mode == "drift":
+            t0 = time.time()
+            load = subprocess.Popen([ctx.h2load, "-t", "1", "-c", "4", "-m", "8", "-D", "170", url],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for begin, end in ((5, 30), (140, 165)):
+                time.sleep(max(0.0, t0 + begin - time.time()))
+                for pid in pids:
+                    subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True)
+                time.sleep(max(0.0, t0 + end - time.time()))
+                for pid in pids:
+                    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True)
+            load.wait()
+            both = {}
+            for pid, side in zip(pids, ["server", "client"]):
+                for window, dump in (("A", 1), ("B", 2)):
+                    path = f"{out}/cg.{side}.{pid}.{dump}"
+                    total, requests = instructions_and_requests(path)
+                    both.setdefault(window, []).append(total / max(1, requests))
+                    print(f"{side} sidecar, {window}: {total / max(1, requests):,.0f} instructions per request "
+                          f"({requests} requests, {path})")
+            a_sum, b_sum = sum(both["A"]), sum(both["B"])
+            print(f"both: A {a_sum:,.0f}, B {b_sum:,.0f} ({(b_sum / a_sum - 1) * 100:+.1f} %)")
             return
         if a.mode == "callgrind":
             for pid in pids:
