@@ -283,17 +283,26 @@ pub(crate) async fn pinged_within(mut tcp: tokio::net::TcpStream, limit: Duratio
     tcp.write_all(&settings).await.unwrap();
     let frames = async {
         loop {
-            let mut head = [0u8; 9];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            tcp.read_exact(&mut payload).await.unwrap();
+            let (head, _) = read_frame(&mut tcp).await;
             if head[3] == PING && head[4] & ACK == 0 {
                 return;
             }
         }
     };
     tokio::time::timeout(limit, frames).await.is_ok()
+}
+
+/// Reads one HTTP/2 frame from `tcp`: its 9-byte header and its payload.
+/// For tests that play a peer frame by frame.
+#[cfg(test)]
+pub(crate) async fn read_frame(tcp: &mut tokio::net::TcpStream) -> ([u8; 9], Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    tcp.read_exact(&mut head).await.unwrap();
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    (head, payload)
 }
 
 /// Feeds a body to its stream, as the peer's flow control allows: a

@@ -409,7 +409,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_response_sends_its_date_never_indexed() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         const DATE: usize = 33; // HPACK's static table
         // The app's own date on odd calls, none (the sidecar's) on even ones.
         let calls = std::sync::atomic::AtomicUsize::new(0);
@@ -449,11 +449,7 @@ mod tests {
             tcp.write_all(&frame).await.unwrap();
             // Up to this stream's response head.
             loop {
-                let mut head = [0u8; 9];
-                tcp.read_exact(&mut head).await.unwrap();
-                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                let mut payload = vec![0u8; len];
-                tcp.read_exact(&mut payload).await.unwrap();
+                let (head, payload) = crate::http::h2_client::read_frame(&mut tcp).await;
                 if head[3] == 0x1 && head[8] == stream {
                     dates.push(representations(&payload, DATE));
                     break;
