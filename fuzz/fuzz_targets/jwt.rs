@@ -48,6 +48,11 @@ static ENV: LazyLock<Env> = LazyLock::new(|| {
             KeySource::File(path),
         ))
         .expect("a verifier");
+    // The verifier holds the keys it read; nothing is left in the temp
+    // directory. A token with an unknown key id now finds the file gone
+    // when the verifier reads it again, and is refused as it was before
+    // (`keys_unavailable` instead of `unknown_key`).
+    std::fs::remove_dir_all(&dir).expect("the temp dir removed");
     Env {
         runtime,
         key,
