@@ -55,6 +55,7 @@ const KEYS: &[(&str, KeyKind)] = &[
     ("headers.withUnderscores", KeyKind::Text),
     ("appProbes", KeyKind::Json),
     ("drainTimeout", KeyKind::Duration),
+    ("workers", KeyKind::Count),
     ("kubernetes.podName", KeyKind::Text),
     ("kubernetes.namespace", KeyKind::Text),
     ("kubernetes.serviceAccount", KeyKind::Text),
@@ -145,7 +146,14 @@ pub struct Config {
     /// `headers.withUnderscores`: what a request with an underscore in a
     /// header name gets, on both paths.
     pub headers_with_underscores: UnderscoreAction,
+    /// `workers`: the sidecar's worker threads; one runs tokio's
+    /// current-thread scheduler. Unset: `TOKIO_WORKER_THREADS`, else the
+    /// CPUs the process may use.
+    pub workers: Option<usize>,
 }
+
+/// The most worker threads a sidecar is given.
+pub const MAX_WORKERS: usize = 1024;
 
 /// `connections.*`: the limits every listener (outbound, inbound, admin,
 /// probe) applies to each connection it accepts. A duration of `0s` turns
@@ -636,6 +644,7 @@ impl Config {
         let drain_timeout = r
             .duration("drainTimeout", DEFAULT_DRAIN_TIMEOUT)
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let workers = r.workers();
         let app_probes = match r.take("appProbes") {
             None => AppProbes::default(),
             Some((v, origin)) => {
@@ -869,6 +878,7 @@ impl Config {
                 kubernetes,
                 connections,
                 headers_with_underscores,
+                workers,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -997,6 +1007,27 @@ impl Reader<'_> {
 
     /// A whole number from 1 to [`MAX_COUNT`], `default` when absent or
     /// after reporting a problem.
+    /// `workers`: a whole number from 1 to `MAX_WORKERS`, or nothing.
+    fn workers(&mut self) -> Option<usize> {
+        let (v, origin) = self.take("workers")?;
+        let n = match &v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n.and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if (1..=MAX_WORKERS).contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    "workers",
+                    &origin,
+                    format!("expected a whole number from 1 to {MAX_WORKERS}, found {v}"),
+                );
+                None
+            }
+        }
+    }
+
     fn count<T: TryFrom<u64> + Copy>(&mut self, key: &str, default: T) -> T {
         let Some((v, origin)) = self.take(key) else {
             return default;
@@ -1618,6 +1649,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
         assert_eq!(c.outbound.detect_timeout, DEFAULT_DETECT_TIMEOUT);
         assert_eq!(c.outbound.server_first_ports, DEFAULT_SERVER_FIRST_PORTS);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.workers, None);
         assert!(c.app_probes.is_empty());
         assert!(c.kubernetes.pod_ip.is_none());
         assert!(c.kubernetes.namespace.is_none());
@@ -1633,6 +1665,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             ("PYLON_OUTBOUND_DETECT_TIMEOUT", "250ms"),
             ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432, 6379"),
             ("PYLON_DRAIN_TIMEOUT", "5s"),
+            ("PYLON_WORKERS", "2"),
             (
                 "PYLON_APP_PROBES",
                 r#"{"app":{"readiness":{"httpGet":{"path":"/ready","port":8080}}}}"#,
@@ -1650,6 +1683,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
         assert_eq!(c.outbound.detect_timeout, Duration::from_millis(250));
         assert_eq!(c.outbound.server_first_ports, vec![5432, 6379]);
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.workers, Some(2));
         assert!(
             c.app_probes
                 .get("app", crate::probes::ProbeKind::Readiness)
@@ -1661,12 +1695,31 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
     }
 
     #[test]
+    fn workers_come_from_the_file_within_bounds() {
+        let c =
+            Config::from_parts(&format!("{GOOD}workers: 3\n"), Path::new("/x"), &env(&[])).unwrap();
+        assert_eq!(c.workers, Some(3));
+        let errs = Config::from_parts(
+            &format!("{GOOD}workers: 4096\n"),
+            Path::new("/x"),
+            &env(&[]),
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            errs,
+            ["workers: expected a whole number from 1 to 1024, found 4096"]
+        );
+    }
+
+    #[test]
     fn pod_keys_report_every_problem() {
         let e = env(&[
             ("PYLON_INBOUND_MODE", "lenient"),
             ("PYLON_OUTBOUND_UNMATCHED", "drop"),
             ("PYLON_OUTBOUND_SERVER_FIRST_PORTS", "5432,0,http"),
             ("PYLON_DRAIN_TIMEOUT", "soon"),
+            ("PYLON_WORKERS", "0"),
             ("PYLON_APP_PROBES", "{not json"),
             ("PYLON_KUBERNETES_POD_IP", "pod"),
             ("PYLON_KUBERNETES_CLUSTER_DOMAIN", "cluster..local"),
@@ -1678,6 +1731,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
             "outbound.serverFirstPorts[1] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
             "outbound.serverFirstPorts[2] (from PYLON_OUTBOUND_SERVER_FIRST_PORTS)",
             "drainTimeout (from PYLON_DRAIN_TIMEOUT)",
+            "workers (from PYLON_WORKERS): expected a whole number from 1 to 1024, found \"0\"",
             "appProbes (from PYLON_APP_PROBES): not JSON",
             "kubernetes.podIp (from PYLON_KUBERNETES_POD_IP)",
             "kubernetes.clusterDomain (from PYLON_KUBERNETES_CLUSTER_DOMAIN): \"cluster..local\" is not a DNS domain",
@@ -1687,7 +1741,7 @@ controlPlane: { address: \"https://127.0.0.1:15010\", caFile: ca.pem, tokenFile:
                 "{want}: {errs:#?}"
             );
         }
-        assert_eq!(errs.len(), 8, "{errs:#?}");
+        assert_eq!(errs.len(), 9, "{errs:#?}");
     }
 
     #[test]

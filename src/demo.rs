@@ -751,6 +751,8 @@ fn sidecar_config(
         kubernetes: Default::default(),
         connections: Default::default(),
         headers_with_underscores: Default::default(),
+        // The demo's sidecars share the demo's runtime.
+        workers: None,
     }
 }
 

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(config.log_format, "info");
-            match runtime() {
+            match runtime(config.workers) {
                 Ok(rt) => rt.block_on(run_proxy(config)),
                 Err(code) => code,
             }
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => {
             // Sidecar logs would break up the demo's table.
             logging::init(logging::LogFormat::Text, "error");
-            let rt = match runtime() {
+            let rt = match runtime(None) {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
@@ -96,24 +96,31 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime: tokio's multi-thread scheduler, with its worker count
-/// (`TOKIO_WORKER_THREADS`, else the CPUs available to the process) — or,
-/// when that count is one, the current-thread scheduler. One worker has no
-/// one to share tasks with, and the current-thread scheduler skips the
-/// work-stealing bookkeeping (shared queues, idle-worker wake-ups) that
-/// every task of a one-worker multi-thread runtime still pays for; the
-/// blocking pool is the same in both (docs/performance.md).
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+/// The runtime: tokio's multi-thread scheduler with `workers` threads (the
+/// configuration's `workers`, else `TOKIO_WORKER_THREADS`, else the CPUs
+/// available to the process) — or, when that count is one, the
+/// current-thread scheduler. One worker has no one to share tasks with, and
+/// the current-thread scheduler skips the work-stealing bookkeeping (shared
+/// queues, idle-worker wake-ups) that every task of a one-worker
+/// multi-thread runtime still pays for; the blocking pool is the same in
+/// both (docs/performance.md).
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let workers = workers.or_else(|| match std::env::var("TOKIO_WORKER_THREADS") {
         Ok(v) => v.trim().parse::<usize>().ok(),
         Err(_) => std::thread::available_parallelism()
             .ok()
             .map(std::num::NonZeroUsize::get),
-    };
-    let mut builder = if workers == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
+    });
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) if n > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        // Left to tokio, which reads a TOKIO_WORKER_THREADS of 0 or not a
+        // number itself (and refuses it).
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().build().map_err(|e| {
         eprintln!("pylon: cannot start the runtime: {e}");

@@ -273,8 +273,9 @@ async fn application_statuses_are_not_the_meshs() {
     }
 }
 
-/// With one worker (`TOKIO_WORKER_THREADS=1`) a sidecar runs tokio's
-/// current-thread scheduler; with more, the multi-thread one. A mesh of one
+/// With one worker a sidecar runs tokio's current-thread scheduler; with
+/// more, the multi-thread one. `PYLON_WORKERS` (what injection sets) wins
+/// over `TOKIO_WORKER_THREADS`, which still counts without it. A mesh of one
 /// of each serves concurrent h2c streams and HTTP/1.1 connections, each
 /// answered with its own request.
 #[tokio::test]
@@ -283,7 +284,7 @@ async fn a_one_worker_sidecar_runs_on_the_current_thread_scheduler_and_serves_co
     let mesh = Mesh::start_with_env(
         app.addr,
         crate::common::mesh_policy,
-        &[("TOKIO_WORKER_THREADS", "1")],
+        &[("PYLON_WORKERS", "1"), ("TOKIO_WORKER_THREADS", "2")],
         &[("TOKIO_WORKER_THREADS", "2")],
     )
     .await;

@@ -106,7 +106,10 @@ fn meshed_pods_talk_mtls_and_everything_else_passes_through() {
         &pod_manifest(
             "b",
             "server",
-            &[("pylon.dev/drain-timeout", "5s")],
+            &[
+                ("pylon.dev/drain-timeout", "5s"),
+                ("pylon.dev/proxy-cpu-limit", "1500m"),
+            ],
             SERVER_CONTAINERS,
         ),
     );
@@ -138,6 +141,25 @@ fn meshed_pods_talk_mtls_and_everything_else_passes_through() {
         }
         text + &format!("--- control plane ---\n{}", cp.logs())
     };
+
+    // Each sidecar runs the workers injection gave it for its CPU: A (the
+    // default request, 100m) one, on the current-thread scheduler; B (a
+    // limit of 1.5 cores) two.
+    assert_eq!(a.injected.env_value("pylon", "PYLON_WORKERS"), Some("1"));
+    assert_eq!(b.injected.env_value("pylon", "PYLON_WORKERS"), Some("2"));
+    for (pod, runtime) in [
+        (&a, "runtime=current-thread"),
+        (&b, "runtime=multi-thread, 2 workers"),
+    ] {
+        crate::common::eventually_blocking(format!("{runtime} in {}", pod.net.name), || {
+            let logs = crate::common::strip_ansi(&pod.sidecar_logs());
+            if logs.contains(runtime) {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        });
+    }
 
     // curl in A calls B's address: intercepted on both sides, mTLS between.
     let reply = a.net.curl(&[&format!("http://{http_target}/hello")]);

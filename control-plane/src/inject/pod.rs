@@ -192,6 +192,7 @@ fn sidecar_env(
         env("PYLON_CONTROL_PLANE_ALLOW_READABLE_TOKEN_FILE", "true"),
         env("PYLON_STATE_DIR", STATE_DIR),
         env("PYLON_DRAIN_TIMEOUT", &settings.drain_timeout),
+        env("PYLON_WORKERS", &settings.workers),
     ];
     if let Some(level) = &settings.log_level {
         vars.push(env("PYLON_LOG", level));

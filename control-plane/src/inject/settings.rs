@@ -44,6 +44,26 @@ pub struct Settings {
     pub drain_timeout: String,
     /// `PYLON_LOG`, when the pod sets one.
     pub log_level: Option<String>,
+    /// `PYLON_WORKERS`: the sidecar's worker threads, the CPU it is given
+    /// rounded up (its limit, else its request).
+    pub workers: String,
+}
+
+/// The most worker threads injection gives a sidecar (what `pylon proxy`
+/// accepts).
+const MAX_WORKERS: f64 = 1024.0;
+
+/// Worker threads for a sidecar given `cpu` (its CPU limit, else its
+/// request): the cores rounded up, at least one. A sidecar on a node with
+/// 32 CPUs and no limit would otherwise start 32 workers, and tokio's
+/// multi-thread scheduler costs about twice the CPU per request of its
+/// current-thread one where the cores are shared (docs/performance.md).
+fn workers_for(cpu: &str) -> String {
+    let cores = quantity::parse(cpu).unwrap_or(1.0);
+    // `3000m` may parse a hair above 3.0; CPU is kept to a thousandth of
+    // a core, so nothing real lies within a millionth above a whole core.
+    let workers = (cores - 1e-6).ceil().clamp(1.0, MAX_WORKERS);
+    format!("{workers}")
 }
 
 /// Whether the pod's `pylon.dev/inject` label or annotation opts it out.
@@ -131,6 +151,7 @@ impl Reader<'_> {
             DEFAULT_MEMORY_REQUEST,
             Some(DEFAULT_MEMORY_LIMIT),
         );
+        let workers = workers_for(cpu_limit.as_deref().unwrap_or(&cpu_request));
         let mut limits = Map::new();
         if let Some(cpu) = cpu_limit {
             limits.insert("cpu".into(), cpu.into());
@@ -148,6 +169,7 @@ impl Reader<'_> {
                 .duration(DRAIN_TIMEOUT)
                 .unwrap_or_else(|| DEFAULT_DRAIN_TIMEOUT.to_string()),
             log_level: self.log_level(LOG_LEVEL),
+            workers,
         }
     }
 
@@ -354,6 +376,7 @@ mod tests {
         );
         assert_eq!(s.drain_timeout, "30s");
         assert_eq!(s.log_level, None);
+        assert_eq!(s.workers, "1");
     }
 
     #[test]
@@ -387,6 +410,30 @@ mod tests {
         );
         assert_eq!(s.drain_timeout, "45s");
         assert_eq!(s.log_level.as_deref(), Some("info,pylon=debug"));
+        assert_eq!(s.workers, "1");
+    }
+
+    #[test]
+    fn workers_follow_the_cpu_limit_else_the_request_rounded_up() {
+        for (given, workers) in [
+            (vec![], "1"),
+            (vec![(PROXY_CPU, "250m")], "1"),
+            (vec![(PROXY_CPU, "2")], "2"),
+            (vec![(PROXY_CPU, "1500m")], "2"),
+            (vec![(PROXY_CPU, "3000m")], "3"),
+            (vec![(PROXY_CPU, "250m"), (PROXY_CPU_LIMIT, "4")], "4"),
+            (vec![(PROXY_CPU, "2"), (PROXY_CPU_LIMIT, "2.5")], "3"),
+            (vec![(PROXY_CPU_LIMIT, "50m")], "1"),
+            (vec![(PROXY_CPU, "100k")], "1024"),
+        ] {
+            let a = annotations(
+                &given
+                    .iter()
+                    .map(|(k, v)| (*k, json!(v)))
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(read(Some(&a), &at()).unwrap().workers, workers, "{given:?}");
+        }
     }
 
     #[test]

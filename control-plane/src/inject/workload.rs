@@ -209,6 +209,7 @@ mod tests {
                 ),
                 ("PYLON_STATE_DIR", &json!("/var/lib/pylon")),
                 ("PYLON_DRAIN_TIMEOUT", &json!("30s")),
+                ("PYLON_WORKERS", &json!("1")),
                 ("PYLON_KUBERNETES_POD_NAME", &field("metadata.name")),
                 ("PYLON_KUBERNETES_NAMESPACE", &field("metadata.namespace")),
                 (
