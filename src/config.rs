@@ -1005,52 +1005,37 @@ impl Reader<'_> {
         }
     }
 
-    /// A whole number from 1 to [`MAX_COUNT`], `default` when absent or
-    /// after reporting a problem.
-    /// `workers`: a whole number from 1 to `MAX_WORKERS`, or nothing.
+    /// `workers`: a whole number from 1 to [`MAX_WORKERS`], or nothing.
     fn workers(&mut self) -> Option<usize> {
-        let (v, origin) = self.take("workers")?;
-        let n = match &v {
-            Value::Number(n) => n.as_u64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        };
-        match n.and_then(|n| usize::try_from(n).ok()) {
-            Some(n) if (1..=MAX_WORKERS).contains(&n) => Some(n),
-            _ => {
-                self.problem(
-                    "workers",
-                    &origin,
-                    format!("expected a whole number from 1 to {MAX_WORKERS}, found {v}"),
-                );
-                None
-            }
-        }
+        self.count_up_to("workers", MAX_WORKERS as u64)
     }
 
-    fn count<T: TryFrom<u64> + Copy>(&mut self, key: &str, default: T) -> T {
-        let Some((v, origin)) = self.take(key) else {
-            return default;
-        };
+    /// A whole number from 1 to [`MAX_COUNT`], `default` when absent or
+    /// after reporting a problem.
+    fn count<T: TryFrom<u64>>(&mut self, key: &str, default: T) -> T {
+        self.count_up_to(key, MAX_COUNT).unwrap_or(default)
+    }
+
+    /// A whole number from 1 to `max`; `None` when absent or after
+    /// reporting a problem.
+    fn count_up_to<T: TryFrom<u64>>(&mut self, key: &str, max: u64) -> Option<T> {
+        let (v, origin) = self.take(key)?;
         let n = match &v {
             Value::Number(n) => n.as_u64(),
             Value::String(s) => s.trim().parse().ok(),
             _ => None,
         };
-        match n
-            .filter(|n| (1..=MAX_COUNT).contains(n))
-            .and_then(|n| T::try_from(n).ok())
-        {
-            Some(n) => n,
-            None => {
-                self.problem(
-                    key,
-                    &origin,
-                    format!("expected a whole number from 1 to {MAX_COUNT}, found {v}"),
-                );
-                default
-            }
+        let n = n
+            .filter(|n| (1..=max).contains(n))
+            .and_then(|n| T::try_from(n).ok());
+        if n.is_none() {
+            self.problem(
+                key,
+                &origin,
+                format!("expected a whole number from 1 to {max}, found {v}"),
+            );
         }
+        n
     }
 
     /// A duration that must not be zero.
