@@ -152,8 +152,7 @@ pub struct Config {
     pub workers: Option<usize>,
 }
 
-/// The most worker threads a sidecar is given.
-pub const MAX_WORKERS: usize = 1024;
+pub use pylon_proto::MAX_WORKERS;
 
 /// `connections.*`: the limits every listener (outbound, inbound, admin,
 /// probe) applies to each connection it accepts. A duration of `0s` turns

@@ -18,6 +18,10 @@ pub mod spiffe;
 pub mod tls_roots;
 pub mod traceparent;
 
+/// The most worker threads a sidecar takes (`workers`, `PYLON_WORKERS`):
+/// what `pylon proxy` accepts, and the most injection gives.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The classic greeter service: the sample app of the demo and benchmarks.
 pub mod helloworld {
     tonic::include_proto!("helloworld");

@@ -49,10 +49,6 @@ pub struct Settings {
     pub workers: String,
 }
 
-/// The most worker threads injection gives a sidecar (what `pylon proxy`
-/// accepts).
-const MAX_WORKERS: f64 = 1024.0;
-
 /// Worker threads for a sidecar given `cpu` (its CPU limit, else its
 /// request): the cores rounded up, at least one. A sidecar on a node with
 /// 32 CPUs and no limit would otherwise start 32 workers, and tokio's
@@ -62,7 +58,9 @@ fn workers_for(cpu: &str) -> String {
     let cores = quantity::parse(cpu).unwrap_or(1.0);
     // `3000m` may parse a hair above 3.0; CPU is kept to a thousandth of
     // a core, so nothing real lies within a millionth above a whole core.
-    let workers = (cores - 1e-6).ceil().clamp(1.0, MAX_WORKERS);
+    let workers = (cores - 1e-6)
+        .ceil()
+        .clamp(1.0, pylon_proto::MAX_WORKERS as f64);
     format!("{workers}")
 }
 
