@@ -359,7 +359,7 @@ def main():
                      "-o", f"{out}/perf.{side}.data"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1)
-        grpc = ["-H", "content-type: application/grpc", "-H", "te: trailers"] if a.grpc else []
+        grpc = [arg for h in peers.GRPC_HEADERS for arg in ("-H", h)] if a.grpc else []
         r = subprocess.run([ctx.h2load, "-t", "1", "-c", "4", "-m", "32", "-n", str(n), *grpc, url],
                            capture_output=True, text=True, timeout=3600)
         print("h2load:", peers.parse_h2load(r.stdout + r.stderr))
@@ -384,8 +384,7 @@ def main():
         write_order(a.pylon, groups, a.order)
     elif a.mode == "callgrind":
         for pid, side in zip(pids, ["server", "client"]):
-            with open(f"{out}/cg.{side}.{pid}.1") as f:
-                total = max(int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:")))
+            total, _ = instructions_and_requests(f"{out}/cg.{side}.{pid}.1")
             print(f"{side} sidecar: {total / n:,.0f} instructions per request ({out}/cg.{side}.{pid}.1)")
     else:
         print(f"perf data in {out}/perf.server.data, {out}/perf.client.data")
